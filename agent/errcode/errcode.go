@@ -1,0 +1,98 @@
+// Package errcode holds the agent's stable, machine-readable error codes.
+//
+// Every error that crosses to the control plane, the API or the CLI carries
+// one of these codes and a human message. The codes are part of the
+// protocol: never rename one, only add.
+package errcode
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Code is a stable error code, rendered as snake_case on the wire.
+type Code string
+
+// The codes. Keep them in this one file.
+const (
+	ValidationFailed       Code = "validation_failed"
+	Conflict               Code = "conflict"
+	NotFound               Code = "not_found"
+	StopTimeout            Code = "stop_timeout"
+	QEMUStartFailed        Code = "qemu_start_failed"
+	Internal               Code = "internal"
+	PoolNotFound           Code = "pool_not_found"
+	DefaultPoolNotSet      Code = "default_pool_not_set"
+	PoolNotOnNode          Code = "pool_not_on_node"
+	ImageDownloadFailed    Code = "image_download_failed"
+	ImageChecksumMismatch  Code = "image_checksum_mismatch"
+	ImageFormatUnsupported Code = "image_format_unsupported"
+	DiskFull               Code = "disk_full"
+	NetworkNotFound        Code = "network_not_found"
+	NetworkUnavailable     Code = "network_unavailable"
+	PortInUse              Code = "port_in_use"
+	DeviceNotFound         Code = "device_not_found"
+	DeviceBusy             Code = "device_busy"
+	IOMMUUnavailable       Code = "iommu_unavailable"
+	Cancelled              Code = "cancelled"
+	Unauthorized           Code = "unauthorized"
+)
+
+// Error is an error with a stable code. Message is safe to show to users
+// and must never contain secrets.
+type Error struct {
+	Code    Code
+	Message string
+	Err     error // optional cause, for errors.Is/As; not shown on the wire
+}
+
+func (e *Error) Error() string {
+	if e.Message == "" && e.Err != nil {
+		return string(e.Code) + ": " + e.Err.Error()
+	}
+	return string(e.Code) + ": " + e.Message
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// New returns an *Error with a formatted message.
+func New(code Code, format string, args ...any) *Error {
+	return &Error{Code: code, Message: fmt.Sprintf(format, args...)}
+}
+
+// Wrap returns an *Error with a formatted message and a cause. The cause's
+// text is appended to the message.
+func Wrap(code Code, err error, format string, args ...any) *Error {
+	msg := fmt.Sprintf(format, args...)
+	if err != nil {
+		msg += ": " + err.Error()
+	}
+	return &Error{Code: code, Message: msg, Err: err}
+}
+
+// Of returns the code of the first *Error in err's chain, or Internal.
+func Of(err error) Code {
+	if err == nil {
+		return ""
+	}
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return Internal
+}
+
+// Is reports whether err carries code.
+func Is(err error, code Code) bool { return err != nil && Of(err) == code }
+
+// MessageOf returns the user-facing message of err without the code prefix.
+func MessageOf(err error) string {
+	var e *Error
+	if errors.As(err, &e) {
+		if e.Message == "" && e.Err != nil {
+			return e.Err.Error()
+		}
+		return e.Message
+	}
+	return err.Error()
+}
