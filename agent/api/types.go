@@ -1,0 +1,139 @@
+// Package api holds the JSON wire types shared by the agent's HTTP API, the
+// control-plane protocol and the otherix CLI. Field names are snake_case and
+// follow seed 004 (the otherix VM guide).
+package api
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// VM statuses (seed 004 lowercase form).
+const (
+	StatusCreating = "creating"
+	StatusStarting = "starting"
+	StatusRunning  = "running"
+	StatusPaused   = "paused"
+	StatusStopping = "stopping"
+	StatusStopped  = "stopped"
+	StatusCrashed  = "crashed"
+	StatusDeleting = "deleting"
+	StatusDeleted  = "deleted"
+	StatusError    = "error"
+)
+
+// Task types (seed 004's operations).
+const (
+	TaskCreate   = "vm.create"
+	TaskStart    = "vm.start"
+	TaskStop     = "vm.stop"
+	TaskPoweroff = "vm.poweroff"
+	TaskReboot   = "vm.reboot"
+	TaskReset    = "vm.reset"
+	TaskPause    = "vm.pause"
+	TaskResume   = "vm.resume"
+	TaskDelete   = "vm.delete"
+)
+
+// Task statuses.
+const (
+	TaskPending   = "pending"
+	TaskRunning   = "running"
+	TaskSuccess   = "success"
+	TaskFailed    = "failed"
+	TaskCancelled = "cancelled"
+)
+
+// Desired phases (seed 004 desired_phase).
+const (
+	PhaseRunning = "running"
+	PhaseStopped = "stopped"
+)
+
+// CreateVM is the body of POST /v1/vms and the spec of a vm.create task.
+type CreateVM struct {
+	Name          string `json:"name" yaml:"name"`
+	ImageURL      string `json:"image_url" yaml:"image_url"`
+	Arch          string `json:"arch" yaml:"arch"`
+	ImageSHA256   string `json:"image_sha256,omitempty" yaml:"image_sha256,omitempty"`
+	Firmware      string `json:"firmware,omitempty" yaml:"firmware,omitempty"`
+	FirmwareID    string `json:"firmware_id,omitempty" yaml:"firmware_id,omitempty"`
+	Format        string `json:"format,omitempty" yaml:"format,omitempty"`
+	DiskGiB       int    `json:"disk_gib,omitempty" yaml:"disk_gib,omitempty"`
+	Pool          string `json:"pool,omitempty" yaml:"pool,omitempty"`
+	Node          string `json:"node,omitempty" yaml:"node,omitempty"`
+	Network       string `json:"network,omitempty" yaml:"network,omitempty"`
+	VCPUs         int    `json:"vcpus,omitempty" yaml:"vcpus,omitempty"`
+	MemoryMB      int    `json:"memory_mb,omitempty" yaml:"memory_mb,omitempty"`
+	UserData      string `json:"user_data,omitempty" yaml:"user_data,omitempty"`
+	NetworkConfig string `json:"network_config,omitempty" yaml:"network_config,omitempty"`
+	NoCloudInit   bool   `json:"no_cloud_init,omitempty" yaml:"no_cloud_init,omitempty"`
+}
+
+// StopSpec is the spec of a vm.stop task.
+type StopSpec struct {
+	Force bool `json:"force,omitempty"`
+}
+
+// TaskRef names a task from a VM view.
+type TaskRef struct {
+	ID     string `json:"id"`
+	Type   string `json:"type"`
+	Status string `json:"status"`
+}
+
+// VM is the VM view returned by the API, task results and heartbeats.
+type VM struct {
+	Name         string    `json:"name"`
+	UUID         string    `json:"uuid"`
+	Status       string    `json:"status"`
+	StatusReason string    `json:"status_reason,omitempty"`
+	DesiredPhase string    `json:"desired_phase,omitempty"`
+	Arch         string    `json:"arch"`
+	VCPUs        int       `json:"vcpus"`
+	MemoryMB     int       `json:"memory_mb"`
+	Pool         string    `json:"pool"`
+	Node         string    `json:"node"`
+	Network      string    `json:"network,omitempty"`
+	ImageURL     string    `json:"image_url"`
+	ImageSHA256  string    `json:"image_sha256"`
+	DiskGiB      int       `json:"disk_gib"`
+	QEMUPID      int       `json:"qemu_pid,omitempty"`
+	CloudInit    bool      `json:"cloud_init"`
+	IPAddresses  []string  `json:"ip_addresses,omitempty"`
+	CreatedAt    time.Time `json:"created_at"`
+	LastTask     *TaskRef  `json:"last_task,omitempty"`
+}
+
+// Progress of a long task (e.g. image download bytes).
+type Progress struct {
+	Phase string `json:"phase,omitempty"` // e.g. "download", "boot"
+	Done  int64  `json:"done"`
+	Total int64  `json:"total"` // -1 when unknown
+}
+
+// Error is the {code, message} pair of failed tasks and API errors.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// ErrorEnvelope is the body of every API error: {"error": {...}}.
+type ErrorEnvelope struct {
+	Error Error `json:"error"`
+}
+
+// Task is an async operation as seen through GET /v1/tasks/{id}.
+type Task struct {
+	ID        string          `json:"id"`
+	Type      string          `json:"type"`
+	VMName    string          `json:"vm_name"`
+	VMUUID    string          `json:"vm_uuid,omitempty"`
+	Status    string          `json:"status"`
+	Progress  *Progress       `json:"progress,omitempty"`
+	Error     *Error          `json:"error,omitempty"`
+	Spec      json.RawMessage `json:"-"`
+	Result    *VM             `json:"result,omitempty"`
+	CreatedAt time.Time       `json:"created_at"`
+	UpdatedAt time.Time       `json:"updated_at"`
+}
