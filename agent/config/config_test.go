@@ -1,0 +1,58 @@
+package config
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseDefaults(t *testing.T) {
+	c, err := Parse([]byte(""), "empty.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.DefaultPool != "default" || c.Pools["default"].Path != "/var/lib/otherix/pools/default" || c.QEMU.StopTimeout != 60*time.Second {
+		t.Fatalf("defaults: %+v", c)
+	}
+}
+
+func TestParseFile(t *testing.T) {
+	c, err := Parse([]byte(`
+data_dir: /srv/otherix
+pools:
+  fast: {path: /srv/fast}
+  slow: {path: /srv/slow}
+default_pool: fast
+networks:
+  lan: {type: bridge, bridge: br0}
+qemu:
+  stop_timeout: 90s
+limits:
+  concurrent_creates: 4
+`), "agent.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Pools) != 2 || c.DefaultPool != "fast" || c.QEMU.StopTimeout != 90*time.Second || c.Limits.ConcurrentCreates != 4 || c.Networks["lan"].Bridge != "br0" {
+		t.Fatalf("parsed: %+v", c)
+	}
+}
+
+func TestParseErrorsNameKeyAndLine(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"node_name: a\nbogus: 1\n", "line 2: unknown key bogus"},
+		{"qemu:\n  stop_timeout: soon\n", "line 2"},
+		{"qemu:\n  accel: hvf\n", "qemu.accel"},
+		{"pools:\n  a: {path: rel}\n", "pools.a.path"},
+		{"default_pool: nope\n", "default_pool"},
+		{"networks:\n  n: {type: vxlan}\n", "networks.n.type"},
+		{"limits:\n  concurrent_creates: 0\n", "limits.concurrent_creates"},
+		{"log:\n  level: loud\n", "log.level"},
+		{"control_plane:\n  url: https://cp\n", "control_plane.token_file"},
+	} {
+		_, err := Parse([]byte(tc.in), "agent.yaml")
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: got %v, want it to mention %q", tc.in, err, tc.want)
+		}
+	}
+}
