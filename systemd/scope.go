@@ -1,0 +1,242 @@
+package systemd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	sddbus "github.com/coreos/go-systemd/v22/dbus"
+	godbus "github.com/godbus/dbus/v5"
+	"go.uber.org/zap"
+
+	"github.com/otherix/otherix-agent/agent/errcode"
+)
+
+// D-Bus error names systemd returns.
+const (
+	errNoSuchUnit = "org.freedesktop.systemd1.NoSuchUnit"
+	errUnitExists = "org.freedesktop.systemd1.UnitExists"
+	errNotLoaded  = "org.freedesktop.systemd1.NotLoaded"
+)
+
+// ScopePlacer puts each VM in its own transient systemd scope
+// (StartTransientUnit with the PIDs of the running QEMU), so a restart, stop
+// or crash of the agent's service leaves the VM running. It talks to PID 1
+// over its private socket (root) or the system bus, and reconnects when the
+// connection drops (for example when dbus-daemon restarts).
+type ScopePlacer struct {
+	log *zap.Logger
+
+	mu   sync.Mutex
+	conn *sddbus.Conn
+}
+
+var _ Placer = (*ScopePlacer)(nil)
+
+// NewScopePlacer connects to systemd and checks it answers.
+func NewScopePlacer(ctx context.Context, log *zap.Logger) (*ScopePlacer, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	p := &ScopePlacer{log: log}
+	conn, err := p.connection(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := conn.SystemStateContext(ctx); err != nil {
+		p.Close()
+		return nil, fmt.Errorf("systemd: query system state: %w", err)
+	}
+	return p, nil
+}
+
+// Kind returns KindScope.
+func (*ScopePlacer) Kind() string { return KindScope }
+
+// Close drops the D-Bus connection; a later call reconnects.
+func (p *ScopePlacer) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conn != nil {
+		p.conn.Close()
+		p.conn = nil
+	}
+	return nil
+}
+
+func (p *ScopePlacer) connection(ctx context.Context) (*sddbus.Conn, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conn != nil && p.conn.Connected() {
+		return p.conn, nil
+	}
+	if p.conn != nil {
+		p.conn.Close()
+		p.conn = nil
+	}
+	// As root, PID 1's private socket works without dbus-daemon; otherwise
+	// (or if it fails) the system bus.
+	dials := []func(context.Context) (*sddbus.Conn, error){sddbus.NewSystemConnectionContext}
+	if os.Geteuid() == 0 {
+		dials = []func(context.Context) (*sddbus.Conn, error){sddbus.NewSystemdConnectionContext, sddbus.NewSystemConnectionContext}
+	}
+	var errs []error
+	for _, dial := range dials {
+		conn, err := dial(ctx)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		// Job completion (JobRemoved) reaches the signal connection only
+		// when it is subscribed; on the private socket nothing else
+		// routes signals to it.
+		if err := conn.Subscribe(); err != nil {
+			conn.Close()
+			errs = append(errs, fmt.Errorf("subscribe: %w", err))
+			continue
+		}
+		p.conn = conn
+		return conn, nil
+	}
+	return nil, fmt.Errorf("systemd: connect to D-Bus API: %w", errors.Join(errs...))
+}
+
+// properties builds the StartTransientUnit properties of the scope.
+func properties(u UnitSpec) []sddbus.Property {
+	slice := u.Slice
+	if slice == "" {
+		slice = DefaultSlice
+	}
+	pids := make([]uint32, len(u.PIDs))
+	for i, pid := range u.PIDs {
+		pids[i] = uint32(pid)
+	}
+	props := []sddbus.Property{
+		sddbus.PropDescription(describe(u)),
+		sddbus.PropSlice(slice),
+		sddbus.PropPids(pids...),
+		{Name: "CPUAccounting", Value: godbus.MakeVariant(true)},
+		{Name: "MemoryAccounting", Value: godbus.MakeVariant(true)},
+		{Name: "TasksAccounting", Value: godbus.MakeVariant(true)},
+		// A scope that ends failed (killed on timeout, OOM) is collected
+		// anyway, so its name is free for the VM's next start.
+		{Name: "CollectMode", Value: godbus.MakeVariant("inactive-or-failed")},
+	}
+	if u.MemoryMaxBytes > 0 {
+		props = append(props, sddbus.Property{Name: "MemoryMax", Value: godbus.MakeVariant(u.MemoryMaxBytes)})
+	}
+	if u.CPUWeight > 0 {
+		props = append(props, sddbus.Property{Name: "CPUWeight", Value: godbus.MakeVariant(u.CPUWeight)})
+	}
+	if u.CPUQuotaPercent > 0 {
+		// CPUQuota=100% is one second of CPU time per second.
+		props = append(props, sddbus.Property{Name: "CPUQuotaPerSecUSec", Value: godbus.MakeVariant(u.CPUQuotaPercent * 10000)})
+	}
+	return props
+}
+
+// Place creates the scope u.Name holding u.PIDs and waits until systemd has
+// moved them. If the scope already exists and already holds u.PIDs[0], Place
+// succeeds without doing anything; any other existing scope of that name is
+// a conflict.
+func (p *ScopePlacer) Place(ctx context.Context, u UnitSpec) error {
+	if err := u.validate(); err != nil {
+		return err
+	}
+	conn, err := p.connection(ctx)
+	if err != nil {
+		return errcode.Wrap(errcode.Internal, err, "place %s", u.Name)
+	}
+	done := make(chan string, 1)
+	_, err = conn.StartTransientUnitContext(ctx, u.Name, "fail", properties(u), done)
+	if err != nil {
+		if dbusErrorIs(err, errUnitExists) {
+			return p.checkOwner(ctx, conn, u)
+		}
+		return p.callErr(ctx, err, "place %s", u.Name)
+	}
+	select {
+	case res := <-done:
+		if res != "done" {
+			return errcode.New(errcode.Internal, "place %s: start job %s", u.Name, res)
+		}
+	case <-ctx.Done():
+		return errcode.Wrap(errcode.Cancelled, ctx.Err(), "place %s", u.Name)
+	}
+	p.log.Debug("vm placed in scope", zap.String("unit", u.Name), zap.Int("qemu_pid", u.PIDs[0]))
+	return nil
+}
+
+// checkOwner handles UnitExists: fine if the scope already holds the VM.
+func (p *ScopePlacer) checkOwner(ctx context.Context, conn *sddbus.Conn, u UnitSpec) error {
+	owner, err := conn.GetUnitNameByPID(ctx, uint32(u.PIDs[0]))
+	if err != nil {
+		return errcode.Wrap(errcode.Conflict, err, "place %s: unit exists", u.Name)
+	}
+	if owner != u.Name {
+		return errcode.New(errcode.Conflict, "place %s: unit exists and pid %d is in %s", u.Name, u.PIDs[0], owner)
+	}
+	return nil
+}
+
+// Remove stops the scope (killing what still runs in it) and clears a
+// failed state. A scope that does not exist is not an error.
+func (p *ScopePlacer) Remove(ctx context.Context, name string) error {
+	if err := validUnitName(name, ".scope"); err != nil {
+		return err
+	}
+	conn, err := p.connection(ctx)
+	if err != nil {
+		return errcode.Wrap(errcode.Internal, err, "remove %s", name)
+	}
+	done := make(chan string, 1)
+	if _, err := conn.StopUnitContext(ctx, name, "replace", done); err != nil {
+		if !dbusErrorIs(err, errNoSuchUnit, errNotLoaded) {
+			return p.callErr(ctx, err, "remove %s", name)
+		}
+	} else {
+		select {
+		case res := <-done:
+			// "done", or "skipped" when it had already stopped.
+			if res != "done" && res != "skipped" {
+				return errcode.New(errcode.Internal, "remove %s: stop job %s", name, res)
+			}
+		case <-ctx.Done():
+			return errcode.Wrap(errcode.Cancelled, ctx.Err(), "remove %s", name)
+		}
+	}
+	if err := conn.ResetFailedUnitContext(ctx, name); err != nil && !dbusErrorIs(err, errNoSuchUnit, errNotLoaded) {
+		return p.callErr(ctx, err, "remove %s: reset failed state", name)
+	}
+	p.log.Debug("vm scope removed", zap.String("unit", name))
+	return nil
+}
+
+func (p *ScopePlacer) callErr(ctx context.Context, err error, format string, args ...any) error {
+	if ctx.Err() != nil {
+		return errcode.Wrap(errcode.Cancelled, err, format, args...)
+	}
+	return errcode.Wrap(errcode.Internal, err, format, args...)
+}
+
+func dbusErrorIs(err error, names ...string) bool {
+	var de godbus.Error
+	if errors.As(err, &de) {
+		for _, n := range names {
+			if de.Name == n {
+				return true
+			}
+		}
+	}
+	var dep *godbus.Error
+	if errors.As(err, &dep) {
+		for _, n := range names {
+			if dep.Name == n {
+				return true
+			}
+		}
+	}
+	return false
+}
