@@ -1,0 +1,412 @@
+// Package journal records, on disk, each control-plane task this host ran
+// and its outcome, so that a task delivered again (the protocol delivers
+// at least once) is never executed again: its stored outcome is re-sent.
+//
+// Each task is one small JSON file, written to a temporary file, fsync'd,
+// renamed into place and made durable with an fsync of the directory; the
+// files and the directory are private (0600/0700) and the directory is
+// locked against a second agent. An entry goes started → finished → acked;
+// Compact drops acked entries after a retention period.
+package journal
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/otherix/otherix-agent/agent/api"
+)
+
+// State is where a task stands on this host.
+type State string
+
+const (
+	// Started: execution began (recorded before the executor is called).
+	Started State = "started"
+	// Finished: the outcome is known and must be delivered.
+	Finished State = "finished"
+)
+
+// Outcome is a finished task's result as sent to the control plane.
+type Outcome struct {
+	Status string     `json:"status"` // api.TaskSuccess, api.TaskFailed, api.TaskCancelled
+	VM     *api.VM    `json:"vm,omitempty"`
+	Error  *api.Error `json:"error,omitempty"`
+}
+
+// Entry is one task's record. It never holds the task's spec (which may
+// carry user-data).
+type Entry struct {
+	TaskID     string    `json:"task_id"`
+	Type       string    `json:"type"`
+	VMName     string    `json:"vm_name"`
+	VMUUID     string    `json:"vm_uuid"`
+	Attempt    int       `json:"attempt"`
+	LeaseID    string    `json:"lease_id"`
+	State      State     `json:"state"`
+	StartedAt  time.Time `json:"started_at,omitzero"`
+	FinishedAt time.Time `json:"finished_at,omitzero"`
+	Outcome    *Outcome  `json:"outcome,omitempty"`
+	// AckedAt is when the control plane acknowledged the outcome.
+	AckedAt time.Time `json:"acked_at,omitzero"`
+}
+
+// Acked reports whether the control plane acknowledged the outcome.
+func (e Entry) Acked() bool { return !e.AckedAt.IsZero() }
+
+// Options tune a journal.
+type Options struct {
+	// Retention is how long an acked entry (or a started one that never
+	// finished) is kept; default 7 days. The control plane must not
+	// deliver a task again after acknowledging its outcome; retention only
+	// guards against its mistakes.
+	Retention time.Duration
+	// MaxAcked caps how many acked entries are kept; default 10000.
+	MaxAcked int
+	Logger   *zap.Logger
+}
+
+// Errors.
+var (
+	ErrClosed   = errors.New("journal is closed")
+	ErrFinished = errors.New("task already finished")
+	ErrNotFound = errors.New("task not in journal")
+	ErrLocked   = errors.New("journal is in use by another process")
+)
+
+// Journal is an open journal directory. It is safe for concurrent use.
+type Journal struct {
+	dir  string
+	opts Options
+	log  *zap.Logger
+	lock *os.File
+
+	mu      sync.Mutex
+	entries map[string]Entry
+	closed  bool
+}
+
+const (
+	suffix    = ".json"
+	tmpSuffix = ".tmp"
+	lockName  = "LOCK"
+)
+
+// Open opens (creating) the journal in dir and loads its entries.
+// Leftover temporary files are removed; an unreadable entry is renamed
+// aside with a ".corrupt" suffix and logged, not fatal.
+func Open(dir string, opts Options) (*Journal, error) {
+	if opts.Retention <= 0 {
+		opts.Retention = 7 * 24 * time.Hour
+	}
+	if opts.MaxAcked <= 0 {
+		opts.MaxAcked = 10000
+	}
+	log := opts.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("journal %s: %w", dir, ErrLocked)
+		}
+		return nil, fmt.Errorf("journal %s: lock: %w", dir, err)
+	}
+	j := &Journal{dir: dir, opts: opts, log: log, lock: lock, entries: map[string]Entry{}}
+	if err := j.load(); err != nil {
+		lock.Close()
+		return nil, err
+	}
+	return j, nil
+}
+
+func (j *Journal) load() error {
+	des, err := os.ReadDir(j.dir)
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	for _, de := range des {
+		name := de.Name()
+		p := filepath.Join(j.dir, name)
+		switch {
+		case strings.Contains(name, tmpSuffix):
+			// A write that never reached its rename: it never happened.
+			if err := os.Remove(p); err != nil {
+				return fmt.Errorf("journal: %w", err)
+			}
+		case strings.HasSuffix(name, suffix):
+			var e Entry
+			data, err := os.ReadFile(p)
+			if err == nil {
+				err = json.Unmarshal(data, &e)
+			}
+			if err == nil && (e.TaskID == "" || fileName(e.TaskID) != name) {
+				err = errors.New("entry does not match its file name")
+			}
+			if err != nil {
+				j.log.Warn("journal entry unreadable, set aside", zap.String("file", p), zap.Error(err))
+				if rerr := os.Rename(p, p+".corrupt"); rerr != nil {
+					return fmt.Errorf("journal: set aside %s: %w", p, rerr)
+				}
+				continue
+			}
+			j.entries[e.TaskID] = e
+		}
+	}
+	return nil
+}
+
+var safeID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+
+// fileName maps a task id to its file: the id itself when it is a safe
+// file name, else a hash of it.
+func fileName(id string) string {
+	if safeID.MatchString(id) {
+		return "task-" + id + suffix
+	}
+	sum := sha256.Sum256([]byte(id))
+	return "task-h" + hex.EncodeToString(sum[:16]) + suffix
+}
+
+// Get returns a task's entry.
+func (j *Journal) Get(taskID string) (Entry, bool) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	e, ok := j.entries[taskID]
+	return e, ok
+}
+
+// List returns every entry, oldest start first.
+func (j *Journal) List() []Entry {
+	j.mu.Lock()
+	out := make([]Entry, 0, len(j.entries))
+	for _, e := range j.entries {
+		out = append(out, e)
+	}
+	j.mu.Unlock()
+	sort.Slice(out, func(a, b int) bool {
+		if !out[a].StartedAt.Equal(out[b].StartedAt) {
+			return out[a].StartedAt.Before(out[b].StartedAt)
+		}
+		return out[a].TaskID < out[b].TaskID
+	})
+	return out
+}
+
+// Len returns the number of entries.
+func (j *Journal) Len() int {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return len(j.entries)
+}
+
+// Start durably records that e's task is about to be executed. It fails
+// with ErrFinished when the task already has an outcome: a finished task
+// must never run again. A started entry is overwritten (a re-run).
+func (j *Journal) Start(e Entry) error {
+	if e.TaskID == "" {
+		return errors.New("journal: empty task id")
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if old, ok := j.entries[e.TaskID]; ok && old.State == Finished {
+		return fmt.Errorf("journal: start %s: %w", e.TaskID, ErrFinished)
+	}
+	e.State, e.Outcome, e.FinishedAt, e.AckedAt = Started, nil, time.Time{}, time.Time{}
+	return j.put(e)
+}
+
+// Finish durably records a task's outcome. e carries the task's fields
+// (used when the task has no entry yet, e.g. one cancelled before it
+// started) and its Outcome and FinishedAt.
+func (j *Journal) Finish(e Entry) error {
+	if e.TaskID == "" || e.Outcome == nil {
+		return errors.New("journal: finish needs a task id and an outcome")
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if old, ok := j.entries[e.TaskID]; ok {
+		if old.State == Finished {
+			return fmt.Errorf("journal: finish %s: %w", e.TaskID, ErrFinished)
+		}
+		if e.StartedAt.IsZero() {
+			e.StartedAt = old.StartedAt
+		}
+	}
+	e.State, e.AckedAt = Finished, time.Time{}
+	return j.put(e)
+}
+
+// Ack records that the control plane acknowledged a task's outcome.
+func (j *Journal) Ack(taskID string, at time.Time) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	e, ok := j.entries[taskID]
+	if !ok {
+		return fmt.Errorf("journal: ack %s: %w", taskID, ErrNotFound)
+	}
+	if e.State != Finished {
+		return fmt.Errorf("journal: ack %s: task is %s, not finished", taskID, e.State)
+	}
+	e.AckedAt = at
+	return j.put(e)
+}
+
+// Remove forgets a task, e.g. one handed back unfinished for redelivery.
+func (j *Journal) Remove(taskID string) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return ErrClosed
+	}
+	if _, ok := j.entries[taskID]; !ok {
+		return nil
+	}
+	if err := j.remove(taskID); err != nil {
+		return err
+	}
+	return syncDir(j.dir)
+}
+
+// Compact removes acked entries acked before now-Retention, started
+// entries older than that (their task was never delivered again), and the
+// oldest acked entries beyond MaxAcked. Unacked outcomes are kept.
+func (j *Journal) Compact(now time.Time) (int, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return 0, ErrClosed
+	}
+	cutoff := now.Add(-j.opts.Retention)
+	var acked []Entry
+	removed := 0
+	for id, e := range j.entries {
+		old := (e.Acked() && e.AckedAt.Before(cutoff)) || (e.State == Started && e.StartedAt.Before(cutoff))
+		if old {
+			if err := j.remove(id); err != nil {
+				return removed, err
+			}
+			removed++
+			continue
+		}
+		if e.Acked() {
+			acked = append(acked, e)
+		}
+	}
+	if extra := len(acked) - j.opts.MaxAcked; extra > 0 {
+		sort.Slice(acked, func(a, b int) bool { return acked[a].AckedAt.Before(acked[b].AckedAt) })
+		for _, e := range acked[:extra] {
+			if err := j.remove(e.TaskID); err != nil {
+				return removed, err
+			}
+			removed++
+		}
+	}
+	if removed > 0 {
+		if err := syncDir(j.dir); err != nil {
+			return removed, err
+		}
+	}
+	return removed, nil
+}
+
+// Close releases the directory lock. Later calls fail with ErrClosed.
+func (j *Journal) Close() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return nil
+	}
+	j.closed = true
+	return j.lock.Close()
+}
+
+// put writes e durably and then records it in memory; mu held.
+func (j *Journal) put(e Entry) error {
+	if j.closed {
+		return ErrClosed
+	}
+	data, err := json.Marshal(e)
+	if err != nil {
+		return fmt.Errorf("journal: encode %s: %w", e.TaskID, err)
+	}
+	name := fileName(e.TaskID)
+	if err := writeFile(j.dir, name, data); err != nil {
+		return fmt.Errorf("journal: write %s: %w", e.TaskID, err)
+	}
+	j.entries[e.TaskID] = e
+	return nil
+}
+
+// remove deletes an entry's file (directory fsync left to the caller
+// when batching); mu held.
+func (j *Journal) remove(id string) error {
+	if err := os.Remove(filepath.Join(j.dir, fileName(id))); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("journal: remove %s: %w", id, err)
+	}
+	delete(j.entries, id)
+	return nil
+}
+
+// writeFile replaces dir/name atomically and durably with data, mode 0600.
+func writeFile(dir, name string, data []byte) (err error) {
+	f, err := os.CreateTemp(dir, name+tmpSuffix+"-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err = f.Chmod(0o600); err != nil {
+		return err
+	}
+	if _, err = f.Write(data); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	if err = os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

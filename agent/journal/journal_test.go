@@ -1,0 +1,213 @@
+package journal_test
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/journal"
+)
+
+var t0 = time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC)
+
+func open(t *testing.T, dir string, opts journal.Options) *journal.Journal {
+	t.Helper()
+	j, err := journal.Open(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close() })
+	return j
+}
+
+func entry(id string) journal.Entry {
+	return journal.Entry{TaskID: id, Type: api.TaskStart, VMName: "web-1", VMUUID: "u-1", Attempt: 1, LeaseID: "l-1", StartedAt: t0}
+}
+
+func success() *journal.Outcome {
+	return &journal.Outcome{Status: api.TaskSuccess, VM: &api.VM{Name: "web-1", UUID: "u-1", Status: api.StatusRunning}}
+}
+
+func TestLifecycleSurvivesReopen(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "journal")
+	j := open(t, dir, journal.Options{})
+	if err := j.Start(entry("t1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(entry("t2")); err != nil {
+		t.Fatal(err)
+	}
+	e := entry("t1")
+	e.Outcome, e.FinishedAt = success(), t0.Add(time.Second)
+	if err := j.Finish(e); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(entry("t1")); !errors.Is(err, journal.ErrFinished) {
+		t.Fatalf("start of a finished task: got %v, want ErrFinished", err)
+	}
+	if err := j.Finish(e); !errors.Is(err, journal.ErrFinished) {
+		t.Fatalf("second finish: got %v, want ErrFinished", err)
+	}
+	if err := j.Ack("t2", t0); err == nil {
+		t.Fatal("ack of an unfinished task succeeded")
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(entry("t3")); !errors.Is(err, journal.ErrClosed) {
+		t.Fatalf("start after close: %v", err)
+	}
+
+	j = open(t, dir, journal.Options{})
+	got, ok := j.Get("t1")
+	if !ok || got.State != journal.Finished || got.Outcome.VM.Status != api.StatusRunning || got.Acked() {
+		t.Fatalf("t1 after reopen: %+v", got)
+	}
+	if got, ok := j.Get("t2"); !ok || got.State != journal.Started {
+		t.Fatalf("t2 after reopen: %+v", got)
+	}
+	if err := j.Ack("t1", t0.Add(2*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	j = open(t, dir, journal.Options{})
+	if got, _ := j.Get("t1"); !got.Acked() {
+		t.Fatal("ack lost across reopen")
+	}
+	if got := len(j.List()); got != 2 {
+		t.Fatalf("%d entries, want 2", got)
+	}
+}
+
+func TestPrivateFilesAndLock(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "journal")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	j := open(t, dir, journal.Options{})
+	if err := j.Start(entry("t1")); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o700 {
+		t.Errorf("dir mode %04o, want 0700", fi.Mode().Perm())
+	}
+	des, _ := os.ReadDir(dir)
+	for _, de := range des {
+		fi, _ := de.Info()
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s mode %04o, want 0600", de.Name(), fi.Mode().Perm())
+		}
+	}
+	if _, err := journal.Open(dir, journal.Options{}); !errors.Is(err, journal.ErrLocked) {
+		t.Fatalf("second open: got %v, want ErrLocked", err)
+	}
+	j.Close()
+	j2, err := journal.Open(dir, journal.Options{})
+	if err != nil {
+		t.Fatalf("open after close: %v", err)
+	}
+	j2.Close()
+}
+
+func TestLeftoversAndCorruption(t *testing.T) {
+	dir := t.TempDir()
+	j := open(t, dir, journal.Options{})
+	weird := "a/../b c" // not a safe file name: hashed
+	if err := j.Start(entry(weird)); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(entry("ok")); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	des, _ := os.ReadDir(dir)
+	for _, de := range des {
+		if strings.Contains(de.Name(), "..") || strings.Contains(de.Name(), " ") {
+			t.Errorf("unsafe file name %q", de.Name())
+		}
+	}
+	// A torn write (never renamed) and a corrupt entry.
+	if err := os.WriteFile(filepath.Join(dir, "task-x.json.tmp-123"), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "task-ok.json"), []byte("{garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j = open(t, dir, journal.Options{})
+	if _, ok := j.Get("ok"); ok {
+		t.Error("corrupt entry loaded")
+	}
+	if _, ok := j.Get(weird); !ok {
+		t.Error("entry with an unsafe id lost")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "task-ok.json.corrupt")); err != nil {
+		t.Errorf("corrupt entry not set aside: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "task-x.json.tmp-123")); !os.IsNotExist(err) {
+		t.Errorf("temporary file left: %v", err)
+	}
+}
+
+func TestCompact(t *testing.T) {
+	dir := t.TempDir()
+	j := open(t, dir, journal.Options{Retention: 24 * time.Hour, MaxAcked: 3})
+	finish := func(id string, acked time.Time) {
+		t.Helper()
+		e := entry(id)
+		e.Outcome = success()
+		if err := j.Finish(e); err != nil {
+			t.Fatal(err)
+		}
+		if !acked.IsZero() {
+			if err := j.Ack(id, acked); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	finish("old-acked", t0)
+	finish("old-unacked", time.Time{})
+	for i := range 5 {
+		finish(fmt.Sprintf("new-%d", i), t0.Add(47*time.Hour+time.Duration(i)*time.Minute))
+	}
+	old := entry("old-started")
+	old.StartedAt = t0
+	if err := j.Start(old); err != nil {
+		t.Fatal(err)
+	}
+	fresh := entry("fresh-started")
+	fresh.StartedAt = t0.Add(47 * time.Hour)
+	if err := j.Start(fresh); err != nil {
+		t.Fatal(err)
+	}
+	n, err := j.Compact(t0.Add(48 * time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// old-acked and old-started by age, new-0 and new-1 beyond MaxAcked.
+	if n != 4 {
+		t.Errorf("removed %d, want 4", n)
+	}
+	var ids []string
+	for _, e := range j.List() {
+		ids = append(ids, e.TaskID)
+	}
+	want := "fresh-started new-2 new-3 new-4 old-unacked"
+	if got := strings.Join(slices.Sorted(slices.Values(ids)), " "); got != want {
+		t.Errorf("kept %q, want %q", got, want)
+	}
+	j.Close()
+	j = open(t, dir, journal.Options{})
+	if j.Len() != 5 {
+		t.Errorf("after reopen %d entries, want 5", j.Len())
+	}
+}

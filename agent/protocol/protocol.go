@@ -1,0 +1,208 @@
+// Package protocol is the agent's side of the control-plane contract: the
+// wire types of /v1/agent/... and an HTTP client for them.
+//
+// The contract is documented in docs/protocol.md. In short: the agent
+// registers, long-polls for task leases, extends a lease with progress
+// reports, completes each task exactly once in effect, and heartbeats its
+// VM inventory; the heartbeat answer carries each VM's desired phase.
+//
+// Field names are snake_case. New fields may be added to any message; a
+// receiver ignores fields it does not know. A change that breaks an old
+// receiver bumps Version and the path prefix.
+package protocol
+
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/otherix/otherix-agent/agent/api"
+)
+
+// Version is the protocol version the agent speaks. It is sent in every
+// request body as protocol_version and matches the /v1 path prefix.
+const Version = 1
+
+// Paths of the contract, relative to the control plane's base URL.
+const (
+	PathRegister  = "/v1/agent/register"
+	PathLease     = "/v1/agent/tasks/lease"
+	PathHeartbeat = "/v1/agent/heartbeat"
+	// PathTaskPrefix is followed by {task_id}/progress or {task_id}/complete.
+	PathTaskPrefix = "/v1/agent/tasks/"
+)
+
+// ProgressPath returns the progress path of a task.
+func ProgressPath(taskID string) string { return PathTaskPrefix + escape(taskID) + "/progress" }
+
+// CompletePath returns the completion path of a task.
+func CompletePath(taskID string) string { return PathTaskPrefix + escape(taskID) + "/complete" }
+
+// Node states in heartbeats.
+const (
+	NodeReady    = "ready"    // pulling tasks
+	NodeDraining = "draining" // shutting down: no new leases, in-flight ops finishing
+)
+
+// NodeInfo describes this host at registration.
+type NodeInfo struct {
+	Name         string        `json:"name"`
+	AgentVersion string        `json:"agent_version"`
+	QEMUVersion  string        `json:"qemu_version"`
+	Arch         string        `json:"arch"` // host arch: amd64, arm64
+	KVM          bool          `json:"kvm"`  // /dev/kvm usable; false means TCG only
+	CPUs         int           `json:"cpus"`
+	MemoryMB     int64         `json:"memory_mb"`
+	Pools        []PoolInfo    `json:"pools"`
+	Networks     []NetworkInfo `json:"networks"`
+	Arches       []string      `json:"arches"`    // guest arches this host can run
+	Firmwares    []string      `json:"firmwares"` // firmware names, e.g. "bios", "uefi"
+}
+
+// PoolInfo is a storage pool on this host.
+type PoolInfo struct {
+	Name       string `json:"name"`
+	TotalBytes int64  `json:"total_bytes"`
+	FreeBytes  int64  `json:"free_bytes"`
+}
+
+// NetworkInfo is a bridge network a VM NIC can attach to.
+type NetworkInfo struct {
+	Name   string `json:"name"`
+	Bridge string `json:"bridge"`
+	Type   string `json:"type"` // "bridge"
+}
+
+// RegisterRequest is the body of POST /v1/agent/register.
+type RegisterRequest struct {
+	ProtocolVersion int      `json:"protocol_version"`
+	Node            NodeInfo `json:"node"`
+}
+
+// RegisterResponse is its answer.
+type RegisterResponse struct {
+	ProtocolVersion int    `json:"protocol_version"`
+	NodeID          string `json:"node_id,omitempty"`
+	// IntervalSeconds is the heartbeat interval; 0 keeps the agent's default.
+	IntervalSeconds int `json:"interval_seconds,omitempty"`
+}
+
+// LeaseRequest is the body of POST /v1/agent/tasks/lease, a long poll: the
+// control plane answers as soon as it has a task for this node, or with no
+// tasks after WaitSeconds.
+type LeaseRequest struct {
+	ProtocolVersion int    `json:"protocol_version"`
+	Node            string `json:"node"`
+	WaitSeconds     int    `json:"wait_seconds"`
+	Max             int    `json:"max"`
+}
+
+// LeaseResponse carries the leased tasks, oldest first.
+type LeaseResponse struct {
+	Tasks []Task `json:"tasks"`
+}
+
+// Task is one leased task.
+type Task struct {
+	ID     string `json:"id"`
+	Type   string `json:"type"` // api.TaskCreate ... api.TaskDelete
+	VMName string `json:"vm_name"`
+	VMUUID string `json:"vm_uuid"`
+	// Spec is api.CreateVM for vm.create, api.StopSpec for vm.stop, absent
+	// otherwise. It may hold user-data: never log or journal it.
+	Spec    json.RawMessage `json:"spec,omitempty"`
+	Attempt int             `json:"attempt"` // 1 on first delivery
+	LeaseID string          `json:"lease_id"`
+	// LeaseExpiresAt is the control plane's clock; LeaseTTLSeconds is the
+	// same lease as a duration, which the agent uses (clocks differ).
+	LeaseExpiresAt  time.Time `json:"lease_expires_at"`
+	LeaseTTLSeconds int       `json:"lease_ttl_seconds,omitempty"`
+}
+
+// ProgressRequest is the body of POST /v1/agent/tasks/{id}/progress. It
+// extends the lease; Progress is absent when there is nothing new to say.
+type ProgressRequest struct {
+	ProtocolVersion int           `json:"protocol_version"`
+	Node            string        `json:"node"`
+	LeaseID         string        `json:"lease_id"`
+	Progress        *api.Progress `json:"progress,omitempty"`
+}
+
+// ProgressResponse is its answer.
+type ProgressResponse struct {
+	LeaseExpiresAt  time.Time `json:"lease_expires_at"`
+	LeaseTTLSeconds int       `json:"lease_ttl_seconds,omitempty"`
+	// Cancelled asks the agent to stop the task and complete it as
+	// cancelled.
+	Cancelled bool `json:"cancelled,omitempty"`
+}
+
+// CompleteRequest is the body of POST /v1/agent/tasks/{id}/complete.
+// Status is api.TaskSuccess (with VM, absent for vm.delete), api.TaskFailed
+// (with Error) or api.TaskCancelled (with Error, code "cancelled").
+type CompleteRequest struct {
+	ProtocolVersion int        `json:"protocol_version"`
+	Node            string     `json:"node"`
+	LeaseID         string     `json:"lease_id"`
+	Attempt         int        `json:"attempt"`
+	Status          string     `json:"status"`
+	VM              *api.VM    `json:"vm,omitempty"`
+	Error           *api.Error `json:"error,omitempty"`
+	StartedAt       time.Time  `json:"started_at,omitzero"`
+	FinishedAt      time.Time  `json:"finished_at"`
+}
+
+// HeartbeatRequest is the body of POST /v1/agent/heartbeat.
+type HeartbeatRequest struct {
+	ProtocolVersion int    `json:"protocol_version"`
+	Node            string `json:"node"`
+	Seq             uint64 `json:"seq"`
+	State           string `json:"state"` // NodeReady or NodeDraining
+	// NodeInfo is sent again only when it changed since the last
+	// acknowledged heartbeat (pool free space, networks).
+	NodeInfo *NodeInfo `json:"node_info,omitempty"`
+	// InFlight lists the ids of tasks accepted and not yet completed.
+	InFlight []string   `json:"in_flight,omitempty"`
+	VMs      []VMStatus `json:"vms"`
+	// Orphans lists the uuids of VMs on this host that the control
+	// plane's last answer did not know. The agent never deletes them.
+	Orphans []string `json:"orphans,omitempty"`
+}
+
+// VMStatus is one VM in a heartbeat: the part of api.VM that changes.
+type VMStatus struct {
+	Name         string       `json:"name"`
+	UUID         string       `json:"uuid"`
+	Status       string       `json:"status"`
+	StatusReason string       `json:"status_reason,omitempty"`
+	QEMUPID      int          `json:"qemu_pid,omitempty"`
+	Pool         string       `json:"pool"`
+	Node         string       `json:"node"`
+	IPAddresses  []string     `json:"ip_addresses,omitempty"`
+	LastTask     *api.TaskRef `json:"last_task,omitempty"`
+}
+
+// StatusOf projects a VM view onto its heartbeat status.
+func StatusOf(vm api.VM) VMStatus {
+	return VMStatus{
+		Name:         vm.Name,
+		UUID:         vm.UUID,
+		Status:       vm.Status,
+		StatusReason: vm.StatusReason,
+		QEMUPID:      vm.QEMUPID,
+		Pool:         vm.Pool,
+		Node:         vm.Node,
+		IPAddresses:  vm.IPAddresses,
+		LastTask:     vm.LastTask,
+	}
+}
+
+// HeartbeatResponse is its answer.
+type HeartbeatResponse struct {
+	// IntervalSeconds is the next heartbeat interval; 0 keeps the current.
+	IntervalSeconds int `json:"interval_seconds,omitempty"`
+	// Desired maps each VM uuid the control plane places on this node to
+	// its desired phase (api.PhaseRunning or api.PhaseStopped). An absent
+	// map means "no opinion" (no reconcile, no orphans); an empty map
+	// means "no VMs belong here".
+	Desired map[string]string `json:"desired"`
+}
