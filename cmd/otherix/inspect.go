@@ -1,0 +1,241 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"fmt"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/cmd/otherix/internal/client"
+)
+
+// vmList is "otherix vm list".
+func (c *cli) vmList(ctx context.Context, fs *flag.FlagSet, args []string) error {
+	out, check := outputFlag(fs, "table", "json", "yaml")
+	showIDs := fs.Bool("show-ids", false, "add the UUID column to the table")
+	var q client.ListQuery
+	fs.IntVar(&q.Limit, "limit", 0, "page size (default: the server's)")
+	fs.StringVar(&q.Cursor, "cursor", "", "resume after this `cursor` (printed on stderr by the previous page)")
+	fs.StringVar(&q.Pool, "pool", "", "only VMs on this `pool`")
+	fs.StringVar(&q.Node, "node", "", "only VMs currently on this `node`")
+	fs.StringVar(&q.Status, "status", "", "only VMs with this `status` (running, stopped, ...)")
+	if err := c.none(fs, args); err != nil {
+		return err
+	}
+	if err := check(); err != nil {
+		return err
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	page, raw, err := cl.ListVMs(ctx, q)
+	if err != nil {
+		return err
+	}
+	switch *out {
+	case "json":
+		err = c.writeRaw(raw)
+	case "yaml":
+		err = c.writeJSONAsYAML(raw)
+	default:
+		c.writeTable(page.VMs, *showIDs)
+	}
+	if err != nil {
+		return err
+	}
+	if page.NextCursor != "" {
+		fmt.Fprintf(c.stderr, "next cursor: %s\n", page.NextCursor)
+	}
+	return nil
+}
+
+// writeTable prints the seed-004 table: NAME STATUS ARCH NODE POOL NETWORK,
+// with UUID after NAME when showIDs; "-" stands for an empty cell.
+func (c *cli) writeTable(vms []api.VM, showIDs bool) {
+	tw := tabwriter.NewWriter(c.stdout, 0, 8, 2, ' ', 0)
+	row := func(cells ...string) {
+		for i, s := range cells {
+			if s == "" {
+				cells[i] = "-"
+			}
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
+	}
+	if showIDs {
+		row("NAME", "UUID", "STATUS", "ARCH", "NODE", "POOL", "NETWORK")
+	} else {
+		row("NAME", "STATUS", "ARCH", "NODE", "POOL", "NETWORK")
+	}
+	for _, v := range vms {
+		if showIDs {
+			row(v.Name, v.UUID, v.Status, v.Arch, v.Node, v.Pool, v.Network)
+		} else {
+			row(v.Name, v.Status, v.Arch, v.Node, v.Pool, v.Network)
+		}
+	}
+	tw.Flush()
+}
+
+// vmGet is "otherix vm get NAME".
+func (c *cli) vmGet(ctx context.Context, fs *flag.FlagSet, args []string) error {
+	out, check := outputFlag(fs, "text", "json", "yaml")
+	name, err := c.name(fs, args)
+	if err != nil {
+		return err
+	}
+	if err := check(); err != nil {
+		return err
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	vm, raw, err := cl.GetVM(ctx, name)
+	if err != nil {
+		return err
+	}
+	switch *out {
+	case "json":
+		return c.writeRaw(raw)
+	case "yaml":
+		return c.writeYAML(manifestOf(vm))
+	}
+	c.writeText(vm)
+	return nil
+}
+
+// manifestOf projects a VM onto the declarative CreateVM that re-creates
+// it with 'otherix create -f'. Runtime fields (status, node, uuid, ...) are
+// left out, and so are create-time inputs the VM view does not carry
+// (firmware, format, user-data, network-config). image_sha256 pins the
+// image the VM was built from.
+func manifestOf(vm *api.VM) api.CreateVM {
+	return api.CreateVM{
+		Name:        vm.Name,
+		ImageURL:    vm.ImageURL,
+		Arch:        vm.Arch,
+		ImageSHA256: vm.ImageSHA256,
+		DiskGiB:     vm.DiskGiB,
+		Pool:        vm.Pool,
+		Network:     vm.Network,
+		VCPUs:       vm.VCPUs,
+		MemoryMB:    vm.MemoryMB,
+		NoCloudInit: !vm.CloudInit,
+	}
+}
+
+// writeText prints the multi-line "key: value" view of a VM.
+func (c *cli) writeText(vm *api.VM) {
+	num := func(n int) string {
+		if n == 0 {
+			return ""
+		}
+		return strconv.Itoa(n)
+	}
+	created := ""
+	if !vm.CreatedAt.IsZero() {
+		created = vm.CreatedAt.Format("2006-01-02T15:04:05Z07:00")
+	}
+	lastTask := ""
+	if t := vm.LastTask; t != nil {
+		lastTask = fmt.Sprintf("%s %s %s", t.Type, t.ID, t.Status)
+	}
+	lines := [][2]string{
+		{"name", vm.Name},
+		{"uuid", vm.UUID},
+		{"status", vm.Status},
+		{"status_reason", vm.StatusReason},
+		{"desired_phase", vm.DesiredPhase},
+		{"arch", vm.Arch},
+		{"vcpus", num(vm.VCPUs)},
+		{"memory_mb", num(vm.MemoryMB)},
+		{"disk_gib", num(vm.DiskGiB)},
+		{"pool", vm.Pool},
+		{"node", vm.Node},
+		{"network", vm.Network},
+		{"image_url", vm.ImageURL},
+		{"image_sha256", vm.ImageSHA256},
+		{"cloud_init", strconv.FormatBool(vm.CloudInit)},
+		{"qemu_pid", num(vm.QEMUPID)},
+		{"ip_addresses", strings.Join(vm.IPAddresses, ",")},
+		{"created_at", created},
+		{"last_task", lastTask},
+	}
+	for _, l := range lines {
+		v := l[1]
+		if v == "" {
+			v = "-"
+		}
+		fmt.Fprintf(c.stdout, "%s: %s\n", l[0], v)
+	}
+}
+
+// vmConsole is "otherix vm console NAME".
+func (c *cli) vmConsole(ctx context.Context, fs *flag.FlagSet, args []string) error {
+	tail := fs.Int64("tail", 0, "print only the last `N` bytes")
+	name, err := c.name(fs, args)
+	if err != nil {
+		return err
+	}
+	if *tail < 0 {
+		return &usageError{msg: "--tail must not be negative"}
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	return cl.Console(ctx, name, *tail, c.stdout)
+}
+
+// writeRaw echoes a server answer, ending it with a newline.
+func (c *cli) writeRaw(raw []byte) error {
+	if _, err := c.stdout.Write(raw); err != nil {
+		return err
+	}
+	if len(raw) == 0 || raw[len(raw)-1] != '\n' {
+		_, err := c.stdout.Write([]byte{'\n'})
+		return err
+	}
+	return nil
+}
+
+func (c *cli) writeYAML(v any) error {
+	var b bytes.Buffer
+	enc := yaml.NewEncoder(&b)
+	enc.SetIndent(2)
+	if err := enc.Encode(v); err != nil {
+		return fmt.Errorf("encode yaml: %w", err)
+	}
+	if err := enc.Close(); err != nil {
+		return fmt.Errorf("encode yaml: %w", err)
+	}
+	_, err := c.stdout.Write(b.Bytes())
+	return err
+}
+
+// writeJSONAsYAML prints a JSON answer as block YAML, keeping its keys
+// (snake_case) and their order.
+func (c *cli) writeJSONAsYAML(raw []byte) error {
+	var n yaml.Node
+	if err := yaml.Unmarshal(raw, &n); err != nil { // JSON is YAML
+		return fmt.Errorf("convert answer to yaml: %w", err)
+	}
+	blockStyle(&n)
+	return c.writeYAML(&n)
+}
+
+// blockStyle clears the flow and quoting styles the JSON syntax left on n,
+// so the encoder picks block style and quotes only where needed.
+func blockStyle(n *yaml.Node) {
+	n.Style = 0
+	for _, k := range n.Content {
+		blockStyle(k)
+	}
+}

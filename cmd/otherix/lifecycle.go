@@ -1,0 +1,209 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/cmd/otherix/internal/client"
+)
+
+// waitOpts are the --wait and --wait-timeout flags of async commands.
+type waitOpts struct {
+	wait    bool
+	timeout time.Duration
+}
+
+func waitFlags(fs *flag.FlagSet) *waitOpts {
+	w := &waitOpts{}
+	fs.BoolVar(&w.wait, "wait", false, "block until the task reaches a terminal status")
+	fs.DurationVar(&w.timeout, "wait-timeout", defaultWaitTimeout, "max wait when --wait is set (exit status 2 when it runs out)")
+	return w
+}
+
+// doneWord is what a successful op leaves the VM as: "vm <word> task=<id>".
+func doneWord(op string) string {
+	switch op {
+	case client.OpStop, client.OpPoweroff:
+		return "stopped"
+	case client.OpDelete:
+		return "deleted"
+	}
+	return "running" // create, start, reboot
+}
+
+// vmAsync runs start, stop, poweroff, reboot and delete.
+func (c *cli) vmAsync(ctx context.Context, fs *flag.FlagSet, args []string, op string) error {
+	var force bool
+	switch op {
+	case client.OpStop:
+		fs.BoolVar(&force, "force", false, "hard poweroff instead of a graceful shutdown (dispatches vm poweroff)")
+	case client.OpDelete:
+		fs.BoolVar(&force, "force", false, "do not ask for confirmation")
+	}
+	w := waitFlags(fs)
+	name, err := c.name(fs, args)
+	if err != nil {
+		return err
+	}
+	if err := c.checkWait(w); err != nil {
+		return err
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	if op == client.OpDelete && !force {
+		if err := c.confirmDelete(name); err != nil {
+			return err
+		}
+	}
+	dispatch := op
+	if op == client.OpStop && force {
+		dispatch = client.OpPoweroff // seed 004: a CLI-level dispatch to poweroff
+	}
+	t, err := cl.Async(ctx, name, dispatch)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(c.stdout, "%s task=%s status=%s\n", dispatch, t.ID, t.Status)
+	if !w.wait {
+		return nil
+	}
+	return c.waitTask(ctx, cl, t, doneWord(dispatch), w.timeout)
+}
+
+// checkWait validates the wait options before anything is submitted.
+func (c *cli) checkWait(w *waitOpts) error {
+	if w.timeout <= 0 {
+		return &usageError{msg: fmt.Sprintf("--wait-timeout must be positive, got %s", w.timeout)}
+	}
+	if w.wait {
+		if _, err := c.pollInterval(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// confirmDelete asks on stderr and reads the answer from stdin, which must
+// be a terminal: a script has to say --force.
+func (c *cli) confirmDelete(name string) error {
+	if !c.isTerminal(c.stdin) {
+		return fmt.Errorf("refusing to delete vm %s without confirmation: stdin is not a terminal (pass --force)", name)
+	}
+	fmt.Fprintf(c.stderr, "Delete vm %s? [y/N] ", name)
+	line, _ := bufio.NewReader(c.stdin).ReadString('\n')
+	switch strings.ToLower(strings.TrimSpace(line)) {
+	case "y", "yes":
+		return nil
+	}
+	return &exitError{code: exitFailure, msg: "delete of vm " + name + " aborted"}
+}
+
+// vmSync runs reset, pause and resume and prints the refreshed VM.
+func (c *cli) vmSync(ctx context.Context, fs *flag.FlagSet, args []string, op string) error {
+	out, check := outputFlag(fs, "text", "json")
+	name, err := c.name(fs, args)
+	if err != nil {
+		return err
+	}
+	if err := check(); err != nil {
+		return err
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	vm, raw, err := cl.Sync(ctx, name, op)
+	if err != nil {
+		return err
+	}
+	if *out == "json" {
+		return c.writeRaw(raw)
+	}
+	fmt.Fprintf(c.stdout, "vm %s status=%s\n", vm.Name, vm.Status)
+	return nil
+}
+
+// waitTask polls task t until it is terminal, printing one dot per poll on
+// stderr. Success prints "vm <done> task=<id>" on stdout; a failed or
+// cancelled task and a timeout end the command with a non-zero status.
+// Transient errors (network, 429, 5xx) are retried until the timeout.
+func (c *cli) waitTask(ctx context.Context, cl *client.Client, t *api.Task, done string, timeout time.Duration) error {
+	interval, err := c.pollInterval()
+	if err != nil {
+		return err
+	}
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	dots := false
+	endDots := func() {
+		if dots {
+			fmt.Fprintln(c.stderr)
+			dots = false
+		}
+	}
+	defer endDots()
+	last, lastErr := t, error(nil)
+	for {
+		got, err := cl.Task(wctx, t.ID)
+		fmt.Fprint(c.stderr, ".")
+		dots = true
+		switch {
+		case err == nil:
+			last, lastErr = got, nil
+			switch got.Status {
+			case api.TaskSuccess:
+				endDots()
+				fmt.Fprintf(c.stdout, "vm %s task=%s\n", done, t.ID)
+				return nil
+			case api.TaskFailed:
+				endDots()
+				return &exitError{code: exitFailure, msg: fmt.Sprintf("task %s failed: %s", t.ID, taskError(got))}
+			case api.TaskCancelled:
+				endDots()
+				msg := "task " + t.ID + " cancelled"
+				if got.Error != nil {
+					msg += ": " + taskError(got)
+				}
+				return &exitError{code: exitFailure, msg: msg}
+			}
+		case wctx.Err() != nil:
+		case client.Retryable(err):
+			lastErr = err
+		default:
+			return err
+		}
+		if wctx.Err() == nil {
+			select {
+			case <-time.After(interval):
+			case <-wctx.Done():
+			}
+		}
+		if wctx.Err() != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			endDots()
+			msg := fmt.Sprintf("error: timed out after %s waiting for task %s (status %s); the task goes on, re-run with --wait or poll it", timeout, t.ID, last.Status)
+			if lastErr != nil && !errors.Is(lastErr, context.DeadlineExceeded) {
+				msg += "; last error: " + lastErr.Error()
+			}
+			return &exitError{code: exitTimeout, msg: msg}
+		}
+	}
+}
+
+// taskError renders a task's error as "<code>: <message>".
+func taskError(t *api.Task) string {
+	if t.Error == nil {
+		return "internal: the task reported no error"
+	}
+	return t.Error.Code + ": " + t.Error.Message
+}
