@@ -1,0 +1,55 @@
+package testguest
+
+import "strings"
+
+// Prefix starts every marker line the guest prints.
+const Prefix = "OTHERIX-GUEST "
+
+// Marker is one parsed marker line: "OTHERIX-GUEST <Kind> <Value>".
+// For "OTHERIX-GUEST tick 3" Kind is "tick" and Value "3"; for
+// "OTHERIX-GUEST ready" Value is empty.
+type Marker struct {
+	Kind  string
+	Value string
+}
+
+// ParseMarker parses a console line. The prefix may come after other bytes
+// on the line (firmware escape codes); ok is false if there is no marker.
+func ParseMarker(line string) (m Marker, ok bool) {
+	i := strings.Index(line, Prefix)
+	if i < 0 {
+		return Marker{}, false
+	}
+	rest := strings.TrimRight(line[i+len(Prefix):], "\r\n")
+	kind, value, _ := strings.Cut(rest, " ")
+	if kind == "" {
+		return Marker{}, false
+	}
+	return Marker{Kind: kind, Value: value}, true
+}
+
+// ParseMarkers returns the markers of text by kind, each kind's values in
+// the order printed: for a boot, m["cidata"] is ["label=cidata dev=sr0",
+// "files=meta-data,user-data", "instance-id=…", …] and m["tick"] is
+// ["1", "2", …].
+func ParseMarkers(text string) map[string][]string {
+	out := map[string][]string{}
+	for _, line := range strings.Split(text, "\n") {
+		if m, ok := ParseMarker(line); ok {
+			out[m.Kind] = append(out[m.Kind], m.Value)
+		}
+	}
+	return out
+}
+
+// Fields parses "key=value key2=value2" (the booted and cidata markers)
+// into a map; words without "=" are ignored.
+func Fields(value string) map[string]string {
+	out := map[string]string{}
+	for _, w := range strings.Fields(value) {
+		if k, v, ok := strings.Cut(w, "="); ok {
+			out[k] = v
+		}
+	}
+	return out
+}
