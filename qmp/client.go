@@ -317,6 +317,9 @@ func (c *Client) ExecuteRaw(ctx context.Context, cmd string, args any) (json.Raw
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
+	if ctx.Err() != nil { // do not send a command nobody will wait for
+		return nil, c.timeoutErr(parent, ctx, cmd, timeout)
+	}
 	ch := make(chan reply, 1)
 	c.mu.Lock()
 	if c.closed {
@@ -335,7 +338,7 @@ func (c *Client) ExecuteRaw(ctx context.Context, cmd string, args any) (json.Raw
 		default:
 		}
 		if ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
-			return nil, c.timeoutErr(parent, cmd, timeout)
+			return nil, c.timeoutErr(parent, ctx, cmd, timeout)
 		}
 		return nil, fmt.Errorf("qmp %s: write: %w", cmd, err)
 	}
@@ -350,7 +353,7 @@ func (c *Client) ExecuteRaw(ctx context.Context, cmd string, args any) (json.Raw
 			return r.result(cmd)
 		default:
 		}
-		return nil, c.timeoutErr(parent, cmd, timeout)
+		return nil, c.timeoutErr(parent, ctx, cmd, timeout)
 	case <-c.done:
 		select {
 		case r := <-ch: // answered just before the connection went
@@ -391,9 +394,16 @@ func (c *Client) forget(id uint64) {
 	c.mu.Unlock()
 }
 
-func (c *Client) timeoutErr(parent context.Context, cmd string, timeout time.Duration) error {
+// timeoutErr tells whose deadline ended a command: the caller's (parent)
+// or the command's own timeout. ctx is the command's context.
+func (c *Client) timeoutErr(parent, ctx context.Context, cmd string, timeout time.Duration) error {
 	if err := parent.Err(); err != nil {
 		return fmt.Errorf("qmp %s: %w", cmd, err)
+	}
+	// An I/O deadline can pass before the parent's timer has fired.
+	pdl, ok := parent.Deadline()
+	if dl, _ := ctx.Deadline(); ok && !pdl.After(dl) {
+		return fmt.Errorf("qmp %s: %w", cmd, context.DeadlineExceeded)
 	}
 	return fmt.Errorf("qmp %s: no reply within %s: %w", cmd, timeout, context.DeadlineExceeded)
 }
