@@ -168,8 +168,10 @@ resolve_debs() {
 	want="v1 $ARCH $KERNEL_META $(for role in "${!GUEST_PACKAGES[@]}"; do
 		echo "$role=${GUEST_PACKAGES[$role]}"
 	done | LC_ALL=C sort | tr '\n' ' ')"
+	local lists=/var/lib/apt/lists
+	eval "$(apt-config shell lists Dir::State::lists/d 2>/dev/null)"
 	declare -gA PKGS=() DEBS=() SUMS=()
-	if [[ -f $memo && $memo -nt /var/lib/apt/lists && "$(head -n 1 "$memo")" == "$want" ]]; then
+	if [[ -f $memo && $memo -nt $lists && "$(head -n 1 "$memo")" == "$want" ]]; then
 		while read -r role pkg file sum; do
 			PKGS[$role]=$pkg DEBS[$role]=$file SUMS[$role]=$sum
 		done < <(tail -n +2 "$memo")
@@ -197,6 +199,7 @@ resolve_debs() {
 	}
 	rmdir "$tmp"
 	for role in "${!PKGS[@]}"; do
+		file="" sum=""
 		read -r file sum < <(awk -v p="${PKGS[$role]}_" \
 			'index($2, p) == 1 { sub(/^SHA256:/, "", $4); print $2, $4 }' <<<"$uris")
 		[[ -n ${file:-} && -n ${sum:-} ]] || return 1
@@ -429,10 +432,10 @@ build() {
 	trap - EXIT
 }
 
-# Old images of this arch unused for a week go.
+# Images of this arch unused for a day go (a rebuild costs seconds).
 prune() {
 	find "$CACHE/guest" -mindepth 1 -maxdepth 1 -name "$ARCH-*" -type d \
-		! -path "$IMAGE_DIR" -mtime +7 -exec rm -rf {} + 2>/dev/null || true
+		! -path "$IMAGE_DIR" -mtime +0 -exec rm -rf {} + 2>/dev/null || true
 }
 
 main() {
@@ -452,6 +455,8 @@ main() {
 
 	exec 9>"$CACHE/guest/.lock-$ARCH"
 	flock 9
+	# Under the lock, a temporary folder is what a killed build left.
+	rm -rf "$CACHE/guest/.tmp-$ARCH-"*
 	ensure_tools
 	resolve_debs_or_update
 	KEY=$(image_key)
