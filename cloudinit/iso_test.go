@@ -545,3 +545,27 @@ func TestNormalizeRejectsUnexpectedLayout(t *testing.T) {
 		}
 	}
 }
+
+// TestBsdtar extracts the seed with libarchive's bsdtar, which is what
+// cloudbase-init runs on Windows to read a seed from a raw disk: it must
+// see the plain names.
+func TestBsdtar(t *testing.T) {
+	bsdtar := tool(t, "bsdtar", "libarchive-tools")
+	s := goldenSeeds(t)["full"]
+	path := writeTemp(t, s)
+	dir := t.TempDir()
+	if out, err := exec.Command(bsdtar, "-xf", path, "-C", dir).CombinedOutput(); err != nil {
+		t.Fatalf("bsdtar: %v\n%s", err, out)
+	}
+	assertOnly(t, dir, "meta-data", "network-config", "user-data", "vendor-data")
+	for name, want := range map[string][]byte{
+		"meta-data":      s.MetaData(),
+		"network-config": s.NetworkConfig,
+		"user-data":      s.UserData,
+		"vendor-data":    s.VendorData,
+	} {
+		if got, err := os.ReadFile(filepath.Join(dir, name)); err != nil || !bytes.Equal(got, want) {
+			t.Errorf("%s: %q, %v", name, got, err)
+		}
+	}
+}

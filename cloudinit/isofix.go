@@ -24,8 +24,8 @@ import (
 //   - Directory records carry the zero time.Time, which its encoding turns
 //     into the year 2049 (byte(1-1900) = 149, plus 1900).
 //   - There are no path tables (size 0, location 0), which ECMA-119
-//     requires. Linux isofs and libarchive never read them, but Windows'
-//     CD-ROM file system and some firmware look directories up through the
+//     requires. Linux isofs does not read them, but other readers (Windows'
+//     CD-ROM file system among them) may look directories up through the
 //     path table.
 //   - The system identifier is runtime.GOOS.
 //

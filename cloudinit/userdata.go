@@ -3,11 +3,14 @@ package cloudinit
 import (
 	"bufio"
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"mime"
 	"mime/multipart"
+	"mime/quotedprintable"
 	"net/textproto"
 	"net/url"
 	"regexp"
@@ -53,7 +56,8 @@ const (
 //   - "#cloud-config-archive": a YAML list; "#cloud-config-jsonp": a JSON
 //     list (a JSON patch);
 //   - MIME multipart (a MIME-Version header and a multipart/* Content-Type
-//     whose parts parse);
+//     whose parts parse; text/cloud-config parts are checked like
+//     #cloud-config, after undoing base64 or quoted-printable);
 //   - "## template: jinja" as the first line, followed by one of the
 //     headers above (the rest is a template, so it is not parsed);
 //   - gzip-compressed data (magic 1f 8b), accepted as opaque: the size
@@ -230,24 +234,47 @@ func checkJinja(what string, b []byte) error {
 		"the line after the jinja header must be #cloud-config, a #! script, #include, #cloud-boothook or #part-handler")
 }
 
-// looksLikeMIME reports whether b starts with a MIME header field
-// (MIME-Version or Content-*), as MIME user-data does. cloud-init itself
-// only looks for "mime-version:"; checkMIME holds it to that.
+// looksLikeMIME reports whether b starts like a MIME message: a header
+// field first, and that field MIME-Version or Content-*, or a MIME-Version
+// field within the first 4096 bytes, where cloud-init looks for one
+// (cloudinit/user_data.py: convert_string).
 func looksLikeMIME(b []byte) bool {
 	line, _, _ := bytes.Cut(b, []byte("\n"))
 	name, _, ok := bytes.Cut(line, []byte(":"))
-	if !ok {
+	if !ok || len(name) == 0 {
 		return false
 	}
+	for _, c := range name {
+		if c <= ' ' || c > '~' { // RFC 5322 field name
+			return false
+		}
+	}
 	name = bytes.ToLower(name)
-	return string(name) == "mime-version" || bytes.HasPrefix(name, []byte("content-"))
+	return string(name) == "mime-version" || bytes.HasPrefix(name, []byte("content-")) || hasMIMEVersion(b)
+}
+
+func hasMIMEVersion(b []byte) bool {
+	return bytes.Contains(bytes.ToLower(b[:min(len(b), mimeSniffLen)]), []byte("mime-version:"))
+}
+
+// partBody reads a part, undoing a base64 or quoted-printable transfer
+// encoding.
+func partBody(p *multipart.Part) ([]byte, error) {
+	var r io.Reader = p
+	switch strings.ToLower(strings.TrimSpace(p.Header.Get("Content-Transfer-Encoding"))) {
+	case "base64":
+		r = base64.NewDecoder(base64.StdEncoding, p)
+	case "quoted-printable":
+		r = quotedprintable.NewReader(p)
+	}
+	return io.ReadAll(r)
 }
 
 // checkMIME validates a MIME multipart message: cloud-init must see it as
 // MIME (a MIME-Version header in the first 4096 bytes), its Content-Type
 // must be multipart/* with a boundary, and every part must parse.
 func checkMIME(what string, b []byte) error {
-	if !bytes.Contains(bytes.ToLower(b[:min(len(b), mimeSniffLen)]), []byte("mime-version:")) {
+	if !hasMIMEVersion(b) {
 		return invalid(what, "looks like a MIME message but has no MIME-Version header; cloud-init would not read it as MIME")
 	}
 	r := textproto.NewReader(bufio.NewReader(bytes.NewReader(b)))
@@ -274,7 +301,7 @@ func checkMIME(what string, b []byte) error {
 	mr := multipart.NewReader(r.R, boundary)
 	parts := 0
 	for {
-		p, err := mr.NextRawPart()
+		p, err := mr.NextPart()
 		if errors.Is(err, io.EOF) {
 			break
 		}
@@ -282,8 +309,16 @@ func checkMIME(what string, b []byte) error {
 			return invalid(what, "MIME part %d does not parse", parts+1)
 		}
 		parts++
-		if _, err := io.Copy(io.Discard, p); err != nil {
+		body, err := partBody(p)
+		if err != nil {
 			return invalid(what, "MIME part %d does not parse", parts)
+		}
+		// A cloud-config part is YAML that cloud-init loads as is (no
+		// header needed); check it like a #cloud-config document.
+		if pt, _, _ := mime.ParseMediaType(p.Header.Get("Content-Type")); pt == "text/cloud-config" {
+			if err := checkCloudConfig(fmt.Sprintf("%s MIME part %d", what, parts), body); err != nil {
+				return err
+			}
 		}
 	}
 	if parts == 0 {

@@ -70,6 +70,9 @@ func TestValidateUserDataAccepts(t *testing.T) {
 		{"mime multipart", mimeUserData},
 		{"mime multipart LF", strings.ReplaceAll(mimeUserData, "\r\n", "\n")},
 		{"mime version first", "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b\n\n#!/bin/sh\n--b--\n"},
+		{"mime from first", "From: nobody\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b\n\n#!/bin/sh\n--b--\n"},
+		{"mime base64 cloud-config part", "Content-Type: multipart/mixed; boundary=b\nMIME-Version: 1.0\n\n--b\nContent-Type: text/cloud-config\n" +
+			"Content-Transfer-Encoding: base64\n\nI2Nsb3VkLWNvbmZpZwphOiAxCg==\n--b--\n"},
 		{"gzip", string(gzipped(t, "#cloud-config\na: 1\n"))},
 		{"gzip of anything (opaque)", string(gzipped(t, "not user-data"))},
 	}
@@ -130,6 +133,8 @@ func TestValidateUserDataRejects(t *testing.T) {
 		{"mime bad media type", "Content-Type: multipart/\nMIME-Version: 1.0\n\n", "Content-Type header does not parse"},
 		{"mime truncated", mimeUserData[:len(mimeUserData)-20], "MIME part 2 does not parse"},
 		{"jinja header without spaces (cloud-init matches the exact prefix)", "##template:jinja\n#cloud-config\n", "not a format cloud-init recognises"},
+		{"mime bad cloud-config part", strings.Replace(mimeUserData, "packages: [htop]", "- htop", 1), "user-data MIME part 1: line 2, column 1: #cloud-config must be a YAML mapping"},
+		{"mime bad base64 part", "Content-Type: multipart/mixed; boundary=b\nMIME-Version: 1.0\n\n--b\nContent-Transfer-Encoding: base64\n\n!!!\n--b--\n", "MIME part 1 does not parse"},
 		{"upstart job (dropped by cloud-init)", "#upstart-job\nexec x\n", "not a format cloud-init recognises"},
 	}
 	for _, tt := range tests {
