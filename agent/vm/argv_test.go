@@ -1,0 +1,183 @@
+package vm
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/otherix/otherix-agent/agent/errcode"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files")
+
+func goldenSpec() Spec {
+	return Spec{
+		Name: "web-1", UUID: "0f8fad5b-d9cb-469f-a165-70867728950e", Arch: ArchAMD64,
+		VCPUs: 2, MemoryMB: 2048,
+		Disks:  []Disk{{Path: "/var/lib/otherix/pools/default/vms/0f8fad5b/root.qcow2", Format: "qcow2"}},
+		CDROMs: []CDROM{{Path: "/var/lib/otherix/vms/0f8fad5b/seed.iso"}},
+	}
+}
+
+var goldenPaths = Paths{
+	QMPSocket:  "/run/otherix/0f8fad5bd9cb/qmp.sock",
+	PIDFile:    "/run/otherix/0f8fad5bd9cb/qemu.pid",
+	ConsoleLog: "/var/lib/otherix/vms/0f8fad5b/console.log",
+}
+
+func TestBuildArgsGolden(t *testing.T) {
+	comma := goldenSpec()
+	comma.Disks[0].Path = "/pools/a,b/root.qcow2"
+	comma.CDROMs = nil
+	nvme := goldenSpec()
+	nvme.Disks = append(nvme.Disks, Disk{Path: "/pools/data.raw", Format: "raw", Bus: BusNVMe, ReadOnly: true}, Disk{Path: "/pools/d2.qcow2", Format: "qcow2", Bus: BusVirtioSCSI})
+	nvme.Disks[0].Bus = BusNVMe
+	arm := goldenSpec()
+	arm.Arch = ArchARM64
+	for _, tc := range []struct {
+		name  string
+		spec  Spec
+		accel string
+	}{
+		{"amd64-seed", goldenSpec(), "tcg"},
+		{"amd64-kvm", goldenSpec(), "kvm"},
+		{"comma-path", comma, "tcg"},
+		{"buses", nvme, "tcg"},
+		{"arm64", arm, "tcg"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args, err := BuildArgs(&tc.spec, goldenPaths, Platform{Accel: tc.accel})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := strings.Join(args, "\n") + "\n"
+			path := filepath.Join("testdata", "argv", tc.name+".golden")
+			if *update {
+				os.MkdirAll(filepath.Dir(path), 0o755)
+				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run with -update)", err)
+			}
+			if got != string(want) {
+				t.Errorf("argv differs from %s:\n--- got\n%s--- want\n%s", path, got, want)
+			}
+		})
+	}
+}
+
+func TestBuildArgsRefusesInjection(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mut  func(*Spec)
+	}{
+		{"name with comma", func(s *Spec) { s.Name = "a,b" }},
+		{"name with equals", func(s *Spec) { s.Name = "a=b" }},
+		{"name option", func(s *Spec) { s.Name = "-daemonize" }},
+		{"uuid literal name", func(s *Spec) { s.Name = "0f8fad5b-d9cb-469f-a165-70867728950e" }},
+		{"long name", func(s *Spec) { s.Name = strings.Repeat("a", 64) }},
+		{"relative disk", func(s *Spec) { s.Disks[0].Path = "root.qcow2" }},
+		{"dotdot disk", func(s *Spec) { s.Disks[0].Path = "/pools/../etc/shadow" }},
+		{"newline path", func(s *Spec) { s.Disks[0].Path = "/pools/a\nb" }},
+		{"bad format", func(s *Spec) { s.Disks[0].Format = "qcow2,file.driver=ssh" }},
+		{"bad uuid", func(s *Spec) { s.UUID = "0f8fad5b,d9cb" }},
+		{"vcpus 0", func(s *Spec) { s.VCPUs = 0 }},
+		{"vcpus 129", func(s *Spec) { s.VCPUs = 129 }},
+		{"memory 127", func(s *Spec) { s.MemoryMB = 127 }},
+		{"memory too big", func(s *Spec) { s.MemoryMB = 524289 }},
+		{"arch", func(s *Spec) { s.Arch = "riscv64" }},
+		{"no disk", func(s *Spec) { s.Disks = nil }},
+		{"bad mac", func(s *Spec) { s.NICs = []NIC{{Type: "user", MAC: "52:54:00:00:00:00,x"}} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := goldenSpec()
+			tc.mut(&s)
+			_, err := BuildArgs(&s, goldenPaths, Platform{})
+			if errcode.Of(err) != errcode.ValidationFailed {
+				t.Fatalf("got %v, want validation_failed", err)
+			}
+		})
+	}
+}
+
+// parseOpts splits a QEMU option string into key/value pairs the way QEMU
+// does: a doubled comma is a literal comma.
+func parseOpts(s string) [][2]string {
+	var out [][2]string
+	var cur strings.Builder
+	flush := func() {
+		k, v, _ := strings.Cut(cur.String(), "=")
+		out = append(out, [2]string{k, v})
+		cur.Reset()
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] == ',' {
+			if i+1 < len(s) && s[i+1] == ',' {
+				cur.WriteByte(',')
+				i++
+				continue
+			}
+			flush()
+			continue
+		}
+		cur.WriteByte(s[i])
+	}
+	flush()
+	return out
+}
+
+// FuzzBuildArgs proves that no name or path can add a QEMU option: for
+// every accepted input, QEMU's own parsing of the disk's -blockdev gives
+// back exactly our keys with the path as the filename.
+func FuzzBuildArgs(f *testing.F) {
+	f.Add("web-1", "/pools/a/root.qcow2")
+	f.Add("a,b", "/pools/a,b/root.qcow2")
+	f.Add("x", "/p/,file.driver=ssh")
+	f.Add("x", "/p/a,,b,")
+	f.Fuzz(func(t *testing.T, name, path string) {
+		s := goldenSpec()
+		s.Name = name
+		s.Disks[0].Path = path
+		args, err := BuildArgs(&s, goldenPaths, Platform{})
+		if err != nil {
+			return
+		}
+		for i := 0; i+1 < len(args); i++ {
+			if args[i] != "-blockdev" || !strings.Contains(args[i+1], "node-name=disk0-file") {
+				continue
+			}
+			kv := parseOpts(args[i+1])
+			want := [][2]string{{"driver", "file"}, {"node-name", "disk0-file"}, {"filename", path}, {"cache.direct", "off"}}
+			if len(kv) != len(want) {
+				t.Fatalf("path %q gave options %q", path, kv)
+			}
+			for j := range want {
+				if kv[j] != want[j] {
+					t.Fatalf("path %q gave options %q", path, kv)
+				}
+			}
+			return
+		}
+		t.Fatalf("no root -blockdev in %q", args)
+	})
+}
+
+func TestSocketPathBudget(t *testing.T) {
+	_, err := New(Config{StateDir: t.TempDir(), RunDir: "/" + strings.Repeat("r", 90)})
+	if err == nil {
+		t.Fatal("want an error for a runtime dir that makes socket paths too long")
+	}
+}
+
+func TestMACFromUUID(t *testing.T) {
+	a := MACFromUUID("0f8fad5b-d9cb-469f-a165-70867728950e", 0)
+	b := MACFromUUID("0f8fad5b-d9cb-469f-a165-70867728950e", 1)
+	if a != "52:54:00:28:95:0e" || b != "52:54:00:28:95:0f" {
+		t.Fatalf("got %s %s", a, b)
+	}
+}

@@ -1,0 +1,362 @@
+package vm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/qmp"
+)
+
+// process is one incarnation of a VM's QEMU: from start (or adoption) to
+// exit. A reboot makes a new one.
+type process struct {
+	m     *machine
+	pid   int
+	pidfd int
+	mon   Monitor
+
+	exited   chan struct{} // closed when the process is gone
+	reaped   chan struct{} // closed after the VM's state records the exit
+	detached chan struct{} // closed when the engine lets go of it
+	detach1  sync.Once
+	exitDesc string // set before exited is closed
+
+	mu           sync.Mutex
+	expect       bool   // an op asked QEMU to exit
+	expectReason string // status reason to record for an expected exit
+
+	guestShutdown atomic.Bool
+}
+
+func newProcess(m *machine, pid int) (*process, error) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
+	}
+	return &process{
+		m: m, pid: pid, pidfd: fd,
+		exited:   make(chan struct{}),
+		reaped:   make(chan struct{}),
+		detached: make(chan struct{}),
+	}, nil
+}
+
+func (p *process) isExited() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *process) expectExit(reason string) {
+	p.mu.Lock()
+	p.expect, p.expectReason = true, reason
+	p.mu.Unlock()
+}
+
+// unexpectExit withdraws an expected exit. It returns false when QEMU has
+// already exited, in which case the exit stays expected.
+func (p *process) unexpectExit() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.isExited() {
+		return false
+	}
+	p.expect, p.expectReason = false, ""
+	return true
+}
+
+func (p *process) sigkill() error {
+	err := unix.PidfdSendSignal(p.pidfd, unix.SIGKILL, nil, 0)
+	if errors.Is(err, unix.ESRCH) {
+		return nil
+	}
+	return err
+}
+
+// waitChild reaps a child QEMU and records how it ended.
+func (p *process) waitChild(cmd *exec.Cmd) {
+	err := cmd.Wait()
+	desc := "exited"
+	if ps := cmd.ProcessState; ps != nil {
+		if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			desc = "killed by signal " + unix.SignalName(ws.Signal())
+		} else {
+			desc = "exit status " + strconv.Itoa(ps.ExitCode())
+		}
+	} else if err != nil {
+		desc = err.Error()
+	}
+	p.exitDesc = desc
+	close(p.exited)
+}
+
+// pollExit waits for an adopted QEMU (not our child) to exit via its pidfd.
+func (p *process) pollExit() {
+	fds := []unix.PollFd{{Fd: int32(p.pidfd), Events: unix.POLLIN}}
+	for {
+		select {
+		case <-p.detached:
+			return
+		default:
+		}
+		n, err := unix.Poll(fds, 500)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			p.m.log.Error("poll pidfd", zap.Error(err))
+			time.Sleep(500 * time.Millisecond)
+			continue
+		}
+		if n > 0 {
+			p.exitDesc = "exited (adopted process, exit status unknown)"
+			close(p.exited)
+			return
+		}
+	}
+}
+
+// events follows QMP events of this incarnation.
+func (p *process) events(ch <-chan qmp.Event) {
+	for ev := range ch {
+		switch ev.Name {
+		case "SHUTDOWN":
+			if g, _ := ev.Data["guest"].(bool); g {
+				p.guestShutdown.Store(true)
+			}
+		}
+	}
+}
+
+// watch records the exit of QEMU in the VM's state.
+func (p *process) watch() {
+	select {
+	case <-p.exited:
+	case <-p.detached:
+		return
+	}
+	m := p.m
+	p.mu.Lock()
+	expect, reason := p.expect, p.expectReason
+	p.mu.Unlock()
+	if p.mon != nil {
+		p.mon.Close()
+	}
+	unix.Close(p.pidfd)
+
+	m.mu.Lock()
+	if m.proc == p {
+		m.proc = nil
+		m.st.PID = 0
+		switch {
+		case expect:
+			m.setStatusLocked("stopped", reason)
+		case p.guestShutdown.Load():
+			m.setStatusLocked("stopped", "guest powered off")
+		default:
+			m.setStatusLocked("crashed", "qemu "+p.exitDesc)
+		}
+	}
+	v := m.viewLocked()
+	m.mu.Unlock()
+
+	os.Remove(filepath.Join(m.run, "qmp.sock"))
+	os.Remove(filepath.Join(m.run, "qemu.pid"))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	if err := m.e.cfg.Placer.Remove(ctx, v); err != nil {
+		m.log.Warn("remove placement", zap.Error(err))
+	}
+	cancel()
+	lvl := m.log.Info
+	if v.Status == "crashed" {
+		lvl = m.log.Warn
+	}
+	lvl("qemu exited", zap.Int("qemu_pid", p.pid), zap.String("status", v.Status), zap.String("reason", v.Reason))
+	close(p.reaped)
+	m.notify(v)
+}
+
+func (p *process) detach() {
+	p.detach1.Do(func() {
+		close(p.detached)
+		if p.mon != nil {
+			p.mon.Close()
+		}
+	})
+}
+
+// launch starts QEMU for the VM and waits until QMP answers.
+func (m *machine) launch(ctx context.Context) (err error) {
+	m.mu.Lock()
+	spec := m.st.Spec
+	if m.st.PID != 0 && isOurQEMU(m.st.PID, spec.UUID) {
+		m.mu.Unlock()
+		return errcode.New(errcode.Conflict, "vm %q still has a qemu process (pid %d) the agent cannot control", spec.Name, m.st.PID)
+	}
+	prevStatus := m.st.Status
+	m.mu.Unlock()
+
+	paths := m.paths()
+	args, err := BuildArgs(&spec, paths, Platform{Accel: m.e.cfg.Accel})
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(m.run, 0o700); err != nil {
+		return errcode.Wrap(errcode.Internal, err, "runtime dir")
+	}
+	os.Remove(paths.QMPSocket)
+	os.Remove(paths.PIDFile)
+	logPath := filepath.Join(m.dir, "qemu.log")
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return errcode.Wrap(errcode.Internal, err, "qemu log")
+	}
+	m.setStatus("starting", "")
+	fail := func(code errcode.Code, err error, what string) error {
+		e := errcode.Wrap(code, err, "%s", what)
+		if tail := logTail(logPath, 2048); tail != "" {
+			e.Message += "; qemu said: " + tail
+		}
+		m.setStatus(prevStatus, "start failed: "+e.Message)
+		return e
+	}
+
+	bin := m.e.cfg.Binaries[spec.Arch]
+	cmd := exec.Command(bin, args...)
+	cmd.Env = m.e.cfg.Env
+	cmd.Dir = m.dir
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	// Its own process group: a signal to the agent's group (Ctrl-C, the
+	// service manager) never reaches QEMU.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return fail(errcode.QEMUStartFailed, err, "exec "+bin)
+	}
+	logf.Close()
+	p, err := newProcess(m, cmd.Process.Pid)
+	if err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return fail(errcode.QEMUStartFailed, err, "track qemu")
+	}
+	go p.waitChild(cmd)
+	log := m.log.With(zap.Int("qemu_pid", p.pid))
+	log.Info("qemu launched", zap.String("binary", bin))
+
+	abort := func(code errcode.Code, err error, what string) error {
+		p.sigkill()
+		<-p.exited
+		unix.Close(p.pidfd)
+		if p.mon != nil {
+			p.mon.Close()
+		}
+		return fail(code, err, what)
+	}
+	startCtx, cancel := context.WithTimeout(ctx, m.e.cfg.StartTimeout)
+	defer cancel()
+	mon, err := m.dialUntil(startCtx, p, paths.QMPSocket)
+	if err != nil {
+		return abort(errcode.QEMUStartFailed, err, "qemu did not come up")
+	}
+	p.mon = mon
+	evs, _ := mon.Subscribe(64)
+	go p.events(evs)
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := mon.Execute(startCtx, "query-status", nil, &st); err != nil {
+		return abort(errcode.QEMUStartFailed, err, "query-status")
+	}
+
+	m.mu.Lock()
+	m.proc = p
+	m.st.PID = p.pid
+	m.st.StartedAt = time.Now().UTC()
+	m.setStatusLocked("running", "")
+	v := m.viewLocked()
+	m.mu.Unlock()
+	go p.watch()
+	if err := m.e.cfg.Placer.Place(ctx, v); err != nil {
+		log.Warn("place qemu", zap.String("placer", m.e.cfg.Placer.Kind()), zap.Error(err))
+	}
+	m.notify(v)
+	return nil
+}
+
+// dialUntil connects to QMP, retrying while QEMU creates its socket.
+func (m *machine) dialUntil(ctx context.Context, p *process, path string) (Monitor, error) {
+	var last error
+	for {
+		if p.isExited() {
+			return nil, fmt.Errorf("qemu %s", p.exitDesc)
+		}
+		c, cancel := context.WithTimeout(ctx, 5*time.Second)
+		mon, err := m.e.cfg.Dial(c, path)
+		cancel()
+		if err == nil {
+			return mon, nil
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w (last error: %v)", ctx.Err(), last)
+		case <-p.exited:
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// logTail returns the last n bytes of a file as one line.
+func logTail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err == nil && fi.Size() > n {
+		f.Seek(fi.Size()-n, io.SeekStart)
+	}
+	b, _ := io.ReadAll(f)
+	return strings.Join(strings.Fields(string(bytes.TrimSpace(b))), " ")
+}
+
+// isOurQEMU reports whether pid is a live (not zombie) process whose
+// command line carries this VM's uuid: a pidfile alone can name a reused PID.
+func isOurQEMU(pid int, uuid string) bool {
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	if i := bytes.LastIndexByte(stat, ')'); i < 0 || i+2 >= len(stat) || stat[i+2] == 'Z' || stat[i+2] == 'X' {
+		return false
+	}
+	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return false
+	}
+	return bytes.Contains(cmdline, []byte("\x00-uuid\x00"+uuid+"\x00"))
+}
+
+type processGroupPlacer struct{}
+
+func (processGroupPlacer) Place(context.Context, View) error  { return nil }
+func (processGroupPlacer) Remove(context.Context, View) error { return nil }
+func (processGroupPlacer) Kind() string                       { return "process-group" }

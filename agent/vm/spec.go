@@ -1,0 +1,195 @@
+// Package vm is the QEMU VM engine: it owns every VM on this host, builds
+// QEMU's command line, launches and re-adopts QEMU processes, drives them
+// over QMP and persists their state.
+//
+// One owner per VM: operations on one VM are serialized (a second operation
+// arriving while one runs gets a conflict error, never a silent wait), and
+// operations on different VMs run concurrently. QEMU processes live in their
+// own process group (or systemd scope) so they outlive the agent; a new agent
+// process re-adopts them from the persisted state.
+package vm
+
+import (
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"strings"
+
+	"github.com/otherix/otherix-agent/agent/errcode"
+)
+
+// Limits from seed 004.
+const (
+	MinVCPUs    = 1
+	MaxVCPUs    = 128
+	MinMemoryMB = 128
+	MaxMemoryMB = 524288
+)
+
+// Arches the engine knows.
+const (
+	ArchAMD64 = "amd64"
+	ArchARM64 = "arm64"
+)
+
+// Disk buses.
+const (
+	BusVirtioBlk  = "virtio-blk"
+	BusVirtioSCSI = "virtio-scsi"
+	BusNVMe       = "nvme"
+)
+
+// Spec is what the engine needs to run a VM. It is persisted with the VM.
+type Spec struct {
+	Name     string `json:"name"`
+	UUID     string `json:"uuid"`
+	Arch     string `json:"arch"`
+	VCPUs    int    `json:"vcpus"`
+	MemoryMB int    `json:"memory_mb"`
+	// Disks in boot order; the first is the root disk.
+	Disks []Disk `json:"disks"`
+	// CDROMs, e.g. the cloud-init seed ISO.
+	CDROMs []CDROM `json:"cdroms,omitempty"`
+	// NICs; none means one SLIRP (user-mode) NIC.
+	NICs []NIC `json:"nics,omitempty"`
+	// OwnedPaths are files and directories created for this VM (overlay
+	// disk, seed ISO, ...) that delete removes. Each must be absolute.
+	OwnedPaths []string `json:"owned_paths,omitempty"`
+}
+
+// Disk is a block device backed by a file.
+type Disk struct {
+	Path      string `json:"path"`
+	Format    string `json:"format"` // qcow2 or raw
+	Bus       string `json:"bus,omitempty"`
+	ReadOnly  bool   `json:"readonly,omitempty"`
+	BootIndex int    `json:"boot_index,omitempty"` // 0 = not bootable unless root
+}
+
+// CDROM is a read-only ISO attached as virtio-scsi scsi-cd.
+type CDROM struct {
+	Path      string `json:"path"`
+	BootIndex int    `json:"boot_index,omitempty"`
+}
+
+// NIC is a network interface. Only "user" (SLIRP) exists in the engine today.
+type NIC struct {
+	Type string `json:"type"` // "user"
+	MAC  string `json:"mac"`
+}
+
+var (
+	nameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$`)
+	uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+	macRE  = regexp.MustCompile(`^[0-9a-f]{2}(:[0-9a-f]{2}){5}$`)
+)
+
+// IsUUID reports whether s is a UUID literal (any case).
+func IsUUID(s string) bool { return uuidRE.MatchString(strings.ToLower(s)) }
+
+// ValidateName checks a VM name: a hostname label (1..63 of [A-Za-z0-9-],
+// no leading or trailing dash) that is not a UUID literal. Names reach file
+// names, QEMU's argv and the guest's hostname, so the charset is strict.
+func ValidateName(name string) error {
+	if IsUUID(name) {
+		return errcode.New(errcode.ValidationFailed, "name %q is a UUID literal; VMs are name-keyed", name)
+	}
+	if !nameRE.MatchString(name) {
+		return errcode.New(errcode.ValidationFailed, "name %q is invalid: use 1 to 63 letters, digits and dashes, not starting or ending with a dash", name)
+	}
+	return nil
+}
+
+// Validate checks a spec before anything is created for it.
+func (s *Spec) Validate() error {
+	if err := ValidateName(s.Name); err != nil {
+		return err
+	}
+	if !uuidRE.MatchString(s.UUID) {
+		return errcode.New(errcode.ValidationFailed, "uuid %q is not a lowercase UUID", s.UUID)
+	}
+	switch s.Arch {
+	case ArchAMD64, ArchARM64:
+	default:
+		return errcode.New(errcode.ValidationFailed, "arch %q is not supported: use amd64 or arm64", s.Arch)
+	}
+	if s.VCPUs < MinVCPUs || s.VCPUs > MaxVCPUs {
+		return errcode.New(errcode.ValidationFailed, "vcpus %d out of range %d..%d", s.VCPUs, MinVCPUs, MaxVCPUs)
+	}
+	if s.MemoryMB < MinMemoryMB || s.MemoryMB > MaxMemoryMB {
+		return errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", s.MemoryMB, MinMemoryMB, MaxMemoryMB)
+	}
+	if len(s.Disks) == 0 {
+		return errcode.New(errcode.ValidationFailed, "a VM needs a root disk")
+	}
+	for i, d := range s.Disks {
+		if err := checkPath(d.Path); err != nil {
+			return errcode.Wrap(errcode.ValidationFailed, err, "disk %d", i)
+		}
+		switch d.Format {
+		case "qcow2", "raw":
+		default:
+			return errcode.New(errcode.ValidationFailed, "disk %d: format %q is not supported", i, d.Format)
+		}
+		switch d.Bus {
+		case "", BusVirtioBlk, BusVirtioSCSI, BusNVMe:
+		default:
+			return errcode.New(errcode.ValidationFailed, "disk %d: bus %q is not supported", i, d.Bus)
+		}
+	}
+	for i, c := range s.CDROMs {
+		if err := checkPath(c.Path); err != nil {
+			return errcode.Wrap(errcode.ValidationFailed, err, "cdrom %d", i)
+		}
+	}
+	for i, n := range s.NICs {
+		if n.Type != "user" {
+			return errcode.New(errcode.ValidationFailed, "nic %d: type %q is not supported", i, n.Type)
+		}
+		if !macRE.MatchString(n.MAC) {
+			return errcode.New(errcode.ValidationFailed, "nic %d: mac %q is not a lowercase MAC address", i, n.MAC)
+		}
+	}
+	for _, p := range s.OwnedPaths {
+		if err := checkPath(p); err != nil {
+			return errcode.Wrap(errcode.ValidationFailed, err, "owned path")
+		}
+	}
+	return nil
+}
+
+// checkPath refuses paths that are relative, unclean or carry characters
+// that have a meaning to QEMU's option parser beyond the comma (which
+// escapeOpt doubles) or to a terminal.
+func checkPath(p string) error {
+	if !filepath.IsAbs(p) {
+		return fmt.Errorf("path %q is not absolute", p)
+	}
+	if filepath.Clean(p) != p {
+		return fmt.Errorf("path %q is not clean", p)
+	}
+	for _, r := range p {
+		if r < 0x20 || r == 0x7f {
+			return fmt.Errorf("path %q has a control character", p)
+		}
+	}
+	return nil
+}
+
+// ShortID is the per-VM id used for runtime paths and device names: the
+// first 12 hex digits of the uuid. It never derives from the VM's name.
+func ShortID(uuid string) string {
+	return strings.ReplaceAll(uuid, "-", "")[:12]
+}
+
+// MACFromUUID derives a stable, locally administered MAC under 52:54:00
+// from the VM's uuid and the NIC's index.
+func MACFromUUID(uuid string, index int) string {
+	h := strings.ReplaceAll(uuid, "-", "")
+	// Take bytes from the tail of the uuid (random part of a v4 uuid).
+	b := h[len(h)-6:]
+	var x [3]byte
+	fmt.Sscanf(b, "%02x%02x%02x", &x[0], &x[1], &x[2])
+	x[2] += byte(index)
+	return fmt.Sprintf("52:54:00:%02x:%02x:%02x", x[0], x[1], x[2])
+}
