@@ -73,21 +73,24 @@ func (c *Console) Close() error {
 // WaitFor returns the first complete line containing substr that comes
 // after the read position, and moves the position past it. It waits for
 // the line to appear until ctx is done; the error then wraps ctx.Err() and
-// shows the console's last lines.
+// shows the console's last lines, and the position stays where it was.
 func (c *Console) WaitFor(ctx context.Context, substr string) (string, error) {
+	from := -1 // lines before it were searched by this call
 	for {
 		c.mu.Lock()
 		err := c.readLocked()
 		if err == nil {
-			for i := c.pos; i < len(c.lines); i++ {
-				if strings.Contains(c.lines[i], substr) {
-					c.pos = i + 1
-					line := c.lines[i]
+			if from < c.pos || from > len(c.lines) {
+				from = c.pos
+			}
+			for ; from < len(c.lines); from++ {
+				if strings.Contains(c.lines[from], substr) {
+					c.pos = from + 1
+					line := c.lines[from]
 					c.mu.Unlock()
 					return line, nil
 				}
 			}
-			c.pos = len(c.lines)
 		}
 		c.mu.Unlock()
 		if err != nil {

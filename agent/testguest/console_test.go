@@ -65,7 +65,18 @@ func TestConsoleFollowsFile(t *testing.T) {
 		t.Errorf("Pos() = %d, want 1", got)
 	}
 
+	// A failed wait leaves the position: "third" is still found after it.
+	if _, err := c.WaitFor(done, "absent"); !errors.Is(err, context.Canceled) {
+		t.Errorf("WaitFor(absent) err = %v, want context.Canceled", err)
+	}
+	if got := c.Pos(); got != 1 {
+		t.Errorf("Pos() after a failed wait = %d, want 1", got)
+	}
 	appendFile(t, path, " line\n")
+	if line, err := c.WaitFor(ctx, "third"); err != nil || line != "third line" {
+		t.Errorf("WaitFor(third) = %q, %v", line, err)
+	}
+	c.Seek(2)
 	c.Mark()
 	if _, err := c.WaitFor(done, "third"); err == nil {
 		t.Errorf("WaitFor found a line written before Mark")
