@@ -1,0 +1,276 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"go.uber.org/zap"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/cloudinit"
+	"github.com/otherix/otherix-agent/imagecache"
+)
+
+// Defaults of seed 004 for fields a create leaves out.
+const (
+	DefaultVCPUs    = 2
+	DefaultMemoryMB = 2048
+)
+
+// ValidateCreate checks a create request without touching anything and
+// fills in defaults. Errors carry stable codes.
+func (h *Host) ValidateCreate(c *api.CreateVM) error {
+	if err := vm.ValidateName(c.Name); err != nil {
+		return err
+	}
+	if c.ImageURL == "" {
+		return errcode.New(errcode.ValidationFailed, "image_url is required")
+	}
+	switch c.Arch {
+	case vm.ArchAMD64, vm.ArchARM64:
+	case "":
+		return errcode.New(errcode.ValidationFailed, "arch is required (amd64 or arm64)")
+	default:
+		return errcode.New(errcode.ValidationFailed, "arch %q is not supported: use amd64 or arm64", c.Arch)
+	}
+	supported := false
+	for _, a := range h.Arches() {
+		supported = supported || a == c.Arch
+	}
+	if !supported {
+		return errcode.New(errcode.ValidationFailed, "this host cannot run arch %s", c.Arch)
+	}
+	if c.Firmware != "" && c.FirmwareID != "" {
+		return errcode.New(errcode.ValidationFailed, "firmware and firmware_id are mutually exclusive")
+	}
+	if c.FirmwareID != "" {
+		return errcode.New(errcode.ValidationFailed, "unknown firmware_id %q", c.FirmwareID)
+	}
+	if c.Firmware != "" && !(c.Firmware == "bios" && c.Arch == vm.ArchAMD64) {
+		return errcode.New(errcode.ValidationFailed, "firmware %q is not available for %s on this host", c.Firmware, c.Arch)
+	}
+	if c.NoCloudInit && (c.UserData != "" || c.NetworkConfig != "") {
+		return errcode.New(errcode.ValidationFailed, "no_cloud_init is mutually exclusive with user_data and network_config")
+	}
+	if c.VCPUs == 0 {
+		c.VCPUs = DefaultVCPUs
+	}
+	if c.MemoryMB == 0 {
+		c.MemoryMB = DefaultMemoryMB
+	}
+	if c.VCPUs < vm.MinVCPUs || c.VCPUs > vm.MaxVCPUs {
+		return errcode.New(errcode.ValidationFailed, "vcpus %d out of range %d..%d", c.VCPUs, vm.MinVCPUs, vm.MaxVCPUs)
+	}
+	if c.MemoryMB < vm.MinMemoryMB || c.MemoryMB > vm.MaxMemoryMB {
+		return errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", c.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
+	}
+	if c.DiskGiB < 0 || c.DiskGiB > 65536 {
+		return errcode.New(errcode.ValidationFailed, "disk_gib %d out of range 1..65536", c.DiskGiB)
+	}
+	if c.ImageSHA256 != "" {
+		c.ImageSHA256 = strings.ToLower(strings.TrimPrefix(c.ImageSHA256, "sha256:"))
+		if len(c.ImageSHA256) != 64 || strings.Trim(c.ImageSHA256, "0123456789abcdef") != "" {
+			return errcode.New(errcode.ValidationFailed, "image_sha256 must be 64 hex digits")
+		}
+	}
+	switch c.Format {
+	case "", "qcow2", "raw":
+	default:
+		return errcode.New(errcode.ImageFormatUnsupported, "format %q is not supported: use qcow2 or raw", c.Format)
+	}
+	if c.Pool == "" {
+		p, err := h.cache.DefaultPool()
+		if err != nil {
+			return err
+		}
+		c.Pool = p
+	}
+	if _, err := h.cache.PoolDir(c.Pool); err != nil {
+		return err
+	}
+	if c.Node != "" && c.Node != h.cfg.NodeName {
+		return errcode.New(errcode.PoolNotOnNode, "pool %q is not on node %q (this node is %q)", c.Pool, c.Node, h.cfg.NodeName)
+	}
+	if c.Network != "" {
+		if _, ok := h.cfg.Networks[c.Network]; !ok {
+			return errcode.New(errcode.NetworkNotFound, "network %q not found", c.Network)
+		}
+		return errcode.New(errcode.NetworkUnavailable, "network %q: bridged NICs are not available on this agent yet", c.Network)
+	}
+	if !c.NoCloudInit {
+		s := seedOf(c, "00000000-0000-4000-8000-000000000000")
+		if err := s.Validate(cloudinit.Limits{MaxUserData: h.cfg.Limits.MaxUserDataBytes}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func seedOf(c *api.CreateVM, id string) cloudinit.Seed {
+	s := cloudinit.Seed{InstanceID: id, Hostname: c.Name}
+	if c.UserData != "" {
+		s.UserData = []byte(c.UserData)
+	}
+	if c.NetworkConfig != "" {
+		s.NetworkConfig = []byte(c.NetworkConfig)
+	}
+	return s
+}
+
+// undo is a stack of cleanups run unless the work succeeds.
+type undo struct {
+	fns []func()
+	ok  bool
+}
+
+func (u *undo) add(fn func()) { u.fns = append(u.fns, fn) }
+func (u *undo) success()      { u.ok = true }
+func (u *undo) run() {
+	if u.ok {
+		return
+	}
+	for i := len(u.fns) - 1; i >= 0; i-- {
+		u.fns[i]()
+	}
+}
+
+// Create materializes the image in the pool's cache, makes the VM's
+// copy-on-write root disk and seed ISO, defines the VM and starts it.
+// Anything it made is removed if a later step fails.
+func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.TaskRef, progress func(api.Progress)) (api.VM, error) {
+	if err := h.ValidateCreate(&c); err != nil {
+		return api.VM{}, err
+	}
+	if !vm.IsUUID(id) {
+		return api.VM{}, errcode.New(errcode.ValidationFailed, "vm uuid %q is not a UUID", id)
+	}
+	id = strings.ToLower(id)
+	if _, err := h.engine.Get(c.Name); err == nil {
+		return api.VM{}, errcode.New(errcode.Conflict, "vm %q already exists", c.Name)
+	}
+	h.mu.Lock()
+	if h.pending[c.Name] != nil {
+		h.mu.Unlock()
+		return api.VM{}, errcode.New(errcode.Conflict, "vm %q is being created", c.Name)
+	}
+	pv := &api.VM{Name: c.Name, UUID: id, Status: api.StatusCreating, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
+		Pool: c.Pool, Node: h.cfg.NodeName, ImageURL: c.ImageURL, ImageSHA256: c.ImageSHA256, DiskGiB: c.DiskGiB,
+		CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task}
+	h.pending[c.Name] = pv
+	h.mu.Unlock()
+	defer func() {
+		h.mu.Lock()
+		delete(h.pending, c.Name)
+		h.mu.Unlock()
+	}()
+
+	select {
+	case h.creates <- struct{}{}:
+	case <-ctx.Done():
+		return api.VM{}, errcode.Wrap(errcode.Cancelled, ctx.Err(), "waiting for a create slot")
+	}
+	defer func() { <-h.creates }()
+
+	log := h.log.With(zap.String("vm", c.Name), zap.String("vm_uuid", id), zap.String("pool", c.Pool))
+	var u undo
+	defer u.run()
+
+	entry, err := h.cache.Ensure(ctx, c.Pool, imagecache.Request{URL: c.ImageURL, SHA256: c.ImageSHA256, Format: c.Format},
+		func(done, total int64) {
+			if progress != nil {
+				progress(api.Progress{Phase: "download", Done: done, Total: total})
+			}
+		})
+	if err != nil {
+		return api.VM{}, err
+	}
+	log.Info("image ready", zap.String("image_sha256", entry.Digest), zap.String("format", entry.Format))
+	if progress != nil {
+		progress(api.Progress{Phase: "prepare", Done: entry.Size, Total: entry.Size})
+	}
+
+	dir, err := h.vmDir(c.Pool, id)
+	if err != nil {
+		return api.VM{}, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return api.VM{}, errcode.Wrap(errcode.Internal, err, "vm dir")
+	}
+	u.add(func() { os.RemoveAll(dir) })
+	root := filepath.Join(dir, "root.qcow2")
+	if err := h.cache.CreateOverlay(ctx, c.Pool, entry.Digest, root, c.DiskGiB, id); err != nil {
+		return api.VM{}, err
+	}
+	u.add(func() { h.cache.Unpin(c.Pool, entry.Digest, id) })
+
+	spec := vm.Spec{
+		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
+		Disks:      []vm.Disk{{Path: root, Format: "qcow2"}},
+		OwnedPaths: []string{dir},
+	}
+	if !c.NoCloudInit {
+		seed := filepath.Join(dir, "seed.iso")
+		if err := cloudinit.WriteISO(seed, seedOf(&c, id)); err != nil {
+			return api.VM{}, errcode.Wrap(errcode.Internal, err, "write seed iso")
+		}
+		spec.CDROMs = []vm.CDROM{{Path: seed}}
+	}
+	diskGiB := c.DiskGiB
+	if diskGiB == 0 {
+		diskGiB = int((entry.VirtualSize + (1<<30 - 1)) >> 30)
+	}
+	m := meta{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
+		Network: c.Network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task}
+	mb, _ := json.Marshal(m)
+	if _, err := h.engine.Define(ctx, spec, mb); err != nil {
+		return api.VM{}, err
+	}
+	u.add(func() { h.engine.Delete(context.Background(), c.Name) })
+	if progress != nil {
+		progress(api.Progress{Phase: "boot", Done: 0, Total: -1})
+	}
+	v, err := h.engine.Start(ctx, c.Name)
+	if err != nil {
+		return api.VM{}, err
+	}
+	u.success()
+	log.Info("vm created", zap.Int("qemu_pid", v.PID))
+	return h.toAPI(v), nil
+}
+
+// Delete removes a VM and every file of it and unpins its image.
+func (h *Host) Delete(ctx context.Context, name string) error {
+	v, err := h.engine.Get(name)
+	if err != nil {
+		return err
+	}
+	m := metaOf(v)
+	if err := h.engine.Delete(ctx, name); err != nil {
+		return err
+	}
+	if m.ImageSHA256 != "" {
+		if err := h.cache.Unpin(m.Pool, m.ImageSHA256, v.Spec.UUID); err != nil {
+			h.log.Warn("unpin image", zap.String("vm", name), zap.Error(err))
+		}
+	}
+	return nil
+}
+
+// updateMeta changes a VM's host metadata.
+func (h *Host) updateMeta(name string, fn func(*meta)) {
+	v, err := h.engine.Get(name)
+	if err != nil {
+		return
+	}
+	m := metaOf(v)
+	fn(&m)
+	b, _ := json.Marshal(m)
+	if err := h.engine.SetMeta(name, b); err != nil {
+		h.log.Warn("persist vm meta", zap.String("vm", name), zap.Error(err))
+	}
+}

@@ -1,0 +1,274 @@
+// Package agent is the daemon's brain: it wires the VM engine, the image
+// cache and the seed builder into a Host that executes control-plane tasks
+// and reports this node's inventory.
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/config"
+	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/imagecache"
+)
+
+// Version is the agent's version, set by cmd from build info.
+var Version = "dev"
+
+// Host runs tasks against this node.
+type Host struct {
+	cfg    *config.Config
+	log    *zap.Logger
+	engine *vm.Engine
+	cache  *imagecache.Cache
+
+	creates chan struct{} // create concurrency limit
+
+	mu      sync.Mutex
+	pending map[string]*api.VM // VMs being created (before the engine knows them), by name
+
+	qemuVersion string
+	onChange    func(api.VM)
+}
+
+// Options are the parts of a Host that tests and cmd inject.
+type Options struct {
+	Logger   *zap.Logger
+	Placer   vm.Placer
+	Env      []string
+	OnChange func(api.VM) // VM view changes (status, pid)
+	// Engine tuning (zero = defaults).
+	PowerdownInterval time.Duration
+}
+
+// meta is what the host keeps with each VM in the engine's state.
+type meta struct {
+	ImageURL     string       `json:"image_url"`
+	ImageSHA256  string       `json:"image_sha256"`
+	ImageFormat  string       `json:"image_format"`
+	Pool         string       `json:"pool"`
+	DiskGiB      int          `json:"disk_gib"`
+	Network      string       `json:"network,omitempty"`
+	CloudInit    bool         `json:"cloud_init"`
+	DesiredPhase string       `json:"desired_phase"`
+	LastTask     *api.TaskRef `json:"last_task,omitempty"`
+}
+
+// NewHost opens the image cache and the VM engine and re-adopts VMs.
+func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) {
+	log := o.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	h := &Host{cfg: cfg, log: log, pending: map[string]*api.VM{}, onChange: o.OnChange}
+	h.creates = make(chan struct{}, cfg.Limits.ConcurrentCreates)
+
+	var pools []imagecache.PoolConfig
+	for name, p := range cfg.Pools {
+		pools = append(pools, imagecache.PoolConfig{Name: name, Dir: p.Path, Default: name == cfg.DefaultPool})
+	}
+	cache, err := imagecache.Open(pools, imagecache.Options{
+		MaxConcurrentDownloads: cfg.Limits.ConcurrentDownloads,
+		MaxImageBytes:          cfg.Limits.MaxImageBytes,
+		MaxCacheBytes:          cfg.Limits.CacheMaxBytes,
+		MinFreeBytes:           cfg.Limits.MinFreeBytes,
+		AllowFileURLs:          cfg.Images.AllowFileURLs,
+		Logger:                 log.Named("imagecache"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	h.cache = cache
+	accel := cfg.QEMU.Accel
+	if accel == "auto" {
+		accel = ""
+	}
+	eng, err := vm.New(vm.Config{
+		StateDir:          cfg.DataDir,
+		RunDir:            cfg.RunDir,
+		Binaries:          map[string]string{vm.ArchAMD64: cfg.QEMU.X86_64, vm.ArchARM64: cfg.QEMU.AArch64},
+		Accel:             accel,
+		StopTimeout:       cfg.QEMU.StopTimeout,
+		PowerdownInterval: o.PowerdownInterval,
+		Env:               o.Env,
+		Placer:            o.Placer,
+		Logger:            log.Named("vm"),
+		OnChange: func(v vm.View) {
+			if h.onChange != nil {
+				h.onChange(h.toAPI(v))
+			}
+		},
+	})
+	if err != nil {
+		cache.Close()
+		return nil, err
+	}
+	h.engine = eng
+	if err := eng.Recover(ctx); err != nil {
+		cache.Close()
+		return nil, err
+	}
+	h.qemuVersion = qemuVersion(cfg.QEMU.X86_64)
+	log.Info("host ready", zap.String("accel", eng.Accel()), zap.String("placement", eng.Placement()), zap.Int("vms", len(eng.List())))
+	return h, nil
+}
+
+// Close detaches from VMs (they keep running) and closes the cache.
+func (h *Host) Close() {
+	h.engine.Close()
+	h.cache.Close()
+}
+
+// Engine exposes the VM engine (for the API's console endpoint and tests).
+func (h *Host) Engine() *vm.Engine { return h.engine }
+
+// Cache exposes the image cache.
+func (h *Host) Cache() *imagecache.Cache { return h.cache }
+
+func qemuVersion(bin string) string {
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		return ""
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	return strings.TrimSpace(strings.TrimPrefix(line, "QEMU emulator version "))
+}
+
+func metaOf(v vm.View) meta {
+	var m meta
+	if len(v.Meta) > 0 {
+		_ = json.Unmarshal(v.Meta, &m)
+	}
+	return m
+}
+
+func (h *Host) toAPI(v vm.View) api.VM {
+	m := metaOf(v)
+	return api.VM{
+		Name:         v.Spec.Name,
+		UUID:         v.Spec.UUID,
+		Status:       v.Status,
+		StatusReason: v.Reason,
+		DesiredPhase: m.DesiredPhase,
+		Arch:         v.Spec.Arch,
+		VCPUs:        v.Spec.VCPUs,
+		MemoryMB:     v.Spec.MemoryMB,
+		Pool:         m.Pool,
+		Node:         h.cfg.NodeName,
+		Network:      m.Network,
+		ImageURL:     m.ImageURL,
+		ImageSHA256:  m.ImageSHA256,
+		DiskGiB:      m.DiskGiB,
+		QEMUPID:      v.PID,
+		CloudInit:    m.CloudInit,
+		CreatedAt:    v.CreatedAt,
+		LastTask:     m.LastTask,
+	}
+}
+
+// VMs reports every VM on this host, including ones being created.
+func (h *Host) VMs(ctx context.Context) []api.VM {
+	var out []api.VM
+	seen := map[string]bool{}
+	for _, v := range h.engine.List() {
+		out = append(out, h.toAPI(v))
+		seen[v.Spec.Name] = true
+	}
+	h.mu.Lock()
+	for name, p := range h.pending {
+		if !seen[name] {
+			out = append(out, *p)
+		}
+	}
+	h.mu.Unlock()
+	return out
+}
+
+// VM returns one VM's view.
+func (h *Host) VM(name string) (api.VM, error) {
+	v, err := h.engine.Get(name)
+	if err == nil {
+		return h.toAPI(v), nil
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if p := h.pending[name]; p != nil {
+		return *p, nil
+	}
+	return api.VM{}, err
+}
+
+// Node reports this host for registration.
+func (h *Host) Node(ctx context.Context) protocol.NodeInfo {
+	n := protocol.NodeInfo{
+		Name:         h.cfg.NodeName,
+		AgentVersion: Version,
+		QEMUVersion:  h.qemuVersion,
+		Arch:         runtime.GOARCH,
+		KVM:          h.engine.Accel() == "kvm",
+		CPUs:         runtime.NumCPU(),
+		MemoryMB:     memTotalMB(),
+		Arches:       h.Arches(),
+		Firmwares:    []string{"bios"},
+	}
+	for _, s := range h.cache.Stats() {
+		n.Pools = append(n.Pools, protocol.PoolInfo{Name: s.Name, TotalBytes: s.TotalBytes, FreeBytes: s.FreeBytes})
+	}
+	for name, nw := range h.cfg.Networks {
+		n.Networks = append(n.Networks, protocol.NetworkInfo{Name: name, Bridge: nw.Bridge, Type: nw.Type})
+	}
+	return n
+}
+
+// Arches lists the guest arches whose QEMU binary is installed.
+func (h *Host) Arches() []string {
+	var out []string
+	for _, a := range []string{vm.ArchAMD64, vm.ArchARM64} {
+		if _, err := exec.LookPath(h.engine.Binary(a)); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func memTotalMB() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
+			var kb int64
+			for _, c := range f[1] {
+				kb = kb*10 + int64(c-'0')
+			}
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+// vmDir is where a VM's disk and seed live in its pool.
+func (h *Host) vmDir(pool, uuid string) (string, error) {
+	dir, err := h.cache.PoolDir(pool)
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(dir, "vms", uuid)
+	if !strings.HasPrefix(p, filepath.Clean(dir)+string(os.PathSeparator)) {
+		return "", errcode.New(errcode.ValidationFailed, "vm dir escapes pool %q", pool)
+	}
+	return p, nil
+}
