@@ -1,0 +1,238 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/otherix/otherix-agent/agent"
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/config"
+	"github.com/otherix/otherix-agent/agent/journal"
+	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/runner"
+	"github.com/otherix/otherix-agent/agent/standalone"
+	"github.com/otherix/otherix-agent/systemd"
+)
+
+func newLogger(cfg *config.Config, stderr io.Writer) (*zap.Logger, zap.AtomicLevel) {
+	lvl := zap.NewAtomicLevel()
+	_ = lvl.UnmarshalText([]byte(cfg.Log.Level))
+	encCfg := zap.NewProductionEncoderConfig()
+	encCfg.TimeKey = "ts"
+	encCfg.EncodeTime = zapcore.ISO8601TimeEncoder
+	format := cfg.Log.Format
+	if format == "auto" {
+		format = "json"
+		if f, ok := stderr.(*os.File); ok {
+			if fi, err := f.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+				format = "console"
+			}
+		}
+	}
+	var enc zapcore.Encoder
+	if format == "console" {
+		encCfg.EncodeLevel = zapcore.CapitalLevelEncoder
+		enc = zapcore.NewConsoleEncoder(encCfg)
+	} else {
+		enc = zapcore.NewJSONEncoder(encCfg)
+	}
+	core := zapcore.NewCore(enc, zapcore.AddSync(stderr), lvl)
+	return zap.New(core), lvl
+}
+
+func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr io.Writer) error {
+	log, _ := newLogger(cfg, stderr)
+	defer log.Sync()
+	log.Info("otherix-agent starting", zap.String("version", versionString()), zap.Bool("standalone", o.standalone),
+		zap.String("data_dir", cfg.DataDir), zap.String("node", cfg.NodeName))
+	agent.Version = versionString()
+
+	notifier := systemd.NewNotifier(log.Named("systemd"))
+	for _, d := range []string{cfg.DataDir, cfg.RunDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
+	}
+	placer := systemd.DetectPlacer(ctx, log.Named("systemd"))
+	var vms sync.Map // uuid -> status, for STATUS= lines
+	host, err := agent.NewHost(ctx, cfg, agent.Options{
+		Logger: log,
+		Placer: agent.ScopePlacer{P: placer},
+		Env:    systemd.ChildEnv(),
+		OnChange: func(v api.VM) {
+			vms.Store(v.UUID, v.Status)
+		},
+	})
+	if err != nil {
+		return err
+	}
+	defer host.Close() // VMs keep running
+
+	client, token, srv, err := controlPlane(ctx, cfg, o, host, log)
+	if err != nil {
+		return err
+	}
+	j, err := journal.Open(filepath.Join(cfg.DataDir, "journal"), journal.Options{Logger: log.Named("journal")})
+	if err != nil {
+		return err
+	}
+	defer j.Close()
+	_ = token
+	r := runner.New(client, j, host, host, runner.Config{
+		NodeName:          cfg.NodeName,
+		CreateConcurrency: cfg.Limits.ConcurrentCreates,
+		Logger:            log.Named("runner"),
+		InitialStagger:    stagger(o.standalone),
+	})
+
+	runErr := make(chan error, 1)
+	go func() { runErr <- r.Run(ctx) }()
+
+	status := func() string {
+		running, total := 0, 0
+		for _, v := range host.VMs(ctx) {
+			total++
+			if v.Status == api.StatusRunning {
+				running++
+			}
+		}
+		return systemd.StatusInfo{VMsRunning: running, VMsTotal: total, ControlPlane: r.Connected()}.String()
+	}
+	notifier.Ready(status())
+	log.Info("ready", zap.String("placement", host.Engine().Placement()))
+	go notifier.RunWatchdog(ctx, r.Healthy)
+	go func() {
+		t := time.NewTicker(10 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				notifier.Status(status())
+			}
+		}
+	}()
+
+	err = <-runErr
+	notifier.Stopping()
+	log.Info("shutting down: VMs keep running")
+	if srv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		srv.Shutdown(sctx)
+		cancel()
+	}
+	if err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
+
+func stagger(standalone bool) time.Duration {
+	if standalone {
+		return 0 // one node, nothing to stampede
+	}
+	return 0 // runner default
+}
+
+// controlPlane returns the protocol client: to the configured control
+// plane, or in standalone mode to an in-process one served over loopback
+// together with the /v1 API.
+func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host *agent.Host, log *zap.Logger) (*protocol.Client, string, *http.Server, error) {
+	if !o.standalone {
+		if cfg.ControlPlane.URL == "" {
+			return nil, "", nil, errors.New("no control plane configured: set control_plane.url in the config, or run with --standalone")
+		}
+		c, err := protocol.NewClient(protocol.ClientConfig{
+			BaseURL: cfg.ControlPlane.URL, Node: cfg.NodeName, AgentVersion: agent.Version,
+			TokenFile: cfg.ControlPlane.TokenFile, CAFile: cfg.ControlPlane.CAFile,
+			CertFile: cfg.ControlPlane.CertFile, KeyFile: cfg.ControlPlane.KeyFile,
+		})
+		return c, "", nil, err
+	}
+	os.Remove(filepath.Join(cfg.DataDir, "standalone.addr"))
+	tokenPath := filepath.Join(cfg.DataDir, "standalone.token")
+	token, err := ensureToken(tokenPath)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	cp, err := standalone.NewControlPlane(filepath.Join(cfg.DataDir, "standalone.json"), token, log.Named("controlplane"))
+	if err != nil {
+		return nil, "", nil, err
+	}
+	apiH := standalone.NewAPI(host, cp, log.Named("api"))
+	mux := http.NewServeMux()
+	mux.Handle("/v1/agent/", cp)
+	mux.Handle("/", apiH.Handler())
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		IdleTimeout:       2 * time.Minute,
+	}
+	ln, err := net.Listen("tcp", cfg.Listen.API)
+	if err != nil {
+		return nil, "", nil, fmt.Errorf("listen %s: %w", cfg.Listen.API, err)
+	}
+	go srv.Serve(ln)
+	if cfg.Listen.Socket != "" {
+		os.Remove(cfg.Listen.Socket)
+		if err := os.MkdirAll(filepath.Dir(cfg.Listen.Socket), 0o755); err == nil {
+			if uln, err := net.Listen("unix", cfg.Listen.Socket); err == nil {
+				os.Chmod(cfg.Listen.Socket, 0o660)
+				go srv.Serve(uln)
+			} else {
+				log.Warn("unix socket", zap.Error(err))
+			}
+		}
+	}
+	addr := ln.Addr().String()
+	// Scripts and tests listening on port 0 find the address here.
+	if err := os.WriteFile(filepath.Join(cfg.DataDir, "standalone.addr"), []byte(addr+"\n"), 0o644); err != nil {
+		srv.Close()
+		return nil, "", nil, err
+	}
+	log.Info("standalone API listening", zap.String("addr", "http://"+addr), zap.String("socket", cfg.Listen.Socket))
+	c, err := protocol.NewClient(protocol.ClientConfig{
+		BaseURL: "http://" + addr, Node: cfg.NodeName, AgentVersion: agent.Version, TokenFile: tokenPath,
+		AllowInsecureHTTP: true,
+	})
+	if err != nil {
+		srv.Close()
+		return nil, "", nil, err
+	}
+	return c, token, srv, nil
+}
+
+// ensureToken returns the standalone control plane's token, creating a
+// random one (0600) on first start.
+func ensureToken(path string) (string, error) {
+	if b, err := os.ReadFile(path); err == nil {
+		if t := strings.TrimSpace(string(b)); t != "" {
+			return t, nil
+		}
+	}
+	var buf [32]byte
+	if _, err := rand.Read(buf[:]); err != nil {
+		return "", err
+	}
+	t := hex.EncodeToString(buf[:])
+	if err := os.WriteFile(path, []byte(t+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	return t, os.Chmod(path, 0o600)
+}
