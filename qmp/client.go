@@ -418,8 +418,9 @@ func (c *Client) closedErr(cmd string) error {
 func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Err tells why the connection is gone: nil while it is open, ErrClosed
-// after Close, else an error wrapping ErrClosed and the cause (io.EOF when
-// QEMU closed the socket).
+// after Close, else an error wrapping ErrClosed and the cause: io.EOF when
+// QEMU closed the socket, syscall.ECONNRESET when it closed it with input
+// unread (as QEMU 7.2 does after quit), another error when reading failed.
 func (c *Client) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
