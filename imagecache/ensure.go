@@ -111,11 +111,11 @@ type flight struct {
 	entry Entry
 	err   error
 
-	pmu         sync.Mutex
-	subs        map[int]Progress
-	nextID      int
+	pmu                 sync.Mutex
+	subs                map[int]Progress
+	nextID              int
 	lastDone, lastTotal int64
-	reported    bool
+	reported            bool
 }
 
 // startFlight starts the download of r; c.mu held.

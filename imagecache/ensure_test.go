@@ -221,7 +221,6 @@ func TestEnsureStartsOverWhenValidatorChanges(t *testing.T) {
 	}
 }
 
-
 func TestEnsureRedirects(t *testing.T) {
 	c, _ := newCache(t, testOptions(t))
 	s := newImageServer(t)

@@ -104,9 +104,9 @@ func parseImageInfo(b []byte) (imageInfo, error) {
 	}
 	if fs := raw.FormatSpecific; fs != nil && fs.Type == "qcow2" && len(fs.Data) > 0 && string(fs.Data) != "null" {
 		var q struct {
-			DataFile  *string `json:"data-file"`
-			Corrupt   *bool   `json:"corrupt"`
-			Encrypt   *json.RawMessage `json:"encrypt"`
+			DataFile *string          `json:"data-file"`
+			Corrupt  *bool            `json:"corrupt"`
+			Encrypt  *json.RawMessage `json:"encrypt"`
 		}
 		if err := json.Unmarshal(fs.Data, &q); err != nil {
 			return zero, fmt.Errorf("parse qemu-img info format-specific data: %w", err)
