@@ -1,0 +1,135 @@
+package runner
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"sort"
+
+	"go.uber.org/zap"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/protocol"
+)
+
+// heartbeatLoop heartbeats at once (the first answer reconciles at
+// start), then every interval (the control plane may change it), or
+// after a failure with backoff clamped to the interval unless the control
+// plane asked for a longer Retry-After, until ctx ends.
+func (r *Runner) heartbeatLoop(ctx context.Context) {
+	b := r.newBackoff()
+	for {
+		err := r.heartbeat(ctx)
+		r.compact()
+		r.mu.Lock()
+		wait := r.interval
+		r.mu.Unlock()
+		if err != nil {
+			w := b.next(err)
+			if protocol.RetryAfter(err) == 0 {
+				w = min(w, wait)
+			}
+			wait = w
+		} else {
+			b.reset()
+		}
+		if sleep(ctx, r.clock, wait) != nil {
+			return
+		}
+	}
+}
+
+// heartbeat sends one heartbeat and reconciles on its answer.
+func (r *Runner) heartbeat(ctx context.Context) error {
+	vms, node, err := r.heartbeatOnce(ctx)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	desired := r.desired
+	r.lastNode = node
+	r.mu.Unlock()
+	r.reconcile(desired, vms)
+	return nil
+}
+
+// heartbeatOnce sends one heartbeat and records its answer.
+func (r *Runner) heartbeatOnce(ctx context.Context) ([]api.VM, []byte, error) {
+	r.touch()
+	vms := r.inv.VMs(ctx)
+	node := r.inv.Node(ctx)
+	nodeJSON, _ := json.Marshal(node)
+
+	r.mu.Lock()
+	r.hbSeq++
+	req := protocol.HeartbeatRequest{Seq: r.hbSeq, State: protocol.NodeReady}
+	if r.draining {
+		req.State = protocol.NodeDraining
+	}
+	if !bytes.Equal(nodeJSON, r.lastNode) {
+		req.NodeInfo = &node
+	}
+	for id := range r.tasks {
+		req.InFlight = append(req.InFlight, id)
+	}
+	desired := r.desired
+	r.mu.Unlock()
+	sort.Strings(req.InFlight)
+	req.VMs = make([]protocol.VMStatus, len(vms))
+	for i, vm := range vms {
+		req.VMs[i] = protocol.StatusOf(vm)
+	}
+	req.Orphans = orphanUUIDs(desired, vms)
+
+	resp, err := r.client.Heartbeat(ctx, req)
+	if err != nil {
+		if ctx.Err() == nil {
+			r.requestFailed("heartbeat", err)
+		}
+		return nil, nil, err
+	}
+	now := r.clock.Now()
+	r.mu.Lock()
+	r.lastHB = now
+	r.connected = true
+	if resp.Desired != nil {
+		r.desired = resp.Desired
+	}
+	r.mu.Unlock()
+	r.setInterval(resp.IntervalSeconds)
+	return vms, nodeJSON, nil
+}
+
+// reconcile starts the VMs that should run and do not, with a per-VM
+// backoff, and logs what it leaves alone. It never stops or deletes.
+func (r *Runner) reconcile(desired map[string]string, vms []api.VM) {
+	if desired == nil {
+		return // the control plane has no opinion
+	}
+	r.mu.Lock()
+	if r.draining {
+		r.mu.Unlock()
+		return
+	}
+	r.mu.Unlock()
+	d := diffVMs(desired, vms, func(vm api.VM) bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		_, busy := r.queues[vmKey(vm.UUID, vm.Name)]
+		return busy
+	})
+	start, held := r.recon.plan(r.clock.Now(), desired, d)
+	for _, vm := range d.orphans {
+		r.log.Debug("orphan VM: unknown to the control plane; reported, left alone", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
+	}
+	for _, vm := range d.drift {
+		r.log.Debug("VM runs but is desired stopped; reported, left alone", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
+	}
+	for _, vm := range held {
+		r.log.Debug("VM desired running; restart held back by backoff", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
+	}
+	for _, vm := range start {
+		r.log.Info("VM desired running is "+vm.Status+"; starting it", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
+		r.enqueue(r.reconcileTask(vm))
+	}
+}
