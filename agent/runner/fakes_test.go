@@ -149,7 +149,7 @@ func (c *fakeClock) advance(d time.Duration) {
 // call is one Execute call.
 type call struct {
 	task       protocol.Task
-	start, end int // event sequence numbers; end 0 while running
+	start, end int   // event sequence numbers; end 0 while running
 	ctxErr     error // the ctx's error when Execute returned
 	cause      error // and its cause
 }

@@ -94,4 +94,3 @@ func TestRestartBackoff(t *testing.T) {
 		t.Errorf("state kept for a VM desired stopped: %v", rc.state)
 	}
 }
-

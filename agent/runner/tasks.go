@@ -31,7 +31,7 @@ type execution struct {
 	task     protocol.Task // latest delivery: lease id and attempt follow redeliveries
 	attached bool          // delivered again: confirm the lease at once
 	started  bool
-	skipped bool // finished before it started (cancelled while queued)
+	skipped  bool // finished before it started (cancelled while queued)
 
 	pmu      sync.Mutex
 	progress *api.Progress // latest, not yet reported
