@@ -5,7 +5,7 @@ set -euo pipefail
 want=(qemu-system-x86 qemu-utils ovmf mtools dosfstools syslinux syslinux-common
       genisoimage cpio xz-utils curl ca-certificates)
 if [ "${1:-}" = "--test" ]; then
-  want+=(systemd systemd-container debootstrap iproute2 dnsmasq-base util-linux)
+  want+=(systemd systemd-container debootstrap iproute2 dnsmasq-base util-linux libarchive-tools)
 fi
 missing=()
 for p in "${want[@]}"; do

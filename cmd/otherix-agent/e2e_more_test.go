@@ -1,0 +1,127 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/otherix/otherix-agent/agent/api"
+)
+
+func matchRE(re, s string) (bool, error) { return regexp.MatchString(re, s) }
+
+// TestCLIErrors: every error code of the API surface, through the CLI.
+func TestCLIErrors(t *testing.T) {
+	t.Parallel()
+	a := startAgent(t, "")
+	img := a.image
+	a.fails(1, "validation_failed", "vm", "create", "0f8fad5b-d9cb-469f-a165-70867728950e", "--image-url", img, "--arch", "amd64")
+	a.fails(1, "validation_failed", "vm", "get", "0f8fad5b-d9cb-469f-a165-70867728950e")
+	a.fails(1, "pool_not_on_node", "vm", "create", "x1", "--image-url", img, "--arch", "amd64", "--node", "elsewhere")
+	a.fails(1, "pool_not_found", "vm", "create", "x1", "--image-url", img, "--arch", "amd64", "--pool", "nope")
+	a.fails(1, "network_not_found", "vm", "create", "x1", "--image-url", img, "--arch", "amd64", "--network", "nope")
+	a.fails(1, "not_found", "vm", "start", "ghost")
+	a.fails(1, "not_found", "vm", "get", "ghost")
+	a.fails(1, "validation_failed", "vm", "create", "x1", "--image-url", img, "--arch", "amd64", "--vcpus", "129")
+	a.fails(1, "validation_failed", "vm", "create", "x1", "--image-url", img, "--arch", "amd64", "--memory-mb", "64")
+	a.fails(1, "validation_failed", "vm", "create", "bad_name", "--image-url", img, "--arch", "amd64")
+	// Flags that exclude each other are refused by the CLI and by the API.
+	a.fails(1, "no-cloud-init", "vm", "create", "x1", "--image-url", img, "--arch", "amd64", "--no-cloud-init", "--user-data", "-")
+	a.fails(1, "firmware", "vm", "create", "x1", "--image-url", img, "--arch", "amd64", "--firmware", "bios", "--firmware-id", "0f8fad5b-d9cb-469f-a165-70867728950e")
+	for _, body := range []string{
+		`{"name":"x1","image_url":"` + img + `","arch":"amd64","no_cloud_init":true,"user_data":"#cloud-config\n{}"}`,
+		`{"name":"x1","image_url":"` + img + `","arch":"amd64","firmware":"bios","firmware_id":"0f8fad5b-d9cb-469f-a165-70867728950e"}`,
+		`{"name":"x1","image_url":"` + img + `","arch":"amd64","bogus":1}`,
+		`{"name":"x1","image_url":"` + img + `","arch":"amd64","user_data":"not cloud config"}`,
+	} {
+		code, env := postRaw(t, a.url+"/v1/vms", body)
+		if code != 400 || env.Error.Code != "validation_failed" {
+			t.Errorf("POST %s: %d %+v", body, code, env)
+		}
+	}
+	// A task that fails: --wait prints "task <id> failed: <code>: <message>" and exits 1.
+	r := a.fails(1, "failed: image_checksum_mismatch:", "vm", "create", "x2", "--image-url", img, "--arch", "amd64",
+		"--image-sha256", strings.Repeat("0", 64), "--wait")
+	if !regexp.MustCompile(`task [0-9a-f-]{36} failed: image_checksum_mismatch: `).MatchString(r.stderr) {
+		t.Errorf("failed task line: %q", r.stderr)
+	}
+	a.fails(1, "failed: image_download_failed:", "vm", "create", "x3", "--image-url", img+".missing", "--arch", "amd64", "--wait")
+	a.fails(1, "not_found", "vm", "get", "x2")
+}
+
+// TestNoDefaultPool: with no default pool, a create naming none is refused.
+func TestNoDefaultPool(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	a := startAgent(t, "pools:\n  p1: {path: "+dir+"}\ndefault_pool: \"\"\n")
+	a.fails(1, "default_pool_not_set", "vm", "create", "x1", "--image-url", a.image, "--arch", "amd64")
+}
+
+// TestManifestPaginationRestart: vm get -o yaml round-trips through
+// create -f; list paginates; a SIGKILLed agent comes back, re-adopts the
+// running VMs with the same PIDs and keeps its tasks.
+func TestManifestPaginationRestart(t *testing.T) {
+	t.Parallel()
+	a := startAgent(t, "")
+	a.ok("vm", "create", "m-1", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--wait")
+	manifest := a.ok("vm", "get", "m-1", "-o", "yaml").stdout
+	if strings.Contains(manifest, "status") || !strings.Contains(manifest, "name: m-1") {
+		t.Fatalf("manifest:\n%s", manifest)
+	}
+	path := filepath.Join(t.TempDir(), "m2.yaml")
+	os.WriteFile(path, []byte(strings.Replace(manifest, "name: m-1", "name: m-2", 1)), 0o600)
+	r := a.ok("create", "-f", path, "--wait")
+	if !strings.Contains(r.stdout, "vm running task=") {
+		t.Fatalf("create -f: %q", r.stdout)
+	}
+	v1, v2 := a.getVM("m-1"), a.getVM("m-2")
+	if v1.ImageSHA256 != v2.ImageSHA256 || v1.VCPUs != v2.VCPUs || v1.MemoryMB != v2.MemoryMB || v1.DiskGiB != v2.DiskGiB || v1.CloudInit != v2.CloudInit {
+		t.Fatalf("round trip differs:\n%+v\n%+v", v1, v2)
+	}
+
+	// Pagination: one per page.
+	r = a.ok("vm", "list", "--limit", "1", "-o", "json")
+	var page struct {
+		VMs        []api.VM `json:"vms"`
+		NextCursor string   `json:"next_cursor"`
+	}
+	json.Unmarshal([]byte(r.stdout), &page)
+	if len(page.VMs) != 1 || page.VMs[0].Name != "m-1" {
+		t.Fatalf("page 1: %s", r.stdout)
+	}
+	r = a.ok("vm", "list", "--limit", "1", "--cursor", "m-1")
+	if !strings.Contains(r.stdout, "m-2") || strings.Contains(r.stdout, "m-1") {
+		t.Fatalf("page 2:\n%s", r.stdout)
+	}
+	r = a.ok("vm", "list", "--status", "stopped")
+	if strings.Contains(r.stdout, "m-1") {
+		t.Fatalf("status filter:\n%s", r.stdout)
+	}
+
+	// Crash the agent; VMs keep running and are re-adopted.
+	a.cmd.Process.Signal(syscall.SIGKILL)
+	a.cmd.Wait()
+	for _, v := range []api.VM{v1, v2} {
+		if err := syscall.Kill(v.QEMUPID, 0); err != nil {
+			t.Fatalf("qemu of %s died with the agent: %v", v.Name, err)
+		}
+	}
+	a.start()
+	for _, v := range []api.VM{v1, v2} {
+		got := a.getVM(v.Name)
+		if got.Status != "running" || got.QEMUPID != v.QEMUPID {
+			t.Fatalf("after restart %s: %+v, want pid %d", v.Name, got, v.QEMUPID)
+		}
+	}
+	// The tasks survived too.
+	code, _ := getRaw(t, a.url+"/v1/tasks/"+v1.LastTask.ID)
+	if code != 200 {
+		t.Fatalf("task %s lost across restart: %d", v1.LastTask.ID, code)
+	}
+	a.ok("vm", "delete", "m-1", "--force", "--wait")
+	a.ok("vm", "delete", "m-2", "--force", "--wait")
+}

@@ -1,0 +1,316 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/testguest"
+)
+
+// These tests run the real binaries: otherix-agent --standalone and the
+// otherix CLI, against the real test guest served over loopback.
+
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "otherix-bin")
+	if err != nil {
+		panic(err)
+	}
+	out, err := exec.Command("go", "build", "-o", dir+"/", "github.com/otherix/otherix-agent/cmd/otherix-agent", "github.com/otherix/otherix-agent/cmd/otherix").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type standaloneAgent struct {
+	t       *testing.T
+	dir     string // data dir
+	cfgPath string
+	cmd     *exec.Cmd
+	url     string
+	log     *bytes.Buffer
+	image   string // URL of the guest image
+}
+
+// startAgent writes a config and starts otherix-agent --standalone.
+func startAgent(t *testing.T, extraYAML string) *standaloneAgent {
+	t.Helper()
+	run, err := os.MkdirTemp("/tmp", "oxe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &standaloneAgent{t: t, dir: t.TempDir()}
+	t.Cleanup(func() { os.RemoveAll(run) })
+	a.cfgPath = filepath.Join(t.TempDir(), "agent.yaml")
+	cfg := fmt.Sprintf("node_name: node-1\ndata_dir: %s\nrun_dir: %s\nlisten:\n  api: 127.0.0.1:0\n  socket: \"\"\n  metrics: \"\"\nqemu:\n  stop_timeout: 30s\n%s", a.dir, run, extraYAML)
+	if err := os.WriteFile(a.cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(http.FileServer(http.Dir(testguest.Dir(t))))
+	t.Cleanup(srv.Close)
+	a.image = srv.URL + "/guest.qcow2"
+	a.start()
+	t.Cleanup(func() {
+		a.kill()
+		a.killVMs()
+	})
+	return a
+}
+
+func (a *standaloneAgent) start() {
+	a.t.Helper()
+	os.Remove(filepath.Join(a.dir, "standalone.addr"))
+	a.log = &bytes.Buffer{}
+	a.cmd = exec.Command(filepath.Join(binDir, "otherix-agent"), "--standalone", "--config", a.cfgPath)
+	a.cmd.Stderr = a.log
+	if err := a.cmd.Start(); err != nil {
+		a.t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		b, err := os.ReadFile(filepath.Join(a.dir, "standalone.addr"))
+		if err == nil && len(b) > 0 {
+			a.url = "http://" + strings.TrimSpace(string(b))
+			return
+		}
+		if time.Now().After(deadline) {
+			a.t.Fatalf("agent did not come up:\n%s", a.log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (a *standaloneAgent) kill() {
+	if a.cmd != nil && a.cmd.Process != nil {
+		a.cmd.Process.Kill()
+		a.cmd.Wait()
+	}
+}
+
+// killVMs ends every QEMU of this agent's data dir.
+func (a *standaloneAgent) killVMs() {
+	matches, _ := filepath.Glob(filepath.Join(a.dir, "vms", "*", "vm.json"))
+	for _, m := range matches {
+		var st struct {
+			PID int `json:"pid"`
+		}
+		b, _ := os.ReadFile(m)
+		json.Unmarshal(b, &st)
+		if st.PID > 0 {
+			syscall.Kill(st.PID, syscall.SIGKILL)
+		}
+	}
+}
+
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+// cli runs the otherix binary against the agent.
+func (a *standaloneAgent) cli(stdin string, args ...string) result {
+	a.t.Helper()
+	cmd := exec.Command(filepath.Join(binDir, "otherix"), args...)
+	cmd.Env = append(os.Environ(), "OTHERIX_URL="+a.url, "OTHERIX_POLL_INTERVAL=200ms")
+	cmd.Stdin = strings.NewReader(stdin)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		a.t.Fatal(err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+// ok runs the CLI and fails the test on a non-zero exit.
+func (a *standaloneAgent) ok(args ...string) result {
+	a.t.Helper()
+	r := a.cli("", args...)
+	if r.code != 0 {
+		a.t.Fatalf("otherix %s: exit %d\nstdout: %s\nstderr: %s\nagent log tail: %s", strings.Join(args, " "), r.code, r.stdout, r.stderr, tail(a.log.String(), 3000))
+	}
+	return r
+}
+
+// fails runs the CLI, wants exit code and stderr containing want.
+func (a *standaloneAgent) fails(code int, want string, args ...string) result {
+	a.t.Helper()
+	r := a.cli("", args...)
+	if r.code != code || !strings.Contains(r.stderr, want) {
+		a.t.Fatalf("otherix %s: exit %d, stderr %q; want exit %d and %q", strings.Join(args, " "), r.code, r.stderr, code, want)
+	}
+	return r
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+func (a *standaloneAgent) getVM(name string) api.VM {
+	a.t.Helper()
+	var v api.VM
+	if err := json.Unmarshal([]byte(a.ok("vm", "get", name, "-o", "json").stdout), &v); err != nil {
+		a.t.Fatal(err)
+	}
+	return v
+}
+
+func (a *standaloneAgent) console(name string) *testguest.Console {
+	v := a.getVM(name)
+	return testguest.OpenConsole(filepath.Join(a.dir, "vms", v.UUID, "console.log"))
+}
+
+func waitConsole(t *testing.T, c *testguest.Console, substr string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	line, err := c.WaitFor(ctx, substr)
+	if err != nil {
+		t.Fatalf("console: waiting for %q: %v\n%s", substr, err, c.Text())
+	}
+	return line
+}
+
+// TestCLILifecycle drives one VM through every command of seed 004 with
+// the CLI binary against the standalone agent.
+func TestCLILifecycle(t *testing.T) {
+	t.Parallel()
+	a := startAgent(t, "")
+	ud := filepath.Join(t.TempDir(), "user-data.yaml")
+	os.WriteFile(ud, []byte("#cloud-config\n#otherix-run: echo cli-e2e-$(hostname)\n"), 0o600)
+
+	r := a.ok("vm", "create", "web-1", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--user-data", ud, "--wait")
+	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
+	if len(lines) != 2 || !strings.HasPrefix(lines[0], "created task=") || !strings.HasSuffix(lines[0], " status=pending") || !strings.HasPrefix(lines[1], "vm running task=") {
+		t.Fatalf("create --wait stdout:\n%s", r.stdout)
+	}
+	if !strings.Contains(r.stderr, ".") {
+		t.Errorf("create --wait printed no dot on stderr: %q", r.stderr)
+	}
+	con := a.console("web-1")
+	waitConsole(t, con, "OTHERIX-GUEST cidata files=meta-data,user-data")
+	waitConsole(t, con, "cli-e2e-web-1")
+
+	// list, in every format
+	r = a.ok("vm", "list")
+	if !strings.Contains(r.stdout, "NAME") || !regexpLine(r.stdout, `^web-1\s+running\s+amd64\s+node-1\s+default\s+-$`) {
+		t.Fatalf("vm list:\n%s", r.stdout)
+	}
+	r = a.ok("vm", "list", "--show-ids")
+	v := a.getVM("web-1")
+	if !strings.Contains(r.stdout, v.UUID) {
+		t.Fatalf("vm list --show-ids has no uuid:\n%s", r.stdout)
+	}
+	r = a.ok("vm", "list", "-o", "json")
+	if !strings.Contains(r.stdout, `"name": "web-1"`) && !strings.Contains(r.stdout, `"name":"web-1"`) {
+		t.Fatalf("vm list -o json:\n%s", r.stdout)
+	}
+	r = a.ok("vm", "list", "-o", "yaml")
+	if !strings.Contains(r.stdout, "name: web-1") {
+		t.Fatalf("vm list -o yaml:\n%s", r.stdout)
+	}
+	r = a.ok("vm", "get", "web-1")
+	if !strings.Contains(r.stdout, "status: running") || !strings.Contains(r.stdout, fmt.Sprintf("qemu_pid: %d", v.QEMUPID)) {
+		t.Fatalf("vm get:\n%s", r.stdout)
+	}
+	if v.Status != "running" || v.VCPUs != 1 || v.MemoryMB != 256 || v.Pool != "default" || v.Node != "node-1" || v.ImageURL != a.image || len(v.ImageSHA256) != 64 || v.QEMUPID == 0 || v.LastTask == nil || v.CreatedAt.IsZero() {
+		t.Fatalf("vm view: %+v", v)
+	}
+
+	// sync ops: pause, pause again (409), resume, reset
+	r = a.ok("vm", "pause", "web-1")
+	if strings.TrimSpace(r.stdout) != "vm web-1 status=paused" {
+		t.Fatalf("pause: %q", r.stdout)
+	}
+	a.fails(1, "conflict", "vm", "pause", "web-1")
+	a.ok("vm", "resume", "web-1")
+	a.fails(1, "conflict", "vm", "resume", "web-1")
+	r = a.ok("vm", "reset", "web-1", "-o", "json")
+	var rv api.VM
+	json.Unmarshal([]byte(r.stdout), &rv)
+	if rv.QEMUPID != v.QEMUPID {
+		t.Fatalf("reset changed the pid: %d -> %d", v.QEMUPID, rv.QEMUPID)
+	}
+	waitConsole(t, con, "OTHERIX-GUEST booted")
+	waitConsole(t, con, "OTHERIX-GUEST ready")
+
+	// async ops without --wait print "<op> task=<id> status=<status>"
+	r = a.ok("vm", "stop", "web-1")
+	if !regexpLine(r.stdout, `^stop task=[0-9a-f-]{36} status=(pending|running)$`) {
+		t.Fatalf("stop without --wait: %q", r.stdout)
+	}
+	waitConsole(t, con, "OTHERIX-GUEST powering off")
+	r = a.ok("vm", "start", "web-1", "--wait")
+	if !strings.Contains(r.stdout, "vm running task=") {
+		t.Fatalf("start --wait: %q", r.stdout)
+	}
+	pid := a.getVM("web-1").QEMUPID
+	waitConsole(t, con, "OTHERIX-GUEST ready")
+	a.ok("vm", "reboot", "web-1", "--wait")
+	if np := a.getVM("web-1").QEMUPID; np == pid || np == 0 {
+		t.Fatalf("reboot kept pid %d (now %d)", pid, np)
+	}
+	waitConsole(t, con, "OTHERIX-GUEST ready")
+	r = a.ok("vm", "stop", "web-1", "--force", "--wait")
+	if !strings.Contains(r.stdout, "vm stopped task=") {
+		t.Fatalf("stop --force --wait: %q", r.stdout)
+	}
+	if v := a.getVM("web-1"); v.Status != "stopped" || v.StatusReason != "powered off" {
+		t.Fatalf("after stop --force: %+v", v)
+	}
+	// A stopped VM cannot be stopped again: the task fails with conflict.
+	a.fails(1, "failed: conflict:", "vm", "poweroff", "web-1", "--wait")
+
+	// console over the API
+	r = a.ok("vm", "console", "web-1")
+	if !strings.Contains(r.stdout, "OTHERIX-GUEST booted") {
+		t.Fatalf("vm console: %q", tail(r.stdout, 500))
+	}
+
+	// delete asks for confirmation and fails cleanly with no terminal
+	a.fails(1, "confirmation", "vm", "delete", "web-1")
+	r = a.ok("vm", "delete", "web-1", "--force", "--wait")
+	if !strings.Contains(r.stdout, "vm deleted task=") {
+		t.Fatalf("delete: %q", r.stdout)
+	}
+	if _, err := os.Stat(filepath.Join(a.dir, "vms", v.UUID)); !os.IsNotExist(err) {
+		t.Fatalf("vm state left after delete: %v", err)
+	}
+	if m, _ := filepath.Glob(filepath.Join(a.dir, "pools", "default", "vms", "*")); len(m) != 0 {
+		t.Fatalf("vm disks left after delete: %v", m)
+	}
+	a.fails(1, "not_found", "vm", "get", "web-1")
+}
+
+func regexpLine(text, re string) bool {
+	for _, l := range strings.Split(text, "\n") {
+		if ok, _ := matchRE(re, strings.TrimRight(l, " ")); ok {
+			return true
+		}
+	}
+	return false
+}
