@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -106,14 +107,20 @@ func DetectPlacer(ctx context.Context, log *zap.Logger) Placer {
 			zap.String("placement", KindProcessGroup), zap.String("reason", "systemd is not PID 1"))
 		return ProcessGroupPlacer{}
 	}
-	p, err := NewScopePlacer(ctx, log)
+	// Bound the probe: a wedged bus must not keep the agent from starting.
+	probe, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	p, err := NewScopePlacer(probe, log)
 	if err != nil {
 		log.Warn("vm placement: process groups; VMs stay in the agent's cgroup",
 			zap.String("placement", KindProcessGroup), zap.String("reason", "systemd D-Bus API unreachable"), zap.Error(err))
 		return ProcessGroupPlacer{}
 	}
+	p.mu.Lock()
+	via := p.via
+	p.mu.Unlock()
 	log.Info("vm placement: one transient systemd scope per VM",
-		zap.String("placement", KindScope), zap.String("slice", DefaultSlice))
+		zap.String("placement", KindScope), zap.String("slice", DefaultSlice), zap.String("via", via))
 	return p
 }
 

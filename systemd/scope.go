@@ -29,13 +29,16 @@ const (
 type ScopePlacer struct {
 	log *zap.Logger
 
-	mu   sync.Mutex
-	conn *sddbus.Conn
+	mu     sync.Mutex
+	conn   *sddbus.Conn
+	cancel context.CancelFunc // ends conn's context
+	via    string             // "private socket" or "system bus", for logs
 }
 
 var _ Placer = (*ScopePlacer)(nil)
 
-// NewScopePlacer connects to systemd and checks it answers.
+// NewScopePlacer connects to systemd and checks it answers. ctx bounds
+// only the connecting; the connection lives until Close.
 func NewScopePlacer(ctx context.Context, log *zap.Logger) (*ScopePlacer, error) {
 	if log == nil {
 		log = zap.NewNop()
@@ -59,48 +62,77 @@ func (*ScopePlacer) Kind() string { return KindScope }
 func (p *ScopePlacer) Close() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.dropLocked()
+	return nil
+}
+
+func (p *ScopePlacer) dropLocked() {
 	if p.conn != nil {
 		p.conn.Close()
 		p.conn = nil
 	}
-	return nil
+	if p.cancel != nil {
+		p.cancel()
+		p.cancel = nil
+	}
 }
 
+// connection returns the live connection, connecting first if needed.
 func (p *ScopePlacer) connection(ctx context.Context) (*sddbus.Conn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.conn != nil && p.conn.Connected() {
 		return p.conn, nil
 	}
-	if p.conn != nil {
-		p.conn.Close()
-		p.conn = nil
-	}
+	p.dropLocked()
 	// As root, PID 1's private socket works without dbus-daemon; otherwise
 	// (or if it fails) the system bus.
-	dials := []func(context.Context) (*sddbus.Conn, error){sddbus.NewSystemConnectionContext}
+	type dialer struct {
+		via  string
+		dial func(context.Context) (*sddbus.Conn, error)
+	}
+	dials := []dialer{{"system bus", sddbus.NewSystemConnectionContext}}
 	if os.Geteuid() == 0 {
-		dials = []func(context.Context) (*sddbus.Conn, error){sddbus.NewSystemdConnectionContext, sddbus.NewSystemConnectionContext}
+		dials = append([]dialer{{"private socket", sddbus.NewSystemdConnectionContext}}, dials...)
 	}
 	var errs []error
-	for _, dial := range dials {
-		conn, err := dial(ctx)
+	for _, d := range dials {
+		conn, cancel, err := dialFor(ctx, d.dial)
 		if err != nil {
-			errs = append(errs, err)
+			errs = append(errs, fmt.Errorf("%s: %w", d.via, err))
 			continue
 		}
-		// Job completion (JobRemoved) reaches the signal connection only
-		// when it is subscribed; on the private socket nothing else
-		// routes signals to it.
-		if err := conn.Subscribe(); err != nil {
-			conn.Close()
-			errs = append(errs, fmt.Errorf("subscribe: %w", err))
-			continue
-		}
-		p.conn = conn
+		p.conn, p.cancel, p.via = conn, cancel, d.via
 		return conn, nil
 	}
 	return nil, fmt.Errorf("systemd: connect to D-Bus API: %w", errors.Join(errs...))
+}
+
+// dialFor connects with dial. A godbus connection closes when the context
+// it was made with ends, so it gets a context of its own (cancel ends it);
+// ctx, the caller's, only bounds the connecting.
+func dialFor(ctx context.Context, dial func(context.Context) (*sddbus.Conn, error)) (*sddbus.Conn, context.CancelFunc, error) {
+	life, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, cancel)
+	conn, err := dial(life)
+	if err == nil {
+		// Job completion (JobRemoved) reaches the signal connection only
+		// when it is subscribed; on the private socket nothing else
+		// routes signals to it.
+		if err = conn.Subscribe(); err != nil {
+			conn.Close()
+			err = fmt.Errorf("subscribe: %w", err)
+		}
+	}
+	if !stop() && err == nil { // ctx ended while connecting
+		conn.Close()
+		err = ctx.Err()
+	}
+	if err != nil {
+		cancel()
+		return nil, nil, err
+	}
+	return conn, cancel, nil
 }
 
 // properties builds the StartTransientUnit properties of the scope.

@@ -40,6 +40,7 @@ const (
 	sleepPath  = "/bin/sleep"
 	beatEvery  = 100 * time.Millisecond
 	staleAfter = time.Second
+	opTimeout  = 30 * time.Second
 )
 
 type daemon struct {
@@ -79,7 +80,7 @@ func run(log *zap.Logger) error {
 	d := &daemon{
 		log:     log,
 		notify:  systemd.NewNotifier(log),
-		placer:  systemd.DetectPlacer(ctx, log),
+		placer:  detect(ctx, log),
 		pidFile: filepath.Join(stateDir, "vm.pid"),
 	}
 	if err := d.findOrStartVM(ctx); err != nil {
@@ -138,6 +139,12 @@ func run(log *zap.Logger) error {
 	return nil
 }
 
+func detect(ctx context.Context, log *zap.Logger) systemd.Placer {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	return systemd.DetectPlacer(ctx, log)
+}
+
 func (d *daemon) status() string {
 	s := systemd.StatusInfo{VMsTotal: 0}
 	if d.vmPID != 0 {
@@ -164,10 +171,18 @@ func (d *daemon) spec(pid int) systemd.UnitSpec {
 	}
 }
 
+// place bounds each placement by its own deadline, as the agent's tasks do;
+// the placer's connection must outlive it.
+func (d *daemon) place(ctx context.Context, pid int) error {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	return d.placer.Place(ctx, d.spec(pid))
+}
+
 func (d *daemon) findOrStartVM(ctx context.Context) error {
 	if pid, ok := d.runningVM(); ok {
 		// Placing again is a no-op when the VM is already in its scope.
-		if err := d.placer.Place(ctx, d.spec(pid)); err != nil {
+		if err := d.place(ctx, pid); err != nil {
 			return fmt.Errorf("place adopted vm: %w", err)
 		}
 		d.vmPID, d.vmHow = pid, "adopted"
@@ -182,7 +197,7 @@ func (d *daemon) findOrStartVM(ctx context.Context) error {
 	}
 	go func() { _ = cmd.Wait() }() // reap it if it ends while we live
 	pid := cmd.Process.Pid
-	if err := d.placer.Place(ctx, d.spec(pid)); err != nil {
+	if err := d.place(ctx, pid); err != nil {
 		_ = cmd.Process.Kill()
 		return fmt.Errorf("place vm: %w", err)
 	}
@@ -232,7 +247,9 @@ func (d *daemon) stopVM(ctx context.Context) error {
 	} else if !errors.Is(err, unix.ESRCH) {
 		return fmt.Errorf("open vm pidfd: %w", err)
 	}
-	if err := d.placer.Remove(ctx, systemd.ScopeName(vmID)); err != nil {
+	rctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	if err := d.placer.Remove(rctx, systemd.ScopeName(vmID)); err != nil {
 		return fmt.Errorf("remove scope: %w", err)
 	}
 	if err := os.Remove(d.pidFile); err != nil && !errors.Is(err, os.ErrNotExist) {
