@@ -35,7 +35,8 @@ type Notifier struct {
 // NewNotifier reads NOTIFY_SOCKET, WATCHDOG_USEC and WATCHDOG_PID, then
 // removes them from the process environment so that no child started later
 // (with or without an explicit environment) can inherit them. Without
-// NOTIFY_SOCKET every method is a no-op that returns nil.
+// NOTIFY_SOCKET every method is a no-op that returns nil. Make one per
+// process: a second NewNotifier finds the variables gone and is a no-op.
 func NewNotifier(log *zap.Logger) *Notifier {
 	if log == nil {
 		log = zap.NewNop()
