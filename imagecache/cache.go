@@ -144,15 +144,21 @@ func Open(pools []PoolConfig, opts Options) (*Cache, error) {
 			}
 			c.def = pc.Name
 		}
-		p, err := c.openPool(pc)
+		if err := os.MkdirAll(pc.Dir, 0o755); err != nil {
+			return nil, errcode.Wrap(errcode.ValidationFailed, err, "pool %q: create directory", pc.Name)
+		}
+		dir, err := filepath.EvalSymlinks(filepath.Clean(pc.Dir))
 		if err != nil {
-			return nil, err
+			return nil, errcode.Wrap(errcode.ValidationFailed, err, "pool %q: resolve directory", pc.Name)
 		}
 		for _, q := range c.pools {
-			if within(q.dir, p.dir) || within(p.dir, q.dir) {
-				p.release()
-				return nil, errcode.New(errcode.ValidationFailed, "pools %q and %q overlap (%s, %s)", q.name, p.name, q.dir, p.dir)
+			if within(q.dir, dir) || within(dir, q.dir) {
+				return nil, errcode.New(errcode.ValidationFailed, "pools %q and %q overlap (%s, %s)", q.name, pc.Name, q.dir, dir)
 			}
+		}
+		p, err := c.openPool(pc, dir)
+		if err != nil {
+			return nil, err
 		}
 		c.pools[p.name] = p
 		c.order = append(c.order, p.name)
@@ -283,14 +289,8 @@ type pool struct {
 	active  map[string]bool    // ingest keys being written
 }
 
-func (c *Cache) openPool(pc PoolConfig) (*pool, error) {
-	if err := os.MkdirAll(pc.Dir, 0o755); err != nil {
-		return nil, errcode.Wrap(errcode.ValidationFailed, err, "pool %q: create directory", pc.Name)
-	}
-	dir, err := filepath.EvalSymlinks(filepath.Clean(pc.Dir))
-	if err != nil {
-		return nil, errcode.Wrap(errcode.ValidationFailed, err, "pool %q: resolve directory", pc.Name)
-	}
+// openPool prepares the pool at dir (resolved, existing).
+func (c *Cache) openPool(pc PoolConfig, dir string) (*pool, error) {
 	p := &pool{
 		name:    pc.Name,
 		dir:     dir,

@@ -53,18 +53,21 @@ func parseImageInfo(b []byte) (imageInfo, error) {
 	if len(trimmed) == 0 || trimmed[0] != '{' {
 		return zero, errors.New("qemu-img info output is not a JSON object")
 	}
+	// Keys must be unique and lowercase, as qemu writes them: Go's
+	// decoder would otherwise match "Backing-Filename" or take the last of
+	// two duplicates, and a check could look at another key than qemu meant.
+	if err := checkKeys(trimmed); err != nil {
+		return zero, err
+	}
 	var raw struct {
-		Format              *string `json:"format"`
-		VirtualSize         *int64  `json:"virtual-size"`
-		ActualSize          *int64  `json:"actual-size"`
-		BackingFilename     *string `json:"backing-filename"`
-		FullBackingFilename *string `json:"full-backing-filename"`
-		BackingFormat       *string `json:"backing-filename-format"`
-		Encrypted           *bool   `json:"encrypted"`
-		FormatSpecific      *struct {
-			Type string          `json:"type"`
-			Data json.RawMessage `json:"data"`
-		} `json:"format-specific"`
+		Format              *string         `json:"format"`
+		VirtualSize         *int64          `json:"virtual-size"`
+		ActualSize          *int64          `json:"actual-size"`
+		BackingFilename     *string         `json:"backing-filename"`
+		FullBackingFilename *string         `json:"full-backing-filename"`
+		BackingFormat       *string         `json:"backing-filename-format"`
+		Encrypted           *bool           `json:"encrypted"`
+		FormatSpecific      json.RawMessage `json:"format-specific"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(trimmed))
 	if err := dec.Decode(&raw); err != nil {
@@ -102,7 +105,22 @@ func parseImageInfo(b []byte) (imageInfo, error) {
 	if raw.Encrypted != nil {
 		info.Encrypted = *raw.Encrypted
 	}
-	if fs := raw.FormatSpecific; fs != nil && fs.Type == "qcow2" && len(fs.Data) > 0 && string(fs.Data) != "null" {
+	var fs struct {
+		Type string          `json:"type"`
+		Data json.RawMessage `json:"data"`
+	}
+	if len(raw.FormatSpecific) > 0 && string(raw.FormatSpecific) != "null" {
+		if err := checkKeys(raw.FormatSpecific); err != nil {
+			return zero, err
+		}
+		if err := json.Unmarshal(raw.FormatSpecific, &fs); err != nil {
+			return zero, fmt.Errorf("parse qemu-img info format-specific: %w", err)
+		}
+	}
+	if fs.Type == "qcow2" && len(fs.Data) > 0 && string(fs.Data) != "null" {
+		if err := checkKeys(fs.Data); err != nil {
+			return zero, err
+		}
 		var q struct {
 			DataFile *string          `json:"data-file"`
 			Corrupt  *bool            `json:"corrupt"`
@@ -125,6 +143,34 @@ func parseImageInfo(b []byte) (imageInfo, error) {
 		}
 	}
 	return info, nil
+}
+
+var keyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]*$`)
+
+// checkKeys checks that b is a JSON object whose keys are unique and
+// lowercase.
+func checkKeys(b []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return errors.New("qemu-img info: expected a JSON object")
+	}
+	seen := make(map[string]bool)
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return fmt.Errorf("parse qemu-img info: %w", err)
+		}
+		key, _ := t.(string)
+		if !keyRE.MatchString(key) || seen[key] {
+			return fmt.Errorf("qemu-img info: unexpected or repeated key %q", truncate(key, 40))
+		}
+		seen[key] = true
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return fmt.Errorf("parse qemu-img info: %w", err)
+		}
+	}
+	return nil
 }
 
 // checkImage decides whether info describes an image the cache accepts,
