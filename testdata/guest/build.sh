@@ -111,6 +111,7 @@ host_tools() {
 		mcopy mtools
 		mmd mtools
 		qemu-img qemu-utils
+		readelf binutils
 	EOF
 	if [[ $BIOS_LOADER == syslinux ]]; then
 		echo "syslinux syslinux"
@@ -157,7 +158,17 @@ ensure_tools() {
 
 # Guest packages besides the kernel (resolved from $KERNEL_META's dependency),
 # by role. The roles name the unpacked trees in build().
-declare -A GUEST_PACKAGES=([busybox]=busybox-static [sdboot]=systemd-boot-efi)
+# qga: qemu-guest-agent and the libraries of its binary (readelf -d NEEDED,
+# followed in build_initramfs; a library missing here fails the build).
+# netcat: netcat-traditional, for "nc.traditional -u -l -p PORT -e /bin/cat"
+# (a UDP echo server; busybox's nc has no -u).
+declare -A GUEST_PACKAGES=([busybox]=busybox-static [sdboot]=systemd-boot-efi
+	[qga]=qemu-guest-agent [libc]=libc6 [glib]=libglib2.0-0 [pcre]=libpcre2-8-0
+	[udev]=libudev1 [numa]=libnuma1 [uring]=liburing2 [netcat]=netcat-traditional)
+
+# Dynamically linked guest programs: unpacked path → path in the initramfs.
+declare -A GUEST_BINARIES=([qga/usr/sbin/qemu-ga]=/usr/sbin/qemu-ga
+	[netcat/bin/nc.traditional]=/bin/nc.traditional)
 
 # Sets PKGS, DEBS and SUMS: role → package, .deb file name, sha256. Fails
 # if apt's lists do not know the packages. Remembered in
@@ -216,7 +227,7 @@ resolve_debs() {
 resolve_debs_or_update() {
 	resolve_debs && return 0
 	apt_update_once
-	resolve_debs || die "apt cannot resolve $KERNEL_META, busybox-static, systemd-boot-efi for $DEB_ARCH"
+	resolve_debs || die "apt cannot resolve $KERNEL_META, ${GUEST_PACKAGES[*]} for $DEB_ARCH"
 }
 
 deb_ok() { # file expected-sha256
@@ -292,6 +303,50 @@ visit_module() {
 	echo "${MOD_PATH[$m]} ${MODULE_ARGS[$m]:-}"
 }
 
+# find_lib WORK NAME: the unpacked library NAME (a soname), from the lib
+# folders of the guest packages' trees.
+find_lib() {
+	local work=$1 name=$2 role f
+	for role in $(printf "%s\n" "${!GUEST_PACKAGES[@]}" | LC_ALL=C sort); do
+		for f in "$work/$role"/{lib,usr/lib}/*/"$name" "$work/$role"/{lib,usr/lib}/"$name"; do
+			[[ -e $f ]] && {
+				echo "$f"
+				return 0
+			}
+		done
+	done
+	return 1
+}
+
+# install_elf WORK ROOT SRC DEST: copies the ELF program SRC to ROOT/DEST
+# with its interpreter and, transitively, the libraries it needs, each
+# into ROOT at the path it has in its package (dereferenced).
+install_elf() {
+	local work=$1 root=$2 src=$3 dest=$4 interp f lib rel
+	install -D -m 0755 "$src" "$root$dest"
+	interp=$(readelf -lW "$src" | sed -n 's/.*Requesting program interpreter: \(.*\)\]/\1/p')
+	if [[ -n $interp && ! -e $root$interp ]]; then
+		f=$(find_lib "$work" "${interp##*/}") || die "$dest: interpreter $interp not in the guest packages"
+		install -D -m 0755 "$(readlink -f "$f")" "$root$interp"
+	fi
+	local todo=("$src") seen=" "
+	while [[ ${#todo[@]} -gt 0 ]]; do
+		f=${todo[0]}
+		todo=("${todo[@]:1}")
+		for lib in $(readelf -dW "$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+			# The interpreter is known to itself by its soname.
+			[[ $seen == *" $lib "* || $lib == "${interp##*/}" ]] && continue
+			seen+="$lib "
+			local found
+			found=$(find_lib "$work" "$lib") || die "$dest needs $lib: not in the guest packages"
+			rel=${found#"$work"/*/}
+			rel=/${rel#usr/}
+			[[ -e $root$rel ]] || install -D -m 0755 "$(readlink -f "$found")" "$root$rel"
+			todo+=("$found")
+		done
+	done
+}
+
 # build_initramfs WORK: writes $WORK/initrd.img
 build_initramfs() {
 	local work=$1 root=$1/initramfs kroot=$1/kernel moddir path
@@ -301,6 +356,10 @@ build_initramfs() {
 	install -m 0755 "$HERE/acpi-power" "$root/etc/acpi/PWRF/00000080"
 	install -m 0755 "$HERE/udhcpc.script" "$root/etc/otherix/udhcpc.script"
 	echo "$ARCH" >"$root/etc/otherix/arch"
+	local bin
+	for bin in "${!GUEST_BINARIES[@]}"; do
+		install_elf "$work" "$root" "$work/$bin" "${GUEST_BINARIES[$bin]}"
+	done
 
 	moddir=$kroot/lib/modules/$KVER
 	module_load_order "$moddir" >"$root/etc/otherix/modules"
