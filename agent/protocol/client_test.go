@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -321,5 +322,70 @@ func TestWireAndCompression(t *testing.T) {
 	}
 	if path != "/v1/agent/tasks/a%2Fb%20c/complete" {
 		t.Errorf("task id not escaped in path: %q", path)
+	}
+}
+
+// A control plane that requires client certificates accepts the agent's.
+func TestClientCertificate(t *testing.T) {
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "agents CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "node-1"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, _ := x509.MarshalECPrivateKey(key)
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "agent.crt"), filepath.Join(dir, "agent.key")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
+
+	var subject string
+	cp := &cptest.Server{Token: "secret"}
+	ts := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		subject = r.TLS.PeerCertificates[0].Subject.CommonName
+		cp.ServeHTTP(w, r)
+	}))
+	pool := x509.NewCertPool()
+	pool.AddCert(caCert)
+	ts.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool}
+	ts.StartTLS()
+	defer ts.Close()
+	tok := writeToken(t, "secret", 0o600)
+	ctx := context.Background()
+
+	c, err := protocol.NewClient(protocol.ClientConfig{BaseURL: ts.URL, Node: "node-1", TokenFile: tok, CAFile: writeCA(t, ts), CertFile: certFile, KeyFile: keyFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Register(ctx, protocol.NodeInfo{Name: "node-1"}); err != nil {
+		t.Fatalf("with a client certificate: %v", err)
+	}
+	if subject != "node-1" {
+		t.Errorf("server saw client certificate %q", subject)
+	}
+	bare, err := protocol.NewClient(protocol.ClientConfig{BaseURL: ts.URL, Node: "node-1", TokenFile: tok, CAFile: writeCA(t, ts)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bare.Register(ctx, protocol.NodeInfo{Name: "node-1"}); err == nil {
+		t.Error("accepted without a client certificate")
 	}
 }

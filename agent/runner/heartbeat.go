@@ -125,6 +125,9 @@ func (r *Runner) reconcile(desired map[string]string, vms []api.VM) {
 	for _, vm := range d.drift {
 		r.log.Debug("VM runs but is desired stopped; reported, left alone", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
 	}
+	for _, uuid := range d.missing {
+		r.log.Debug("VM desired here is not on this host", zap.String("vm_uuid", uuid))
+	}
 	for _, vm := range held {
 		r.log.Debug("VM desired running; restart held back by backoff", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
 	}

@@ -194,3 +194,35 @@ func TestDrainTimeoutThenRestartPolicy(t *testing.T) {
 		t.Errorf("t1 executed %d times", n)
 	}
 }
+
+// Shutdown before the control plane was ever reached returns at once
+// (nothing to drain, no sender to wait for) and keeps the unacknowledged
+// outcome in the journal.
+func TestShutdownWhileUnreachable(t *testing.T) {
+	clk := newFakeClock() // the drain timer never fires by itself
+	h := newHarness(t, runner.Config{Clock: clk})
+	j, err := journal.Open(h.dir, journal.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := journal.Entry{TaskID: "t1", Type: api.TaskStart, VMUUID: "u1", StartedAt: time.Now(), Outcome: &journal.Outcome{Status: api.TaskSuccess}}
+	if err := j.Finish(e); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	h.cp.AddFault(cptest.Fault{Endpoint: cptest.Register, Kind: cptest.FaultStatus, Status: 503})
+	h.start()
+	clk.waitTimers(t, h.ctx, 1) // registering, backing off
+	h.shutdown()
+	j, err = journal.Open(h.dir, journal.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	if e, _ := j.Get("t1"); e.Acked() || e.State != journal.Finished {
+		t.Errorf("outcome after shutdown: %+v", e)
+	}
+	if n := h.cp.Count(cptest.Complete) + h.cp.Count(cptest.Heartbeat) + h.cp.Count(cptest.Lease); n != 0 {
+		t.Errorf("%d requests besides registration", n)
+	}
+}

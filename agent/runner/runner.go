@@ -223,7 +223,8 @@ func (r *Runner) Run(ctx context.Context) error {
 	r.compact()
 
 	var loops, sender sync.WaitGroup
-	if r.stagger(ctx) == nil && r.register(ctx) == nil {
+	registered := r.stagger(ctx) == nil && r.register(ctx) == nil
+	if registered {
 		sender.Add(1)
 		go func() { defer sender.Done(); r.sendLoop(workCtx) }()
 		loops.Add(2)
@@ -231,15 +232,16 @@ func (r *Runner) Run(ctx context.Context) error {
 		go func() { defer loops.Done(); r.leaseLoop(ctx) }()
 	}
 	<-ctx.Done()
-	r.drain(workCtx, &loops)
+	r.drain(workCtx, &loops, registered)
 	stopWork(ErrShutdown)
 	sender.Wait()
 	return nil
 }
 
 // drain runs after ctx is done: no new leases, checkpoint long tasks, let
-// short ones finish, deliver outcomes, all within DrainTimeout.
-func (r *Runner) drain(workCtx context.Context, loops *sync.WaitGroup) {
+// short ones finish, deliver outcomes, all within DrainTimeout. Without a
+// registration nothing ran and nothing is sent.
+func (r *Runner) drain(workCtx context.Context, loops *sync.WaitGroup, registered bool) {
 	r.log.Info("draining")
 	r.mu.Lock()
 	r.draining = true
@@ -251,6 +253,9 @@ func (r *Runner) drain(workCtx context.Context, loops *sync.WaitGroup) {
 	}
 	r.mu.Unlock()
 	loops.Wait()
+	if !registered {
+		return
+	}
 
 	dctx, cancel := context.WithCancel(workCtx)
 	defer cancel()

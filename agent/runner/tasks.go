@@ -383,10 +383,10 @@ func (r *Runner) keep(ctx context.Context, e *execution) {
 		case <-e.kick:
 			t.Stop()
 			r.mu.Lock()
-			now := e.attached
+			confirm := e.attached
 			e.attached = false
 			r.mu.Unlock()
-			if !now {
+			if !confirm {
 				pending = true
 				continue
 			}
