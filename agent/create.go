@@ -210,7 +210,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 
 	spec := vm.Spec{
 		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
-		Disks:      []vm.Disk{{Path: root, Format: "qcow2"}},
+		Disks:      []vm.Disk{{Path: root, Format: "qcow2", Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}},
 		OwnedPaths: []string{dir},
 	}
 	if !c.NoCloudInit {

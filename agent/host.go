@@ -6,12 +6,16 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -95,7 +99,13 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	if accel == "auto" {
 		accel = ""
 	}
+	cred, err := QEMUCredential(cfg.QEMU.User)
+	if err != nil {
+		cache.Close()
+		return nil, err
+	}
 	eng, err := vm.New(vm.Config{
+		Credential:        cred,
 		StateDir:          cfg.DataDir,
 		RunDir:            cfg.RunDir,
 		Binaries:          map[string]string{vm.ArchAMD64: cfg.QEMU.X86_64, vm.ArchARM64: cfg.QEMU.AArch64},
@@ -136,6 +146,34 @@ func (h *Host) Engine() *vm.Engine { return h.engine }
 
 // Cache exposes the image cache.
 func (h *Host) Cache() *imagecache.Cache { return h.cache }
+
+// QEMUCredential resolves the unprivileged user QEMU runs as: its uid and
+// primary gid, plus the kvm group when it exists (for /dev/kvm), and no
+// other group. An empty name means QEMU runs as the agent's user.
+func QEMUCredential(name string) (*syscall.Credential, error) {
+	if name == "" {
+		return nil, nil
+	}
+	u, err := user.Lookup(name)
+	if err != nil {
+		return nil, fmt.Errorf("qemu.user %q: %w (create it: useradd --system --no-create-home --shell /usr/sbin/nologin %s)", name, err, name)
+	}
+	uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
+	gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
+	if err1 != nil || err2 != nil {
+		return nil, fmt.Errorf("qemu.user %q: bad uid/gid %s/%s", name, u.Uid, u.Gid)
+	}
+	if uid == 0 {
+		return nil, fmt.Errorf("qemu.user %q is root: QEMU must run unprivileged", name)
+	}
+	groups := []uint32{}
+	if g, err := user.LookupGroup("kvm"); err == nil {
+		if id, err := strconv.ParseUint(g.Gid, 10, 32); err == nil {
+			groups = append(groups, uint32(id))
+		}
+	}
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: groups}, nil
+}
 
 func qemuVersion(bin string) string {
 	out, err := exec.Command(bin, "--version").Output()

@@ -20,3 +20,8 @@ fi
 if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
   echo "note: add /usr/local/go/bin to PATH" >&2
 fi
+# The unprivileged user QEMU runs as (config qemu.user).
+if ! getent passwd otherix-qemu >/dev/null; then
+  echo "creating user otherix-qemu" >&2
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin otherix-qemu
+fi

@@ -113,7 +113,7 @@ func Default(dataDir string) *Config {
 		DefaultPool: "default",
 		Networks:    map[string]Network{},
 		Listen:      Listen{API: "127.0.0.1:7480", Socket: "/run/otherix/api.sock", Metrics: "127.0.0.1:9480"},
-		QEMU:        QEMU{Accel: "auto", StopTimeout: 60 * time.Second, X86_64: "qemu-system-x86_64", AArch64: "qemu-system-aarch64"},
+		QEMU:        QEMU{User: "otherix-qemu", Accel: "auto", StopTimeout: 60 * time.Second, X86_64: "qemu-system-x86_64", AArch64: "qemu-system-aarch64"},
 		Limits: Limits{
 			ConcurrentCreates:   2,
 			ConcurrentDownloads: 2,

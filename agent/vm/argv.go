@@ -2,14 +2,15 @@ package vm
 
 import (
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 )
 
-// Paths are the per-VM files QEMU is told about.
+// Paths are the per-VM files QEMU is given. QEMU opens none of them by
+// path: the agent opens each one and passes the descriptor (see FileSpec).
 type Paths struct {
-	QMPSocket  string // <run>/<shortid>/qmp.sock
-	PIDFile    string // <run>/<shortid>/qemu.pid
+	QMPSocket  string // <run>/<shortid>/qmp.sock, bound by the agent
 	ConsoleLog string // <state>/vms/<uuid>/console.log
 }
 
@@ -18,28 +19,90 @@ type Platform struct {
 	Accel string // "tcg" or "kvm"
 }
 
+// FileKind says how the agent opens a file it passes to QEMU.
+type FileKind int
+
+// File kinds.
+const (
+	FileRead   FileKind = iota // O_RDONLY
+	FileWrite                  // O_RDWR
+	FileAppend                 // O_WRONLY|O_APPEND|O_CREAT, 0600
+	FileListen                 // a unix socket the agent binds and listens on
+)
+
+// FileSpec is one descriptor QEMU inherits: the i-th FileSpec becomes fd
+// 3+i (exec.Cmd.ExtraFiles).
+type FileSpec struct {
+	Path string
+	Kind FileKind
+}
+
+// OpenFlags returns the open(2) flags of a file kind.
+func (k FileKind) OpenFlags() int {
+	switch k {
+	case FileWrite:
+		return os.O_RDWR
+	case FileAppend:
+		return os.O_WRONLY | os.O_APPEND | os.O_CREATE
+	}
+	return os.O_RDONLY
+}
+
 // escapeOpt escapes a value for QEMU's option syntax (key=value,...):
 // a comma is written twice.
 func escapeOpt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
-// BuildArgs returns QEMU's argv (without the binary) for spec. It is a pure
-// function of its inputs, golden-tested under testdata/argv.
-//
-// Every value that comes from outside (names, paths) is validated by
-// Spec.Validate and escaped here, so no input can add an option.
-func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, error) {
-	if err := s.Validate(); err != nil {
-		return nil, err
+// fdPlan hands out descriptor numbers and fd sets.
+type fdPlan struct {
+	files []FileSpec
+	args  []string
+	sets  int
+}
+
+// add registers a file and returns its fd number.
+func (f *fdPlan) add(path string, kind FileKind) int {
+	f.files = append(f.files, FileSpec{Path: path, Kind: kind})
+	return 2 + len(f.files)
+}
+
+// set puts files into a new fd set and returns the path QEMU opens it by.
+// QEMU picks from the set a descriptor whose access mode matches what it
+// asks for, so a writable disk gets a read-write and a read-only one (QEMU
+// opens images read-only first when probing).
+func (f *fdPlan) set(path string, kinds ...FileKind) string {
+	f.sets++
+	for _, k := range kinds {
+		fd := f.add(path, k)
+		f.args = append(f.args, "-add-fd", fmt.Sprintf("fd=%d,set=%d", fd, f.sets))
 	}
-	for _, x := range []string{p.QMPSocket, p.PIDFile, p.ConsoleLog} {
+	return fmt.Sprintf("/dev/fdset/%d", f.sets)
+}
+
+// BuildArgs returns QEMU's argv (without the binary) for spec and the files
+// QEMU inherits as descriptors. It is a pure function of its inputs,
+// golden-tested under testdata/argv.
+//
+// No path reaches the command line: every file is opened by the agent and
+// named as /dev/fdset/N, so QEMU, running as an unprivileged user, needs no
+// access to any VM file and no path can carry a QEMU option. Names are
+// validated by Spec.Validate and escaped all the same.
+func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
+	if err := s.Validate(); err != nil {
+		return nil, nil, err
+	}
+	for _, x := range []string{p.QMPSocket, p.ConsoleLog} {
 		if err := checkPath(x); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	accel := plat.Accel
 	if accel == "" {
 		accel = "tcg"
 	}
+	var fds fdPlan
+	qmpFD := fds.add(p.QMPSocket, FileListen)
+	console := fds.set(p.ConsoleLog, FileAppend)
+
 	var a []string
 	add := func(xs ...string) { a = append(a, xs...) }
 
@@ -64,11 +127,10 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, error) {
 	add("-m", strconv.Itoa(s.MemoryMB))
 	add("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 	add("-display", "none")
-	add("-chardev", "socket,id=qmp,path="+escapeOpt(p.QMPSocket)+",server=on,wait=off")
+	add("-chardev", fmt.Sprintf("socket,id=qmp,fd=%d,server=on,wait=off", qmpFD))
 	add("-mon", "chardev=qmp,mode=control")
-	add("-chardev", "file,id=console,path="+escapeOpt(p.ConsoleLog)+",append=on")
+	add("-chardev", "file,id=console,path="+console+",append=on")
 	add("-serial", "chardev:console")
-	add("-pidfile", p.PIDFile)
 
 	// Fixed PCI slots on the root bus keep guest device names stable across
 	// restarts and as devices are added.
@@ -92,11 +154,22 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, error) {
 	for i, d := range s.Disks {
 		node := fmt.Sprintf("disk%d", i)
 		ro := ""
+		backing := ""
+		if b := d.Backing; b != nil {
+			bpath := fds.set(b.Path, FileRead)
+			add("-blockdev", "driver=file,node-name="+node+"-base-file,filename="+bpath+",read-only=on")
+			add("-blockdev", "driver="+b.Format+",node-name="+node+"-base,file="+node+"-base-file,read-only=on")
+			backing = ",backing=" + node + "-base"
+		}
+		var path string
 		if d.ReadOnly {
 			ro = ",read-only=on"
+			path = fds.set(d.Path, FileRead)
+		} else {
+			path = fds.set(d.Path, FileWrite, FileRead)
 		}
-		add("-blockdev", "driver=file,node-name="+node+"-file,filename="+escapeOpt(d.Path)+ro+",cache.direct=off")
-		add("-blockdev", "driver="+d.Format+",node-name="+node+",file="+node+"-file"+ro)
+		add("-blockdev", "driver=file,node-name="+node+"-file,filename="+path+ro+",cache.direct=off")
+		add("-blockdev", "driver="+d.Format+",node-name="+node+",file="+node+"-file"+ro+backing)
 		boot := d.BootIndex
 		if i == 0 && boot == 0 {
 			boot = 1
@@ -116,7 +189,8 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, error) {
 	}
 	for i, c := range s.CDROMs {
 		node := fmt.Sprintf("cd%d", i)
-		add("-blockdev", "driver=file,node-name="+node+"-file,filename="+escapeOpt(c.Path)+",read-only=on")
+		path := fds.set(c.Path, FileRead)
+		add("-blockdev", "driver=file,node-name="+node+"-file,filename="+path+",read-only=on")
 		add("-blockdev", "driver=raw,node-name="+node+",file="+node+"-file,read-only=on")
 		bootOpt := ""
 		if c.BootIndex > 0 {
@@ -133,5 +207,7 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, error) {
 		add("-netdev", "user,id="+id)
 		add("-device", "virtio-net-pci,id="+id+"-dev,netdev="+id+",mac="+n.MAC+",romfile=,bus="+bus+",addr="+fmt.Sprintf("0x%x", 0x10+i))
 	}
-	return a, nil
+	// The -add-fd options go first so every /dev/fdset/N exists before the
+	// option that opens it.
+	return append(fds.args, a...), fds.files, nil
 }

@@ -2,6 +2,7 @@ package vm
 
 import (
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,13 +24,13 @@ func goldenSpec() Spec {
 
 var goldenPaths = Paths{
 	QMPSocket:  "/run/otherix/0f8fad5bd9cb/qmp.sock",
-	PIDFile:    "/run/otherix/0f8fad5bd9cb/qemu.pid",
 	ConsoleLog: "/var/lib/otherix/vms/0f8fad5b/console.log",
 }
 
 func TestBuildArgsGolden(t *testing.T) {
 	comma := goldenSpec()
 	comma.Disks[0].Path = "/pools/a,b/root.qcow2"
+	comma.Disks[0].Backing = &Backing{Path: "/pools/images/sha256/ab,cd", Format: "raw"}
 	comma.CDROMs = nil
 	nvme := goldenSpec()
 	nvme.Disks = append(nvme.Disks, Disk{Path: "/pools/data.raw", Format: "raw", Bus: BusNVMe, ReadOnly: true}, Disk{Path: "/pools/d2.qcow2", Format: "qcow2", Bus: BusVirtioSCSI})
@@ -48,11 +49,14 @@ func TestBuildArgsGolden(t *testing.T) {
 		{"arm64", arm, "tcg"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			args, err := BuildArgs(&tc.spec, goldenPaths, Platform{Accel: tc.accel})
+			args, files, err := BuildArgs(&tc.spec, goldenPaths, Platform{Accel: tc.accel})
 			if err != nil {
 				t.Fatal(err)
 			}
-			got := strings.Join(args, "\n") + "\n"
+			got := strings.Join(args, "\n") + "\n-- inherited files (fd 3, 4, ...)\n"
+			for _, f := range files {
+				got += fmt.Sprintf("%s %d\n", f.Path, f.Kind)
+			}
 			path := filepath.Join("testdata", "argv", tc.name+".golden")
 			if *update {
 				os.MkdirAll(filepath.Dir(path), 0o755)
@@ -97,7 +101,7 @@ func TestBuildArgsRefusesInjection(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s := goldenSpec()
 			tc.mut(&s)
-			_, err := BuildArgs(&s, goldenPaths, Platform{})
+			_, _, err := BuildArgs(&s, goldenPaths, Platform{})
 			if errcode.Of(err) != errcode.ValidationFailed {
 				t.Fatalf("got %v, want validation_failed", err)
 			}
@@ -143,27 +147,34 @@ func FuzzBuildArgs(f *testing.F) {
 		s := goldenSpec()
 		s.Name = name
 		s.Disks[0].Path = path
-		args, err := BuildArgs(&s, goldenPaths, Platform{})
+		args, files, err := BuildArgs(&s, goldenPaths, Platform{})
 		if err != nil {
 			return
 		}
-		for i := 0; i+1 < len(args); i++ {
-			if args[i] != "-blockdev" || !strings.Contains(args[i+1], "node-name=disk0-file") {
-				continue
+		// No path reaches the command line: the disk is inherited as a
+		// descriptor, and the -name value parses back to exactly the name.
+		for _, a := range args {
+			if strings.Contains(a, path) && path != "/" {
+				t.Fatalf("path %q on the command line: %q", path, a)
 			}
-			kv := parseOpts(args[i+1])
-			want := [][2]string{{"driver", "file"}, {"node-name", "disk0-file"}, {"filename", path}, {"cache.direct", "off"}}
-			if len(kv) != len(want) {
-				t.Fatalf("path %q gave options %q", path, kv)
-			}
-			for j := range want {
-				if kv[j] != want[j] {
-					t.Fatalf("path %q gave options %q", path, kv)
-				}
-			}
-			return
 		}
-		t.Fatalf("no root -blockdev in %q", args)
+		found := false
+		for _, f := range files {
+			found = found || f.Path == path
+		}
+		if !found {
+			t.Fatalf("disk %q not among inherited files %v", path, files)
+		}
+		for i := 0; i+1 < len(args); i++ {
+			if args[i] == "-name" {
+				kv := parseOpts(args[i+1])
+				if len(kv) != 2 || kv[0] != [2]string{"guest", name} || kv[1] != [2]string{"debug-threads", "on"} {
+					t.Fatalf("name %q gave options %q", name, kv)
+				}
+				return
+			}
+		}
+		t.Fatalf("no -name in %q", args)
 	})
 }
 

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -62,6 +63,9 @@ type Config struct {
 	PoweroffGrace time.Duration
 	// StartTimeout bounds QEMU start until QMP answers (default 30s).
 	StartTimeout time.Duration
+	// Credential is the unprivileged user QEMU runs as (nil: the agent's
+	// own user). QEMU needs no access to any file: the agent opens them.
+	Credential *syscall.Credential
 	// Env is QEMU's whole environment (default: PATH and LANG only). It
 	// must never carry NOTIFY_SOCKET.
 	Env []string

@@ -31,11 +31,12 @@ func TestMain(m *testing.M) {
 		helperAgent()
 		return
 	}
+
 	os.Exit(m.Run())
 }
 
 func helperAgent() {
-	e, err := New(Config{StateDir: os.Getenv("H_STATE"), RunDir: os.Getenv("H_RUN"), Logger: zap.NewNop()})
+	e, err := New(Config{StateDir: os.Getenv("H_STATE"), RunDir: os.Getenv("H_RUN"), Logger: zap.NewNop(), Credential: nobody})
 	if err != nil {
 		fmt.Println("ERR", err)
 		os.Exit(1)
@@ -78,6 +79,7 @@ func newHarness(t *testing.T, mut func(*Config)) *harness {
 		RunDir:            h.run,
 		StopTimeout:       60 * time.Second,
 		PowerdownInterval: time.Second,
+		Credential:        nobody,
 		Logger:            zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)),
 		OnChange: func(v View) {
 			select {
@@ -141,7 +143,7 @@ func (h *harness) define(name, userData string) View {
 	}
 	v, err := h.e.Define(context.Background(), Spec{
 		Name: name, UUID: id, Arch: ArchAMD64, VCPUs: 1, MemoryMB: 256,
-		Disks:      []Disk{{Path: root, Format: "qcow2"}},
+		Disks:      []Disk{{Path: root, Format: "qcow2", Backing: &Backing{Path: testguest.QCOW2(h.t), Format: "qcow2"}}},
 		CDROMs:     []CDROM{{Path: seed}},
 		OwnedPaths: []string{dir},
 	}, nil)
@@ -204,6 +206,10 @@ func wantCode(t *testing.T, err error, code errcode.Code) {
 }
 
 const bootWait = 90 * time.Second
+
+// Every engine test runs QEMU as nobody, as production runs it as the
+// unprivileged QEMU user.
+var nobody = &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{}}
 
 // TestLifecycle walks one VM through seed 004's whole life against the real
 // test guest: create, pause, resume, reset, stop, start, reboot, poweroff,

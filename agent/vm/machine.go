@@ -31,7 +31,6 @@ type machine struct {
 func (m *machine) paths() Paths {
 	return Paths{
 		QMPSocket:  filepath.Join(m.run, "qmp.sock"),
-		PIDFile:    filepath.Join(m.run, "qemu.pid"),
 		ConsoleLog: filepath.Join(m.dir, "console.log"),
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -213,15 +214,13 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	m.mu.Unlock()
 
 	paths := m.paths()
-	args, err := BuildArgs(&spec, paths, Platform{Accel: m.e.cfg.Accel})
+	args, specs, err := BuildArgs(&spec, paths, Platform{Accel: m.e.cfg.Accel})
 	if err != nil {
 		return err
 	}
 	if err := os.MkdirAll(m.run, 0o700); err != nil {
 		return errcode.Wrap(errcode.Internal, err, "runtime dir")
 	}
-	os.Remove(paths.QMPSocket)
-	os.Remove(paths.PIDFile)
 	logPath := filepath.Join(m.dir, "qemu.log")
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
@@ -236,21 +235,32 @@ func (m *machine) launch(ctx context.Context) (err error) {
 		m.setStatus(prevStatus, "start failed: "+e.Message)
 		return e
 	}
+	files, err := openFiles(specs)
+	if err != nil {
+		logf.Close()
+		return fail(errcode.QEMUStartFailed, err, "open vm files")
+	}
 
 	bin := m.e.cfg.Binaries[spec.Arch]
 	cmd := exec.Command(bin, args...)
 	cmd.Env = m.e.cfg.Env
-	cmd.Dir = m.dir
+	cmd.Dir = "/"
 	cmd.Stdout = logf
 	cmd.Stderr = logf
+	cmd.ExtraFiles = files
 	// Its own process group: a signal to the agent's group (Ctrl-C, the
-	// service manager) never reaches QEMU.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		logf.Close()
+	// service manager) never reaches QEMU. Credential drops root: QEMU runs
+	// as the unprivileged QEMU user with no supplementary groups and no
+	// capabilities, holding only the descriptors the agent opened for it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: m.e.cfg.Credential}
+	err = cmd.Start()
+	logf.Close()
+	for _, f := range files {
+		f.Close() // QEMU has its copies; a listening socket stays bound
+	}
+	if err != nil {
 		return fail(errcode.QEMUStartFailed, err, "exec "+bin)
 	}
-	logf.Close()
 	p, err := newProcess(m, cmd.Process.Pid)
 	if err != nil {
 		cmd.Process.Kill()
@@ -260,6 +270,7 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	go p.waitChild(cmd)
 	log := m.log.With(zap.Int("qemu_pid", p.pid))
 	log.Info("qemu launched", zap.String("binary", bin))
+	writePIDFile(filepath.Join(m.run, "qemu.pid"), p.pid)
 
 	abort := func(code errcode.Code, err error, what string) error {
 		p.sigkill()
@@ -299,6 +310,56 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	}
 	m.notify(v)
 	return nil
+}
+
+// openFiles opens what QEMU inherits, in fd order. On error nothing stays
+// open.
+func openFiles(specs []FileSpec) (files []*os.File, err error) {
+	defer func() {
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			files = nil
+		}
+	}()
+	for _, s := range specs {
+		if s.Kind == FileListen {
+			f, err := listenUnix(s.Path)
+			if err != nil {
+				return files, err
+			}
+			files = append(files, f)
+			continue
+		}
+		f, err := os.OpenFile(s.Path, s.Kind.OpenFlags()|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return files, err
+		}
+		files = append(files, f)
+	}
+	return files, nil
+}
+
+// listenUnix binds a unix socket (0600 in the VM's 0700 runtime dir) and
+// returns the listening descriptor for QEMU. The path stays bound after the
+// agent closes its copy, so a restarted agent reconnects by path.
+func listenUnix(path string) (*os.File, error) {
+	os.Remove(path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false)
+	defer l.Close()
+	if err := os.Chmod(path, 0o600); err != nil {
+		return nil, err
+	}
+	return l.File()
+}
+
+func writePIDFile(path string, pid int) {
+	_ = os.WriteFile(path, []byte(strconv.Itoa(pid)+"\n"), 0o600)
 }
 
 // dialUntil connects to QMP, retrying while QEMU creates its socket.

@@ -128,6 +128,9 @@ func (m *machine) adopt(ctx context.Context) {
 	v := m.viewLocked()
 	m.mu.Unlock()
 	go p.watch()
+	if err := m.e.cfg.Placer.Place(ctx, v); err != nil {
+		m.log.Warn("place re-adopted qemu", zap.Error(err))
+	}
 	m.log.Info("re-adopted qemu", zap.Int("qemu_pid", pid), zap.String("status", status))
 	m.notify(v)
 }

@@ -59,11 +59,21 @@ type Spec struct {
 
 // Disk is a block device backed by a file.
 type Disk struct {
-	Path      string `json:"path"`
-	Format    string `json:"format"` // qcow2 or raw
-	Bus       string `json:"bus,omitempty"`
-	ReadOnly  bool   `json:"readonly,omitempty"`
-	BootIndex int    `json:"boot_index,omitempty"` // 0 = not bootable unless root
+	Path   string `json:"path"`
+	Format string `json:"format"` // qcow2 or raw
+	// Backing is the read-only image a qcow2 overlay sits on (the cached
+	// image). QEMU gets it as an explicit node, opened by the agent, so it
+	// never opens the path named in the overlay's header.
+	Backing   *Backing `json:"backing,omitempty"`
+	Bus       string   `json:"bus,omitempty"`
+	ReadOnly  bool     `json:"readonly,omitempty"`
+	BootIndex int      `json:"boot_index,omitempty"` // 0 = not bootable unless root
+}
+
+// Backing is a disk's backing image.
+type Backing struct {
+	Path   string `json:"path"`
+	Format string `json:"format"`
 }
 
 // CDROM is a read-only ISO attached as virtio-scsi scsi-cd.
@@ -130,6 +140,17 @@ func (s *Spec) Validate() error {
 		case "qcow2", "raw":
 		default:
 			return errcode.New(errcode.ValidationFailed, "disk %d: format %q is not supported", i, d.Format)
+		}
+		if b := d.Backing; b != nil {
+			if d.Format != "qcow2" {
+				return errcode.New(errcode.ValidationFailed, "disk %d: only qcow2 disks have a backing image", i)
+			}
+			if err := checkPath(b.Path); err != nil {
+				return errcode.Wrap(errcode.ValidationFailed, err, "disk %d backing", i)
+			}
+			if b.Format != "qcow2" && b.Format != "raw" {
+				return errcode.New(errcode.ValidationFailed, "disk %d: backing format %q is not supported", i, b.Format)
+			}
 		}
 		switch d.Bus {
 		case "", BusVirtioBlk, BusVirtioSCSI, BusNVMe:
