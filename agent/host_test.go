@@ -1,0 +1,191 @@
+package agent
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/config"
+	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/testguest"
+)
+
+type hostHarness struct {
+	t     *testing.T
+	h     *Host
+	cfg   *config.Config
+	image string // URL of the test guest image
+}
+
+func newHost(t *testing.T) *hostHarness {
+	t.Helper()
+	run, err := os.MkdirTemp("/tmp", "oxh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(run) })
+	data := t.TempDir()
+	cfg := config.Default(data)
+	cfg.NodeName = "node-1"
+	cfg.RunDir = run
+	cfg.QEMU.User = "nobody"
+	cfg.Limits.MinFreeBytes = 1 << 20
+	srv := httptest.NewServer(http.FileServer(http.Dir(testguest.Dir(t))))
+	t.Cleanup(srv.Close)
+	h, err := NewHost(context.Background(), cfg, Options{Logger: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)), PowerdownInterval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, v := range h.Engine().List() {
+			if v.PID > 0 {
+				syscall.Kill(v.PID, syscall.SIGKILL)
+			}
+		}
+		h.Close()
+	})
+	return &hostHarness{t: t, h: h, cfg: cfg, image: srv.URL + "/guest.qcow2"}
+}
+
+func (hh *hostHarness) console(name string) *testguest.Console {
+	v, err := hh.h.Engine().Get(name)
+	if err != nil {
+		hh.t.Fatal(err)
+	}
+	return testguest.OpenConsole(v.ConsolePath)
+}
+
+func wait(t *testing.T, c *testguest.Console, substr string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	line, err := c.WaitFor(ctx, substr)
+	if err != nil {
+		t.Fatalf("waiting for %q: %v\n%s", substr, err, c.Text())
+	}
+	return line
+}
+
+func sum(b string) string {
+	s := sha256.Sum256([]byte(b))
+	return hex.EncodeToString(s[:])
+}
+
+// TestSeedReadByGuest: the real guest reads the seed the agent built: the
+// exact file names, instance-id (the VM's uuid), hostname and the sha256
+// of user-data and network-config. A VM created with no_cloud_init has no
+// CD-ROM at all; delete removes every file and unpins the image.
+func TestSeedReadByGuest(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	ctx := context.Background()
+	ud := "#cloud-config\nusers: []\n"
+	nc := "version: 2\nethernets:\n  eth0:\n    dhcp4: true\n"
+	id := uuid.NewString()
+	v, err := hh.h.Create(ctx, id, api.CreateVM{Name: "seeded", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256,
+		UserData: ud, NetworkConfig: nc}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.UUID != id || !v.CloudInit || v.Status != api.StatusRunning {
+		t.Fatalf("view: %+v", v)
+	}
+	c := hh.console("seeded")
+	wait(t, c, "OTHERIX-GUEST cidata label=cidata")
+	if line := wait(t, c, "OTHERIX-GUEST cidata files="); strings.TrimSpace(line) != "OTHERIX-GUEST cidata files=meta-data,network-config,user-data" {
+		t.Fatalf("the guest sees the seed files as %q", line)
+	}
+	wait(t, c, "OTHERIX-GUEST cidata instance-id="+id)
+	wait(t, c, "OTHERIX-GUEST cidata local-hostname=seeded")
+	wait(t, c, "OTHERIX-GUEST cidata user-data-sha256="+sum(ud))
+	wait(t, c, "OTHERIX-GUEST cidata network-config-sha256="+sum(nc))
+
+	// The seed ISO is private.
+	ev, _ := hh.h.Engine().Get("seeded")
+	fi, err := os.Stat(ev.Spec.CDROMs[0].Path)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("seed iso: %v %v", fi, err)
+	}
+
+	v2, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "bare", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256, NoCloudInit: true}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v2.CloudInit {
+		t.Fatalf("no_cloud_init VM says cloud_init: %+v", v2)
+	}
+	c2 := hh.console("bare")
+	line := wait(t, c2, "OTHERIX-GUEST disks ")
+	if strings.Contains(line, "sr0") {
+		t.Fatalf("no_cloud_init VM has a CD-ROM: %s", line)
+	}
+	wait(t, c2, "OTHERIX-GUEST cidata none")
+
+	// Both VMs share one cached image, pinned by both.
+	entries, err := hh.h.Cache().List("default")
+	if err != nil || len(entries) != 1 || len(entries[0].PinnedBy) != 2 {
+		t.Fatalf("cache: %+v %v", entries, err)
+	}
+	for _, name := range []string{"seeded", "bare"} {
+		ev, _ := hh.h.Engine().Get(name)
+		if err := hh.h.Delete(ctx, name); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range ev.Spec.OwnedPaths {
+			if _, err := os.Stat(p); !os.IsNotExist(err) {
+				t.Errorf("%s left after delete", p)
+			}
+		}
+	}
+	entries, _ = hh.h.Cache().List("default")
+	if len(entries) != 1 || len(entries[0].PinnedBy) != 0 {
+		t.Fatalf("cache after delete: %+v", entries)
+	}
+	if m, _ := filepath.Glob(filepath.Join(hh.cfg.DataDir, "vms", "*")); len(m) != 0 {
+		t.Fatalf("vm state left: %v", m)
+	}
+}
+
+// TestCreateUndo: a create that fails after the image is cached leaves no
+// VM, no disk, no seed and no pin behind.
+func TestCreateUndo(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	ctx := context.Background()
+	// The engine refuses the second VM with the same name only after the
+	// image, overlay and seed were made: everything must be undone.
+	_, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "dup", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256, NoCloudInit: true}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "dup", ImageURL: hh.image, Arch: "amd64"}, nil, nil)
+	if errcode.Of(err) != errcode.Conflict {
+		t.Fatalf("second create: %v", err)
+	}
+	// A QEMU that cannot start: memory the host cannot give.
+	hh.cfg.QEMU.X86_64 = "/bin/false"
+	_, err = hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "nope", ImageURL: hh.image + ".missing", Arch: "amd64"}, nil, nil)
+	if errcode.Of(err) != errcode.ImageDownloadFailed {
+		t.Fatalf("missing image: %v", err)
+	}
+	disks, _ := filepath.Glob(filepath.Join(hh.cfg.Pools["default"].Path, "vms", "*"))
+	if len(disks) != 1 {
+		t.Fatalf("vm dirs in the pool: %v", disks)
+	}
+	if _, err := hh.h.Engine().Get("nope"); errcode.Of(err) != errcode.NotFound {
+		t.Fatalf("failed create left a vm: %v", err)
+	}
+}
