@@ -61,6 +61,7 @@ type Options struct {
 	retryBackoff    time.Duration // first retry delay
 	idleTimeout     time.Duration // no body bytes for this long: retry
 	joined          func()        // called when an Ensure joins a download
+	noDirectIO      bool          // write through the page cache only
 }
 
 const (

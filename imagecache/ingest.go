@@ -238,7 +238,7 @@ func (c *Cache) commit(p *pool, st *partial, r request, digest string, info imag
 		os.Remove(p.recordPath(digest))
 		return Entry{}, writeErr(p, err)
 	}
-	st.f.Close()
+	st.close()
 	if err := os.Rename(st.part, p.entryPath(digest)); err != nil {
 		os.Remove(p.recordPath(digest))
 		return Entry{}, errcode.Wrap(errcode.Internal, err, "commit image")

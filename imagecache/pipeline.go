@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -23,6 +24,7 @@ import (
 const (
 	pipelineBuffers = 4
 	sparseBlock     = 64 << 10
+	directAlign     = 4096 // O_DIRECT alignment of offsets, lengths and memory
 	// writebackWindow: after this many new bytes, writeback of them is
 	// started, and the previous window is waited for. At most two windows
 	// are dirty at any time.
@@ -47,7 +49,7 @@ type chunk struct {
 func (c *Cache) stream(p *pool, r request, st *partial, src io.Reader, limit int64, abort context.CancelCauseFunc, done func(int64)) error {
 	if st.bufs == nil {
 		for range pipelineBuffers {
-			st.bufs = append(st.bufs, make([]byte, c.opts.chunkSize))
+			st.bufs = append(st.bufs, alignedBuffer(c.opts.chunkSize))
 		}
 	}
 	free := make(chan *chunk, len(st.bufs))
@@ -111,7 +113,9 @@ read:
 		case <-stop:
 			break read
 		}
-		want := int64(len(ch.buf))
+		// After a short read, realign: the next buffer then starts on a
+		// block boundary and can be written with direct I/O.
+		want := int64(len(ch.buf)) - sent%directAlign
 		if limit >= 0 {
 			want = min(want, limit-(sent-st.off))
 		}
@@ -177,7 +181,7 @@ func (c *Cache) writeChunk(p *pool, st *partial, ch *chunk) error {
 			k = min(k+sparseBlock, len(b))
 		}
 		if k > j {
-			if _, err := st.f.WriteAt(b[j:k], ch.off+int64(j)); err != nil {
+			if err := st.writeAt(b[j:k], ch.off+int64(j)); err != nil {
 				return writeErr(p, err)
 			}
 			st.fileSize = max(st.fileSize, ch.off+int64(k))
@@ -185,7 +189,8 @@ func (c *Cache) writeChunk(p *pool, st *partial, ch *chunk) error {
 		i = k
 	}
 	end := ch.off + int64(ch.n)
-	if end-st.flushed >= writebackWindow {
+	if st.dirty && end-st.flushed >= writebackWindow {
+		st.dirty = false
 		fd := int(st.f.Fd())
 		if err := syncRange(fd, st.flushed, end-st.flushed, unix.SYNC_FILE_RANGE_WRITE); err != nil {
 			return writeErr(p, err)
@@ -205,6 +210,34 @@ func (c *Cache) writeChunk(p *pool, st *partial, ch *chunk) error {
 		}
 	}
 	return nil
+}
+
+// writeAt writes b at off: the block-aligned part with direct I/O when
+// available (b starts block-aligned in memory whenever off is aligned: the
+// buffers are aligned and sparse blocks are multiples of the block size),
+// the rest through the page cache.
+func (st *partial) writeAt(b []byte, off int64) error {
+	if st.df != nil && off%directAlign == 0 {
+		if n := len(b) &^ (directAlign - 1); n > 0 {
+			if _, err := st.df.WriteAt(b[:n], off); err != nil {
+				return err
+			}
+			b, off = b[n:], off+int64(n)
+		}
+	}
+	if len(b) == 0 {
+		return nil
+	}
+	st.dirty = true
+	_, err := st.f.WriteAt(b, off)
+	return err
+}
+
+// alignedBuffer returns n bytes starting on a directAlign boundary.
+func alignedBuffer(n int) []byte {
+	b := make([]byte, n+directAlign)
+	skip := (directAlign - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%directAlign)) % directAlign
+	return b[skip : skip+n : skip+n]
 }
 
 // syncRange is sync_file_range(2); file systems that do not support it
