@@ -3,6 +3,8 @@ package imagecache
 import (
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -483,5 +485,78 @@ func TestEnsureSparseRaw(t *testing.T) {
 	}
 	if e.DiskBytes > 2<<20 {
 		t.Fatalf("cached file takes %d bytes on disk; want holes for the zeros", e.DiskBytes)
+	}
+}
+
+func TestEnsureUsesProxyFromEnvironment(t *testing.T) {
+	c, _ := newCache(t, testOptions(t))
+	data := randomBytes(1<<20, 17)
+	proxyMu.Lock()
+	proxyImages["/via-proxy.img"] = data
+	proxyMu.Unlock()
+	e := mustEnsure(t, c, Request{URL: "http://images.test/via-proxy.img"})
+	if e.Digest != sha(data) {
+		t.Fatal(e)
+	}
+	proxyMu.Lock()
+	defer proxyMu.Unlock()
+	if !contains(proxySeen, "http://images.test/via-proxy.img") {
+		t.Fatalf("proxy saw %v", proxySeen)
+	}
+}
+
+func TestEnsureTLS(t *testing.T) {
+	data := randomBytes(1<<20, 18)
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/down" {
+			http.Redirect(w, r, "http://127.0.0.1:1/img", http.StatusFound)
+			return
+		}
+		w.Write(data)
+	}))
+	defer srv.Close()
+	// The default client verifies certificates: a self-signed one fails,
+	// without retries.
+	c, dir := newCache(t, testOptions(t))
+	_, err := c.Ensure(context.Background(), "p", Request{URL: srv.URL + "/img"}, nil)
+	wantCode(t, err, errcode.ImageDownloadFailed)
+	if !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("message: %v", err)
+	}
+	wantEmptyCache(t, c, dir)
+
+	// A client that trusts the server's CA works; a redirect from https to
+	// http is still refused.
+	opts := testOptions(t)
+	opts.HTTPClient = srv.Client()
+	c2, _ := newCache(t, opts)
+	if e := mustEnsure(t, c2, Request{URL: srv.URL + "/img"}); e.Digest != sha(data) {
+		t.Fatal(e)
+	}
+	_, err = c2.Ensure(context.Background(), "p", Request{URL: srv.URL + "/down"}, nil)
+	wantCode(t, err, errcode.ImageDownloadFailed)
+}
+
+func TestEnsureIdleStreamIsRetried(t *testing.T) {
+	opts := testOptions(t)
+	opts.idleTimeout = 200 * time.Millisecond
+	c, _ := newCache(t, opts)
+	s := newImageServer(t)
+	data := randomBytes(2<<20, 19)
+	// The first response stalls after 1 MiB and never goes on; the retry
+	// resumes from there.
+	url := s.add("/img", &served{data: data, etag: `"s"`, stall: make(chan struct{}), stallAfter: 1 << 20})
+	s.onRequest = func(path string, n int) {
+		if n == 1 {
+			s.files[path] = &served{data: data, etag: `"s"`}
+		}
+	}
+	e := mustEnsure(t, c, Request{URL: url})
+	if e.Digest != sha(data) {
+		t.Fatal(e)
+	}
+	reqs := s.requests()
+	if len(reqs) != 2 || reqs[1].Range != "bytes=1048576-" {
+		t.Fatalf("requests = %+v", reqs)
 	}
 }

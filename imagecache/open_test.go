@@ -5,11 +5,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -17,12 +20,38 @@ import (
 	"github.com/otherix/otherix-agent/agent/errcode"
 )
 
+// proxy is a forward HTTP proxy on loopback, named by HTTP_PROXY for this
+// test binary (loopback targets are never proxied, so other tests are not
+// affected). It serves proxyImages for the host images.test.
+var (
+	proxyMu     sync.Mutex
+	proxyImages = map[string][]byte{}
+	proxySeen   []string
+)
+
 func TestMain(m *testing.M) {
 	if os.Getenv("IMAGECACHE_TEST_HELPER") == "ingest" {
 		helperIngest()
 		return
 	}
-	os.Exit(m.Run())
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		proxyMu.Lock()
+		proxySeen = append(proxySeen, r.URL.String())
+		data, ok := proxyImages[r.URL.Path]
+		proxyMu.Unlock()
+		if r.URL.Host != "images.test" || !ok {
+			http.Error(w, "no such upstream", http.StatusBadGateway)
+			return
+		}
+		w.Write(data)
+	}))
+	os.Setenv("HTTP_PROXY", proxy.URL)
+	os.Setenv("http_proxy", proxy.URL)
+	os.Unsetenv("NO_PROXY")
+	os.Unsetenv("no_proxy")
+	code := m.Run()
+	proxy.Close()
+	os.Exit(code)
 }
 
 // helperIngest runs in a child process: one Ensure that reports on stdout
