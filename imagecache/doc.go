@@ -24,10 +24,16 @@
 // # Ingest, then commit
 //
 // A download streams into the ingest file while sha256 is computed in the
-// same pass (reader, hasher and writer are three goroutines sharing large
-// buffers). Written ranges are pushed to disk during the download with
-// sync_file_range(2), so the final fsync has little left to do. All-zero
-// 64 KiB blocks are skipped, so raw images stay sparse. On success the file
+// same pass: reader, hasher and writer are three goroutines sharing four
+// 4 MiB buffers, so receiving, hashing and writing overlap and the file is
+// never read back. Block-aligned data is written with O_DIRECT (through a
+// second descriptor), straight from the buffers to the disk: no page-cache
+// copy, and the disk works during the download instead of at the final
+// fsync. Where O_DIRECT is unavailable, and for unaligned tails, writes go
+// through the page cache and their writeback is started every 32 MiB with
+// sync_file_range(2), waiting for the window before, so at most two windows
+// are dirty. All-zero 64 KiB blocks are skipped, so raw images stay sparse.
+// On success the file
 // is fsynced, its size and digest checked (against the request's SHA256 when
 // given), its real format probed with `qemu-img info` (the name and the
 // request are never trusted; only raw and qcow2 without a backing or external
@@ -47,7 +53,10 @@
 // ingest/ and partials older than Options.PartialMaxAge. Within one Ensure, a
 // dropped stream is retried (resuming with Range when possible); a server
 // that answers 200 instead of 206, or whose validator changed, makes the
-// download start over.
+// download start over. A stream counts as dropped on a network error, a body
+// shorter than its length, or 60 s without data; retries back off from
+// 250 ms, up to 10 attempts, or 4 in a row that made no progress. HTTP
+// error statuses, TLS failures and redirect loops are not retried.
 //
 // Raw images are kept raw: overlays name their backing format with -F, so
 // converting would only cost time and space.
@@ -71,5 +80,13 @@
 // index record, so pins survive restarts; a pinned entry is never evicted.
 // After each ingest, and on Prune, least recently used unpinned entries are
 // evicted while the pool's cache exceeds Options.MaxCacheBytes or its free
-// space is under Options.MinFreeBytes. Cache sizes count allocated bytes.
+// space is under Options.MinFreeBytes (never the image just ingested).
+// Before a download whose size is known, entries are evicted the same way
+// if that makes it fit. Cache sizes count allocated bytes. An entry that
+// Ensure returned is not pinned until CreateOverlay: if eviction takes it
+// in between (it would have to be the least recently used unpinned entry),
+// CreateOverlay fails with not_found and the caller can Ensure again.
+//
+// The index record holds an entry's pins: if a record is lost (removed by
+// hand), Open describes the file again from qemu-img, without pins.
 package imagecache
