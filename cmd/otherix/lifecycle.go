@@ -131,43 +131,50 @@ func (c *cli) vmSync(ctx context.Context, fs *flag.FlagSet, args []string, op st
 	return nil
 }
 
-// waitTask polls task t until it is terminal, printing one dot per poll on
-// stderr. Success prints "vm <done> task=<id>" on stdout; a failed or
-// cancelled task and a timeout end the command with a non-zero status.
-// Transient errors (network, 429, 5xx) are retried until the timeout.
+// waitTask polls task t until it is terminal, showing progress on stderr
+// (see progressLine: one dot per poll unless stderr is a terminal).
+// Success prints "vm <done> task=<id>" on stdout; a failed or cancelled
+// task and a timeout end the command with a non-zero status. Transient
+// errors (network, 429, 5xx) are retried until the timeout.
 func (c *cli) waitTask(ctx context.Context, cl *client.Client, t *api.Task, done string, timeout time.Duration) error {
+	return c.waitFor(ctx, cl, t, timeout, func(*api.Task) error {
+		fmt.Fprintf(c.stdout, "vm %s task=%s\n", done, t.ID)
+		return nil
+	})
+}
+
+// waitFor is waitTask with the success output left to onSuccess, which
+// gets the terminal task.
+func (c *cli) waitFor(ctx context.Context, cl *client.Client, t *api.Task, timeout time.Duration, onSuccess func(*api.Task) error) error {
 	interval, err := c.pollInterval()
 	if err != nil {
 		return err
 	}
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	dots := false
-	endDots := func() {
-		if dots {
-			fmt.Fprintln(c.stderr)
-			dots = false
-		}
-	}
-	defer endDots()
+	pl := c.newProgress()
+	defer pl.end()
 	last, lastErr := t, error(nil)
 	for {
 		got, err := cl.Task(wctx, t.ID)
-		fmt.Fprint(c.stderr, ".")
-		dots = true
+		var progress *api.Progress
+		if err == nil {
+			progress = got.Progress
+		}
+		pl.poll(progress)
 		switch {
 		case err == nil:
 			last, lastErr = got, nil
 			switch got.Status {
 			case api.TaskSuccess:
-				endDots()
-				fmt.Fprintf(c.stdout, "vm %s task=%s\n", done, t.ID)
-				return nil
+				pl.succeeded()
+				pl.end()
+				return onSuccess(got)
 			case api.TaskFailed:
-				endDots()
+				pl.end()
 				return &exitError{code: exitFailure, msg: fmt.Sprintf("task %s failed: %s", t.ID, taskError(got))}
 			case api.TaskCancelled:
-				endDots()
+				pl.end()
 				msg := "task " + t.ID + " cancelled"
 				if got.Error != nil {
 					msg += ": " + taskError(got)
@@ -190,7 +197,7 @@ func (c *cli) waitTask(ctx context.Context, cl *client.Client, t *api.Task, done
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			endDots()
+			pl.end()
 			msg := fmt.Sprintf("error: timed out after %s waiting for task %s (status %s); the task goes on, re-run with --wait or poll it", timeout, t.ID, last.Status)
 			if lastErr != nil && !errors.Is(lastErr, context.DeadlineExceeded) {
 				msg += "; last error: " + lastErr.Error()
