@@ -144,7 +144,7 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 
 func stagger(standalone bool) time.Duration {
 	if standalone {
-		return 0 // one node, nothing to stampede
+		return -1 // one node, nothing to stampede
 	}
 	return 0 // runner default
 }

@@ -1,0 +1,151 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/journal"
+	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/protocol/cptest"
+	"github.com/otherix/otherix-agent/agent/runner"
+)
+
+// TestControlPlaneRealEngine runs the agent's runner against the fake
+// control plane with the real Host, engine and QEMU: a create delivered
+// twice and with its lease expiring mid-work runs once; a duplicated pause
+// is not executed again; a QEMU killed behind the agent's back is started
+// again because the control plane wants it running; a VM the control plane
+// does not know is reported as an orphan and left alone; shutting the
+// runner down leaves VMs running.
+func TestControlPlaneRealEngine(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	cp := &cptest.Server{Token: "s3cret", HeartbeatInterval: time.Second}
+	srv := httptest.NewServer(cp)
+	t.Cleanup(srv.Close)
+	tok := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tok, []byte("s3cret\n"), 0o600)
+	client, err := protocol.NewClient(protocol.ClientConfig{BaseURL: srv.URL, Node: "node-1", TokenFile: tok})
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := journal.Open(filepath.Join(hh.cfg.DataDir, "journal"), journal.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	r := runner.New(client, j, hh.h, hh.h, runner.Config{
+		InitialStagger: -1, LeaseWait: 2 * time.Second, RestartBase: time.Second, RetryBase: 100 * time.Millisecond,
+		Logger: zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)),
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	wctx, wcancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer wcancel()
+
+	// vm.create, duplicated, with its lease expired while it works.
+	id := uuid.NewString()
+	spec, _ := json.Marshal(api.CreateVM{Name: "cp-1", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256})
+	cp.SetDesired(id, api.PhaseRunning)
+	cp.Enqueue(protocol.Task{ID: "t-create", Type: api.TaskCreate, VMName: "cp-1", VMUUID: id, Spec: spec})
+	cp.Duplicate("t-create")
+	if err := cp.WaitFor(wctx, func() bool { return cp.Leased("t-create") }); err != nil {
+		t.Fatal(err)
+	}
+	cp.Expire("t-create")
+	c, err := cp.WaitCompletion(wctx, "t-create")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Status != api.TaskSuccess || c.VM == nil || c.VM.Status != api.StatusRunning || c.VM.UUID != id {
+		t.Fatalf("create completion: %+v %+v", c, c.Error)
+	}
+	pid := c.VM.QEMUPID
+	if n := len(hh.h.Engine().List()); n != 1 {
+		t.Fatalf("%d VMs after a duplicated create", n)
+	}
+	if p := progressPhases(cp.ProgressOf("t-create")); !slices.Contains(p, "download") && !slices.Contains(p, "boot") {
+		t.Logf("progress phases reported: %v", p)
+	}
+
+	// A duplicated pause runs once: a second execution would be a conflict.
+	cp.Enqueue(protocol.Task{ID: "t-pause", Type: api.TaskPause, VMName: "cp-1", VMUUID: id})
+	cp.Duplicate("t-pause")
+	c, err = cp.WaitCompletion(wctx, "t-pause")
+	if err != nil || c.Status != api.TaskSuccess {
+		t.Fatalf("pause: %+v %v", c, err)
+	}
+	if err := cp.WaitFor(wctx, func() bool { return cp.Deliveries("t-pause") >= 2 }); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cp.CompletionsOf("t-pause") {
+		if c.Status != api.TaskSuccess {
+			t.Fatalf("a redelivered pause was executed again: %+v", c.Error)
+		}
+	}
+	cp.Enqueue(protocol.Task{ID: "t-resume", Type: api.TaskResume, VMName: "cp-1", VMUUID: id})
+	if c, err := cp.WaitCompletion(wctx, "t-resume"); err != nil || c.Status != api.TaskSuccess {
+		t.Fatalf("resume: %+v %v", c, err)
+	}
+
+	// Reconcile: QEMU killed behind the agent's back is started again.
+	syscall.Kill(pid, syscall.SIGKILL)
+	if err := cp.WaitFor(wctx, func() bool {
+		v, err := hh.h.VM("cp-1")
+		return err == nil && v.Status == api.StatusRunning && v.QEMUPID != pid && v.QEMUPID != 0
+	}); err != nil {
+		v, _ := hh.h.VM("cp-1")
+		t.Fatalf("crashed VM not restarted: %+v", v)
+	}
+
+	// An orphan: a VM the control plane does not know, reported, untouched.
+	orphan := uuid.NewString()
+	if _, err := hh.h.Create(wctx, orphan, api.CreateVM{Name: "stray", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256, NoCloudInit: true}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	hb, err := cp.WaitHeartbeat(wctx, func(h protocol.HeartbeatRequest) bool { return slices.Contains(h.Orphans, orphan) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(hb.Orphans, id) {
+		t.Fatalf("known VM reported as orphan: %v", hb.Orphans)
+	}
+	if v, err := hh.h.VM("stray"); err != nil || v.Status != api.StatusRunning {
+		t.Fatalf("orphan touched: %+v %v", v, err)
+	}
+
+	// Shutdown: the runner returns, VMs keep running.
+	v, _ := hh.h.VM("cp-1")
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		t.Fatal("runner did not shut down")
+	}
+	if err := syscall.Kill(v.QEMUPID, 0); err != nil {
+		t.Fatalf("qemu died with the runner: %v", err)
+	}
+}
+
+func progressPhases(ps []cptest.ProgressReport) []string {
+	var out []string
+	for _, p := range ps {
+		if p.Progress != nil {
+			out = append(out, p.Progress.Phase)
+		}
+	}
+	return out
+}
