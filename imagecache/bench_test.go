@@ -142,7 +142,7 @@ func BenchmarkIngest(b *testing.B) {
 		{name: "imagecache-buffered", run: cacheRun(true, "buffered")},
 		{name: "curl+sha256sum+sync", run: func() time.Duration {
 			out := filepath.Join(dstDir, "curl.out")
-			d := run(b, "sh", "-c", fmt.Sprintf("curl -sSf -o %s %s && sha256sum %s >/dev/null && sync %s", out, url, out, out))
+			d := run(b, "sh", "-c", fmt.Sprintf("curl -sSf --noproxy '*' -o %s %s && sha256sum %s >/dev/null && sync %s", out, url, out, out))
 			os.Remove(out)
 			return d
 		}},
