@@ -23,9 +23,11 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/metrics"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/imagecache"
+	"github.com/otherix/otherix-agent/qmp"
 )
 
 // Version is the agent's version, set by cmd from build info.
@@ -55,6 +57,8 @@ type Options struct {
 	OnChange func(api.VM) // VM view changes (status, pid)
 	// Engine tuning (zero = defaults).
 	PowerdownInterval time.Duration
+	// Metrics, optional.
+	Metrics *metrics.Metrics
 }
 
 // meta is what the host keeps with each VM in the engine's state.
@@ -114,7 +118,10 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		PowerdownInterval: o.PowerdownInterval,
 		Env:               o.Env,
 		Placer:            o.Placer,
-		Logger:            log.Named("vm"),
+		Dial: func(ctx context.Context, path string) (vm.Monitor, error) {
+			return qmp.Dial(ctx, path, qmp.WithLogger(log.Named("qmp")), qmp.WithObserver(o.Metrics.QMPObserver()))
+		},
+		Logger: log.Named("vm"),
 		OnChange: func(v vm.View) {
 			if h.onChange != nil {
 				h.onChange(h.toAPI(v))

@@ -294,7 +294,11 @@ func (c *Client) Execute(ctx context.Context, cmd string, args any, out any) err
 }
 
 // ExecuteRaw is Execute returning the raw "return" value.
-func (c *Client) ExecuteRaw(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
+func (c *Client) ExecuteRaw(ctx context.Context, cmd string, args any) (out json.RawMessage, err error) {
+	if c.opts.observe != nil {
+		start := time.Now()
+		defer func() { c.opts.observe(cmd, time.Since(start), err) }()
+	}
 	req := request{Execute: cmd}
 	if args != nil {
 		b, err := json.Marshal(args)

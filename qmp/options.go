@@ -38,6 +38,13 @@ type options struct {
 	log            *zap.Logger
 	defaultTimeout time.Duration
 	timeouts       map[string]time.Duration
+	observe        func(cmd string, d time.Duration, err error)
+}
+
+// WithObserver calls f after every command with its latency and error
+// (metrics). f must not block.
+func WithObserver(f func(cmd string, d time.Duration, err error)) Option {
+	return func(o *options) { o.observe = f }
 }
 
 // Option configures Dial.

@@ -50,12 +50,16 @@ type ClientConfig struct {
 	// Transport overrides the HTTP transport (tests). CAFile and the
 	// client certificate are then ignored.
 	Transport http.RoundTripper
+	// Observe, when set, is called after every request with its path,
+	// latency and error (metrics). It must not block.
+	Observe func(path string, d time.Duration, err error)
 }
 
 // Client speaks the agent side of the protocol. It does not retry: it
 // classifies failures (IsRetryable, RetryAfter) and its caller decides when
 // to try again. It is safe for concurrent use.
 type Client struct {
+	observe     func(path string, d time.Duration, err error)
 	base        *url.URL
 	node        string
 	userAgent   string
@@ -104,6 +108,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}
 	c := &Client{
 		base:        base,
+		observe:     cfg.Observe,
 		node:        cfg.Node,
 		userAgent:   fmt.Sprintf("otherix-agent/%s (protocol %d; %s/%s)", orDefault(cfg.AgentVersion, "dev"), Version, runtime.GOOS, runtime.GOARCH),
 		timeout:     cfg.Timeout,
@@ -179,7 +184,11 @@ func (c *Client) Heartbeat(ctx context.Context, req HeartbeatRequest) (*Heartbea
 // maxAnswer bounds what the agent reads from one answer.
 const maxAnswer = 16 << 20
 
-func (c *Client) post(ctx context.Context, path string, in, out any, timeout time.Duration) error {
+func (c *Client) post(ctx context.Context, path string, in, out any, timeout time.Duration) (err error) {
+	if c.observe != nil {
+		start := time.Now()
+		defer func() { c.observe(path, time.Since(start), err) }()
+	}
 	body, gz, err := c.encode(in)
 	if err != nil {
 		return err

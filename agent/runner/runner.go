@@ -92,6 +92,9 @@ type Config struct {
 	// CompactEvery is how often the journal is compacted; default 1h.
 	CompactEvery time.Duration
 
+	// ObserveTask, when set, is called as each task finishes (metrics).
+	ObserveTask func(typ, outcome string, d time.Duration)
+
 	Clock  Clock      // default SystemClock()
 	Rand   *rand.Rand // default seeded from the OS
 	Logger *zap.Logger

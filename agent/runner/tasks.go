@@ -308,6 +308,9 @@ func (r *Runner) finish(e *execution, startedAt time.Time, o journal.Outcome) {
 	if o.Error != nil {
 		fields = append(fields, zap.String("code", o.Error.Code), zap.String("message", o.Error.Message))
 	}
+	if r.cfg.ObserveTask != nil {
+		r.cfg.ObserveTask(e.task.Type, o.Status, r.clock.Now().Sub(startedAt))
+	}
 	e.log.Info("task finished", fields...)
 }
 

@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -22,6 +21,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/journal"
+	"github.com/otherix/otherix-agent/agent/metrics"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/runner"
 	"github.com/otherix/otherix-agent/agent/standalone"
@@ -68,21 +68,34 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		}
 	}
 	placer := systemd.DetectPlacer(ctx, log.Named("systemd"))
-	var vms sync.Map // uuid -> status, for STATUS= lines
+	m := metrics.New(metrics.Options{})
 	host, err := agent.NewHost(ctx, cfg, agent.Options{
-		Logger: log,
-		Placer: agent.ScopePlacer{P: placer},
-		Env:    systemd.ChildEnv(),
+		Logger:  log,
+		Placer:  agent.ScopePlacer{P: placer},
+		Env:     systemd.ChildEnv(),
+		Metrics: m,
 		OnChange: func(v api.VM) {
-			vms.Store(v.UUID, v.Status)
+			if v.Status == api.StatusDeleted {
+				m.ForgetVM(v.Name)
+			}
 		},
 	})
 	if err != nil {
 		return err
 	}
 	defer host.Close() // VMs keep running
+	m.SetVMs(func() []api.VM { return host.VMs(context.Background()) })
+	m.SetPools(host.Cache().Stats)
+	if cfg.Listen.Metrics != "" {
+		ln, err := net.Listen("tcp", cfg.Listen.Metrics)
+		if err != nil {
+			return fmt.Errorf("listen.metrics %s: %w", cfg.Listen.Metrics, err)
+		}
+		go m.Serve(ctx, ln)
+		log.Info("metrics listening", zap.String("addr", "http://"+ln.Addr().String()+"/metrics"))
+	}
 
-	client, token, srv, err := controlPlane(ctx, cfg, o, host, log)
+	client, token, srv, err := controlPlane(ctx, cfg, o, host, log, m)
 	if err != nil {
 		return err
 	}
@@ -97,7 +110,9 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		CreateConcurrency: cfg.Limits.ConcurrentCreates,
 		Logger:            log.Named("runner"),
 		InitialStagger:    stagger(o.standalone),
+		ObserveTask:       m.ObserveTask,
 	})
+	m.SetControlPlane(r.Connected, r.LastHeartbeat)
 
 	runErr := make(chan error, 1)
 	go func() { runErr <- r.Run(ctx) }()
@@ -152,7 +167,7 @@ func stagger(standalone bool) time.Duration {
 // controlPlane returns the protocol client: to the configured control
 // plane, or in standalone mode to an in-process one served over loopback
 // together with the /v1 API.
-func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host *agent.Host, log *zap.Logger) (*protocol.Client, string, *http.Server, error) {
+func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host *agent.Host, log *zap.Logger, m *metrics.Metrics) (*protocol.Client, string, *http.Server, error) {
 	if !o.standalone {
 		if cfg.ControlPlane.URL == "" {
 			return nil, "", nil, errors.New("no control plane configured: set control_plane.url in the config, or run with --standalone")
@@ -161,6 +176,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 			BaseURL: cfg.ControlPlane.URL, Node: cfg.NodeName, AgentVersion: agent.Version,
 			TokenFile: cfg.ControlPlane.TokenFile, CAFile: cfg.ControlPlane.CAFile,
 			CertFile: cfg.ControlPlane.CertFile, KeyFile: cfg.ControlPlane.KeyFile,
+			Observe: m.ObserveControlPlane,
 		})
 		return c, "", nil, err
 	}
@@ -177,6 +193,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	apiH := standalone.NewAPI(host, cp, log.Named("api"))
 	mux := http.NewServeMux()
 	mux.Handle("/v1/agent/", cp)
+	mux.Handle("GET /metrics", m.Handler())
 	mux.Handle("/", apiH.Handler())
 	srv := &http.Server{
 		Handler:           mux,
@@ -209,7 +226,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	log.Info("standalone API listening", zap.String("addr", "http://"+addr), zap.String("socket", cfg.Listen.Socket))
 	c, err := protocol.NewClient(protocol.ClientConfig{
 		BaseURL: "http://" + addr, Node: cfg.NodeName, AgentVersion: agent.Version, TokenFile: tokenPath,
-		AllowInsecureHTTP: true,
+		AllowInsecureHTTP: true, Observe: m.ObserveControlPlane,
 	})
 	if err != nil {
 		srv.Close()

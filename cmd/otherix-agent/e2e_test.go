@@ -241,6 +241,12 @@ func TestCLILifecycle(t *testing.T) {
 		t.Fatalf("vm view: %+v", v)
 	}
 
+	// Metrics move during the VM's life.
+	before := scrape(t, a.url)
+	if before[`otherix_agent_vms{status="running"}`] != 1 || before[`otherix_agent_tasks_total{outcome="success",type="vm.create"}`] != 1 {
+		t.Errorf("metrics after create: vms running %v, creates %v", before[`otherix_agent_vms{status="running"}`], before[`otherix_agent_tasks_total{outcome="success",type="vm.create"}`])
+	}
+
 	// sync ops: pause, pause again (409), resume, reset
 	r = a.ok("vm", "pause", "web-1")
 	if strings.TrimSpace(r.stdout) != "vm web-1 status=paused" {
@@ -257,6 +263,16 @@ func TestCLILifecycle(t *testing.T) {
 	}
 	waitConsole(t, con, "OTHERIX-GUEST booted")
 	waitConsole(t, con, "OTHERIX-GUEST ready")
+
+	after := scrape(t, a.url)
+	for _, series := range []string{`otherix_agent_qmp_command_duration_seconds_count{command="stop"}`, `otherix_agent_tasks_total{outcome="success",type="vm.pause"}`, `otherix_agent_tasks_total{outcome="success",type="vm.resume"}`} {
+		if after[series] <= before[series] {
+			t.Errorf("%s did not move: %v -> %v", series, before[series], after[series])
+		}
+	}
+	if after[`otherix_agent_control_plane_request_duration_seconds_count{path="/v1/agent/heartbeat"}`] == 0 {
+		t.Errorf("no heartbeat observed in metrics")
+	}
 
 	// async ops without --wait print "<op> task=<id> status=<status>"
 	r = a.ok("vm", "stop", "web-1")

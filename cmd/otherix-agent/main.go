@@ -24,6 +24,7 @@ func usage(w io.Writer) {
   otherix-agent [--config PATH] [--standalone] [--data-dir DIR] [--listen HOST:PORT]
   otherix-agent config check PATH
   otherix-agent config show [--config PATH] [--data-dir DIR]
+  otherix-agent doctor [--config PATH] [-o table|json]
   otherix-agent version | --version
 `)
 }
@@ -36,6 +37,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return 0
 		case "config":
 			return configCmd(args[1:], stdout, stderr)
+		case "doctor":
+			return doctorCmd(args[1:], stdout, stderr)
 		case "help", "-h", "--help":
 			usage(stdout)
 			return 0
