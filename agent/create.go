@@ -274,3 +274,46 @@ func (h *Host) updateMeta(name string, fn func(*meta)) {
 		h.log.Warn("persist vm meta", zap.String("vm", name), zap.Error(err))
 	}
 }
+
+// PullImage fills a pool's cache with an image ahead of creates.
+func (h *Host) PullImage(ctx context.Context, p api.PullImage, progress func(api.Progress)) (imagecache.Entry, error) {
+	if p.URL == "" {
+		return imagecache.Entry{}, errcode.New(errcode.ValidationFailed, "url is required")
+	}
+	if p.Pool == "" {
+		def, err := h.cache.DefaultPool()
+		if err != nil {
+			return imagecache.Entry{}, err
+		}
+		p.Pool = def
+	}
+	return h.cache.Ensure(ctx, p.Pool, imagecache.Request{URL: p.URL, SHA256: strings.ToLower(p.SHA256)}, func(done, total int64) {
+		if progress != nil {
+			progress(api.Progress{Phase: "download", Done: done, Total: total})
+		}
+	})
+}
+
+// Images lists the cached images of one pool, or of every pool.
+func (h *Host) Images(pool string) ([]api.Image, error) {
+	var pools []string
+	if pool != "" {
+		pools = []string{pool}
+	} else {
+		for _, s := range h.cache.Stats() {
+			pools = append(pools, s.Name)
+		}
+	}
+	out := []api.Image{}
+	for _, p := range pools {
+		es, err := h.cache.List(p)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range es {
+			out = append(out, api.Image{Pool: e.Pool, Digest: e.Digest, Format: e.Format, Size: e.Size, VirtualSize: e.VirtualSize,
+				URLs: e.URLs, LastUsed: e.LastUsed, PinnedBy: e.PinnedBy})
+		}
+	}
+	return out, nil
+}

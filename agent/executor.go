@@ -27,6 +27,14 @@ func (h *Host) Execute(ctx context.Context, t protocol.Task, progress func(api.P
 		}
 		return &v, nil
 	}
+	if t.Type == api.TaskImagePull {
+		var p api.PullImage
+		if err := json.Unmarshal(t.Spec, &p); err != nil {
+			return nil, errcode.New(errcode.ValidationFailed, "bad image.pull spec: %v", err)
+		}
+		_, err := h.PullImage(ctx, p, progress)
+		return nil, err
+	}
 	name := t.VMName
 	if name == "" && t.VMUUID != "" {
 		if v, err := h.engine.GetByUUID(t.VMUUID); err == nil {

@@ -94,6 +94,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		MinFreeBytes:           cfg.Limits.MinFreeBytes,
 		AllowFileURLs:          cfg.Images.AllowFileURLs,
 		Logger:                 log.Named("imagecache"),
+		Observer:               o.Metrics,
 	})
 	if err != nil {
 		return nil, err

@@ -49,6 +49,9 @@ type Options struct {
 	HTTPClient *http.Client
 	// QemuImg is the qemu-img binary. Default "qemu-img".
 	QemuImg string
+	// Observer, when set, is told about cache lookups, ingests and
+	// evictions (metrics). Its methods must not block.
+	Observer Observer
 	// Logger receives structured logs. Default zap.NewNop().
 	Logger *zap.Logger
 	// PartialMaxAge is how long an interrupted download is kept for resume.
@@ -74,6 +77,19 @@ const (
 	defaultPartialMaxAge   = 24 * time.Hour
 	maxRedirects           = 5
 )
+
+// Observer receives cache events; *metrics.Metrics implements it.
+type Observer interface {
+	ObserveImageLookup(pool string, hit bool)
+	ObserveImageIngest(pool string, bytes int64, d time.Duration, err error)
+	ObserveImageEviction(pool string, bytes int64)
+}
+
+type nopObserver struct{}
+
+func (nopObserver) ObserveImageLookup(string, bool)                        {}
+func (nopObserver) ObserveImageIngest(string, int64, time.Duration, error) {}
+func (nopObserver) ObserveImageEviction(string, int64)                     {}
 
 // PoolStats reports one pool.
 type PoolStats struct {
@@ -169,6 +185,9 @@ func Open(pools []PoolConfig, opts Options) (*Cache, error) {
 }
 
 func (o Options) withDefaults() Options {
+	if o.Observer == nil {
+		o.Observer = nopObserver{}
+	}
 	if o.MaxConcurrentDownloads <= 0 {
 		o.MaxConcurrentDownloads = 2
 	}
@@ -283,6 +302,7 @@ type pool struct {
 	ingest    string // <dir>/images/ingest
 	vms       string // <dir>/vms
 	lock      *os.File
+	obs       Observer
 
 	mu      sync.Mutex
 	entries map[string]*record // by digest
@@ -293,6 +313,7 @@ type pool struct {
 // openPool prepares the pool at dir (resolved, existing).
 func (c *Cache) openPool(pc PoolConfig, dir string) (*pool, error) {
 	p := &pool{
+		obs:     c.opts.Observer,
 		name:    pc.Name,
 		dir:     dir,
 		def:     pc.Default,

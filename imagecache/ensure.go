@@ -23,7 +23,11 @@ func (c *Cache) Ensure(ctx context.Context, poolName string, req Request, p Prog
 	if err != nil {
 		return Entry{}, err
 	}
-	if e, ok, err := c.lookup(pl, r); ok || err != nil {
+	e, ok, err := c.lookup(pl, r)
+	if err == nil {
+		c.opts.Observer.ObserveImageLookup(pl.name, ok)
+	}
+	if ok || err != nil {
 		return e, err
 	}
 	key := flightKey{pool: pl.name, url: r.url, sha: r.sha, format: r.format}

@@ -121,9 +121,14 @@ func (p *pool) evictWhile(cond func() bool, protect string, log *zap.Logger) []s
 // remove deletes an entry: the file first (an index record without its
 // file is dropped by Open), then the record. p.mu held.
 func (p *pool) remove(digest string) error {
+	var bytes int64
+	if r := p.entries[digest]; r != nil {
+		bytes = r.diskBytes
+	}
 	if err := os.Remove(p.entryPath(digest)); err != nil && !os.IsNotExist(err) {
 		return errcode.Wrap(errcode.Internal, err, "remove image %s", digest)
 	}
+	p.obs.ObserveImageEviction(p.name, bytes)
 	p.unpublish(digest)
 	if err := fsyncDir(p.data); err != nil {
 		return errcode.Wrap(errcode.Internal, err, "remove image %s", digest)

@@ -20,7 +20,7 @@ const (
 
 // ingest downloads r into p and commits it. It runs in a shared download's
 // goroutine; ctx ends when every waiter has left or the cache closes.
-func (c *Cache) ingest(ctx context.Context, p *pool, r request, report Progress) (Entry, error) {
+func (c *Cache) ingest(ctx context.Context, p *pool, r request, report Progress) (_ Entry, err error) {
 	if e, ok, err := c.lookup(p, r); ok || err != nil {
 		return e, err
 	}
@@ -51,6 +51,7 @@ func (c *Cache) ingest(ctx context.Context, p *pool, r request, report Progress)
 	}
 	start := time.Now()
 	resumedAt := st.off
+	defer func() { c.opts.Observer.ObserveImageIngest(p.name, st.off-resumedAt, time.Since(start), err) }()
 	if err := c.download(ctx, p, st, r, report, log); err != nil {
 		if ctx.Err() != nil {
 			if st.suspend(r) {

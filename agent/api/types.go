@@ -33,6 +33,8 @@ const (
 	TaskPause    = "vm.pause"
 	TaskResume   = "vm.resume"
 	TaskDelete   = "vm.delete"
+	// TaskImagePull fills a pool's image cache ahead of creates.
+	TaskImagePull = "image.pull"
 )
 
 // Task statuses.
@@ -136,4 +138,28 @@ type Task struct {
 	Result    *VM             `json:"result,omitempty"`
 	CreatedAt time.Time       `json:"created_at"`
 	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// Image is one cached image of GET /v1/images.
+type Image struct {
+	Pool        string    `json:"pool"`
+	Digest      string    `json:"digest"` // sha256, lowercase hex
+	Format      string    `json:"format"` // qcow2 or raw
+	Size        int64     `json:"size"`
+	VirtualSize int64     `json:"virtual_size"`
+	URLs        []string  `json:"urls"`
+	LastUsed    time.Time `json:"last_used"`
+	PinnedBy    []string  `json:"pinned_by"` // uuids of VMs whose disks use it
+}
+
+// ImageList is the answer of GET /v1/images.
+type ImageList struct {
+	Images []Image `json:"images"`
+}
+
+// PullImage is the body of POST /v1/images and the spec of image.pull.
+type PullImage struct {
+	URL    string `json:"url"`
+	Pool   string `json:"pool"`
+	SHA256 string `json:"sha256,omitempty"`
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -57,6 +56,8 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/vms/{name}/resume", a.sync(api.TaskResume))
 	mux.HandleFunc("GET /v1/vms/{name}/console", a.console)
 	mux.HandleFunc("GET /v1/tasks/{id}", a.task)
+	mux.HandleFunc("GET /v1/images", a.images)
+	mux.HandleFunc("POST /v1/images", a.pullImage)
 	mux.HandleFunc("GET /v1/node", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.host.Node(r.Context()))
 	})
@@ -331,4 +332,43 @@ func (a *API) task(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, t)
 }
 
-var _ = fmt.Sprintf
+func (a *API) images(w http.ResponseWriter, r *http.Request) {
+	imgs, err := a.host.Images(r.URL.Query().Get("pool"))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, api.ImageList{Images: imgs})
+}
+
+func (a *API) pullImage(w http.ResponseWriter, r *http.Request) {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
+	dec.DisallowUnknownFields()
+	var p api.PullImage
+	if err := dec.Decode(&p); err != nil {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+		return
+	}
+	if p.URL == "" {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "url is required"))
+		return
+	}
+	if p.Pool == "" {
+		def, err := a.host.Cache().DefaultPool()
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		p.Pool = def
+	}
+	if _, err := a.host.Cache().PoolDir(p.Pool); err != nil {
+		writeErr(w, err)
+		return
+	}
+	t, err := a.cp.Enqueue(api.TaskImagePull, "", "", p)
+	if err != nil {
+		writeErr(w, errcode.Wrap(errcode.Internal, err, "queue task"))
+		return
+	}
+	writeJSON(w, http.StatusAccepted, t)
+}

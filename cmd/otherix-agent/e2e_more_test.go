@@ -59,6 +59,23 @@ func TestNoDefaultPool(t *testing.T) {
 	dir := t.TempDir()
 	a := startAgent(t, "pools:\n  p1: {path: "+dir+"}\ndefault_pool: \"\"\n")
 	a.fails(1, "default_pool_not_set", "vm", "create", "x1", "--image-url", a.image, "--arch", "amd64")
+
+	// Images can be pulled ahead of creates into a named pool.
+	r := a.ok("image", "pull", a.image, "--pool", "p1")
+	list := a.ok("image", "list", "--pool", "p1").stdout
+	if !strings.Contains(list, a.image) && !strings.Contains(list, "qcow2") {
+		t.Fatalf("image list after pull:\n%s\n(pull said %s)", list, r.stdout)
+	}
+	m := scrape(t, a.url)
+	found := false
+	for k, v := range m {
+		if strings.HasPrefix(k, "otherix_agent_image_ingest_bytes_total") && v > 0 {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no image ingest bytes in /metrics")
+	}
 }
 
 // TestManifestPaginationRestart: vm get -o yaml round-trips through

@@ -130,7 +130,7 @@ func (c *cli) commands() []command {
 	sync := func(op string) func(context.Context, *flag.FlagSet, []string) error {
 		return func(ctx context.Context, fs *flag.FlagSet, args []string) error { return c.vmSync(ctx, fs, args, op) }
 	}
-	return []command{
+	cmds := []command{
 		{"vm create", "NAME --image-url URL --arch amd64|arm64 [flags] [--wait]", "create a VM from an image URL (async)", c.vmCreate, false},
 		{"vm list", "[--show-ids] [-o table|json|yaml] [--limit N] [--cursor C] [--pool P] [--node N] [--status S]", "list VMs", c.vmList, false},
 		{"vm get", "NAME [-o text|json|yaml]", "show a VM; -o yaml prints a manifest for 'otherix create -f'", c.vmGet, false},
@@ -144,8 +144,9 @@ func (c *cli) commands() []command {
 		{"vm resume", "NAME [-o text|json]", "continue a paused VM (sync)", sync(client.OpResume), false},
 		{"vm console", "NAME [--tail N]", "print the serial console log", c.vmConsole, false},
 		{"create", "-f FILE [--wait] [--wait-timeout 5m]", "create a VM from a YAML manifest (- for stdin)", c.createManifest, false},
-		{"version", "", "print the version", c.version, true},
 	}
+	cmds = append(cmds, c.imageCommands()...)
+	return append(cmds, command{"version", "", "print the version", c.version, true})
 }
 
 func (c *cli) usage(w io.Writer) {
@@ -191,6 +192,12 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 	if rest[0] == "vm" {
 		if len(rest) < 2 {
 			return &usageError{msg: "vm needs a subcommand", synopsis: "otherix vm create|list|get|start|stop|poweroff|reboot|delete|reset|pause|resume|console ... (see otherix help)"}
+		}
+		words = 2
+	}
+	if rest[0] == "image" {
+		if len(rest) < 2 {
+			return &usageError{msg: "image needs a subcommand", synopsis: "otherix image list|pull ... (see otherix help)"}
 		}
 		words = 2
 	}

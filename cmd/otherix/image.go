@@ -26,32 +26,14 @@ import (
 //
 // The pull task reports download progress like vm.create does.
 
-// taskImagePull is the task type of POST /v1/images.
-const taskImagePull = "image.pull"
+// The wire types are the agent's own (agent/api).
+const taskImagePull = api.TaskImagePull
 
-// imageInfo is one cached image of GET /v1/images.
-type imageInfo struct {
-	Pool        string    `json:"pool"`
-	Digest      string    `json:"digest"` // sha256, lowercase hex
-	Format      string    `json:"format"` // qcow2 or raw
-	Size        int64     `json:"size"`
-	VirtualSize int64     `json:"virtual_size"`
-	URLs        []string  `json:"urls"`
-	LastUsed    time.Time `json:"last_used"`
-	PinnedBy    []string  `json:"pinned_by"` // VMs whose disks use it
-}
-
-// imageList is the answer of GET /v1/images.
-type imageList struct {
-	Images []imageInfo `json:"images"`
-}
-
-// pullImage is the body of POST /v1/images.
-type pullImage struct {
-	URL    string `json:"url"`
-	Pool   string `json:"pool"`
-	SHA256 string `json:"sha256,omitempty"`
-}
+type (
+	imageInfo = api.Image
+	imageList = api.ImageList
+	pullImage = api.PullImage
+)
 
 // defaultPullTimeout bounds 'image pull' waiting: images are large.
 const defaultPullTimeout = 30 * time.Minute
