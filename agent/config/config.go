@@ -282,3 +282,21 @@ func sortedKeys[V any](m map[string]V) []string {
 	sort.Strings(out)
 	return out
 }
+
+// Diff lists the top-level keys whose values differ between a and b.
+func Diff(a, b *Config) []string {
+	am, bm := map[string]any{}, map[string]any{}
+	ya, _ := yaml.Marshal(a)
+	yb, _ := yaml.Marshal(b)
+	_ = yaml.Unmarshal(ya, &am)
+	_ = yaml.Unmarshal(yb, &bm)
+	var out []string
+	for _, k := range sortedKeys(am) {
+		x, _ := yaml.Marshal(am[k])
+		y, _ := yaml.Marshal(bm[k])
+		if string(x) != string(y) {
+			out = append(out, k)
+		}
+	}
+	return out
+}

@@ -10,8 +10,10 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -55,7 +57,7 @@ func newLogger(cfg *config.Config, stderr io.Writer) (*zap.Logger, zap.AtomicLev
 }
 
 func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr io.Writer) error {
-	log, _ := newLogger(cfg, stderr)
+	log, level := newLogger(cfg, stderr)
 	defer log.Sync()
 	log.Info("otherix-agent starting", zap.String("version", versionString()), zap.Bool("standalone", o.standalone),
 		zap.String("data_dir", cfg.DataDir), zap.String("node", cfg.NodeName))
@@ -143,7 +145,24 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		}
 	}()
 
-	err = <-runErr
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case err = <-runErr:
+		case <-hup:
+			notifier.Reloading()
+			if c, rerr := loadConfig(o.configPath, o.dataDir, o.listen); rerr != nil {
+				log.Error("reload: config rejected; keeping the running one", zap.Error(rerr))
+			} else {
+				reload(log, level, cfg, c)
+			}
+			notifier.Ready(status())
+			continue
+		}
+		break
+	}
 	notifier.Stopping()
 	log.Info("shutting down: VMs keep running")
 	if srv != nil {
@@ -252,4 +271,20 @@ func ensureToken(path string) (string, error) {
 		return "", err
 	}
 	return t, os.Chmod(path, 0o600)
+}
+
+// reload applies what can change at runtime (the log level) and reports
+// what needs a restart. It never touches running VMs.
+func reload(log *zap.Logger, level zap.AtomicLevel, old, c *config.Config) {
+	if c.Log.Level != old.Log.Level {
+		if err := level.UnmarshalText([]byte(c.Log.Level)); err == nil {
+			log.Info("reload: log level changed", zap.String("from", old.Log.Level), zap.String("to", c.Log.Level))
+			old.Log.Level = c.Log.Level
+		}
+	}
+	if restart := config.Diff(old, c); len(restart) > 0 {
+		log.Warn("reload: these changes take effect at the next restart", zap.Strings("keys", restart))
+	} else {
+		log.Info("reload: done")
+	}
 }

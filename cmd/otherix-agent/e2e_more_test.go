@@ -142,3 +142,19 @@ func TestManifestPaginationRestart(t *testing.T) {
 	a.ok("vm", "delete", "m-1", "--force", "--wait")
 	a.ok("vm", "delete", "m-2", "--force", "--wait")
 }
+
+// TestReloadOnSIGHUP: SIGHUP applies the new log level and names the keys
+// that need a restart; a bad file is rejected and the agent keeps running.
+func TestReloadOnSIGHUP(t *testing.T) {
+	t.Parallel()
+	a := startAgent(t, "")
+	b, _ := os.ReadFile(a.cfgPath)
+	os.WriteFile(a.cfgPath, append(b, []byte("log:\n  level: debug\nlimits:\n  concurrent_creates: 5\n")...), 0o600)
+	a.cmd.Process.Signal(syscall.SIGHUP)
+	waitLog(t, a, "reload: log level changed")
+	waitLog(t, a, `"keys":["limits"]`)
+	os.WriteFile(a.cfgPath, []byte("bogus: 1\n"), 0o600)
+	a.cmd.Process.Signal(syscall.SIGHUP)
+	waitLog(t, a, "reload: config rejected")
+	a.ok("vm", "list")
+}

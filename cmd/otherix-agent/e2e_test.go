@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -46,7 +47,7 @@ type standaloneAgent struct {
 	cfgPath string
 	cmd     *exec.Cmd
 	url     string
-	log     *bytes.Buffer
+	log     *syncBuffer
 	image   string // URL of the guest image
 }
 
@@ -78,7 +79,7 @@ func startAgent(t *testing.T, extraYAML string) *standaloneAgent {
 func (a *standaloneAgent) start() {
 	a.t.Helper()
 	os.Remove(filepath.Join(a.dir, "standalone.addr"))
-	a.log = &bytes.Buffer{}
+	a.log = &syncBuffer{}
 	a.cmd = exec.Command(filepath.Join(binDir, "otherix-agent"), "--standalone", "--config", a.cfgPath)
 	a.cmd.Stderr = a.log
 	if err := a.cmd.Start(); err != nil {
@@ -97,6 +98,26 @@ func (a *standaloneAgent) start() {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// syncBuffer is a bytes.Buffer safe for the exec copier and the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func (a *standaloneAgent) logText() string { return a.log.String() }
 
 func (a *standaloneAgent) kill() {
 	if a.cmd != nil && a.cmd.Process != nil {

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
 )
@@ -57,4 +58,16 @@ func scrape(t *testing.T, base string) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// waitLog waits for the agent's log to contain substr.
+func waitLog(t *testing.T, a *standaloneAgent, substr string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(a.logText(), substr) {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent log lacks %q:\n%s", substr, tail(a.logText(), 3000))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
