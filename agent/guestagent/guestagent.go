@@ -45,6 +45,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"time"
 
@@ -169,10 +170,13 @@ func (c *Client) watch(ctx context.Context) (stop func()) {
 }
 
 func (c *Client) ctxErr(ctx context.Context, cmd string, err error) error {
+	// The socket's deadline is the context's: it may fire a moment before
+	// ctx.Err() is set.
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) ||
+		ctx.Err() == nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("guest agent %s: %w: %w", cmd, ErrNotResponding, context.DeadlineExceeded)
+	}
 	if ctx.Err() != nil {
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return fmt.Errorf("guest agent %s: %w: %w", cmd, ErrNotResponding, ctx.Err())
-		}
 		return errcode.Wrap(errcode.Cancelled, ctx.Err(), "guest agent %s", cmd)
 	}
 	return fmt.Errorf("guest agent %s: %w", cmd, err)

@@ -31,13 +31,13 @@ type fakeQGA struct {
 	wg    sync.WaitGroup
 }
 
-func newFakeQGA(t *testing.T, handle func(cmd string, args json.RawMessage) string) *fakeQGA {
+func newFakeQGA(t *testing.T, before string, handle func(cmd string, args json.RawMessage) string) *fakeQGA {
 	t.Helper()
 	dir, err := os.MkdirTemp("/tmp", "qga")
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fakeQGA{path: filepath.Join(dir, "qga.sock"), handle: handle}
+	f := &fakeQGA{path: filepath.Join(dir, "qga.sock"), before: before, handle: handle}
 	f.ln, err = net.Listen("unix", f.path)
 	if err != nil {
 		t.Fatal(err)
@@ -123,15 +123,14 @@ const sampleInterfaces = `{"return": [
 ]}`
 
 func TestInterfacesFiltersAndSkipsStaleBytes(t *testing.T) {
-	f := newFakeQGA(t, func(cmd string, _ json.RawMessage) string {
+	// An earlier client's late replies and half a message: all before the
+	// sentinel, so skipped.
+	f := newFakeQGA(t, "{\"return\": {}}\n{\"retu", func(cmd string, _ json.RawMessage) string {
 		if cmd == "guest-network-get-interfaces" {
 			return sampleInterfaces
 		}
 		return `{"error": {"class": "CommandNotFound", "desc": "no"}}`
 	})
-	// An earlier client's late replies and half a message: all before the
-	// sentinel, so skipped; then a stale sync reply with another id.
-	f.before = "{\"return\": {}}\n{\"retu"
 	c := New(f.path)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -170,9 +169,8 @@ func TestInterfacesFiltersAndSkipsStaleBytes(t *testing.T) {
 }
 
 func TestStaleSyncReplyIsSkipped(t *testing.T) {
-	f := newFakeQGA(t, func(cmd string, _ json.RawMessage) string { return `{"return": {}}` })
 	// A sentinel and sync reply of an earlier client come first.
-	f.before = "\xff{\"return\": 12345}\n"
+	f := newFakeQGA(t, "\xff{\"return\": 12345}\n", func(cmd string, _ json.RawMessage) string { return `{"return": {}}` })
 	c := New(f.path)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -185,7 +183,7 @@ func TestStaleSyncReplyIsSkipped(t *testing.T) {
 func TestTimeoutThenReconnect(t *testing.T) {
 	var mu sync.Mutex
 	silent := true
-	f := newFakeQGA(t, func(cmd string, _ json.RawMessage) string {
+	f := newFakeQGA(t, "", func(cmd string, _ json.RawMessage) string {
 		mu.Lock()
 		defer mu.Unlock()
 		if silent {
