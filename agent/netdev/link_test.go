@@ -162,8 +162,11 @@ func TestMacvtapDeleteAndSweep(t *testing.T) {
 		t.Fatalf("macvtap = %#v; want mode bridge, mac %s, a TX queue", mv, mac0)
 	}
 	// The same MAC on the same parent: refused, nothing added.
-	if _, err := create(t, ns, shortA, netdev.NICRequest{Index: 1, Type: netdev.TypeMACVLAN, Parent: "vp0", MAC: mac0}); err == nil {
-		t.Errorf("a second macvtap with MAC %s on vp0 was made", mac0)
+	if _, err := create(t, ns, shortA, netdev.NICRequest{Index: 1, Type: netdev.TypeMACVLAN, Parent: "vp0", MAC: mac0}); !errcode.Is(err, errcode.Conflict) {
+		t.Errorf("a second macvtap with MAC %s on vp0: %v, want conflict", mac0, err)
+	}
+	if l := oxLinks(t, ns); !slices.Equal(l, []string{a.Name}) {
+		t.Errorf("links after a refused duplicate MAC: %v", l)
 	}
 	// A macvtap outlives its descriptor.
 	a.Close()

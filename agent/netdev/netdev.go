@@ -276,6 +276,11 @@ func createMacvtap(name, parent string, guestMAC net.HardwareAddr) (_ *os.File, 
 		return nil, errcode.Wrap(errcode.Internal, err, "look up macvtap %s", name)
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
+		// The kernel checks the MAC against the parent's other macvlans
+		// when the link goes up.
+		if errors.Is(err, unix.EADDRINUSE) {
+			return nil, errcode.Wrap(errcode.Conflict, err, "macvtap %s on %s: mac %s is in use there", name, parent, guestMAC)
+		}
 		return nil, errcode.Wrap(errcode.Internal, err, "set macvtap %s up", name)
 	}
 	return openMacvtap(name, link.Attrs().Index)
