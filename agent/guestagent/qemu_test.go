@@ -33,8 +33,7 @@ func TestRealGuestAgent(t *testing.T) {
 	defer q.Close()
 	events, unsubscribe := q.Subscribe(16)
 	defer unsubscribe()
-	// The agent may already be up (a fast boot): then the event is gone,
-	// and the console says so.
+	// Subscribed at "booted": the agent starts after DHCP, well after.
 	var up time.Duration
 	for up == 0 {
 		select {

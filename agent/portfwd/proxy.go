@@ -56,8 +56,10 @@ type Proxy struct {
 }
 
 // NewProxy returns a Proxy whose guest address is asked of guest for each
-// new TCP connection or UDP session (the engine answers from the guest
-// agent or the DHCP lease, so an address change is followed).
+// new TCP connection or UDP session, so an address change is followed.
+// guest runs on the relay's path (for UDP, on the forward's read loop):
+// let it answer from what the engine last learnt from the guest agent,
+// not query the guest.
 func NewProxy(guest func(ctx context.Context) (netip.Addr, error), opt ProxyOptions) *Proxy {
 	if opt.Dial == nil {
 		var d net.Dialer
