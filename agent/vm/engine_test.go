@@ -57,7 +57,7 @@ func helperAgent() {
 }
 
 type harness struct {
-	t       *testing.T
+	t       testing.TB
 	e       *Engine
 	state   string
 	run     string

@@ -262,14 +262,17 @@ func (m *machine) resume(ctx context.Context) error {
 	return nil
 }
 
-// setRunState records running/paused for the current process only.
+// setRunState records running/paused for the current process only. It is
+// not persisted: QEMU is the source of truth for it, and re-adoption asks
+// QMP (query-status), so a pause costs no disk write.
 func (m *machine) setRunState(p *process, status string) {
 	m.mu.Lock()
 	if m.proc != p {
 		m.mu.Unlock()
 		return
 	}
-	m.setStatusLocked(status, "")
+	m.st.Status, m.st.Reason = status, ""
+	m.st.UpdatedAt = time.Now().UTC()
 	v := m.viewLocked()
 	m.mu.Unlock()
 	m.notify(v)
