@@ -1,0 +1,620 @@
+package tpm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/otherix/otherix-agent/agent/errcode"
+)
+
+// DefaultEnv is swtpm's whole environment unless Config.Env is set: it
+// inherits nothing from the agent (NOTIFY_SOCKET, credentials...).
+var DefaultEnv = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+// Config is one VM's TPM.
+type Config struct {
+	// StateDir holds swtpm's state (tpm2-00.permall): the VM's folder's
+	// "tpm", say. Created (0700) if missing; kept across stop/start.
+	StateDir string
+	// RunDir is the VM's runtime folder (it must exist and be short: the
+	// socket path must fit in 107 bytes). swtpm.sock and swtpm.pid go here.
+	RunDir string
+	// LogPath is swtpm's log, appended to. Default: <StateDir>/swtpm.log.
+	LogPath string
+	// Binary is swtpm's path or name (looked up in Env's PATH). Default "swtpm".
+	Binary string
+	// Env is swtpm's whole environment. Default DefaultEnv.
+	Env []string
+	// Owner, if set, is the user and group swtpm runs as; StateDir and the
+	// log are chowned to it. Needs the agent to be root.
+	Owner *Owner
+}
+
+func (c *Config) validate() error {
+	if err := checkPath("state", c.StateDir); err != nil {
+		return err
+	}
+	if strings.Contains(c.StateDir, ",") {
+		return errcode.New(errcode.ValidationFailed, "tpm: state path %q holds a comma, which swtpm cannot parse", c.StateDir)
+	}
+	if err := checkPath("run", c.RunDir); err != nil {
+		return err
+	}
+	if err := checkPath("socket", SocketPath(c.RunDir)); err != nil {
+		return err
+	}
+	if c.LogPath != "" {
+		if err := checkPath("log", c.LogPath); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *Config) logPath() string {
+	if c.LogPath != "" {
+		return c.LogPath
+	}
+	return filepath.Join(c.StateDir, "swtpm.log")
+}
+
+// Process is a running (or exited) swtpm: started by [Start] or found by
+// [FindRunning].
+type Process struct {
+	pid      int
+	pidfd    int
+	sock     string
+	pidPath  string
+	done     chan struct{}
+	exitDesc string // set before done is closed
+
+	mu       sync.Mutex
+	released bool
+	wake     *os.File // write end: wakes an adopted process's poller
+}
+
+// PID returns swtpm's process id.
+func (p *Process) PID() int { return p.pid }
+
+// Socket returns the control socket QEMU connects to.
+func (p *Process) Socket() string { return p.sock }
+
+// Done is closed when swtpm has exited: a VM whose QEMU still runs has
+// then lost its TPM (QEMU does not notice until the guest uses it).
+// After Release, Done is closed only if swtpm exits meanwhile and was
+// started by this process.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// Exited reports whether swtpm has exited.
+func (p *Process) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// ExitDescription says how swtpm ended ("exit status 0", "killed by signal
+// SIGKILL"); empty while it runs.
+func (p *Process) ExitDescription() string {
+	if !p.Exited() {
+		return ""
+	}
+	return p.exitDesc
+}
+
+// Start starts swtpm for cfg and returns once it accepted its options and
+// its control socket listens: QEMU can be started right after. A swtpm
+// already running on cfg.StateDir is a conflict (see FindRunning).
+//
+// swtpm is in a process group of its own with an explicit environment and
+// no tie to ctx or to the agent: it lives until QEMU disconnects or Stop.
+// ctx bounds only the start.
+func Start(ctx context.Context, cfg Config) (*Process, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	sock := SocketPath(cfg.RunDir)
+	if old := FindRunning(cfg.StateDir, sock); old != nil {
+		old.Release()
+		return nil, errcode.New(errcode.Conflict, "tpm: a swtpm (pid %d) already runs on %s", old.pid, cfg.StateDir)
+	}
+	if err := prepareState(cfg); err != nil {
+		return nil, err
+	}
+
+	// The control socket, bound and listening before swtpm starts.
+	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: remove stale socket")
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: listen")
+	}
+	ln.SetUnlinkOnClose(false)
+	lnFile, err := ln.File()
+	ln.Close()
+	if err != nil {
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: listener file")
+	}
+	defer lnFile.Close()
+	if err := os.Chmod(sock, 0o600); err != nil {
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: chmod socket")
+	}
+
+	logPath := cfg.logPath()
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: log")
+	}
+	defer logf.Close()
+	if cfg.Owner != nil {
+		if err := logf.Chown(int(cfg.Owner.UID), int(cfg.Owner.GID)); err != nil {
+			os.Remove(sock)
+			return nil, errcode.Wrap(errcode.Internal, err, "tpm: chown log")
+		}
+	}
+	logStart, _ := logf.Seek(0, io.SeekEnd)
+
+	// swtpm writes its pid to the pid file (fd 5) once its options are
+	// accepted and then closes it; inotify tells when (IN_CLOSE_WRITE
+	// comes when the last descriptor closes: swtpm's, or its exit).
+	pidPath := PIDPath(cfg.RunDir)
+	pidFile, err := os.OpenFile(pidPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: pid file")
+	}
+	ifd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
+	if err == nil {
+		_, err = unix.InotifyAddWatch(ifd, pidPath, unix.IN_CLOSE_WRITE)
+		if err != nil {
+			unix.Close(ifd)
+		}
+	}
+	if err != nil {
+		pidFile.Close()
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: inotify")
+	}
+	inotify := os.NewFile(uintptr(ifd), "inotify")
+	defer inotify.Close()
+
+	bin := cfg.Binary
+	if bin == "" {
+		bin = "swtpm"
+	}
+	env := cfg.Env
+	if env == nil {
+		env = DefaultEnv
+	}
+	path, err := lookPath(bin, env)
+	if err != nil {
+		pidFile.Close()
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: find swtpm")
+	}
+	cmd := exec.Command(path, "socket", "--tpm2",
+		"--tpmstate", stateArg(cfg.StateDir),
+		"--ctrl", "type=unixio,fd=3",
+		"--terminate",
+		"--log", "fd=4,level=1",
+		"--pid", "fd=5")
+	cmd.Env = env
+	cmd.Dir = cfg.StateDir
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	cmd.ExtraFiles = []*os.File{lnFile, logf, pidFile}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if o := cfg.Owner; o != nil {
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: o.UID, Gid: o.GID, Groups: []uint32{}}
+	}
+	err = cmd.Start()
+	pidFile.Close()
+	if err != nil {
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: exec %s", path)
+	}
+	p, err := newProcess(cmd.Process.Pid, sock, pidPath)
+	if err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: track swtpm")
+	}
+	go p.waitChild(cmd)
+
+	fail := func(err error) (*Process, error) {
+		p.kill()
+		<-p.done
+		p.closeFD()
+		os.Remove(sock)
+		os.Remove(pidPath)
+		e := errcode.Wrap(errcode.Internal, err, "tpm: swtpm did not start")
+		if tail := logTail(logPath, logStart, 2048); tail != "" {
+			e.Message += "; swtpm said: " + tail
+		}
+		return nil, e
+	}
+	ready := make(chan error, 1)
+	go func() {
+		// One event: the watch has a single file and a single event kind.
+		buf := make([]byte, unix.SizeofInotifyEvent+unix.NAME_MAX+1)
+		if _, err := inotify.Read(buf); err != nil {
+			ready <- err
+			return
+		}
+		b, err := os.ReadFile(pidPath)
+		switch {
+		case err != nil:
+			ready <- err
+		case len(b) == 0:
+			ready <- errors.New("it exited before accepting its options")
+		case strings.TrimSpace(string(b)) != strconv.Itoa(p.pid):
+			ready <- fmt.Errorf("it wrote pid %q, want %d", b, p.pid)
+		default:
+			ready <- nil
+		}
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			return fail(err)
+		}
+	case <-ctx.Done():
+		// The reader returns once the killed swtpm's descriptor closes.
+		return fail(ctx.Err())
+	}
+	return p, nil
+}
+
+func prepareState(cfg Config) error {
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return errcode.Wrap(errcode.Internal, err, "tpm: state dir")
+	}
+	if cfg.Owner == nil {
+		return nil
+	}
+	uid, gid := int(cfg.Owner.UID), int(cfg.Owner.GID)
+	if err := os.Chown(cfg.StateDir, uid, gid); err != nil {
+		return errcode.Wrap(errcode.Internal, err, "tpm: chown state dir")
+	}
+	ents, err := os.ReadDir(cfg.StateDir)
+	if err != nil {
+		return errcode.Wrap(errcode.Internal, err, "tpm: state dir")
+	}
+	for _, e := range ents {
+		if err := os.Lchown(filepath.Join(cfg.StateDir, e.Name()), uid, gid); err != nil {
+			return errcode.Wrap(errcode.Internal, err, "tpm: chown state")
+		}
+	}
+	return nil
+}
+
+// lookPath resolves bin in env's PATH, not the agent's.
+func lookPath(bin string, env []string) (string, error) {
+	if strings.Contains(bin, "/") {
+		return bin, nil
+	}
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+			for _, dir := range filepath.SplitList(v) {
+				p := filepath.Join(dir, bin)
+				if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+					return p, nil
+				}
+			}
+		}
+	}
+	return "", fmt.Errorf("%s not found in the PATH of its environment: %w", bin, exec.ErrNotFound)
+}
+
+func newProcess(pid int, sock, pidPath string) (*Process, error) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
+	}
+	return &Process{pid: pid, pidfd: fd, sock: sock, pidPath: pidPath, done: make(chan struct{})}, nil
+}
+
+// waitChild reaps a swtpm this process started.
+func (p *Process) waitChild(cmd *exec.Cmd) {
+	err := cmd.Wait()
+	desc := "exited"
+	if ps := cmd.ProcessState; ps != nil {
+		if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			desc = "killed by signal " + unix.SignalName(ws.Signal())
+		} else {
+			desc = "exit status " + strconv.Itoa(ps.ExitCode())
+		}
+	} else if err != nil {
+		desc = err.Error()
+	}
+	p.exitDesc = desc
+	close(p.done)
+}
+
+// pollExit waits for an adopted swtpm (not our child) to exit, or for
+// Release.
+func (p *Process) pollExit(wake *os.File) {
+	defer wake.Close()
+	fds := []unix.PollFd{
+		{Fd: int32(p.pidfd), Events: unix.POLLIN},
+		{Fd: int32(wake.Fd()), Events: unix.POLLIN},
+	}
+	for {
+		_, err := unix.Poll(fds, -1)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return // cannot watch; Done stays open
+		}
+		if fds[1].Revents != 0 {
+			return // released
+		}
+		if fds[0].Revents != 0 {
+			p.exitDesc = "exited (adopted process, exit status unknown)"
+			close(p.done)
+			return
+		}
+	}
+}
+
+func (p *Process) kill() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.pidfd >= 0 {
+		unix.PidfdSendSignal(p.pidfd, unix.SIGKILL, nil, 0)
+	}
+}
+
+func (p *Process) closeFD() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.pidfd >= 0 {
+		unix.Close(p.pidfd)
+		p.pidfd = -1
+	}
+}
+
+// Stop ends swtpm: SIGTERM (swtpm saves its state and exits), then
+// SIGKILL if ctx ends first. It waits for the exit, then removes the socket
+// and the pid file. Stopping an exited swtpm only removes those.
+// QEMU must be gone first: a running VM loses its TPM.
+func (p *Process) Stop(ctx context.Context) error {
+	if p.isReleased() {
+		return errcode.New(errcode.Internal, "tpm: stop after release")
+	}
+	if !p.Exited() {
+		p.mu.Lock()
+		err := unix.PidfdSendSignal(p.pidfd, unix.SIGTERM, nil, 0)
+		p.mu.Unlock()
+		if err != nil && !errors.Is(err, unix.ESRCH) {
+			return errcode.Wrap(errcode.Internal, err, "tpm: signal swtpm %d", p.pid)
+		}
+		select {
+		case <-p.done:
+		case <-ctx.Done():
+			p.kill()
+			<-p.done
+		}
+	}
+	p.closeFD()
+	p.removeFiles()
+	return nil
+}
+
+// removeFiles removes the socket and the pid file unless the pid file
+// names another process: a newer swtpm owns them then. (swtpm removes the
+// pid file itself when it exits normally.)
+func (p *Process) removeFiles() {
+	b, err := os.ReadFile(p.pidPath)
+	if err == nil && strings.TrimSpace(string(b)) != strconv.Itoa(p.pid) {
+		return
+	}
+	os.Remove(p.pidPath)
+	os.Remove(p.sock)
+}
+
+// Release lets go of swtpm without stopping it (the agent shuts down and
+// its VMs keep running). The Process must not be used after.
+func (p *Process) Release() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.released {
+		return
+	}
+	p.released = true
+	if p.wake != nil {
+		p.wake.Close() // the poller sees POLLHUP
+		p.wake = nil
+	}
+	// A child's waiter keeps its own reference to the process; an adopted
+	// one's poller closed its pipe end. The pidfd is no longer needed.
+	if p.pidfd >= 0 {
+		unix.Close(p.pidfd)
+		p.pidfd = -1
+	}
+}
+
+func (p *Process) isReleased() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.released
+}
+
+// FindRunning returns the live swtpm serving stateDir on sock, or nil. The
+// pid comes from swtpm.pid next to sock, else from a scan of /proc (an
+// agent that died between starting swtpm and writing the pid file); a pid
+// is taken only if it is a live swtpm whose command line names stateDir
+// and which listens on sock, so a reused pid is never adopted.
+func FindRunning(stateDir, sock string) *Process {
+	want := stateArg(stateDir)
+	pidPath := filepath.Join(filepath.Dir(sock), PIDName)
+	var cands []int
+	if b, err := os.ReadFile(pidPath); err == nil {
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
+			cands = append(cands, pid)
+		}
+	}
+	if len(cands) == 0 || !isOurSWTPM(cands[0], want, sock) {
+		cands = scanSWTPM(want)
+	}
+	for _, pid := range cands {
+		if !isOurSWTPM(pid, want, sock) {
+			continue
+		}
+		p, err := newProcess(pid, sock, pidPath)
+		if err != nil {
+			continue // it just exited
+		}
+		// Recheck through the pidfd's process: the pid may have been
+		// reused between the check and pidfd_open.
+		if !isOurSWTPM(pid, want, sock) {
+			p.closeFD()
+			continue
+		}
+		r, w, err := os.Pipe()
+		if err != nil {
+			p.closeFD()
+			return nil
+		}
+		p.wake = w
+		go p.pollExit(r)
+		return p
+	}
+	return nil
+}
+
+// RemoveState deletes a VM's TPM state. It refuses (conflict) while a
+// swtpm runs on it.
+func RemoveState(stateDir string) error {
+	if pids := scanSWTPM(stateArg(stateDir)); len(pids) > 0 {
+		return errcode.New(errcode.Conflict, "tpm: swtpm (pid %d) still runs on %s", pids[0], stateDir)
+	}
+	if err := os.RemoveAll(stateDir); err != nil {
+		return errcode.Wrap(errcode.Internal, err, "tpm: remove state")
+	}
+	return nil
+}
+
+// scanSWTPM returns the live swtpm processes whose --tpmstate is want.
+func scanSWTPM(want string) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if isLive(pid) && hasStateArg(pid, want) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func isOurSWTPM(pid int, want, sock string) bool {
+	return isLive(pid) && hasStateArg(pid, want) && listensOn(pid, sock)
+}
+
+// isLive reports whether pid is a process that is not a zombie.
+func isLive(pid int) bool {
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(stat, ')')
+	return i >= 0 && i+2 < len(stat) && stat[i+2] != 'Z' && stat[i+2] != 'X'
+}
+
+// hasStateArg reports whether pid is swtpm with "--tpmstate want".
+func hasStateArg(pid int, want string) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return false
+	}
+	args := strings.Split(strings.TrimSuffix(string(b), "\x00"), "\x00")
+	if len(args) == 0 || !strings.HasPrefix(filepath.Base(args[0]), "swtpm") {
+		return false
+	}
+	for i := 1; i+1 < len(args); i++ {
+		if args[i] == "--tpmstate" && args[i+1] == want {
+			return true
+		}
+	}
+	return false
+}
+
+// listensOn reports whether one of pid's descriptors is the unix socket
+// bound to path (matched by inode through the process's /proc/net/unix).
+func listensOn(pid int, path string) bool {
+	dir := "/proc/" + strconv.Itoa(pid)
+	b, err := os.ReadFile(dir + "/net/unix")
+	if err != nil {
+		return false
+	}
+	inodes := map[string]bool{}
+	for _, line := range strings.Split(string(b), "\n") {
+		// Num RefCount Protocol Flags Type St Inode Path
+		f := strings.Fields(line)
+		if len(f) >= 8 && f[7] == path {
+			inodes[f[6]] = true
+		}
+	}
+	if len(inodes) == 0 {
+		return false
+	}
+	fds, err := os.ReadDir(dir + "/fd")
+	if err != nil {
+		return false
+	}
+	for _, fd := range fds {
+		link, err := os.Readlink(dir + "/fd/" + fd.Name())
+		if err != nil {
+			continue
+		}
+		if ino, ok := strings.CutPrefix(link, "socket:["); ok && inodes[strings.TrimSuffix(ino, "]")] {
+			return true
+		}
+	}
+	return false
+}
+
+// logTail returns what the log got after offset from, at most n bytes, as
+// one line.
+func logTail(path string, from, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	if fi.Size()-from > n {
+		from = fi.Size() - n
+	}
+	f.Seek(from, io.SeekStart)
+	b, _ := io.ReadAll(f)
+	return strings.Join(strings.Fields(string(b)), " ")
+}

@@ -1,0 +1,113 @@
+// Package tpm gives a VM a TPM 2.0: one swtpm process per VM, started
+// before QEMU, whose state lives with the VM.
+//
+// swtpm runs as
+//
+//	swtpm socket --tpm2 --tpmstate dir=<StateDir>,mode=0600
+//	      --ctrl type=unixio,fd=3 --terminate --pid fd=5 --log fd=4,level=1
+//
+// The control socket (<RunDir>/swtpm.sock) is bound and listening before
+// swtpm starts (fd 3), so QEMU can connect as soon as [Start] returns;
+// swtpm writes its pid to a pipe (fd 5) once its options are accepted,
+// which is how Start knows it is up without polling. With --terminate it
+// exits when QEMU closes the connection, also when QEMU is SIGKILLed, so
+// it never outlives the VM's QEMU.
+//
+// QEMU's side is [Args]: a socket chardev, an emulator tpmdev and a
+// tpm-crb (amd64) or tpm-tis-device (arm64 virt) front end. The state
+// (StateDir) survives stop/start, guest reboot and system_reset; delete it
+// with the VM ([RemoveState]).
+package tpm
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/otherix/otherix-agent/agent/errcode"
+)
+
+// File names under Config.RunDir.
+const (
+	SocketName = "swtpm.sock"
+	PIDName    = "swtpm.pid"
+)
+
+// maxSocketPath is the room in sockaddr_un.sun_path, NUL included.
+const maxSocketPath = 108
+
+// SocketPath is the control socket of the swtpm of runDir.
+func SocketPath(runDir string) string { return filepath.Join(runDir, SocketName) }
+
+// PIDPath is the pid file of the swtpm of runDir.
+func PIDPath(runDir string) string { return filepath.Join(runDir, PIDName) }
+
+// Node and device ids Args puts on QEMU's command line.
+const (
+	ChardevID = "chrtpm"
+	TPMDevID  = "tpm0"
+)
+
+// Args returns QEMU's arguments for a TPM whose swtpm listens on sock:
+//
+//	-chardev socket,id=chrtpm,path=<sock>
+//	-tpmdev emulator,id=tpm0,chardev=chrtpm
+//	-device tpm-crb,tpmdev=tpm0          (amd64; arm64: tpm-tis-device)
+//
+// arch is "amd64" or "arm64"; anything else is validation_failed.
+func Args(arch, sock string) ([]string, error) {
+	var front string
+	switch arch {
+	case "amd64":
+		front = "tpm-crb"
+	case "arm64":
+		front = "tpm-tis-device"
+	default:
+		return nil, errcode.New(errcode.ValidationFailed, "tpm: arch %q is not supported: use amd64 or arm64", arch)
+	}
+	if err := checkPath("socket", sock); err != nil {
+		return nil, err
+	}
+	return []string{
+		"-chardev", "socket,id=" + ChardevID + ",path=" + escapeOpt(sock),
+		"-tpmdev", "emulator,id=" + TPMDevID + ",chardev=" + ChardevID,
+		"-device", front + ",tpmdev=" + TPMDevID,
+	}, nil
+}
+
+// escapeOpt escapes a value for QEMU's option syntax: a comma is doubled.
+func escapeOpt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+// checkPath refuses paths that are relative, hold control characters or
+// (for the socket) do not fit in a sockaddr_un.
+func checkPath(what, p string) error {
+	if p == "" || !filepath.IsAbs(p) {
+		return errcode.New(errcode.ValidationFailed, "tpm: %s path %q must be absolute", what, p)
+	}
+	if strings.ContainsFunc(p, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+		return errcode.New(errcode.ValidationFailed, "tpm: %s path %q holds a control character", what, p)
+	}
+	if what == "socket" && len(p) >= maxSocketPath {
+		return errcode.New(errcode.ValidationFailed, "tpm: socket path %q is %d bytes, the limit is %d", p, len(p), maxSocketPath-1)
+	}
+	return nil
+}
+
+// stateArg is swtpm's --tpmstate value; it also identifies the process
+// (see FindRunning). swtpm's option parser has no escape for a comma, so
+// Config.validate refuses state dirs holding one.
+func stateArg(stateDir string) string {
+	return "dir=" + filepath.Clean(stateDir) + ",mode=0600"
+}
+
+// Owner is the user and group swtpm runs as.
+type Owner struct {
+	UID, GID uint32
+}
+
+func (o *Owner) String() string {
+	if o == nil {
+		return "agent user"
+	}
+	return fmt.Sprintf("%d:%d", o.UID, o.GID)
+}
