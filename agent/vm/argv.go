@@ -5,12 +5,16 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/otherix/otherix-agent/agent/netdev"
+	"github.com/otherix/otherix-agent/agent/portfwd"
 )
 
 // Paths are the per-VM files QEMU is given. QEMU opens none of them by
 // path: the agent opens each one and passes the descriptor (see FileSpec).
 type Paths struct {
 	QMPSocket  string // <run>/<shortid>/qmp.sock, bound by the agent
+	QGASocket  string // <run>/<shortid>/qga.sock: the guest agent channel
 	ConsoleLog string // <state>/vms/<uuid>/console.log
 }
 
@@ -28,13 +32,15 @@ const (
 	FileWrite                  // O_RDWR
 	FileAppend                 // O_WRONLY|O_APPEND|O_CREAT, 0600
 	FileListen                 // a unix socket the agent binds and listens on
+	FileTap                    // the tap or macvtap of NIC Index, made by the agent
 )
 
 // FileSpec is one descriptor QEMU inherits: the i-th FileSpec becomes fd
 // 3+i (exec.Cmd.ExtraFiles).
 type FileSpec struct {
-	Path string
-	Kind FileKind
+	Path  string
+	Kind  FileKind
+	Index int // FileTap: the NIC
 }
 
 // OpenFlags returns the open(2) flags of a file kind.
@@ -90,7 +96,7 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 	if err := s.Validate(); err != nil {
 		return nil, nil, err
 	}
-	for _, x := range []string{p.QMPSocket, p.ConsoleLog} {
+	for _, x := range []string{p.QMPSocket, p.QGASocket, p.ConsoleLog} {
 		if err := checkPath(x); err != nil {
 			return nil, nil, err
 		}
@@ -101,6 +107,7 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 	}
 	var fds fdPlan
 	qmpFD := fds.add(p.QMPSocket, FileListen)
+	qgaFD := fds.add(p.QGASocket, FileListen)
 	console := fds.set(p.ConsoleLog, FileAppend)
 
 	var a []string
@@ -200,13 +207,33 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 	}
 	nics := s.NICs
 	if len(nics) == 0 {
-		nics = []NIC{{Type: "user", MAC: MACFromUUID(s.UUID, 0)}}
+		nics = []NIC{{Type: NICUser, MAC: MACFromUUID(s.UUID, 0)}}
 	}
 	for i, n := range nics {
 		id := fmt.Sprintf("net%d", i)
-		add("-netdev", "user,id="+id)
-		add("-device", "virtio-net-pci,id="+id+"-dev,netdev="+id+",mac="+n.MAC+",romfile=,bus="+bus+",addr="+fmt.Sprintf("0x%x", 0x10+i))
+		addr := fmt.Sprintf("0x%x", 0x10+i)
+		if n.Type == NICUser {
+			netdevOpt := "user,id=" + id
+			fwd, err := portfwd.HostFwdOptions(n.Forwards)
+			if err != nil {
+				return nil, nil, err
+			}
+			for _, f := range fwd {
+				netdevOpt += "," + f
+			}
+			add("-netdev", netdevOpt)
+			add("-device", "virtio-net-pci,id="+id+"-dev,netdev="+id+",mac="+n.MAC+",romfile=,bus="+bus+",addr="+addr)
+			continue
+		}
+		fds.files = append(fds.files, FileSpec{Kind: FileTap, Index: i})
+		fd := 2 + len(fds.files)
+		add(netdev.QEMUArgs(i, &netdev.Attached{MAC: n.MAC}, fd, addr)...)
 	}
+	// The guest agent channel: with an id on the port, QMP reports
+	// VSERPORT_CHANGE when qemu-ga opens it.
+	add("-chardev", fmt.Sprintf("socket,id=qga0,fd=%d,server=on,wait=off", qgaFD))
+	add("-device", "virtio-serial-pci,id=vser0,bus="+bus+",addr=0xe")
+	add("-device", "virtserialport,id=qgaport,chardev=qga0,name=org.qemu.guest_agent.0")
 	// The -add-fd options go first so every /dev/fdset/N exists before the
 	// option that opens it.
 	return append(fds.args, a...), fds.files, nil

@@ -36,7 +36,7 @@ func BenchmarkStartToQMPReady(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			files, err := openFiles(specs)
+			files, _, err := m.openFiles(ctx, specs, spec.NICs)
 			if err != nil {
 				b.Fatal(err)
 			}

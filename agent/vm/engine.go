@@ -73,6 +73,10 @@ type Config struct {
 	Dial func(ctx context.Context, path string) (Monitor, error)
 	// Placer (default: process groups only).
 	Placer Placer
+	// OnGuestAgent, when set, is called when the guest's qemu-guest-agent
+	// opens (true) or closes (false) its channel (QMP VSERPORT_CHANGE).
+	// View.QGASocket is its socket. It must not block.
+	OnGuestAgent func(v View, up bool)
 	// OnChange, when set, is called after every persisted status change.
 	// It must not block.
 	OnChange func(View)
@@ -90,6 +94,7 @@ type View struct {
 	UpdatedAt   time.Time
 	Meta        json.RawMessage
 	ConsolePath string
+	QGASocket   string // the guest agent's socket while QEMU runs
 }
 
 // Engine owns the VMs of this host.

@@ -31,6 +31,7 @@ type machine struct {
 func (m *machine) paths() Paths {
 	return Paths{
 		QMPSocket:  filepath.Join(m.run, "qmp.sock"),
+		QGASocket:  filepath.Join(m.run, "qga.sock"),
 		ConsoleLog: filepath.Join(m.dir, "console.log"),
 	}
 }
@@ -71,6 +72,7 @@ func (m *machine) viewLocked() View {
 		UpdatedAt:   m.st.UpdatedAt,
 		Meta:        m.st.Meta,
 		ConsolePath: m.paths().ConsoleLog,
+		QGASocket:   m.paths().QGASocket,
 	}
 }
 

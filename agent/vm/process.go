@@ -21,6 +21,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/netdev"
+	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/qmp"
 )
 
@@ -43,6 +45,7 @@ type process struct {
 	expectReason string // status reason to record for an expected exit
 
 	guestShutdown atomic.Bool
+	links         []string // macvtap links to delete when QEMU exits
 }
 
 func newProcess(m *machine, pid int) (*process, error) {
@@ -141,6 +144,11 @@ func (p *process) events(ch <-chan qmp.Event) {
 			if g, _ := ev.Data["guest"].(bool); g {
 				p.guestShutdown.Store(true)
 			}
+		case "VSERPORT_CHANGE":
+			if id, _ := ev.Data["id"].(string); id == "qgaport" && p.m.e.cfg.OnGuestAgent != nil {
+				open, _ := ev.Data["open"].(bool)
+				p.m.e.cfg.OnGuestAgent(p.m.view(), open)
+			}
 		}
 	}
 }
@@ -178,7 +186,17 @@ func (p *process) watch() {
 	m.mu.Unlock()
 
 	os.Remove(filepath.Join(m.run, "qmp.sock"))
+	os.Remove(filepath.Join(m.run, "qga.sock"))
 	os.Remove(filepath.Join(m.run, "qemu.pid"))
+	links := p.links
+	if links == nil { // adopted: the links are named by the spec
+		for _, l := range linkNames(v.Spec) {
+			if strings.HasPrefix(l, netdev.MacvtapPrefix) {
+				links = append(links, l)
+			}
+		}
+	}
+	deleteLinks(links)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	if err := m.e.cfg.Placer.Remove(ctx, v); err != nil {
 		m.log.Warn("remove placement", zap.Error(err))
@@ -235,9 +253,22 @@ func (m *machine) launch(ctx context.Context) (err error) {
 		m.setStatus(prevStatus, "start failed: "+e.Message)
 		return e
 	}
-	files, err := openFiles(specs)
+	var forwards []portfwd.Rule
+	for _, n := range spec.NICs {
+		forwards = append(forwards, n.Forwards...)
+	}
+	if err := portfwd.CheckFree(ctx, forwards); err != nil {
+		logf.Close()
+		m.setStatus(prevStatus, "start failed: "+errcode.MessageOf(err))
+		return err
+	}
+	files, links, err := m.openFiles(ctx, specs, spec.NICs)
 	if err != nil {
 		logf.Close()
+		if c := errcode.Of(err); c != errcode.Internal {
+			m.setStatus(prevStatus, "start failed: "+errcode.MessageOf(err))
+			return err
+		}
 		return fail(errcode.QEMUStartFailed, err, "open vm files")
 	}
 
@@ -259,9 +290,13 @@ func (m *machine) launch(ctx context.Context) (err error) {
 		f.Close() // QEMU has its copies; a listening socket stays bound
 	}
 	if err != nil {
+		deleteLinks(links)
 		return fail(errcode.QEMUStartFailed, err, "exec "+bin)
 	}
 	p, err := newProcess(m, cmd.Process.Pid)
+	if p != nil {
+		p.links = links
+	}
 	if err != nil {
 		cmd.Process.Kill()
 		cmd.Wait()
@@ -312,33 +347,67 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	return nil
 }
 
-// openFiles opens what QEMU inherits, in fd order. On error nothing stays
-// open.
-func openFiles(specs []FileSpec) (files []*os.File, err error) {
+// openFiles opens what QEMU inherits, in fd order, making each NIC's tap
+// or macvtap. It returns the macvtap links made (they outlive QEMU and are
+// deleted when it exits). On error nothing stays open or made.
+func (m *machine) openFiles(ctx context.Context, specs []FileSpec, nics []NIC) (files []*os.File, links []string, err error) {
 	defer func() {
 		if err != nil {
 			for _, f := range files {
 				f.Close()
 			}
-			files = nil
+			deleteLinks(links)
+			files, links = nil, nil
 		}
 	}()
 	for _, s := range specs {
-		if s.Kind == FileListen {
+		switch s.Kind {
+		case FileListen:
 			f, err := listenUnix(s.Path)
 			if err != nil {
-				return files, err
+				return files, links, err
 			}
 			files = append(files, f)
-			continue
+		case FileTap:
+			n := nics[s.Index]
+			a, err := netdev.Create(ctx, ShortID(m.st.Spec.UUID), netdev.NICRequest{Index: s.Index, Type: n.Type, Bridge: n.Bridge, Parent: n.Parent, MAC: n.MAC})
+			if err != nil {
+				return files, links, err
+			}
+			if n.Type == NICMACVLAN {
+				links = append(links, a.Name)
+			}
+			files = append(files, a.File)
+		default:
+			f, err := os.OpenFile(s.Path, s.Kind.OpenFlags()|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0o600)
+			if err != nil {
+				return files, links, err
+			}
+			files = append(files, f)
 		}
-		f, err := os.OpenFile(s.Path, s.Kind.OpenFlags()|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0o600)
-		if err != nil {
-			return files, err
-		}
-		files = append(files, f)
 	}
-	return files, nil
+	return files, links, nil
+}
+
+// deleteLinks removes macvtap links; a tap needs nothing (it dies with its
+// last descriptor).
+func deleteLinks(names []string) {
+	for _, n := range names {
+		netdev.Delete(n)
+	}
+}
+
+// linkNames lists the link names of a spec's tap and macvtap NICs.
+func linkNames(s Spec) []string {
+	var out []string
+	for i, n := range s.NICs {
+		if n.Type == NICBridge || n.Type == NICMACVLAN {
+			if name, err := netdev.LinkName(n.Type, ShortID(s.UUID), i); err == nil {
+				out = append(out, name)
+			}
+		}
+	}
+	return out
 }
 
 // listenUnix binds a unix socket (0600 in the VM's 0700 runtime dir) and

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/otherix/otherix-agent/agent/netdev"
 )
 
 // Recover loads every persisted VM and re-adopts running QEMU processes
@@ -51,6 +53,21 @@ func (e *Engine) Recover(ctx context.Context) error {
 			continue
 		}
 		m.adopt(ctx)
+	}
+	// Remove tap and macvtap links no running VM owns (macvtaps of VMs that
+	// stopped while the agent was down, links of a half-made start).
+	keep := map[string]bool{}
+	for _, v := range e.List() {
+		if v.PID != 0 {
+			for _, l := range linkNames(v.Spec) {
+				keep[l] = true
+			}
+		}
+	}
+	if gone, err := netdev.Sweep(keep); err != nil {
+		e.log.Warn("sweep network links", zap.Error(err))
+	} else if len(gone) > 0 {
+		e.log.Info("removed leftover network links", zap.Strings("links", gone))
 	}
 	// Sweep runtime dirs of VMs that no longer exist.
 	if runs, err := os.ReadDir(e.cfg.RunDir); err == nil {

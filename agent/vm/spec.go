@@ -16,6 +16,8 @@ import (
 	"strings"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/netdev"
+	"github.com/otherix/otherix-agent/agent/portfwd"
 )
 
 // Limits from seed 004.
@@ -82,16 +84,31 @@ type CDROM struct {
 	BootIndex int    `json:"boot_index,omitempty"`
 }
 
-// NIC is a network interface. Only "user" (SLIRP) exists in the engine today.
+// NIC types.
+const (
+	NICUser    = "user"    // SLIRP, in QEMU
+	NICBridge  = "bridge"  // a tap on a host bridge
+	NICMACVLAN = "macvlan" // a macvtap on a host interface
+)
+
+// NIC is a network interface.
 type NIC struct {
-	Type string `json:"type"` // "user"
-	MAC  string `json:"mac"`
+	Type    string `json:"type"`
+	MAC     string `json:"mac"`
+	Bridge  string `json:"bridge,omitempty"`  // NICBridge
+	Parent  string `json:"parent,omitempty"`  // NICMACVLAN
+	Network string `json:"network,omitempty"` // the configured network's name, for views
+	// Forwards are host ports forwarded into the guest by SLIRP (user
+	// NICs only; bridged VMs get the agent's proxy).
+	Forwards []portfwd.Rule `json:"forwards,omitempty"`
 }
 
 var (
 	nameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$`)
 	uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
 	macRE  = regexp.MustCompile(`^[0-9a-f]{2}(:[0-9a-f]{2}){5}$`)
+	// ifnameRE: a Linux interface name (IFNAMSIZ-1), no separators.
+	ifnameRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
 )
 
 // IsUUID reports whether s is a UUID literal (any case).
@@ -163,13 +180,37 @@ func (s *Spec) Validate() error {
 			return errcode.Wrap(errcode.ValidationFailed, err, "cdrom %d", i)
 		}
 	}
+	if len(s.NICs) > netdev.MaxNICs {
+		return errcode.New(errcode.ValidationFailed, "%d NICs: at most %d", len(s.NICs), netdev.MaxNICs)
+	}
+	var forwards []portfwd.Rule
 	for i, n := range s.NICs {
-		if n.Type != "user" {
+		switch n.Type {
+		case NICUser:
+		case NICBridge:
+			if !ifnameRE.MatchString(n.Bridge) {
+				return errcode.New(errcode.ValidationFailed, "nic %d: bridge %q is not an interface name", i, n.Bridge)
+			}
+		case NICMACVLAN:
+			if !ifnameRE.MatchString(n.Parent) {
+				return errcode.New(errcode.ValidationFailed, "nic %d: parent %q is not an interface name", i, n.Parent)
+			}
+		default:
 			return errcode.New(errcode.ValidationFailed, "nic %d: type %q is not supported", i, n.Type)
 		}
 		if !macRE.MatchString(n.MAC) {
 			return errcode.New(errcode.ValidationFailed, "nic %d: mac %q is not a lowercase MAC address", i, n.MAC)
 		}
+		if err := netdev.ValidateMAC(n.MAC); err != nil {
+			return err
+		}
+		if len(n.Forwards) > 0 && n.Type != NICUser {
+			return errcode.New(errcode.ValidationFailed, "nic %d: port forwards of a %s NIC are the agent's proxy, not QEMU's", i, n.Type)
+		}
+		forwards = append(forwards, n.Forwards...)
+	}
+	if _, err := portfwd.Validate(nil, forwards); err != nil {
+		return err
 	}
 	for _, p := range s.OwnedPaths {
 		if err := checkPath(p); err != nil {
@@ -205,12 +246,4 @@ func ShortID(uuid string) string {
 
 // MACFromUUID derives a stable, locally administered MAC under 52:54:00
 // from the VM's uuid and the NIC's index.
-func MACFromUUID(uuid string, index int) string {
-	h := strings.ReplaceAll(uuid, "-", "")
-	// Take bytes from the tail of the uuid (random part of a v4 uuid).
-	b := h[len(h)-6:]
-	var x [3]byte
-	fmt.Sscanf(b, "%02x%02x%02x", &x[0], &x[1], &x[2])
-	x[2] += byte(index)
-	return fmt.Sprintf("52:54:00:%02x:%02x:%02x", x[0], x[1], x[2])
-}
+func MACFromUUID(uuid string, index int) string { return netdev.GenerateMAC(uuid, index) }
