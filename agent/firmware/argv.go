@@ -47,13 +47,21 @@ func (e *Entry) Globals() []string {
 // merges this second -machine with the engine's "-machine q35,accel=…"
 // (and virt has the same two properties).
 func (e *Entry) Args(varsPath string) []string {
+	return e.FlashArgs(e.Code, varsPath)
+}
+
+// FlashArgs is Args with both flash files named by the caller, as QEMU is
+// to open them: for a QEMU that opens nothing by path, /dev/fdset/N of a
+// descriptor set holding e.Code opened read-only (code) and one holding
+// the VM's variable store opened read-write (vars).
+func (e *Entry) FlashArgs(code, vars string) []string {
 	if e.Interface != "uefi" {
 		return nil
 	}
 	a := []string{
-		"-blockdev", "driver=file,node-name=" + CodeNode + "-file,filename=" + escapeOpt(e.Code) + ",read-only=on",
+		"-blockdev", "driver=file,node-name=" + CodeNode + "-file,filename=" + escapeOpt(code) + ",read-only=on",
 		"-blockdev", "driver=" + e.CodeFormat + ",node-name=" + CodeNode + ",file=" + CodeNode + "-file,read-only=on",
-		"-blockdev", "driver=file,node-name=" + VarsNode + "-file,filename=" + escapeOpt(varsPath),
+		"-blockdev", "driver=file,node-name=" + VarsNode + "-file,filename=" + escapeOpt(vars),
 		"-blockdev", "driver=" + e.VarsFormat + ",node-name=" + VarsNode + ",file=" + VarsNode + "-file",
 		"-machine", "pflash0=" + CodeNode + ",pflash1=" + VarsNode,
 	}

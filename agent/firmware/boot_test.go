@@ -2,6 +2,7 @@ package firmware
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -21,6 +22,7 @@ type bootCase struct {
 	disk           string // the qcow2 base
 	memoryMB       int
 	seed           string
+	fdset          bool // pass the flash as descriptors (FlashArgs), as the engine does
 }
 
 // boot starts QEMU on an overlay of bc.disk with the firmware's arguments.
@@ -35,15 +37,32 @@ func boot(t *testing.T, c *Catalog, bc bootCase) *testguest.Machine {
 	if err := PrepareVars(e, vars); err != nil {
 		t.Fatal(err)
 	}
-	args := append(e.Globals(), e.Args(vars)...)
-	return testguest.StartMachine(t, testguest.MachineOptions{
+	o := testguest.MachineOptions{
 		Arch:        bc.arch,
 		MachineOpts: e.MachineOpts(),
 		MemoryMB:    bc.memoryMB,
 		Disk:        testguest.OverlayOf(t, bc.disk, dir),
 		Seed:        bc.seed,
-		Args:        args,
-	})
+		Args:        e.Globals(),
+	}
+	if bc.fdset {
+		code, err := os.Open(e.Code)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer code.Close()
+		vf, err := os.OpenFile(vars, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer vf.Close()
+		o.Files = []*os.File{code, vf} // fd 4, 5
+		o.Args = append(o.Args, "-add-fd", "fd=4,set=1", "-add-fd", "fd=5,set=2")
+		o.Args = append(o.Args, e.FlashArgs("/dev/fdset/1", "/dev/fdset/2")...)
+	} else {
+		o.Args = append(o.Args, e.Args(vars)...)
+	}
+	return testguest.StartMachine(t, o)
 }
 
 // expectMarker waits for the next marker of want's kind and checks it.
@@ -65,7 +84,7 @@ func TestBootAMD64(t *testing.T) {
 		want string // the firmware marker, or a console line
 	}{
 		{"bios", bootCase{firmware: BIOS, memoryMB: 256}, "OTHERIX-GUEST firmware bios"},
-		{"uefi", bootCase{firmware: UEFI, memoryMB: 256}, "OTHERIX-GUEST firmware uefi secureboot=0 lockdown=none"},
+		{"uefi", bootCase{firmware: UEFI, memoryMB: 256, fdset: true}, "OTHERIX-GUEST firmware uefi secureboot=0 lockdown=none"},
 		{"uefi-secure-signed", bootCase{firmware: UEFISecure, memoryMB: 512, disk: "secureboot"},
 			"OTHERIX-GUEST firmware uefi secureboot=1 lockdown=integrity"},
 		// systemd-boot is not signed: the firmware refuses it.

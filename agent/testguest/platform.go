@@ -180,13 +180,14 @@ func SeedISO(tb testing.TB, dir, metaData, userData string) string {
 // MachineOptions is a bare QEMU for a test: what StartMachine adds to its
 // fixed part (-nodefaults, TCG, serial to a file, QMP socket, no display).
 type MachineOptions struct {
-	Arch        string   // "amd64" (q35, the default) or "arm64" (virt, cortex-a57)
-	MachineOpts string   // appended to "-machine q35,accel=tcg", e.g. ",smm=on"
-	MemoryMB    int      // default 256
-	Disk        string   // the qcow2 to boot (an overlay): virtio-blk, bootindex 1
-	Seed        string   // optional seed ISO: virtio-scsi scsi-cd
-	Args        []string // more arguments: firmware, TPM...
-	Dir         string   // console.log, qmp.sock, qemu.log; default a new short folder
+	Arch        string     // "amd64" (q35, the default) or "arm64" (virt, cortex-a57)
+	MachineOpts string     // appended to "-machine q35,accel=tcg", e.g. ",smm=on"
+	MemoryMB    int        // default 256
+	Disk        string     // the qcow2 to boot (an overlay): virtio-blk, bootindex 1
+	Seed        string     // optional seed ISO: virtio-scsi scsi-cd
+	Args        []string   // more arguments: firmware, TPM...
+	Files       []*os.File // inherited by QEMU as fd 4, 5...: fd 3 is QMP's
+	Dir         string     // console.log, qmp.sock, qemu.log; default a new short folder
 }
 
 // Machine is a QEMU started by StartMachine. It is killed at the test's
@@ -275,7 +276,7 @@ func StartMachine(tb testing.TB, o MachineOptions) *Machine {
 		tb.Fatal(err)
 	}
 	m.cmd = exec.Command(qemuBinary[arch], args...)
-	m.cmd.ExtraFiles = []*os.File{qmpFile}
+	m.cmd.ExtraFiles = append([]*os.File{qmpFile}, o.Files...)
 	m.cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 	m.cmd.Stdout = logf
 	m.cmd.Stderr = logf

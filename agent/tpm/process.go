@@ -117,6 +117,26 @@ func (p *Process) ExitDescription() string {
 	return p.exitDesc
 }
 
+// Connect opens a connection to swtpm's control socket for QEMU to
+// inherit (ArgsFD): QEMU, running as an unprivileged user, need not be
+// able to open the socket. Start QEMU with it, then close this copy.
+// swtpm serves this one connection and, with --terminate, exits when it
+// closes: when QEMU exits, or when QEMU never started and the copy is
+// closed.
+func (p *Process) Connect(ctx context.Context) (*os.File, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", p.sock)
+	if err != nil {
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: connect to swtpm")
+	}
+	defer c.Close()
+	f, err := c.(*net.UnixConn).File()
+	if err != nil {
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: connection file")
+	}
+	return f, nil
+}
+
 // Start starts swtpm for cfg and returns once it accepted its options and
 // its control socket listens: QEMU can be started right after. A swtpm
 // already running on cfg.StateDir is a conflict (see FindRunning).

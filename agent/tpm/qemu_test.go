@@ -3,6 +3,7 @@ package tpm
 import (
 	"context"
 	"encoding/hex"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -97,22 +98,35 @@ func TestGuestTPMPersists(t *testing.T) {
 	secret := "otherix-tpm-nv-1" // 16 bytes
 	secretHex := hex.EncodeToString([]byte(secret))
 
-	boot := func(name, userData string) (*testguest.Machine, *Process) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*bootTimeout)
+	defer cancel()
+	// The first QEMU inherits its connection to swtpm (Connect, ArgsFD),
+	// as the engine's unprivileged QEMU does; the second opens the socket.
+	boot := func(name, userData string, inherit bool) (*testguest.Machine, *Process) {
 		seed := testguest.SeedISO(t, filepath.Join(t.TempDir(), name), "instance-id: tpm-1\nlocal-hostname: tpm\n", userData)
 		p := startSWTPM(t, Config{StateDir: state, RunDir: run})
-		args, err := Args("amd64", p.Socket())
+		o := testguest.MachineOptions{Disk: disk, Seed: seed}
+		var err error
+		if inherit {
+			conn, cerr := p.Connect(ctx)
+			if cerr != nil {
+				t.Fatal(cerr)
+			}
+			defer conn.Close()
+			o.Files = []*os.File{conn}
+			o.Args, err = ArgsFD("amd64", 4)
+		} else {
+			o.Args, err = Args("amd64", p.Socket())
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
-		m := testguest.StartMachine(t, testguest.MachineOptions{Disk: disk, Seed: seed, Args: args})
-		return m, p
+		return testguest.StartMachine(t, o), p
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*bootTimeout)
-	defer cancel()
 
 	m, p := boot("seed1", "#cloud-config\n"+
 		"#otherix-run: "+testguest.TPM2Tool+" nvdefine "+index+" 16\n"+
-		"#otherix-run: "+testguest.TPM2Tool+" nvwrite "+index+" "+secretHex+"\n")
+		"#otherix-run: "+testguest.TPM2Tool+" nvwrite "+index+" "+secretHex+"\n", true)
 	m.Expect(ctx, t, testguest.Prefix+"booted ")
 	if got, want := m.Expect(ctx, t, testguest.Prefix+"tpm "), testguest.Prefix+"tpm present=1 getrandom=ok"; got != want {
 		t.Errorf("got %q, want %q", got, want)
@@ -135,7 +149,7 @@ func TestGuestTPMPersists(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	m, p = boot("seed2", "#cloud-config\n#otherix-run: "+testguest.TPM2Tool+" nvread "+index+" 16\n")
+	m, p = boot("seed2", "#cloud-config\n#otherix-run: "+testguest.TPM2Tool+" nvread "+index+" 16\n", false)
 	want := testguest.Prefix + "tpm2 nvread rc=00000000 data=" + secretHex
 	if got := m.Expect(ctx, t, testguest.Prefix+"tpm2 nvread"); got != want {
 		t.Errorf("after a restart: got %q, want %q", got, want)

@@ -22,6 +22,7 @@ package tpm
 import (
 	"fmt"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
@@ -56,6 +57,24 @@ const (
 //
 // arch is "amd64" or "arm64"; anything else is validation_failed.
 func Args(arch, sock string) ([]string, error) {
+	if err := checkPath("socket", sock); err != nil {
+		return nil, err
+	}
+	return args(arch, "path="+escapeOpt(sock))
+}
+
+// ArgsFD is Args for a QEMU that inherits its connection to swtpm as
+// descriptor fd (see Process.Connect) rather than opening the socket by
+// path: "-chardev socket,id=chrtpm,fd=<fd>", then the same -tpmdev and
+// -device.
+func ArgsFD(arch string, fd int) ([]string, error) {
+	if fd < 3 {
+		return nil, errcode.New(errcode.ValidationFailed, "tpm: descriptor %d is one of stdin, stdout, stderr", fd)
+	}
+	return args(arch, "fd="+strconv.Itoa(fd))
+}
+
+func args(arch, endpoint string) ([]string, error) {
 	var front string
 	switch arch {
 	case "amd64":
@@ -65,11 +84,8 @@ func Args(arch, sock string) ([]string, error) {
 	default:
 		return nil, errcode.New(errcode.ValidationFailed, "tpm: arch %q is not supported: use amd64 or arm64", arch)
 	}
-	if err := checkPath("socket", sock); err != nil {
-		return nil, err
-	}
 	return []string{
-		"-chardev", "socket,id=" + ChardevID + ",path=" + escapeOpt(sock),
+		"-chardev", "socket,id=" + ChardevID + "," + endpoint,
 		"-tpmdev", "emulator,id=" + TPMDevID + ",chardev=" + ChardevID,
 		"-device", front + ",tpmdev=" + TPMDevID,
 	}, nil

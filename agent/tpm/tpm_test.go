@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/testguest"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files under testdata/")
@@ -54,6 +55,11 @@ func TestArgs(t *testing.T) {
 		}
 		fmt.Fprintf(&b, "# %s %s\n%s\n\n", tc.arch, tc.sock, strings.Join(args, "\n"))
 	}
+	args, err := ArgsFD("arm64", 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(&b, "# arm64 fd 7\n%s\n", strings.Join(args, "\n"))
 	golden(t, "args.txt", b.String())
 }
 
@@ -63,6 +69,7 @@ func TestArgsInvalid(t *testing.T) {
 		{"relative", "amd64", "run/x/swtpm.sock"},
 		{"newline", "amd64", "/run/x\n/swtpm.sock"},
 		{"long", "amd64", "/run/" + strings.Repeat("x", 100) + "/swtpm.sock"},
+		{"relative arm64", "arm64", "swtpm.sock"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Args(tc.arch, tc.sock)
@@ -73,8 +80,24 @@ func TestArgsInvalid(t *testing.T) {
 	}
 }
 
+func TestArgsFDInvalid(t *testing.T) {
+	for _, tc := range []struct {
+		arch string
+		fd   int
+	}{{"amd64", 2}, {"riscv64", 5}} {
+		if _, err := ArgsFD(tc.arch, tc.fd); errcode.Of(err) != errcode.ValidationFailed {
+			t.Errorf("ArgsFD(%s, %d) = %v, want validation_failed", tc.arch, tc.fd, err)
+		}
+	}
+}
+
 func needSWTPM(t *testing.T) {
 	t.Helper()
+	if _, err := exec.LookPath("swtpm"); err != nil {
+		// The platform guest's builder installs the host tools its tests
+		// need, swtpm among them.
+		testguest.PlatformDir(t, "amd64", testguest.VariantDefault)
+	}
 	if _, err := exec.LookPath("swtpm"); err != nil {
 		t.Fatalf("swtpm is missing (apt-get install swtpm swtpm-tools; testdata/guest/build-platform.sh installs it): %v", err)
 	}
