@@ -9,8 +9,11 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/google/uuid"
 	"github.com/otherix/otherix-agent/agent/api"
+
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/cloudinit"
 	"github.com/otherix/otherix-agent/imagecache"
@@ -96,12 +99,12 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 	if c.Node != "" && c.Node != h.cfg.NodeName {
 		return errcode.New(errcode.PoolNotOnNode, "pool %q is not on node %q (this node is %q)", c.Pool, c.Node, h.cfg.NodeName)
 	}
-	if c.Network != "" {
-		if _, ok := h.cfg.Networks[c.Network]; !ok {
-			return errcode.New(errcode.NetworkNotFound, "network %q not found", c.Network)
-		}
-		return errcode.New(errcode.NetworkUnavailable, "network %q: bridged NICs are not available on this agent yet", c.Network)
+	// Networks and devices: a dry run of the NIC plan.
+	probe := "validate-" + uuid.NewString()
+	if _, err := h.planNICs(c, probe); err != nil {
+		return err
 	}
+	h.macs.Release(probe)
 	if !c.NoCloudInit {
 		s := seedOf(c, "00000000-0000-4000-8000-000000000000")
 		if err := s.Validate(cloudinit.Limits{MaxUserData: h.cfg.Limits.MaxUserDataBytes}); err != nil {
@@ -208,14 +211,27 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	}
 	u.add(func() { h.cache.Unpin(c.Pool, entry.Digest, id) })
 
+	plan, err := h.planNICs(&c, id)
+	if err != nil {
+		return api.VM{}, err
+	}
+	u.add(func() { h.macs.Release(id) })
+	if err := portfwd.CheckFree(ctx, plan.forwards); err != nil {
+		return api.VM{}, err
+	}
 	spec := vm.Spec{
 		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
 		Disks:      []vm.Disk{{Path: root, Format: "qcow2", Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}},
+		NICs:       plan.nics,
 		OwnedPaths: []string{dir},
 	}
 	if !c.NoCloudInit {
 		seed := filepath.Join(dir, "seed.iso")
-		if err := cloudinit.WriteISO(seed, seedOf(&c, id)); err != nil {
+		s := seedOf(&c, id)
+		if s.NetworkConfig == nil {
+			s.NetworkConfig = generatedNetworkConfig(plan.nics)
+		}
+		if err := cloudinit.WriteISO(seed, s); err != nil {
 			return api.VM{}, errcode.Wrap(errcode.Internal, err, "write seed iso")
 		}
 		spec.CDROMs = []vm.CDROM{{Path: seed}}
@@ -224,8 +240,17 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	if diskGiB == 0 {
 		diskGiB = int((entry.VirtualSize + (1<<30 - 1)) >> 30)
 	}
+	network := c.Network
+	if network == "" && len(plan.nics) > 0 {
+		network = plan.nics[0].Network
+	}
+	if network != "" {
+		if name, _, err := h.network(network); err == nil {
+			network = name
+		}
+	}
 	m := meta{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
-		Network: c.Network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task}
+		Network: network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task, Forwards: plan.forwards}
 	mb, _ := json.Marshal(m)
 	if _, err := h.engine.Define(ctx, spec, mb); err != nil {
 		return api.VM{}, err
@@ -253,6 +278,7 @@ func (h *Host) Delete(ctx context.Context, name string) error {
 	if err := h.engine.Delete(ctx, name); err != nil {
 		return err
 	}
+	h.macs.Release(v.Spec.UUID)
 	if m.ImageSHA256 != "" {
 		if err := h.cache.Unpin(m.Pool, m.ImageSHA256, v.Spec.UUID); err != nil {
 			h.log.Warn("unpin image", zap.String("vm", name), zap.Error(err))

@@ -24,6 +24,8 @@ import (
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/metrics"
+	"github.com/otherix/otherix-agent/agent/netdev"
+	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/imagecache"
@@ -47,6 +49,9 @@ type Host struct {
 
 	qemuVersion string
 	onChange    func(api.VM)
+
+	macs netdev.Registry // MACs of every NIC on this host
+	net  *netState
 }
 
 // Options are the parts of a Host that tests and cmd inject.
@@ -72,6 +77,8 @@ type meta struct {
 	CloudInit    bool         `json:"cloud_init"`
 	DesiredPhase string       `json:"desired_phase"`
 	LastTask     *api.TaskRef `json:"last_task,omitempty"`
+	// Forwards of bridged VMs, served by the agent's proxy.
+	Forwards []portfwd.Rule `json:"forwards,omitempty"`
 }
 
 // NewHost opens the image cache and the VM engine and re-adopts VMs.
@@ -80,7 +87,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	if log == nil {
 		log = zap.NewNop()
 	}
-	h := &Host{cfg: cfg, log: log, pending: map[string]*api.VM{}, onChange: o.OnChange}
+	h := &Host{cfg: cfg, log: log, pending: map[string]*api.VM{}, onChange: o.OnChange, net: newNetState()}
 	h.creates = make(chan struct{}, cfg.Limits.ConcurrentCreates)
 
 	var pools []imagecache.PoolConfig
@@ -122,8 +129,10 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		Dial: func(ctx context.Context, path string) (vm.Monitor, error) {
 			return qmp.Dial(ctx, path, qmp.WithLogger(log.Named("qmp")), qmp.WithObserver(o.Metrics.QMPObserver()))
 		},
-		Logger: log.Named("vm"),
+		Logger:       log.Named("vm"),
+		OnGuestAgent: h.onGuestAgent,
 		OnChange: func(v vm.View) {
+			h.syncNetState(v)
 			if h.onChange != nil {
 				h.onChange(h.toAPI(v))
 			}
@@ -137,6 +146,13 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	if err := eng.Recover(ctx); err != nil {
 		cache.Close()
 		return nil, err
+	}
+	for _, v := range eng.List() {
+		for i, n := range v.Spec.NICs {
+			if _, err := h.macs.Assign(v.Spec.UUID, i, n.MAC); err != nil {
+				log.Warn("duplicate MAC among existing VMs", zap.String("vm", v.Spec.Name), zap.String("mac", n.MAC), zap.Error(err))
+			}
+		}
 	}
 	h.qemuVersion = qemuVersion(cfg.QEMU.X86_64)
 	log.Info("host ready", zap.String("accel", eng.Accel()), zap.String("placement", eng.Placement()), zap.Int("vms", len(eng.List())))
@@ -218,6 +234,9 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		ImageSHA256:  m.ImageSHA256,
 		DiskGiB:      m.DiskGiB,
 		QEMUPID:      v.PID,
+		IPAddresses:  h.ips(v.Spec.UUID),
+		NICs:         h.nicViews(v),
+		Forwards:     forwardViews(v, m),
 		CloudInit:    m.CloudInit,
 		CreatedAt:    v.CreatedAt,
 		LastTask:     m.LastTask,
@@ -317,4 +336,18 @@ func (h *Host) vmDir(pool, uuid string) (string, error) {
 		return "", errcode.New(errcode.ValidationFailed, "vm dir escapes pool %q", pool)
 	}
 	return p, nil
+}
+
+// forwardViews lists a VM's port forwards as seed-000 PROXY devices.
+func forwardViews(v vm.View, m meta) []api.Device {
+	rules := append([]portfwd.Rule(nil), m.Forwards...)
+	for _, n := range v.Spec.NICs {
+		rules = append(rules, n.Forwards...)
+	}
+	var out []api.Device
+	for _, r := range rules {
+		out = append(out, api.Device{DevType: api.DevProxy, SourceProto: strings.ToUpper(r.Proto), SourcePort: r.HostPort,
+			DestProto: strings.ToUpper(r.Proto), DestPort: r.GuestPort})
+	}
+	return out
 }

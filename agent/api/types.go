@@ -70,6 +70,40 @@ type CreateVM struct {
 	UserData      string `json:"user_data,omitempty" yaml:"user_data,omitempty"`
 	NetworkConfig string `json:"network_config,omitempty" yaml:"network_config,omitempty"`
 	NoCloudInit   bool   `json:"no_cloud_init,omitempty" yaml:"no_cloud_init,omitempty"`
+	// Devices in seed 000's shape (dev_type and its fields).
+	Devices []Device `json:"devices,omitempty" yaml:"devices,omitempty"`
+}
+
+// Device types (seed 000).
+const (
+	DevNIC   = "NIC"
+	DevProxy = "PROXY"
+)
+
+// Device is one seed-000 device of a create request.
+type Device struct {
+	DevType     string `json:"dev_type" yaml:"dev_type"`
+	Name        string `json:"name,omitempty" yaml:"name,omitempty"`
+	Description string `json:"description,omitempty" yaml:"description,omitempty"`
+	// NIC
+	Network string `json:"network,omitempty" yaml:"network,omitempty"`
+	NICType string `json:"nic_type,omitempty" yaml:"nic_type,omitempty"` // BRIDGED or MACVLAN
+	Parent  string `json:"parent,omitempty" yaml:"parent,omitempty"`
+	MAC     string `json:"mac,omitempty" yaml:"mac,omitempty"`
+	// PROXY: a host port forwarded to a guest port.
+	SourceProto string `json:"source_proto,omitempty" yaml:"source_proto,omitempty"`
+	SourcePort  int    `json:"source_port,omitempty" yaml:"source_port,omitempty"`
+	DestProto   string `json:"dest_proto,omitempty" yaml:"dest_proto,omitempty"`
+	DestPort    int    `json:"dest_port,omitempty" yaml:"dest_port,omitempty"`
+}
+
+// NICView is one NIC in the VM view.
+type NICView struct {
+	Network string   `json:"network,omitempty"`
+	Type    string   `json:"type"` // user, bridge, macvlan
+	MAC     string   `json:"mac"`
+	Link    string   `json:"link,omitempty"` // the host-side tap/macvtap
+	IPs     []string `json:"ip_addresses,omitempty"`
 }
 
 // StopSpec is the spec of a vm.stop task.
@@ -103,6 +137,8 @@ type VM struct {
 	QEMUPID      int       `json:"qemu_pid,omitempty"`
 	CloudInit    bool      `json:"cloud_init"`
 	IPAddresses  []string  `json:"ip_addresses,omitempty"`
+	NICs         []NICView `json:"nics,omitempty"`
+	Forwards     []Device  `json:"forwards,omitempty"` // PROXY devices
 	CreatedAt    time.Time `json:"created_at"`
 	LastTask     *TaskRef  `json:"last_task,omitempty"`
 }

@@ -66,6 +66,8 @@ type Listen struct {
 	API     string `yaml:"api"`     // standalone API, host:port
 	Socket  string `yaml:"socket"`  // standalone API unix socket
 	Metrics string `yaml:"metrics"` // Prometheus /metrics, host:port; empty = off
+	// Forwards is the host address PROXY devices listen on (default all).
+	Forwards string `yaml:"forwards"`
 }
 
 // QEMU configures how VMs run.
@@ -170,7 +172,10 @@ func cleanYAMLError(err error) error {
 	return errors.New(strings.TrimSpace(s))
 }
 
-var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+var (
+	nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+)
 
 // Validate checks values; errors name the key.
 func (c *Config) Validate() error {
@@ -222,6 +227,12 @@ func (c *Config) Validate() error {
 		default:
 			bad("networks."+name+".type", "%q: use bridge or macvlan", n.Type)
 		}
+		if n.UUID != "" && !uuidRE.MatchString(n.UUID) {
+			bad("networks."+name+".uuid", "%q is not a lowercase UUID", n.UUID)
+		}
+	}
+	if a := c.Listen.Forwards; a != "" && net.ParseIP(a) == nil {
+		bad("listen.forwards", "%q is not an IP address", a)
 	}
 	for key, a := range map[string]string{"listen.api": c.Listen.API, "listen.metrics": c.Listen.Metrics} {
 		if a == "" {

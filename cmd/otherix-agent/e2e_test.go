@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/netdev/netdevtest"
 	"github.com/otherix/otherix-agent/agent/testguest"
 )
 
@@ -49,19 +50,26 @@ type standaloneAgent struct {
 	url     string
 	log     *syncBuffer
 	image   string // URL of the guest image
+	ns      *netdevtest.Netns // when set, the agent and the CLI run in it
 }
 
 // startAgent writes a config and starts otherix-agent --standalone.
 func startAgent(t *testing.T, extraYAML string) *standaloneAgent {
 	t.Helper()
+	return startAgentIn(t, nil, extraYAML)
+}
+
+// startAgentIn starts the agent in a network namespace (nil: the host's).
+func startAgentIn(t *testing.T, ns *netdevtest.Netns, extraYAML string) *standaloneAgent {
+	t.Helper()
 	run, err := os.MkdirTemp("/tmp", "oxe")
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := &standaloneAgent{t: t, dir: t.TempDir()}
+	a := &standaloneAgent{t: t, dir: t.TempDir(), ns: ns}
 	t.Cleanup(func() { os.RemoveAll(run) })
 	a.cfgPath = filepath.Join(t.TempDir(), "agent.yaml")
-	cfg := fmt.Sprintf("node_name: node-1\ndata_dir: %s\nrun_dir: %s\nlisten:\n  api: 127.0.0.1:0\n  socket: \"\"\n  metrics: \"\"\nqemu:\n  stop_timeout: 30s\n%s", a.dir, run, extraYAML)
+	cfg := fmt.Sprintf("node_name: node-1\ndata_dir: %s\nrun_dir: %s\nlisten:\n  api: 127.0.0.1:0\n  socket: \"\"\n  metrics: \"\"\n  forwards: 127.0.0.1\nqemu:\n  stop_timeout: 30s\n%s", a.dir, run, extraYAML)
 	if err := os.WriteFile(a.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -81,6 +89,9 @@ func (a *standaloneAgent) start() {
 	os.Remove(filepath.Join(a.dir, "standalone.addr"))
 	a.log = &syncBuffer{}
 	a.cmd = exec.Command(filepath.Join(binDir, "otherix-agent"), "--standalone", "--config", a.cfgPath)
+	if a.ns != nil {
+		a.cmd = a.ns.Command(context.Background(), filepath.Join(binDir, "otherix-agent"), "--standalone", "--config", a.cfgPath)
+	}
 	a.cmd.Stderr = a.log
 	if err := a.cmd.Start(); err != nil {
 		a.t.Fatal(err)
@@ -150,6 +161,9 @@ type result struct {
 func (a *standaloneAgent) cli(stdin string, args ...string) result {
 	a.t.Helper()
 	cmd := exec.Command(filepath.Join(binDir, "otherix"), args...)
+	if a.ns != nil {
+		cmd = a.ns.Command(context.Background(), filepath.Join(binDir, "otherix"), args...)
+	}
 	cmd.Env = append(os.Environ(), "OTHERIX_URL="+a.url, "OTHERIX_POLL_INTERVAL=200ms")
 	cmd.Stdin = strings.NewReader(stdin)
 	var out, errb bytes.Buffer
