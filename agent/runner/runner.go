@@ -165,6 +165,7 @@ type Runner struct {
 	desired   map[string]string // last known desired phases; nil: unknown
 	interval  time.Duration
 	running   bool
+	ended     bool // Run has returned
 	connected bool
 	lastHB    time.Time
 	lastTry   time.Time // last register or heartbeat attempt
@@ -212,7 +213,7 @@ func (r *Runner) Run(ctx context.Context) error {
 	r.mu.Unlock()
 	defer func() {
 		r.mu.Lock()
-		r.running = false
+		r.running, r.ended = false, true
 		r.mu.Unlock()
 	}()
 
@@ -379,15 +380,17 @@ func (r *Runner) LastHeartbeat() time.Time {
 	return r.lastHB
 }
 
-// Healthy reports whether Run is running and its register/heartbeat loop
-// made an attempt recently (within two intervals plus the retry maximum):
-// a stuck loop is unhealthy, an unreachable control plane is not. It is
-// meant for the systemd watchdog.
+// Healthy reports whether the runner's register/heartbeat loop made an
+// attempt recently (within two intervals plus the retry maximum): a stuck
+// loop is unhealthy, an unreachable control plane is not. A runner whose
+// Run has not started yet is healthy (the daemon starts Run and the
+// watchdog together); one whose Run returned is not. It is meant for the
+// systemd watchdog.
 func (r *Runner) Healthy() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if !r.running {
-		return false
+		return !r.ended
 	}
 	if r.lastTry.IsZero() {
 		return true // staggering
