@@ -19,6 +19,9 @@ import (
 	"github.com/otherix/otherix-agent/imagecache"
 )
 
+// rootBuses maps seed 000's bus names to the engine's.
+var rootBuses = map[string]string{"NVME": vm.BusNVMe, "VIRTIO-BLK": vm.BusVirtioBlk, "VIRTIO-SCSI": vm.BusVirtioSCSI}
+
 // Defaults of seed 004 for fields a create leaves out.
 const (
 	DefaultVCPUs    = 2
@@ -71,6 +74,18 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 	}
 	if c.MemoryMB < vm.MinMemoryMB || c.MemoryMB > vm.MaxMemoryMB {
 		return errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", c.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
+	}
+	if c.RootDiskSize != 0 {
+		if c.DiskGiB != 0 && c.DiskGiB != c.RootDiskSize {
+			return errcode.New(errcode.ValidationFailed, "disk_gib %d and root_disk_size %d disagree (root_disk_size is disk_gib's seed-000 name)", c.DiskGiB, c.RootDiskSize)
+		}
+		c.DiskGiB = c.RootDiskSize
+	}
+	if c.RootDiskIOBus == "" {
+		c.RootDiskIOBus = h.cfg.QEMU.RootDiskBus
+	}
+	if _, ok := rootBuses[c.RootDiskIOBus]; !ok {
+		return errcode.New(errcode.ValidationFailed, "root_disk_io_bus %q: use NVME, VIRTIO-BLK or VIRTIO-SCSI", c.RootDiskIOBus)
 	}
 	if c.DiskGiB < 0 || c.DiskGiB > 65536 {
 		return errcode.New(errcode.ValidationFailed, "disk_gib %d out of range 1..65536", c.DiskGiB)
@@ -221,7 +236,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	}
 	spec := vm.Spec{
 		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
-		Disks:      []vm.Disk{{Path: root, Format: "qcow2", Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}},
+		Disks:      []vm.Disk{{Path: root, Format: "qcow2", Bus: rootBuses[c.RootDiskIOBus], Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}},
 		NICs:       plan.nics,
 		OwnedPaths: []string{dir},
 	}
@@ -250,7 +265,8 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		}
 	}
 	m := meta{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
-		Network: network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task, Forwards: plan.forwards}
+		Network: network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task, Forwards: plan.forwards,
+		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart}
 	mb, _ := json.Marshal(m)
 	if _, err := h.engine.Define(ctx, spec, mb); err != nil {
 		return api.VM{}, err
@@ -342,4 +358,32 @@ func (h *Host) Images(pool string) ([]api.Image, error) {
 		}
 	}
 	return out, nil
+}
+
+// Update changes a VM's CPU, memory or autostart (seed 003's
+// InstanceUpdateRequest). CPU and memory of a running VM apply at its next
+// start; the view shows them as pending_changes.
+func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM, error) {
+	if u.VCPUs != nil && (*u.VCPUs < vm.MinVCPUs || *u.VCPUs > vm.MaxVCPUs) {
+		return api.VM{}, errcode.New(errcode.ValidationFailed, "vcpus %d out of range %d..%d", *u.VCPUs, vm.MinVCPUs, vm.MaxVCPUs)
+	}
+	if u.MemoryMB != nil && (*u.MemoryMB < vm.MinMemoryMB || *u.MemoryMB > vm.MaxMemoryMB) {
+		return api.VM{}, errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", *u.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
+	}
+	if u.VCPUs != nil || u.MemoryMB != nil {
+		if _, err := h.engine.Update(ctx, name, func(s *vm.Spec) {
+			if u.VCPUs != nil {
+				s.VCPUs = *u.VCPUs
+			}
+			if u.MemoryMB != nil {
+				s.MemoryMB = *u.MemoryMB
+			}
+		}); err != nil {
+			return api.VM{}, err
+		}
+	}
+	if u.Autostart != nil {
+		h.updateMeta(name, func(m *meta) { m.Autostart = *u.Autostart })
+	}
+	return h.VM(name)
 }

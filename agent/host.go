@@ -64,6 +64,9 @@ type Options struct {
 	PowerdownInterval time.Duration
 	// Metrics, optional.
 	Metrics *metrics.Metrics
+	// BootIDPath is where the host's boot id is read (default
+	// /proc/sys/kernel/random/boot_id); tests simulate a host reboot.
+	BootIDPath string
 }
 
 // meta is what the host keeps with each VM in the engine's state.
@@ -78,7 +81,9 @@ type meta struct {
 	DesiredPhase string       `json:"desired_phase"`
 	LastTask     *api.TaskRef `json:"last_task,omitempty"`
 	// Forwards of bridged VMs, served by the agent's proxy.
-	Forwards []portfwd.Rule `json:"forwards,omitempty"`
+	Forwards      []portfwd.Rule `json:"forwards,omitempty"`
+	RootDiskIOBus string         `json:"root_disk_io_bus,omitempty"`
+	Autostart     bool           `json:"autostart"`
 }
 
 // NewHost opens the image cache and the VM engine and re-adopts VMs.
@@ -155,6 +160,9 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		}
 	}
 	h.qemuVersion = qemuVersion(cfg.QEMU.X86_64)
+	if err := h.autostart(ctx, o.BootIDPath); err != nil {
+		log.Warn("autostart", zap.Error(err))
+	}
 	log.Info("host ready", zap.String("accel", eng.Accel()), zap.String("placement", eng.Placement()), zap.Int("vms", len(eng.List())))
 	return h, nil
 }
@@ -240,7 +248,30 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		CloudInit:    m.CloudInit,
 		CreatedAt:    v.CreatedAt,
 		LastTask:     m.LastTask,
+
+		InstanceStatus: api.InstanceStatus(v.Status),
+		RootDiskIOBus:  m.RootDiskIOBus,
+		Autostart:      m.Autostart,
+		PendingChanges: pending(v),
 	}
+}
+
+// pending describes the spec changes a VM gets at its next start.
+func pending(v vm.View) *api.PendingChanges {
+	if v.Next == nil {
+		return nil
+	}
+	p := &api.PendingChanges{}
+	if v.Next.VCPUs != v.Spec.VCPUs {
+		p.VCPUs = v.Next.VCPUs
+	}
+	if v.Next.MemoryMB != v.Spec.MemoryMB {
+		p.MemoryMB = v.Next.MemoryMB
+	}
+	if *p == (api.PendingChanges{}) {
+		return nil
+	}
+	return p
 }
 
 // VMs reports every VM on this host, including ones being created.
@@ -350,4 +381,44 @@ func forwardViews(v vm.View, m meta) []api.Device {
 			DestProto: strings.ToUpper(r.Proto), DestPort: r.GuestPort})
 	}
 	return out
+}
+
+// autostart starts, after a host boot (a boot id other than the one
+// recorded), every VM with autostart on whose desired phase is running,
+// a few at a time, before the agent declares itself ready. A mere agent
+// restart changes nothing: those VMs still run and were re-adopted.
+func (h *Host) autostart(ctx context.Context, bootIDPath string) error {
+	if bootIDPath == "" {
+		bootIDPath = "/proc/sys/kernel/random/boot_id"
+	}
+	b, err := os.ReadFile(bootIDPath)
+	if err != nil {
+		return err
+	}
+	boot := strings.TrimSpace(string(b))
+	record := filepath.Join(h.cfg.DataDir, "boot_id")
+	last, err := os.ReadFile(record)
+	if err == nil && strings.TrimSpace(string(last)) == boot {
+		return nil
+	}
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, h.cfg.Limits.ConcurrentCreates)
+	for _, v := range h.engine.List() {
+		m := metaOf(v)
+		if !m.Autostart || m.DesiredPhase != api.PhaseRunning || (v.Status != api.StatusStopped && v.Status != api.StatusCrashed) {
+			continue
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(name string) {
+			defer func() { <-sem; wg.Done() }()
+			if _, err := h.engine.Start(ctx, name); err != nil {
+				h.log.Warn("autostart failed", zap.String("vm", name), zap.Error(err))
+			} else {
+				h.log.Info("autostarted after host boot", zap.String("vm", name))
+			}
+		}(v.Spec.Name)
+	}
+	wg.Wait()
+	return os.WriteFile(record, []byte(boot+"\n"), 0o600)
 }

@@ -189,3 +189,89 @@ func TestCreateUndo(t *testing.T) {
 		t.Fatalf("failed create left a vm: %v", err)
 	}
 }
+
+// TestAutostartAfterHostBoot: after a host boot (a new boot id) the agent
+// starts the VMs with autostart on that should run, and leaves the one
+// with autostart off; a plain agent restart starts nothing. PATCH of a
+// running VM's CPU and memory is pending until its next start.
+func TestAutostartAfterHostBoot(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	ctx := context.Background()
+	off := false
+	for _, c := range []api.CreateVM{
+		{Name: "auto", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256, NoCloudInit: true, RootDiskIOBus: "NVME"},
+		{Name: "manual", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256, NoCloudInit: true, Autostart: &off, RootDiskIOBus: "VIRTIO-SCSI"},
+	} {
+		if _, err := hh.h.Create(ctx, uuid.NewString(), c, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Each root bus is seen by the guest on that bus.
+	if line := wait(t, hh.console("auto"), "OTHERIX-GUEST disks "); !strings.Contains(line, "nvme0n1:") {
+		t.Fatalf("NVME root disk not seen as nvme: %s", line)
+	}
+	if line := wait(t, hh.console("manual"), "OTHERIX-GUEST disks "); !strings.Contains(line, "sda:") {
+		t.Fatalf("VIRTIO-SCSI root disk not seen as sda: %s", line)
+	}
+	// PATCH a running VM: pending until the next start.
+	two, mem := 2, 384
+	v, err := hh.h.Update(ctx, "auto", api.UpdateVM{VCPUs: &two, MemoryMB: &mem})
+	if err != nil || v.PendingChanges == nil || v.PendingChanges.VCPUs != 2 || v.PendingChanges.MemoryMB != 384 || v.VCPUs != 1 {
+		t.Fatalf("patch running: %v %+v", err, v)
+	}
+	if _, err := hh.h.Update(ctx, "auto", api.UpdateVM{VCPUs: &[]int{129}[0]}); errcode.Of(err) != errcode.ValidationFailed {
+		t.Fatalf("vcpus 129: %v", err)
+	}
+	// The "host" goes down: QEMUs die with it, the agent with them.
+	for _, v := range hh.h.Engine().List() {
+		syscall.Kill(v.PID, syscall.SIGKILL)
+	}
+	for _, name := range []string{"auto", "manual"} {
+		for {
+			if v, _ := hh.h.VM(name); v.Status == api.StatusCrashed {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	hh.h.Close()
+
+	// A plain agent restart (same boot id): nothing is started.
+	h2, err := NewHost(ctx, hh.cfg, Options{Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range h2.VMs(ctx) {
+		if v.Status != api.StatusCrashed {
+			t.Fatalf("restart without host boot started %s: %s", v.Name, v.Status)
+		}
+	}
+	h2.Close()
+
+	// A host boot: a new boot id.
+	bootID := filepath.Join(t.TempDir(), "boot_id")
+	os.WriteFile(bootID, []byte(uuid.NewString()+"\n"), 0o644)
+	h3, err := NewHost(ctx, hh.cfg, Options{Logger: zap.NewNop(), BootIDPath: bootID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hh.h = h3
+	t.Cleanup(func() {
+		for _, v := range h3.Engine().List() {
+			if v.PID > 0 {
+				syscall.Kill(v.PID, syscall.SIGKILL)
+			}
+		}
+		h3.Close()
+	})
+	auto, _ := h3.VM("auto")
+	manual, _ := h3.VM("manual")
+	if auto.Status != api.StatusRunning || manual.Status != api.StatusCrashed {
+		t.Fatalf("after host boot: auto %s, manual %s", auto.Status, manual.Status)
+	}
+	// The pending changes applied at that start.
+	if auto.VCPUs != 2 || auto.MemoryMB != 384 || auto.PendingChanges != nil || auto.InstanceStatus != "RUNNING" || manual.InstanceStatus != "ERROR" {
+		t.Fatalf("after start: %+v", auto)
+	}
+}

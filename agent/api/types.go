@@ -70,6 +70,11 @@ type CreateVM struct {
 	UserData      string `json:"user_data,omitempty" yaml:"user_data,omitempty"`
 	NetworkConfig string `json:"network_config,omitempty" yaml:"network_config,omitempty"`
 	NoCloudInit   bool   `json:"no_cloud_init,omitempty" yaml:"no_cloud_init,omitempty"`
+	// Seed 000: root disk bus (NVME, VIRTIO-BLK, VIRTIO-SCSI) and size in
+	// GiB (disk_gib under its seed-000 name), and autostart (default true).
+	RootDiskIOBus string `json:"root_disk_io_bus,omitempty" yaml:"root_disk_io_bus,omitempty"`
+	RootDiskSize  int    `json:"root_disk_size,omitempty" yaml:"root_disk_size,omitempty"`
+	Autostart     *bool  `json:"autostart,omitempty" yaml:"autostart,omitempty"`
 	// Devices in seed 000's shape (dev_type and its fields).
 	Devices []Device `json:"devices,omitempty" yaml:"devices,omitempty"`
 }
@@ -138,9 +143,16 @@ type VM struct {
 	CloudInit    bool      `json:"cloud_init"`
 	IPAddresses  []string  `json:"ip_addresses,omitempty"`
 	NICs         []NICView `json:"nics,omitempty"`
-	Forwards     []Device  `json:"forwards,omitempty"` // PROXY devices
-	CreatedAt    time.Time `json:"created_at"`
-	LastTask     *TaskRef  `json:"last_task,omitempty"`
+	// Seed 000/003 view: the instance status (RUNNING, STOPPED, STARTING,
+	// STOPPING, FROZEN, ERROR, UNKNOWN), root disk bus, autostart, and the
+	// changes that apply at the next start.
+	InstanceStatus string          `json:"instance_status"`
+	RootDiskIOBus  string          `json:"root_disk_io_bus,omitempty"`
+	Autostart      bool            `json:"autostart"`
+	PendingChanges *PendingChanges `json:"pending_changes,omitempty"`
+	Forwards       []Device        `json:"forwards,omitempty"` // PROXY devices
+	CreatedAt      time.Time       `json:"created_at"`
+	LastTask       *TaskRef        `json:"last_task,omitempty"`
 }
 
 // Progress of a long task (e.g. image download bytes).
@@ -198,4 +210,37 @@ type PullImage struct {
 	URL    string `json:"url"`
 	Pool   string `json:"pool"`
 	SHA256 string `json:"sha256,omitempty"`
+}
+
+// PendingChanges are changes to a running VM that apply at its next start.
+type PendingChanges struct {
+	VCPUs    int `json:"vcpus,omitempty"`
+	MemoryMB int `json:"memory_mb,omitempty"`
+}
+
+// UpdateVM is the body of PATCH /v1/vms/{name} (seed 003's
+// InstanceUpdateRequest): only the fields given change.
+type UpdateVM struct {
+	VCPUs     *int  `json:"vcpus,omitempty"`
+	MemoryMB  *int  `json:"memory_mb,omitempty"`
+	Autostart *bool `json:"autostart,omitempty"`
+}
+
+// InstanceStatus maps a seed-004 status onto the seed 000/003 form.
+func InstanceStatus(status string) string {
+	switch status {
+	case StatusRunning:
+		return "RUNNING"
+	case StatusStopped:
+		return "STOPPED"
+	case StatusCreating, StatusStarting:
+		return "STARTING"
+	case StatusStopping, StatusDeleting:
+		return "STOPPING"
+	case StatusPaused:
+		return "FROZEN"
+	case StatusCrashed, StatusError:
+		return "ERROR"
+	}
+	return "UNKNOWN"
 }

@@ -75,6 +75,9 @@ type QEMU struct {
 	User        string        `yaml:"user"`  // unprivileged user QEMU runs as; empty = root (not recommended)
 	Accel       string        `yaml:"accel"` // auto, kvm, tcg
 	StopTimeout time.Duration `yaml:"stop_timeout"`
+	// RootDiskBus is the default root disk bus: NVME, VIRTIO-BLK or
+	// VIRTIO-SCSI (seed 000's names).
+	RootDiskBus string `yaml:"root_disk_bus"`
 	X86_64      string        `yaml:"binary_amd64"`
 	AArch64     string        `yaml:"binary_arm64"`
 }
@@ -115,7 +118,7 @@ func Default(dataDir string) *Config {
 		DefaultPool: "default",
 		Networks:    map[string]Network{},
 		Listen:      Listen{API: "127.0.0.1:7480", Socket: "/run/otherix/api.sock", Metrics: "127.0.0.1:9480"},
-		QEMU:        QEMU{User: "otherix-qemu", Accel: "auto", StopTimeout: 60 * time.Second, X86_64: "qemu-system-x86_64", AArch64: "qemu-system-aarch64"},
+		QEMU:        QEMU{User: "otherix-qemu", Accel: "auto", RootDiskBus: "VIRTIO-BLK", StopTimeout: 60 * time.Second, X86_64: "qemu-system-x86_64", AArch64: "qemu-system-aarch64"},
 		Limits: Limits{
 			ConcurrentCreates:   2,
 			ConcurrentDownloads: 2,
@@ -246,6 +249,11 @@ func (c *Config) Validate() error {
 	case "auto", "kvm", "tcg":
 	default:
 		bad("qemu.accel", "%q: use auto, kvm or tcg", c.QEMU.Accel)
+	}
+	switch c.QEMU.RootDiskBus {
+	case "NVME", "VIRTIO-BLK", "VIRTIO-SCSI":
+	default:
+		bad("qemu.root_disk_bus", "%q: use NVME, VIRTIO-BLK or VIRTIO-SCSI", c.QEMU.RootDiskBus)
 	}
 	if c.QEMU.StopTimeout <= 0 {
 		bad("qemu.stop_timeout", "must be positive")

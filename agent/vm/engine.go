@@ -95,6 +95,8 @@ type View struct {
 	Meta        json.RawMessage
 	ConsolePath string
 	QGASocket   string // the guest agent's socket while QEMU runs
+	// Next is the spec the VM gets at its next start, when it differs.
+	Next *Spec
 }
 
 // Engine owns the VMs of this host.
@@ -318,6 +320,36 @@ func (e *Engine) List() []View {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Spec.Name < out[j].Spec.Name })
 	return out
+}
+
+// Update changes a VM's spec with fn. A VM that does not run gets the
+// change at once; a running one at its next start (View.Pending says so).
+// The changed spec is validated; the name, uuid and arch cannot change.
+func (e *Engine) Update(ctx context.Context, name string, fn func(*Spec)) (View, error) {
+	return e.op(ctx, name, "update", func(m *machine) error {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		base := m.st.Spec
+		if m.st.Next != nil {
+			base = *m.st.Next
+		}
+		next := base
+		next.Disks = append([]Disk(nil), base.Disks...)
+		next.NICs = append([]NIC(nil), base.NICs...)
+		fn(&next)
+		if next.Name != base.Name || next.UUID != base.UUID || next.Arch != base.Arch {
+			return errcode.New(errcode.ValidationFailed, "name, uuid and arch cannot change")
+		}
+		if err := next.Validate(); err != nil {
+			return err
+		}
+		if m.proc != nil {
+			m.st.Next = &next
+		} else {
+			m.st.Spec, m.st.Next = next, nil
+		}
+		return m.persistLocked()
+	})
 }
 
 // SetMeta replaces a VM's opaque caller data and persists it.

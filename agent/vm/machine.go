@@ -73,6 +73,7 @@ func (m *machine) viewLocked() View {
 		Meta:        m.st.Meta,
 		ConsolePath: m.paths().ConsoleLog,
 		QGASocket:   m.paths().QGASocket,
+		Next:        m.st.Next,
 	}
 }
 

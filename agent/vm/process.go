@@ -223,6 +223,13 @@ func (p *process) detach() {
 // launch starts QEMU for the VM and waits until QMP answers.
 func (m *machine) launch(ctx context.Context) (err error) {
 	m.mu.Lock()
+	if m.st.Next != nil {
+		m.st.Spec, m.st.Next = *m.st.Next, nil
+		if err := m.persistLocked(); err != nil {
+			m.mu.Unlock()
+			return errcode.Wrap(errcode.Internal, err, "persist pending changes")
+		}
+	}
 	spec := m.st.Spec
 	if m.st.PID != 0 && isOurQEMU(m.st.PID, spec.UUID) {
 		m.mu.Unlock()

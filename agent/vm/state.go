@@ -18,6 +18,9 @@ type state struct {
 	CreatedAt time.Time       `json:"created_at"`
 	UpdatedAt time.Time       `json:"updated_at"`
 	Meta      json.RawMessage `json:"meta,omitempty"`
+	// Next is the spec the VM gets at its next start (changes made while
+	// it runs: CPU, memory).
+	Next *Spec `json:"next,omitempty"`
 }
 
 // writeFileAtomic writes data to path through a temp file in the same
