@@ -119,6 +119,16 @@ func TestManifestPaginationRestart(t *testing.T) {
 		t.Fatalf("status filter:\n%s", r.stdout)
 	}
 
+	// vm set on a running VM: pending until the next start.
+	r = a.ok("vm", "set", "m-1", "--vcpus", "2", "--memory-mb", "320", "--autostart=false")
+	if !strings.Contains(r.stdout, "vm m-1 vcpus=1 memory_mb=256 autostart=false pending_changes(next start): vcpus=2 memory_mb=320") {
+		t.Fatalf("vm set: %q", r.stdout)
+	}
+	a.fails(1, "validation_failed", "vm", "set", "m-1", "--vcpus", "0")
+	if code, env := patchRaw(t, a.url+"/v1/vms/m-1", `{"cpu":"2"}`); code != 400 || env.Error.Code != "validation_failed" || !strings.Contains(env.Error.Message, "cpu") {
+		t.Fatalf("PATCH with an unknown field: %d %+v", code, env)
+	}
+
 	// Crash the agent; VMs keep running and are re-adopted.
 	a.cmd.Process.Signal(syscall.SIGKILL)
 	a.cmd.Wait()

@@ -49,7 +49,7 @@ type standaloneAgent struct {
 	cmd     *exec.Cmd
 	url     string
 	log     *syncBuffer
-	image   string // URL of the guest image
+	image   string            // URL of the guest image
 	ns      *netdevtest.Netns // when set, the agent and the CLI run in it
 }
 

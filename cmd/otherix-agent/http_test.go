@@ -71,3 +71,17 @@ func waitLog(t *testing.T, a *standaloneAgent, substr string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+func patchRaw(t *testing.T, url, body string) (int, api.ErrorEnvelope) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPatch, url, strings.NewReader(body))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var env api.ErrorEnvelope
+	b, _ := io.ReadAll(resp.Body)
+	json.Unmarshal(b, &env)
+	return resp.StatusCode, env
+}

@@ -47,7 +47,7 @@ func TestVMCreateDefaults(t *testing.T) {
 	h := newHarness(t)
 	h.must("vm", "create", "web-1", "--image-url", imageURL, "--arch", "amd64")
 	want := api.CreateVM{Name: "web-1", ImageURL: imageURL, Arch: "amd64", VCPUs: 2, MemoryMB: 2048}
-	if got := h.api.Creates(t); len(got) != 1 || got[0] != want {
+	if got := h.api.Creates(t); len(got) != 1 || !reflect.DeepEqual(got[0], want) {
 		t.Errorf("create bodies = %+v, want [%+v]", got, want)
 	}
 }
@@ -252,7 +252,7 @@ func TestCreateManifest(t *testing.T) {
 		{name: "stdin wait", args: []string{"--wait", "-f", "-"}, stdin: good, want: &wantGood,
 			stdout: "created task=task-1 status=pending\nvm running task=task-1\n", stderr: "...\n"},
 		{name: "unknown keys", args: []string{"-f", write("unknown.yaml", "name: x\nimage_url: u\ncolour: red\narch: amd64\ncpus: 2\n")},
-			stderr: "error: validation_failed: " + dir + "/unknown.yaml: unknown keys: colour (line 3), cpus (line 5) (allowed: arch, disk_gib, firmware, firmware_id, format, image_sha256, image_url, memory_mb, name, network, network_config, no_cloud_init, node, pool, user_data, vcpus)\n"},
+			stderr: "error: validation_failed: " + dir + "/unknown.yaml: unknown keys: colour (line 3), cpus (line 5) (allowed: arch, autostart, devices, disk_gib, firmware, firmware_id, format, image_sha256, image_url, memory_mb, name, network, network_config, no_cloud_init, node, pool, root_disk_io_bus, root_disk_size, user_data, vcpus)\n"},
 		{name: "bad type", args: []string{"-f", "-"}, stdin: "name: x\nimage_url: u\narch: amd64\nvcpus: two\n",
 			stderr: "error: validation_failed: stdin: line 4: cannot unmarshal !!str `two` into int\n"},
 		{name: "two documents", args: []string{"-f", "-"}, stdin: good + "---\n" + good,
@@ -281,7 +281,7 @@ func TestCreateManifest(t *testing.T) {
 				t.Errorf("got exit %d\nstdout %q\nstderr %q\nwant exit %d\nstdout %q\nstderr %q", r.code, r.stdout, r.stderr, wantCode, tc.stdout, tc.stderr)
 			}
 			got := h.api.Creates(t)
-			if tc.want == nil && len(got) != 0 || tc.want != nil && (len(got) != 1 || got[0] != *tc.want) {
+			if tc.want == nil && len(got) != 0 || tc.want != nil && (len(got) != 1 || !reflect.DeepEqual(got[0], *tc.want)) {
 				t.Errorf("create bodies = %+v, want %+v", got, tc.want)
 			}
 		})
@@ -308,7 +308,7 @@ func TestManifestRoundTrip(t *testing.T) {
 				t.Fatalf("create -f: exit %d: %s\nmanifest:\n%s", r.code, r.stderr, manifest)
 			}
 			bodies := h.api.Creates(t)
-			if len(bodies) != 2 || bodies[0] != bodies[1] {
+			if len(bodies) != 2 || !reflect.DeepEqual(bodies[0], bodies[1]) {
 				t.Errorf("create bodies differ:\nflags:    %+v\nmanifest: %+v\nmanifest text:\n%s", bodies[0], bodies[1], manifest)
 			}
 		})

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"reflect"
 	"testing"
 	"time"
 
@@ -67,7 +68,7 @@ func checkManifest(data []byte) error {
 	if err != nil {
 		return fmt.Errorf("the manifest of an accepted spec is refused: %v\n%s", err, out)
 	}
-	if again != spec {
+	if !reflect.DeepEqual(again, spec) {
 		return fmt.Errorf("round trip changed the spec:\n%+v\n%+v", spec, again)
 	}
 	return nil

@@ -117,18 +117,44 @@ func (c *cli) vmGet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 // (firmware, format, user-data, network-config). image_sha256 pins the
 // image the VM was built from.
 func manifestOf(vm *api.VM) api.CreateVM {
-	return api.CreateVM{
-		Name:        vm.Name,
-		ImageURL:    vm.ImageURL,
-		Arch:        vm.Arch,
-		ImageSHA256: vm.ImageSHA256,
-		DiskGiB:     vm.DiskGiB,
-		Pool:        vm.Pool,
-		Network:     vm.Network,
-		VCPUs:       vm.VCPUs,
-		MemoryMB:    vm.MemoryMB,
-		NoCloudInit: !vm.CloudInit,
+	m := api.CreateVM{
+		Name:          vm.Name,
+		ImageURL:      vm.ImageURL,
+		Arch:          vm.Arch,
+		ImageSHA256:   vm.ImageSHA256,
+		DiskGiB:       vm.DiskGiB,
+		Pool:          vm.Pool,
+		VCPUs:         vm.VCPUs,
+		MemoryMB:      vm.MemoryMB,
+		NoCloudInit:   !vm.CloudInit,
+		RootDiskIOBus: vm.RootDiskIOBus,
 	}
+	if !vm.Autostart && vm.InstanceStatus != "" {
+		off := false
+		m.Autostart = &off
+	}
+	// NICs: one bridged NIC is seed 004's --network; anything else is a
+	// list of seed-000 NIC devices. MACs are not copied: they are unique
+	// per host, so a copy would conflict.
+	var nics []api.NICView
+	for _, n := range vm.NICs {
+		if n.Type != "user" {
+			nics = append(nics, n)
+		}
+	}
+	switch {
+	case len(nics) == 1 && nics[0].Type == "bridge":
+		m.Network = nics[0].Network
+	case len(nics) > 0:
+		for _, n := range nics {
+			t := map[string]string{"bridge": "BRIDGED", "macvlan": "MACVLAN"}[n.Type]
+			m.Devices = append(m.Devices, api.Device{DevType: api.DevNIC, Network: n.Network, NICType: t})
+		}
+	case len(vm.NICs) == 0:
+		m.Network = vm.Network // an older server without the NIC list
+	}
+	m.Devices = append(m.Devices, vm.Forwards...)
+	return m
 }
 
 // writeText prints the multi-line "key: value" view of a VM.

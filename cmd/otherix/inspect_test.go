@@ -201,7 +201,7 @@ memory_mb: 2048
 	if err != nil {
 		t.Fatal(err)
 	}
-	if spec != manifestOf(&v) {
+	if !reflect.DeepEqual(spec, manifestOf(&v)) {
 		t.Errorf("parsed manifest = %+v, want %+v", spec, manifestOf(&v))
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -213,4 +214,57 @@ func taskError(t *api.Task) string {
 		return "internal: the task reported no error"
 	}
 	return t.Error.Code + ": " + t.Error.Message
+}
+
+// vmSet is "vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL]":
+// seed 003's update. CPU and memory of a running VM apply at its next
+// start; the output says so.
+func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error {
+	out, check := outputFlag(fs, "text", "json")
+	vcpus := fs.Int("vcpus", 0, "vCPU count (1..128)")
+	mem := fs.Int("memory-mb", 0, "memory in MiB (128..524288)")
+	auto := fs.String("autostart", "", "start the VM after a host boot: true or false")
+	name, err := c.name(fs, args)
+	if err != nil {
+		return err
+	}
+	if err := check(); err != nil {
+		return err
+	}
+	var u api.UpdateVM
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "vcpus":
+			u.VCPUs = vcpus
+		case "memory-mb":
+			u.MemoryMB = mem
+		}
+	})
+	if *auto != "" {
+		b, err := strconv.ParseBool(*auto)
+		if err != nil {
+			return &usageError{msg: "--autostart takes true or false", synopsis: "otherix vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL]"}
+		}
+		u.Autostart = &b
+	}
+	if u == (api.UpdateVM{}) {
+		return &usageError{msg: "vm set needs --vcpus, --memory-mb or --autostart", synopsis: "otherix vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL]"}
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	vm, raw, err := cl.Update(ctx, name, u)
+	if err != nil {
+		return err
+	}
+	if *out == "json" {
+		return c.writeRaw(raw)
+	}
+	line := fmt.Sprintf("vm %s vcpus=%d memory_mb=%d autostart=%t", vm.Name, vm.VCPUs, vm.MemoryMB, vm.Autostart)
+	if p := vm.PendingChanges; p != nil {
+		line += fmt.Sprintf(" pending_changes(next start): vcpus=%d memory_mb=%d", p.VCPUs, p.MemoryMB)
+	}
+	fmt.Fprintln(c.stdout, line)
+	return nil
 }

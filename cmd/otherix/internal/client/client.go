@@ -190,7 +190,17 @@ func (c *Client) Sync(ctx context.Context, name, op string) (*api.VM, []byte, er
 	return &vm, raw, nil
 }
 
-// Task returns GET /v1/tasks/{id}.
+// Update is PATCH /v1/vms/{name}: 200 with the refreshed VM.
+func (c *Client) Update(ctx context.Context, name string, u api.UpdateVM) (*api.VM, []byte, error) {
+	var vm api.VM
+	raw, err := c.doJSON(ctx, http.MethodPatch, "/v1/vms/"+url.PathEscape(name), nil, u, &vm)
+	if err != nil {
+		return nil, nil, err
+	}
+	return &vm, raw, nil
+}
+
+// Task is GET /v1/tasks/{id}.
 func (c *Client) Task(ctx context.Context, id string) (*api.Task, error) {
 	var t api.Task
 	if _, err := c.doJSON(ctx, http.MethodGet, "/v1/tasks/"+url.PathEscape(id), nil, nil, &t); err != nil {
