@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/testguest"
+	"github.com/otherix/otherix-agent/agent/tpm"
 )
 
 // These tests boot the real platform guest in QEMU (TCG) with each
@@ -22,7 +23,8 @@ type bootCase struct {
 	disk           string // the qcow2 base
 	memoryMB       int
 	seed           string
-	fdset          bool // pass the flash as descriptors (FlashArgs), as the engine does
+	fdset          bool     // pass the flash as descriptors (FlashArgs), as the engine does
+	extra          []string // more QEMU arguments
 }
 
 // boot starts QEMU on an overlay of bc.disk with the firmware's arguments.
@@ -43,7 +45,7 @@ func boot(t *testing.T, c *Catalog, bc bootCase) *testguest.Machine {
 		MemoryMB:    bc.memoryMB,
 		Disk:        testguest.OverlayOf(t, bc.disk, dir),
 		Seed:        bc.seed,
-		Args:        e.Globals(),
+		Args:        append(e.Globals(), bc.extra...),
 	}
 	if bc.fdset {
 		code, err := os.Open(e.Code)
@@ -114,17 +116,33 @@ func TestBootAMD64(t *testing.T) {
 	}
 }
 
-// TestBootARM64 boots the arm64 guest with AAVMF: it reads its seed (as a
-// virtio-scsi CD), and system_powerdown (ACPI, booted via UEFI) powers it
-// off.
+// TestBootARM64 boots the arm64 guest with AAVMF and a TPM (swtpm,
+// tpm-tis-device): it reads its seed (as a virtio-scsi CD), its TPM
+// answers, and system_powerdown (ACPI, booted via UEFI) powers it off;
+// swtpm goes with QEMU.
 func TestBootARM64(t *testing.T) {
 	c, _ := loadHost(t)
 	t.Parallel()
-	dir := t.TempDir()
-	seed := testguest.SeedISO(t, dir, "instance-id: arm-1\nlocal-hostname: arm1\n", "#cloud-config\n")
-	m := boot(t, c, bootCase{firmware: UEFI, arch: "arm64", disk: testguest.QCOW2Arch(t, "arm64"), memoryMB: 256, seed: seed})
 	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
 	defer cancel()
+	dir := t.TempDir()
+	seed := testguest.SeedISO(t, dir, "instance-id: arm-1\nlocal-hostname: arm1\n", "#cloud-config\n")
+	run, err := os.MkdirTemp("/tmp", "fw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(run)
+	sw, err := tpm.Start(ctx, tpm.Config{StateDir: filepath.Join(dir, "tpm"), RunDir: run})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sw.Stop(context.Background())
+	tpmArgs, err := tpm.Args("arm64", sw.Socket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := boot(t, c, bootCase{firmware: UEFI, arch: "arm64", disk: testguest.QCOW2Arch(t, "arm64"),
+		memoryMB: 256, seed: seed, extra: tpmArgs})
 
 	line := m.Expect(ctx, t, testguest.Prefix+"booted ")
 	t.Logf("boot-to-marker arm64 uefi: %v", time.Since(m.Started).Round(time.Millisecond))
@@ -133,6 +151,7 @@ func TestBootARM64(t *testing.T) {
 		t.Errorf("booted marker %q, want arch=arm64", line)
 	}
 	expectMarker(ctx, t, m, "OTHERIX-GUEST firmware uefi secureboot=0 lockdown=none")
+	expectMarker(ctx, t, m, "OTHERIX-GUEST tpm present=1 getrandom=ok")
 	expectMarker(ctx, t, m, "OTHERIX-GUEST cidata label=cidata dev=sr0")
 	expectMarker(ctx, t, m, "OTHERIX-GUEST cidata files=meta-data,user-data")
 	expectMarker(ctx, t, m, "OTHERIX-GUEST cidata instance-id=arm-1")
@@ -145,5 +164,10 @@ func TestBootARM64(t *testing.T) {
 	m.Expect(ctx, t, testguest.Prefix+"powering off")
 	if err := m.WaitExit(ctx); err != nil {
 		t.Fatalf("qemu: %v", err)
+	}
+	select {
+	case <-sw.Done():
+	case <-ctx.Done():
+		t.Fatal("swtpm outlived QEMU")
 	}
 }

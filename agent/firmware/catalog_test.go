@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/testguest"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files under testdata/")
@@ -44,16 +45,29 @@ func golden(t *testing.T, name, got string) {
 
 func needHostFirmware(t testing.TB) {
 	t.Helper()
+	if hostHasFirmware() {
+		return
+	}
+	// The platform guest's builder installs the host tools its tests need:
+	// both QEMUs, OVMF, AAVMF, swtpm.
+	testguest.PlatformDir(t, "amd64", testguest.VariantDefault)
+	if !hostHasFirmware() {
+		t.Fatal("qemu-system-x86_64, qemu-system-aarch64 and the descriptors of ovmf and qemu-efi-aarch64 are needed")
+	}
+}
+
+func hostHasFirmware() bool {
 	for _, bin := range []string{"qemu-system-x86_64", "qemu-system-aarch64"} {
 		if _, err := exec.LookPath(bin); err != nil {
-			t.Fatalf("%s is missing (apt-get install qemu-system-x86 qemu-system-arm): %v", bin, err)
+			return false
 		}
 	}
 	for _, f := range []string{"/usr/share/qemu/firmware/60-edk2-x86_64.json", "/usr/share/qemu/firmware/60-edk2-aarch64.json"} {
 		if _, err := os.Stat(f); err != nil {
-			t.Fatalf("%v (apt-get install ovmf qemu-efi-aarch64)", err)
+			return false
 		}
 	}
+	return true
 }
 
 // hostCatalog is the catalogue of this host's real descriptors, loaded

@@ -12,7 +12,8 @@
 # and wraps a few of them, so that what build.sh gains (modules, init
 # steps) this guest gains too:
 #   arch_config      adds arm64 (console ttyAMA0, BOOTAA64.EFI, no BIOS loader)
-#   host_tools       adds swtpm (the TPM tests run it)
+#   host_tools       adds what the platform tests run: both QEMUs, OVMF,
+#                    AAVMF, swtpm
 #   resolve_debs     its memo file is per variant (.resolved-platform-<variant>)
 #   apt_update_once  once per apt configuration (the host's, the foreign one)
 #   build_initramfs  appends a second cpio archive: platform/platform.sh and
@@ -130,9 +131,14 @@ arch_config() {
 
 host_tools() {
 	base_host_tools
+	# What the platform tests run, whichever arch is built: both QEMUs,
+	# both UEFI builds (with their interop descriptors), swtpm.
+	echo "qemu-system-x86_64 qemu-system-x86"
+	echo "qemu-system-aarch64 qemu-system-arm"
+	echo "/usr/share/qemu/firmware/60-edk2-x86_64.json ovmf"
+	echo "/usr/share/qemu/firmware/60-edk2-aarch64.json qemu-efi-aarch64"
 	echo "swtpm swtpm"
 	echo "swtpm_setup swtpm-tools"
-	echo "/usr/share/qemu/firmware ovmf"
 }
 
 # The resolution memo is per variant, so that build.sh and each variant do
@@ -171,8 +177,9 @@ foreign_apt() {
 
 # --- image -----------------------------------------------------------------------
 
-# Modules platform.sh loads (each after its dependencies).
-PLATFORM_MODULES=(efivarfs)
+# Modules platform.sh loads (each after its dependencies): efivarfs, and
+# tpm_tis for tpm-tis-device on arm64 (built in on amd64, then skipped).
+PLATFORM_MODULES=(efivarfs tpm_tis)
 
 # The line /init needs after its "booted" marker.
 HOOK='[ -x /etc/otherix/platform.sh ] && /etc/otherix/platform.sh'

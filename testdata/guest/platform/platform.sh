@@ -10,7 +10,7 @@
 # It must return: /init goes on with the disks and the seed after it.
 
 M="/lib/modules/$(uname -r)"
-# /etc/otherix/platform-modules: modules for this script (efivarfs), each
+# /etc/otherix/platform-modules: modules for this script (efivarfs, tpm_tis), each
 # after its dependencies, one per line with its parameters.
 while read -r mod args; do
 	[ -n "$mod" ] || continue
