@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -50,9 +51,23 @@ func (t *task) terminal() bool {
 	return false
 }
 
+// Defaults of the control plane's queue limits.
+const (
+	DefaultMaxPendingTasks   = 256
+	DefaultMaxPendingCreates = 32
+	// retryAfterSeconds is the Retry-After of a refused request.
+	retryAfterSeconds = 5
+)
+
 // ControlPlane is a single-node control plane. Its state (tasks, desired
 // phases) lives in one 0600 JSON file and survives restarts.
 type ControlPlane struct {
+	// MaxPendingTasks bounds the unfinished tasks (pending or running),
+	// MaxPendingCreates the unfinished vm.create tasks among them: over
+	// either, Enqueue refuses the task and the API answers 429. Zero
+	// means no limit. Set them before serving.
+	MaxPendingTasks, MaxPendingCreates int
+
 	path  string
 	token string
 	log   *zap.Logger
@@ -75,7 +90,8 @@ type cpState struct {
 
 // NewControlPlane loads (or creates) the state file.
 func NewControlPlane(path, token string, log *zap.Logger) (*ControlPlane, error) {
-	cp := &ControlPlane{path: path, token: token, log: log, tasks: map[string]*task{}, desired: map[string]string{},
+	cp := &ControlPlane{MaxPendingTasks: DefaultMaxPendingTasks, MaxPendingCreates: DefaultMaxPendingCreates,
+		path: path, token: token, log: log, tasks: map[string]*task{}, desired: map[string]string{},
 		names: map[string]string{}, wake: make(chan struct{}), vms: map[string]protocol.VMStatus{}}
 	b, err := os.ReadFile(path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -178,6 +194,9 @@ func (cp *ControlPlane) Enqueue(typ, vmName, vmUUID string, spec any) (api.Task,
 		CreatedAt: now, UpdatedAt: now}, Spec: raw, done: make(chan struct{})}
 	cp.mu.Lock()
 	defer cp.mu.Unlock()
+	if err := cp.admitLocked(typ); err != nil {
+		return api.Task{}, err
+	}
 	cp.tasks[t.ID] = t
 	cp.order = append(cp.order, t.ID)
 	switch typ {
@@ -193,6 +212,39 @@ func (cp *ControlPlane) Enqueue(typ, vmName, vmUUID string, spec any) (api.Task,
 	close(cp.wake)
 	cp.wake = make(chan struct{})
 	return t.Task, nil
+}
+
+// tooManyTasksError is Enqueue's refusal when the queue is full.
+type tooManyTasksError struct {
+	what  string
+	limit int
+}
+
+func (e *tooManyTasksError) Error() string {
+	return fmt.Sprintf("%d %s are queued or running, the most this agent accepts: retry later", e.limit, e.what)
+}
+
+// admitLocked refuses a task of type typ when the queue limits are reached.
+func (cp *ControlPlane) admitLocked(typ string) error {
+	if cp.MaxPendingTasks <= 0 && cp.MaxPendingCreates <= 0 {
+		return nil
+	}
+	tasks, creates := 0, 0
+	for _, id := range cp.order {
+		if t := cp.tasks[id]; !t.terminal() {
+			tasks++
+			if t.Type == api.TaskCreate {
+				creates++
+			}
+		}
+	}
+	if cp.MaxPendingTasks > 0 && tasks >= cp.MaxPendingTasks {
+		return &tooManyTasksError{what: "tasks", limit: cp.MaxPendingTasks}
+	}
+	if typ == api.TaskCreate && cp.MaxPendingCreates > 0 && creates >= cp.MaxPendingCreates {
+		return &tooManyTasksError{what: "creates", limit: cp.MaxPendingCreates}
+	}
+	return nil
 }
 
 // Task returns a task by id.
@@ -319,6 +371,7 @@ func (cp *ControlPlane) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 var (
 	errNotFound = errors.New("no such task")
 	errLease    = errors.New("lease does not match")
+	errStatus   = errors.New("a task completes with status success, failed or cancelled")
 )
 
 func (cp *ControlPlane) lease(ctx context.Context, req protocol.LeaseRequest) protocol.LeaseResponse {
@@ -400,6 +453,11 @@ func (cp *ControlPlane) complete(id string, req protocol.CompleteRequest) (any, 
 	if t.terminal() {
 		return struct{}{}, nil // a retried completion: already recorded
 	}
+	switch req.Status {
+	case api.TaskSuccess, api.TaskFailed, api.TaskCancelled:
+	default:
+		return nil, fmt.Errorf("%w: %q", errStatus, req.Status)
+	}
 	t.Status = req.Status
 	t.Error = req.Error
 	t.Result = req.VM
@@ -461,3 +519,59 @@ func (cp *ControlPlane) Tasks() []api.Task {
 	sort.SliceStable(out, func(i, j int) bool { return out[i].CreatedAt.After(out[j].CreatedAt) })
 	return out
 }
+
+// PipeListener is an in-memory listener: the agent's own protocol client
+// reaches the in-process control plane through it (http.Transport's
+// DialContext = Dial), so that traffic never takes a connection slot of
+// the API's listeners and no other process can reach it.
+type PipeListener struct {
+	conns chan net.Conn
+	done  chan struct{}
+	once  sync.Once
+}
+
+// NewPipeListener returns an open PipeListener.
+func NewPipeListener() *PipeListener {
+	return &PipeListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+// Accept waits for the next Dial.
+func (l *PipeListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+// Close makes Accept and Dial fail from now on.
+func (l *PipeListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+// Addr is a placeholder address.
+func (l *PipeListener) Addr() net.Addr { return pipeAddr{} }
+
+// Dial connects to the listener; network and addr are ignored.
+func (l *PipeListener) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	server, client := net.Pipe()
+	var err error
+	select {
+	case l.conns <- server:
+		return client, nil
+	case <-l.done:
+		err = net.ErrClosed
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	server.Close()
+	client.Close()
+	return nil, &net.OpError{Op: "dial", Net: "pipe", Err: err}
+}
+
+type pipeAddr struct{}
+
+func (pipeAddr) Network() string { return "pipe" }
+func (pipeAddr) String() string  { return "in-process" }

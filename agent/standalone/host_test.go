@@ -1,0 +1,77 @@
+package standalone
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"go.uber.org/zap"
+
+	"github.com/otherix/otherix-agent/agent"
+	"github.com/otherix/otherix-agent/agent/config"
+	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/vm"
+)
+
+// targetVM is the stopped VM every test host has: ops on it queue tasks
+// (nothing runs them: no runner) or fail fast in the engine.
+const (
+	targetVM     = "vm-1"
+	targetVMUUID = "6f1c2a4e-0d1b-4c55-9a43-6a0e4f7b2c11"
+)
+
+// newTestHost returns a real Host on temp dirs with one stopped VM
+// (targetVM) defined and never started. It needs QEMU's binaries installed
+// (ValidateCreate checks the arch), not a running QEMU.
+func newTestHost(tb testing.TB) *agent.Host {
+	tb.Helper()
+	run, err := os.MkdirTemp("/tmp", "oxs")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(run) })
+	data := tb.TempDir()
+	cfg := config.Default(data)
+	cfg.NodeName = "node-1"
+	cfg.RunDir = run
+	cfg.QEMU.User = "nobody"
+	cfg.Limits.MinFreeBytes = 1 << 20
+	h, err := agent.NewHost(context.Background(), cfg, agent.Options{Logger: zap.NewNop()})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(h.Close)
+	_, err = h.Engine().Define(context.Background(), vm.Spec{Name: targetVM, UUID: targetVMUUID, Arch: vm.ArchAMD64, VCPUs: 1, MemoryMB: 128,
+		Disks: []vm.Disk{{Path: filepath.Join(data, "vm-1.raw"), Format: "raw"}}}, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return h
+}
+
+// newTestAPI returns an API over h with a fresh control plane whose state
+// file is in dir.
+func newTestAPI(tb testing.TB, h *agent.Host, dir string) (*API, *ControlPlane) {
+	tb.Helper()
+	cp, err := NewControlPlane(filepath.Join(dir, "standalone.json"), testToken, zap.NewNop())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return NewAPI(h, cp, zap.NewNop()), cp
+}
+
+const testToken = "0123456789abcdef0123456789abcdef"
+
+// knownCode reports whether c is one of agent/errcode's codes.
+func knownCode(c string) bool {
+	switch errcode.Code(c) {
+	case errcode.ValidationFailed, errcode.Conflict, errcode.NotFound, errcode.StopTimeout,
+		errcode.QEMUStartFailed, errcode.Internal, errcode.PoolNotFound, errcode.DefaultPoolNotSet, errcode.PoolNotOnNode,
+		errcode.ImageDownloadFailed, errcode.ImageChecksumMismatch, errcode.ImageFormatUnsupported, errcode.DiskFull,
+		errcode.NetworkNotFound, errcode.NetworkUnavailable, errcode.PortInUse, errcode.DeviceNotFound, errcode.DeviceBusy,
+		errcode.IOMMUUnavailable, errcode.Cancelled, errcode.Unauthorized:
+		return true
+	}
+	return false
+}
