@@ -2,7 +2,6 @@ package runner_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http/httptest"
@@ -475,8 +474,6 @@ func (h *harness) waitCP(what string, cond func() bool) {
 func vm(name, uuid, status string) api.VM {
 	return api.VM{Name: name, UUID: uuid, Status: status, Node: "node-1", Pool: "default"}
 }
-
-var errBoom = errors.New("boom")
 
 func describe(cs []cptest.Completion) string {
 	s := ""

@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -188,5 +187,3 @@ func versionString() string {
 	}
 	return s
 }
-
-var errStop = errors.New("stop")
