@@ -78,8 +78,8 @@ type QEMU struct {
 	// RootDiskBus is the default root disk bus: NVME, VIRTIO-BLK or
 	// VIRTIO-SCSI (seed 000's names).
 	RootDiskBus string `yaml:"root_disk_bus"`
-	X86_64      string        `yaml:"binary_amd64"`
-	AArch64     string        `yaml:"binary_arm64"`
+	X86_64      string `yaml:"binary_amd64"`
+	AArch64     string `yaml:"binary_arm64"`
 }
 
 // Images configures the image cache.
