@@ -511,7 +511,8 @@ func (g *guardedWriter) Unwrap() http.ResponseWriter { return g.ResponseWriter }
 
 // deadlineBody lifts the body's read deadline once the body is read: net/http
 // then watches the connection for the client going away, and that read must
-// not time out while the handler works.
+// not time out while the handler works (net/http lifts it too since Go 1.2x;
+// this keeps older ones right).
 type deadlineBody struct {
 	io.ReadCloser
 	rc *http.ResponseController
