@@ -13,6 +13,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/cloudinit"
@@ -54,12 +55,6 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 	if c.Firmware != "" && c.FirmwareID != "" {
 		return errcode.New(errcode.ValidationFailed, "firmware and firmware_id are mutually exclusive")
 	}
-	if c.FirmwareID != "" {
-		return errcode.New(errcode.ValidationFailed, "unknown firmware_id %q", c.FirmwareID)
-	}
-	if c.Firmware != "" && !(c.Firmware == "bios" && c.Arch == vm.ArchAMD64) {
-		return errcode.New(errcode.ValidationFailed, "firmware %q is not available for %s on this host", c.Firmware, c.Arch)
-	}
 	if c.NoCloudInit && (c.UserData != "" || c.NetworkConfig != "") {
 		return errcode.New(errcode.ValidationFailed, "no_cloud_init is mutually exclusive with user_data and network_config")
 	}
@@ -74,6 +69,9 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 	}
 	if c.MemoryMB < vm.MinMemoryMB || c.MemoryMB > vm.MaxMemoryMB {
 		return errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", c.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
+	}
+	if _, err := h.resolveFirmware(c); err != nil {
+		return err
 	}
 	if c.RootDiskSize != 0 {
 		if c.DiskGiB != 0 && c.DiskGiB != c.RootDiskSize {
@@ -226,6 +224,25 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	}
 	u.add(func() { h.cache.Unpin(c.Pool, entry.Digest, id) })
 
+	fwEntry, err := h.resolveFirmware(&c)
+	if err != nil {
+		return api.VM{}, err
+	}
+	var fw *vm.Firmware
+	if fwEntry.Interface == "uefi" {
+		vars := filepath.Join(dir, "efivars.fd")
+		if err := firmware.PrepareVars(fwEntry, vars); err != nil {
+			return api.VM{}, err
+		}
+		// Distribution firmware paths are often symlinks; the engine opens
+		// VM files with O_NOFOLLOW, so it gets the real file.
+		code, err := filepath.EvalSymlinks(fwEntry.Code)
+		if err != nil {
+			return api.VM{}, errcode.Wrap(errcode.Internal, err, "firmware %s", fwEntry.Name)
+		}
+		fw = &vm.Firmware{Name: fwEntry.Name, Interface: fwEntry.Interface, Code: code, CodeFormat: fwEntry.CodeFormat,
+			Vars: vars, VarsFormat: fwEntry.VarsFormat, RequiresSMM: fwEntry.RequiresSMM, SecureBoot: fwEntry.SecureBoot}
+	}
 	plan, err := h.planNICs(&c, id)
 	if err != nil {
 		return api.VM{}, err
@@ -238,6 +255,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
 		Disks:      []vm.Disk{{Path: root, Format: "qcow2", Bus: rootBuses[c.RootDiskIOBus], Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}},
 		NICs:       plan.nics,
+		Firmware:   fw,
 		OwnedPaths: []string{dir},
 	}
 	if !c.NoCloudInit {
@@ -386,4 +404,14 @@ func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM,
 		h.updateMeta(name, func(m *meta) { m.Autostart = *u.Autostart })
 	}
 	return h.VM(name)
+}
+
+// resolveFirmware picks the create's firmware from the catalogue: by name
+// or uuid, or the arch's default (bios on amd64, uefi on arm64).
+func (h *Host) resolveFirmware(c *api.CreateVM) (*firmware.Entry, error) {
+	ref := c.Firmware
+	if ref == "" {
+		ref = c.FirmwareID
+	}
+	return h.firmwares.Resolve(ref, c.Arch, c.MemoryMB)
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/metrics"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
@@ -50,8 +51,9 @@ type Host struct {
 	qemuVersion string
 	onChange    func(api.VM)
 
-	macs netdev.Registry // MACs of every NIC on this host
-	net  *netState
+	macs      netdev.Registry // MACs of every NIC on this host
+	net       *netState
+	firmwares *firmware.Catalog
 }
 
 // Options are the parts of a Host that tests and cmd inject.
@@ -160,6 +162,16 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		}
 	}
 	h.qemuVersion = qemuVersion(cfg.QEMU.X86_64)
+	fw, err := firmware.Load(ctx, firmware.Options{
+		Binaries: map[string]string{vm.ArchAMD64: cfg.QEMU.X86_64, vm.ArchARM64: cfg.QEMU.AArch64},
+		Logger:   log.Named("firmware"),
+	})
+	if err != nil {
+		eng.Close()
+		cache.Close()
+		return nil, err
+	}
+	h.firmwares = fw
 	if err := h.autostart(ctx, o.BootIDPath); err != nil {
 		log.Warn("autostart", zap.Error(err))
 	}
@@ -250,6 +262,8 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		LastTask:     m.LastTask,
 
 		InstanceStatus: api.InstanceStatus(v.Status),
+		Firmware:       firmwareName(v),
+		SecureBoot:     v.Spec.Firmware != nil && v.Spec.Firmware.SecureBoot,
 		RootDiskIOBus:  m.RootDiskIOBus,
 		Autostart:      m.Autostart,
 		PendingChanges: pending(v),
@@ -317,7 +331,9 @@ func (h *Host) Node(ctx context.Context) protocol.NodeInfo {
 		CPUs:         runtime.NumCPU(),
 		MemoryMB:     memTotalMB(),
 		Arches:       h.Arches(),
-		Firmwares:    []string{"bios"},
+	}
+	for _, f := range h.firmwares.Entries() {
+		n.Firmwares = append(n.Firmwares, f.Name+"/"+f.Arch)
 	}
 	for _, s := range h.cache.Stats() {
 		n.Pools = append(n.Pools, protocol.PoolInfo{Name: s.Name, TotalBytes: s.TotalBytes, FreeBytes: s.FreeBytes})
@@ -421,4 +437,21 @@ func (h *Host) autostart(ctx context.Context, bootIDPath string) error {
 	}
 	wg.Wait()
 	return os.WriteFile(record, []byte(boot+"\n"), 0o600)
+}
+
+func firmwareName(v vm.View) string {
+	if v.Spec.Firmware != nil {
+		return v.Spec.Firmware.Name
+	}
+	return "bios"
+}
+
+// Firmwares lists the firmware catalogue.
+func (h *Host) Firmwares() []api.Firmware {
+	var out []api.Firmware
+	for _, e := range h.firmwares.Entries() {
+		out = append(out, api.Firmware{Name: e.Name, UUID: e.UUID, Arch: e.Arch, Description: e.Description,
+			SecureBoot: e.SecureBoot, Descriptor: e.Descriptor})
+	}
+	return out
 }

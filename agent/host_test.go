@@ -21,6 +21,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/testguest"
+	"github.com/otherix/otherix-agent/agent/vm"
 )
 
 type hostHarness struct {
@@ -274,4 +275,93 @@ func TestAutostartAfterHostBoot(t *testing.T) {
 	if auto.VCPUs != 2 || auto.MemoryMB != 384 || auto.PendingChanges != nil || auto.InstanceStatus != "RUNNING" || manual.InstanceStatus != "ERROR" {
 		t.Fatalf("after start: %+v", auto)
 	}
+}
+
+// TestPlatforms: firmware by name through the same create path: amd64
+// UEFI, UEFI with secure boot enforced (the Debian-signed guest boots with
+// secureboot=1; the unsigned one is refused by the firmware, visibly on the
+// console), and an arm64 guest under AAVMF that reads its seed and obeys
+// the ACPI power button.
+func TestPlatforms(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	hh.cfg.Images.AllowFileURLs = true
+	hh.h.Close()
+	h2, err := NewHost(context.Background(), hh.cfg, Options{Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hh.h = h2
+	ctx := context.Background()
+	file := func(p string) string { return "file://" + p }
+	for _, tc := range []struct {
+		name, arch, image, firmware string
+		mem                         int
+		want                        string
+	}{
+		{"uefi", "amd64", file(testguest.QCOW2(t)), "uefi", 256, "OTHERIX-GUEST ready"},
+		{"secure", "amd64", file(testguest.SecureBootImage(t)), "uefi-secure", 512, "OTHERIX-GUEST firmware uefi secureboot=1"},
+		{"unsigned", "amd64", file(testguest.QCOW2(t)), "uefi-secure", 512, "Access Denied"},
+		{"arm", "arm64", file(testguest.QCOW2Arch(t, "arm64")), "", 256, "OTHERIX-GUEST cidata instance-id="},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			v, err := h2.Create(ctx, uuid.NewString(), api.CreateVM{Name: tc.name, ImageURL: tc.image, Arch: tc.arch, VCPUs: 1, MemoryMB: tc.mem, Firmware: tc.firmware}, nil, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wantFW := tc.firmware
+			if wantFW == "" {
+				wantFW = "uefi"
+			}
+			if v.Firmware != wantFW || v.SecureBoot != (tc.firmware == "uefi-secure") {
+				t.Fatalf("view: firmware %q secure_boot %v", v.Firmware, v.SecureBoot)
+			}
+			c := testguest.OpenConsole(mustView(t, h2, tc.name).ConsolePath)
+			ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+			defer cancel()
+			if _, err := c.WaitFor(ctx, tc.want); err != nil {
+				t.Fatalf("console: %v\n%s", err, c.Text())
+			}
+			if tc.arch == "arm64" {
+				if _, err := c.WaitFor(ctx, "OTHERIX-GUEST ready"); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := h2.Engine().Stop(ctx, tc.name); err != nil {
+					t.Fatalf("arm64 stop via ACPI: %v", err)
+				}
+				if _, err := c.WaitFor(ctx, "OTHERIX-GUEST powering off"); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := h2.Engine().Start(ctx, tc.name); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := c.WaitFor(ctx, "OTHERIX-GUEST booted arch=arm64"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := h2.Delete(ctx, tc.name); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	// Bad firmware requests.
+	for _, c := range []api.CreateVM{
+		{Name: "x", ImageURL: "http://127.0.0.1/x", Arch: "amd64", Firmware: "nope"},
+		{Name: "x", ImageURL: "http://127.0.0.1/x", Arch: "arm64", Firmware: "bios"},
+		{Name: "x", ImageURL: "http://127.0.0.1/x", Arch: "amd64", Firmware: "uefi-secure", MemoryMB: 256},
+		{Name: "x", ImageURL: "http://127.0.0.1/x", Arch: "amd64", FirmwareID: "0f8fad5b-d9cb-469f-a165-70867728950e"},
+	} {
+		if err := h2.ValidateCreate(&c); errcode.Of(err) != errcode.ValidationFailed {
+			t.Errorf("%+v: %v", c, err)
+		}
+	}
+}
+
+func mustView(t *testing.T, h *Host, name string) vm.View {
+	v, err := h.Engine().Get(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
 }

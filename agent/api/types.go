@@ -147,6 +147,8 @@ type VM struct {
 	// STOPPING, FROZEN, ERROR, UNKNOWN), root disk bus, autostart, and the
 	// changes that apply at the next start.
 	InstanceStatus string          `json:"instance_status"`
+	Firmware       string          `json:"firmware"`
+	SecureBoot     bool            `json:"secure_boot"`
 	RootDiskIOBus  string          `json:"root_disk_io_bus,omitempty"`
 	Autostart      bool            `json:"autostart"`
 	PendingChanges *PendingChanges `json:"pending_changes,omitempty"`
@@ -243,4 +245,19 @@ func InstanceStatus(status string) string {
 		return "ERROR"
 	}
 	return "UNKNOWN"
+}
+
+// Firmware is one entry of the firmware catalogue (GET /v1/firmwares).
+type Firmware struct {
+	Name        string `json:"name"`
+	UUID        string `json:"uuid"`
+	Arch        string `json:"arch"`
+	Description string `json:"description,omitempty"`
+	SecureBoot  bool   `json:"secure_boot"`
+	Descriptor  string `json:"descriptor,omitempty"`
+}
+
+// FirmwareList is the answer of GET /v1/firmwares.
+type FirmwareList struct {
+	Firmwares []Firmware `json:"firmwares"`
 }

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 )
@@ -116,19 +117,31 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 	add("-name", "guest="+escapeOpt(s.Name)+",debug-threads=on")
 	add("-uuid", s.UUID)
 	add("-nodefaults", "-no-user-config")
+	fw := s.Firmware
+	smm := ""
+	if fw != nil && fw.RequiresSMM {
+		smm = ",smm=on"
+	}
 	switch s.Arch {
 	case ArchAMD64:
-		add("-machine", "q35,accel="+accel)
+		add("-machine", "q35,accel="+accel+smm)
 		if accel == "kvm" {
 			add("-cpu", "host")
 		}
 	case ArchARM64:
-		add("-machine", "virt,accel="+accel)
+		add("-machine", "virt,accel="+accel+smm)
 		if accel == "kvm" {
 			add("-cpu", "host")
 		} else {
 			add("-cpu", "cortex-a57")
 		}
+	}
+	if fw != nil && fw.Interface == "uefi" {
+		e := firmware.Entry{Interface: "uefi", Arch: s.Arch, CodeFormat: fw.CodeFormat, VarsFormat: fw.VarsFormat, RequiresSMM: fw.RequiresSMM}
+		code := fds.set(fw.Code, FileRead)
+		vars := fds.set(fw.Vars, FileWrite, FileRead)
+		add(e.Globals()...)
+		add(e.FlashArgs(code, vars)...)
 	}
 	add("-smp", strconv.Itoa(s.VCPUs))
 	add("-m", strconv.Itoa(s.MemoryMB))

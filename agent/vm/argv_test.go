@@ -38,6 +38,10 @@ func TestBuildArgsGolden(t *testing.T) {
 	nvme.Disks[0].Bus = BusNVMe
 	arm := goldenSpec()
 	arm.Arch = ArchARM64
+	arm.Firmware = &Firmware{Name: "uefi", Interface: "uefi", Code: "/usr/share/AAVMF/AAVMF_CODE.fd", CodeFormat: "raw", Vars: "/pools/vm/efivars.fd", VarsFormat: "raw"}
+	secure := goldenSpec()
+	secure.MemoryMB = 512
+	secure.Firmware = &Firmware{Name: "uefi-secure", Interface: "uefi", Code: "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", CodeFormat: "raw", Vars: "/pools/vm/efivars.fd", VarsFormat: "raw", RequiresSMM: true, SecureBoot: true}
 	for _, tc := range []struct {
 		name  string
 		spec  Spec
@@ -48,6 +52,7 @@ func TestBuildArgsGolden(t *testing.T) {
 		{"comma-path", comma, "tcg"},
 		{"buses", nvme, "tcg"},
 		{"arm64", arm, "tcg"},
+		{"uefi-secure", secure, "tcg"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args, files, err := BuildArgs(&tc.spec, goldenPaths, Platform{Accel: tc.accel})

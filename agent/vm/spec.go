@@ -54,6 +54,9 @@ type Spec struct {
 	CDROMs []CDROM `json:"cdroms,omitempty"`
 	// NICs; none means one SLIRP (user-mode) NIC.
 	NICs []NIC `json:"nics,omitempty"`
+	// Firmware is the guest firmware; nil means QEMU's default (SeaBIOS on
+	// amd64).
+	Firmware *Firmware `json:"firmware,omitempty"`
 	// OwnedPaths are files and directories created for this VM (overlay
 	// disk, seed ISO, ...) that delete removes. Each must be absolute.
 	OwnedPaths []string `json:"owned_paths,omitempty"`
@@ -70,6 +73,19 @@ type Disk struct {
 	Bus       string   `json:"bus,omitempty"`
 	ReadOnly  bool     `json:"readonly,omitempty"`
 	BootIndex int      `json:"boot_index,omitempty"` // 0 = not bootable unless root
+}
+
+// Firmware is a resolved firmware catalogue entry and the VM's own UEFI
+// variable store.
+type Firmware struct {
+	Name        string `json:"name"`      // bios, uefi, uefi-secure
+	Interface   string `json:"interface"` // bios or uefi
+	Code        string `json:"code,omitempty"`
+	CodeFormat  string `json:"code_format,omitempty"`
+	Vars        string `json:"vars,omitempty"` // the VM's copy of the template
+	VarsFormat  string `json:"vars_format,omitempty"`
+	RequiresSMM bool   `json:"requires_smm,omitempty"`
+	SecureBoot  bool   `json:"secure_boot,omitempty"`
 }
 
 // Backing is a disk's backing image.
@@ -211,6 +227,18 @@ func (s *Spec) Validate() error {
 	}
 	if _, err := portfwd.Validate(nil, forwards); err != nil {
 		return err
+	}
+	if f := s.Firmware; f != nil && f.Interface == "uefi" {
+		for _, p := range []string{f.Code, f.Vars} {
+			if err := checkPath(p); err != nil {
+				return errcode.Wrap(errcode.ValidationFailed, err, "firmware")
+			}
+		}
+		for _, fmt := range []string{f.CodeFormat, f.VarsFormat} {
+			if fmt != "raw" && fmt != "qcow2" {
+				return errcode.New(errcode.ValidationFailed, "firmware format %q is not supported", fmt)
+			}
+		}
 	}
 	for _, p := range s.OwnedPaths {
 		if err := checkPath(p); err != nil {
