@@ -200,6 +200,12 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 		return c, "", nil, err
 	}
 	os.Remove(filepath.Join(cfg.DataDir, "standalone.addr"))
+	// Beyond loopback the API needs TLS and a token.
+	// TODO(config): listen.tls_cert, listen.tls_key, listen.token_file.
+	sec, err := standalone.CheckListen(cfg.Listen.API, "", "", "")
+	if err != nil {
+		return nil, "", nil, err
+	}
 	tokenPath := filepath.Join(cfg.DataDir, "standalone.token")
 	token, err := ensureToken(tokenPath)
 	if err != nil {
@@ -214,23 +220,35 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	mux.Handle("/v1/agent/", cp)
 	mux.Handle("GET /metrics", m.Handler())
 	mux.Handle("/", apiH.Handler())
-	srv := &http.Server{
-		Handler:           mux,
-		ReadHeaderTimeout: 10 * time.Second,
-		MaxHeaderBytes:    64 << 10,
-		IdleTimeout:       2 * time.Minute,
+	limits := standalone.DefaultLimits()
+	// srv serves the TCP address; local serves the unix socket (its file
+	// mode guards it) and the agent's own protocol client, in process, so
+	// that API clients can never take the agent's connection slots.
+	srv := standalone.NewServer(standalone.RequireToken(mux, sec.Token), limits, log.Named("http"))
+	local := standalone.NewServer(mux, limits, log.Named("http"))
+	srv.RegisterOnShutdown(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		local.Shutdown(sctx)
+	})
+	fail := func(err error) (*protocol.Client, string, *http.Server, error) {
+		srv.Close()
+		local.Close()
+		return nil, "", nil, err
 	}
 	ln, err := net.Listen("tcp", cfg.Listen.API)
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("listen %s: %w", cfg.Listen.API, err)
 	}
-	go srv.Serve(ln)
+	go srv.Serve(standalone.LimitListener(ln, limits.MaxConns, sec.TLS))
+	pipe := standalone.NewPipeListener()
+	go local.Serve(pipe)
 	if cfg.Listen.Socket != "" {
 		os.Remove(cfg.Listen.Socket)
 		if err := os.MkdirAll(filepath.Dir(cfg.Listen.Socket), 0o755); err == nil {
 			if uln, err := net.Listen("unix", cfg.Listen.Socket); err == nil {
 				os.Chmod(cfg.Listen.Socket, 0o660)
-				go srv.Serve(uln)
+				go local.Serve(standalone.LimitListener(uln, limits.MaxConns, nil))
 			} else {
 				log.Warn("unix socket", zap.Error(err))
 			}
@@ -239,17 +257,20 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	addr := ln.Addr().String()
 	// Scripts and tests listening on port 0 find the address here.
 	if err := os.WriteFile(filepath.Join(cfg.DataDir, "standalone.addr"), []byte(addr+"\n"), 0o644); err != nil {
-		srv.Close()
-		return nil, "", nil, err
+		return fail(err)
 	}
-	log.Info("standalone API listening", zap.String("addr", "http://"+addr), zap.String("socket", cfg.Listen.Socket))
+	scheme := "http://"
+	if sec.TLS != nil {
+		scheme = "https://"
+	}
+	log.Info("standalone API listening", zap.String("addr", scheme+addr), zap.String("socket", cfg.Listen.Socket))
 	c, err := protocol.NewClient(protocol.ClientConfig{
-		BaseURL: "http://" + addr, Node: cfg.NodeName, AgentVersion: agent.Version, TokenFile: tokenPath,
+		BaseURL: "http://in-process", Node: cfg.NodeName, AgentVersion: agent.Version, TokenFile: tokenPath,
 		AllowInsecureHTTP: true, Observe: m.ObserveControlPlane,
+		Transport: &http.Transport{DialContext: pipe.Dial},
 	})
 	if err != nil {
-		srv.Close()
-		return nil, "", nil, err
+		return fail(err)
 	}
 	return c, token, srv, nil
 }
