@@ -251,12 +251,24 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	if err := portfwd.CheckFree(ctx, plan.forwards); err != nil {
 		return api.VM{}, err
 	}
+	owned := []string{dir}
+	var tpmSpec *vm.TPM
+	if plan.tpm {
+		state, err := h.tpmDir(id)
+		if err != nil {
+			return api.VM{}, err
+		}
+		tpmSpec = &vm.TPM{State: state}
+		owned = append(owned, state)
+		u.add(func() { os.RemoveAll(state) })
+	}
 	spec := vm.Spec{
 		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
 		Disks:      []vm.Disk{{Path: root, Format: "qcow2", Bus: rootBuses[c.RootDiskIOBus], Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}},
 		NICs:       plan.nics,
 		Firmware:   fw,
-		OwnedPaths: []string{dir},
+		TPM:        tpmSpec,
+		OwnedPaths: owned,
 	}
 	if !c.NoCloudInit {
 		seed := filepath.Join(dir, "seed.iso")
@@ -414,4 +426,20 @@ func (h *Host) resolveFirmware(c *api.CreateVM) (*firmware.Entry, error) {
 		ref = c.FirmwareID
 	}
 	return h.firmwares.Resolve(ref, c.Arch, c.MemoryMB)
+}
+
+// tpmDir is where a VM's swtpm keeps its state: <data_dir>/tpm/<uuid>.
+// swtpm runs as the QEMU user, so the directories above it are searchable
+// (0711: traversal, no listing); the VM's own is the QEMU user's, 0700.
+func (h *Host) tpmDir(id string) (string, error) {
+	root := filepath.Join(h.cfg.DataDir, "tpm")
+	if err := os.MkdirAll(root, 0o711); err != nil {
+		return "", errcode.Wrap(errcode.Internal, err, "tpm dir")
+	}
+	for _, d := range []string{h.cfg.DataDir, root} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			return "", errcode.Wrap(errcode.Internal, err, "tpm dir")
+		}
+	}
+	return filepath.Join(root, id), nil
 }

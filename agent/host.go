@@ -264,6 +264,7 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		InstanceStatus: api.InstanceStatus(v.Status),
 		Firmware:       firmwareName(v),
 		SecureBoot:     v.Spec.Firmware != nil && v.Spec.Firmware.SecureBoot,
+		TPM:            v.Spec.TPM != nil,
 		RootDiskIOBus:  m.RootDiskIOBus,
 		Autostart:      m.Autostart,
 		PendingChanges: pending(v),

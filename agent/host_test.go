@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -364,4 +365,93 @@ func mustView(t *testing.T, h *Host, name string) vm.View {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// TestTPM: a TPM device gives the guest /dev/tpm0 from a per-VM swtpm
+// running as the QEMU user; an NV index written by the guest survives a
+// stop and start; no swtpm is left after a poweroff, after kill -9 of QEMU
+// or after delete.
+func TestTPM(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	hh.cfg.Images.AllowFileURLs = true
+	hh.h.Close()
+	h, err := NewHost(context.Background(), hh.cfg, Options{Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hh.h = h
+	// swtpm runs as the QEMU user and needs to search the directories
+	// above its state; the test's temp root is 0700 (production's
+	// /var/lib is 0755).
+	os.Chmod(filepath.Dir(hh.cfg.DataDir), 0o711)
+	ctx := context.Background()
+	ud := "#cloud-config\n#otherix-run: /etc/otherix/tpm2 nvread 0x01500001 8 || { /etc/otherix/tpm2 nvdefine 0x01500001 8 && /etc/otherix/tpm2 nvwrite 0x01500001 6f74686572697821; }\n"
+	image := "file://" + filepath.Join(testguest.PlatformDir(t, "amd64", testguest.VariantDefault), "guest.qcow2")
+	v, err := h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "tpm", ImageURL: image, Arch: "amd64", VCPUs: 1, MemoryMB: 256,
+		UserData: ud, Devices: []api.Device{{DevType: api.DevTPM}}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !v.TPM {
+		t.Fatalf("view: %+v", v)
+	}
+	c := hh.console("tpm")
+	wait(t, c, "OTHERIX-GUEST tpm present=1 getrandom=ok")
+	wait(t, c, "OTHERIX-GUEST tpm2 nvwrite rc=00000000")
+	state := mustView(t, h, "tpm").Spec.TPM.State
+	swtpm := swtpmPIDs(state)
+	if len(swtpm) != 1 {
+		t.Fatalf("swtpm processes: %v", swtpm)
+	}
+	if st, _ := os.ReadFile("/proc/" + strconv.Itoa(swtpm[0]) + "/status"); !strings.Contains(string(st), "Uid:\t65534") {
+		t.Errorf("swtpm does not run as the QEMU user:\n%s", st)
+	}
+	if _, err := h.Engine().Poweroff(ctx, "tpm"); err != nil {
+		t.Fatal(err)
+	}
+	waitNoSWTPM(t, state)
+	if _, err := h.Engine().Start(ctx, "tpm"); err != nil {
+		t.Fatal(err)
+	}
+	wait(t, c, "OTHERIX-GUEST tpm2 nvread rc=00000000 data=6f74686572697821")
+	// kill -9 of QEMU: swtpm follows it out.
+	syscall.Kill(mustView(t, h, "tpm").PID, syscall.SIGKILL)
+	waitNoSWTPM(t, state)
+	if err := h.Delete(ctx, "tpm"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Fatalf("tpm state left after delete: %v", err)
+	}
+}
+
+// swtpmPIDs lists swtpm processes whose command line names state.
+func swtpmPIDs(state string) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if strings.Contains(string(b), "swtpm") && strings.Contains(string(b), state) {
+			if st, _ := os.ReadFile("/proc/" + e.Name() + "/stat"); !strings.Contains(string(st), ") Z ") {
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
+}
+
+func waitNoSWTPM(t *testing.T, state string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for len(swtpmPIDs(state)) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("swtpm left: %v", swtpmPIDs(state))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -48,6 +48,7 @@ func (h *Host) network(ref string) (string, config.Network, error) {
 type nicPlan struct {
 	nics     []vm.NIC
 	forwards []portfwd.Rule // PROXY devices
+	tpm      bool           // a TPM device (emulated)
 }
 
 // planNICs validates the network part of a create (seed 004's --network,
@@ -123,6 +124,14 @@ func (h *Host) planNICs(c *api.CreateVM, id string) (plan nicPlan, err error) {
 		case api.DevProxy:
 			plan.forwards = append(plan.forwards, portfwd.Rule{Proto: d.SourceProto, DestProto: d.DestProto,
 				HostAddr: h.cfg.Listen.Forwards, HostPort: d.SourcePort, GuestPort: d.DestPort})
+		case api.DevTPM:
+			if d.Path != "" {
+				return plan, errcode.New(errcode.ValidationFailed, "devices[%d]: host TPM passthrough (path) is not supported by this agent; omit path for an emulated TPM", i)
+			}
+			if plan.tpm {
+				return plan, errcode.New(errcode.ValidationFailed, "devices[%d]: a VM has at most one TPM", i)
+			}
+			plan.tpm = true
 		default:
 			return plan, errcode.New(errcode.ValidationFailed, "devices[%d].dev_type %q is not supported by this agent", i, d.DevType)
 		}

@@ -83,6 +83,7 @@ type CreateVM struct {
 const (
 	DevNIC   = "NIC"
 	DevProxy = "PROXY"
+	DevTPM   = "TPM"
 )
 
 // Device is one seed-000 device of a create request.
@@ -100,6 +101,8 @@ type Device struct {
 	SourcePort  int    `json:"source_port,omitempty" yaml:"source_port,omitempty"`
 	DestProto   string `json:"dest_proto,omitempty" yaml:"dest_proto,omitempty"`
 	DestPort    int    `json:"dest_port,omitempty" yaml:"dest_port,omitempty"`
+	// TPM: no path means an emulated TPM 2.0 (swtpm); a path is a host TPM.
+	Path string `json:"path,omitempty" yaml:"path,omitempty"`
 }
 
 // NICView is one NIC in the VM view.
@@ -149,6 +152,7 @@ type VM struct {
 	InstanceStatus string          `json:"instance_status"`
 	Firmware       string          `json:"firmware"`
 	SecureBoot     bool            `json:"secure_boot"`
+	TPM            bool            `json:"tpm"`
 	RootDiskIOBus  string          `json:"root_disk_io_bus,omitempty"`
 	Autostart      bool            `json:"autostart"`
 	PendingChanges *PendingChanges `json:"pending_changes,omitempty"`

@@ -202,6 +202,15 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		os.Remove(sock)
 		return nil, errcode.Wrap(errcode.Internal, err, "tpm: pid file")
 	}
+	// swtpm reopens its fd=N files through /proc/self/fd/N, which checks
+	// the file's own permissions: an unprivileged swtpm must own them.
+	if cfg.Owner != nil {
+		if err := pidFile.Chown(int(cfg.Owner.UID), int(cfg.Owner.GID)); err != nil {
+			pidFile.Close()
+			os.Remove(sock)
+			return nil, errcode.Wrap(errcode.Internal, err, "tpm: chown pid file")
+		}
+	}
 	ifd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
 	if err == nil {
 		_, err = unix.InotifyAddWatch(ifd, pidPath, unix.IN_CLOSE_WRITE)

@@ -9,6 +9,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
+	"github.com/otherix/otherix-agent/agent/tpm"
 )
 
 // Paths are the per-VM files QEMU is given. QEMU opens none of them by
@@ -34,6 +35,7 @@ const (
 	FileAppend                 // O_WRONLY|O_APPEND|O_CREAT, 0600
 	FileListen                 // a unix socket the agent binds and listens on
 	FileTap                    // the tap or macvtap of NIC Index, made by the agent
+	FileTPM                    // a connection to the VM's swtpm, started by the agent
 )
 
 // FileSpec is one descriptor QEMU inherits: the i-th FileSpec becomes fd
@@ -241,6 +243,14 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 		fds.files = append(fds.files, FileSpec{Kind: FileTap, Index: i})
 		fd := 2 + len(fds.files)
 		add(netdev.QEMUArgs(i, &netdev.Attached{MAC: n.MAC}, fd, addr)...)
+	}
+	if s.TPM != nil {
+		fds.files = append(fds.files, FileSpec{Path: s.TPM.State, Kind: FileTPM})
+		targs, err := tpm.ArgsFD(s.Arch, 2+len(fds.files))
+		if err != nil {
+			return nil, nil, err
+		}
+		add(targs...)
 	}
 	// The guest agent channel: with an id on the port, QMP reports
 	// VSERPORT_CHANGE when qemu-ga opens it.

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/tpm"
 )
 
 // machine is the single owner of one VM.
@@ -26,6 +27,8 @@ type machine struct {
 	st   state
 	busy string   // the op in progress, "" when idle
 	proc *process // the running QEMU, nil when none
+
+	pendingTPM *tpm.Process // a swtpm started for a launch in progress
 }
 
 func (m *machine) paths() Paths {

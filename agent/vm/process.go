@@ -23,6 +23,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
+	"github.com/otherix/otherix-agent/agent/tpm"
 	"github.com/otherix/otherix-agent/qmp"
 )
 
@@ -45,7 +46,8 @@ type process struct {
 	expectReason string // status reason to record for an expected exit
 
 	guestShutdown atomic.Bool
-	links         []string // macvtap links to delete when QEMU exits
+	links         []string     // macvtap links to delete when QEMU exits
+	tpm           *tpm.Process // the VM's swtpm, when it has a TPM
 }
 
 func newProcess(m *machine, pid int) (*process, error) {
@@ -197,6 +199,9 @@ func (p *process) watch() {
 		}
 	}
 	deleteLinks(links)
+	if p.tpm != nil {
+		p.tpm.Release() // swtpm exits with QEMU (--terminate)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	if err := m.e.cfg.Placer.Remove(ctx, v); err != nil {
 		m.log.Warn("remove placement", zap.Error(err))
@@ -303,6 +308,9 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	p, err := newProcess(m, cmd.Process.Pid)
 	if p != nil {
 		p.links = links
+		m.mu.Lock()
+		p.tpm, m.pendingTPM = m.pendingTPM, nil
+		m.mu.Unlock()
 	}
 	if err != nil {
 		cmd.Process.Kill()
@@ -317,6 +325,9 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	abort := func(code errcode.Code, err error, what string) error {
 		p.sigkill()
 		<-p.exited
+		if p.tpm != nil {
+			p.tpm.Release()
+		}
 		unix.Close(p.pidfd)
 		if p.mon != nil {
 			p.mon.Close()
@@ -347,6 +358,9 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	v := m.viewLocked()
 	m.mu.Unlock()
 	go p.watch()
+	if p.tpm != nil {
+		go p.watchTPM()
+	}
 	if err := m.e.cfg.Placer.Place(ctx, v); err != nil {
 		log.Warn("place qemu", zap.String("placer", m.e.cfg.Placer.Kind()), zap.Error(err))
 	}
@@ -365,12 +379,19 @@ func (m *machine) openFiles(ctx context.Context, specs []FileSpec, nics []NIC) (
 			}
 			deleteLinks(links)
 			files, links = nil, nil
+			m.stopTPM()
 		}
 	}()
 	for _, s := range specs {
 		switch s.Kind {
 		case FileListen:
 			f, err := listenUnix(s.Path)
+			if err != nil {
+				return files, links, err
+			}
+			files = append(files, f)
+		case FileTPM:
+			f, err := m.startTPM(ctx, s.Path)
 			if err != nil {
 				return files, links, err
 			}
@@ -394,6 +415,67 @@ func (m *machine) openFiles(ctx context.Context, specs []FileSpec, nics []NIC) (
 		}
 	}
 	return files, links, nil
+}
+
+// startTPM starts the VM's swtpm (as the QEMU user) and returns a
+// connection to it for QEMU to inherit. swtpm runs with --terminate: it
+// exits when QEMU's connection closes.
+func (m *machine) startTPM(ctx context.Context, state string) (*os.File, error) {
+	// swtpm's socket and pid file live in its own state directory (the
+	// QEMU user's): swtpm reopens its pid file by path, and the VM's
+	// runtime dir is root's.
+	cfg := tpm.Config{StateDir: state, RunDir: state, Binary: m.e.cfg.SWTPM, Env: m.e.cfg.Env}
+	if c := m.e.cfg.Credential; c != nil {
+		cfg.Owner = &tpm.Owner{UID: c.Uid, GID: c.Gid}
+	}
+	tp, err := tpm.Start(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	m.pendingTPM = tp
+	m.mu.Unlock()
+	return tp.Connect(ctx)
+}
+
+// stopTPM stops a swtpm started for a launch that failed.
+func (m *machine) stopTPM() {
+	m.mu.Lock()
+	tp := m.pendingTPM
+	m.pendingTPM = nil
+	m.mu.Unlock()
+	if tp != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		tp.Stop(ctx)
+		cancel()
+	}
+}
+
+// watchTPM reports a swtpm that dies under a running QEMU: the guest
+// loses its TPM, QEMU goes on.
+func (p *process) watchTPM() {
+	select {
+	case <-p.tpm.Done():
+	case <-p.exited:
+		return
+	case <-p.detached:
+		return
+	}
+	select {
+	case <-p.exited: // it followed QEMU out (--terminate)
+		return
+	case <-time.After(500 * time.Millisecond):
+	}
+	m := p.m
+	m.mu.Lock()
+	if m.proc == p {
+		m.st.Reason = "swtpm " + p.tpm.ExitDescription() + ": the guest's TPM is gone"
+		m.persistLocked()
+	}
+	v := m.viewLocked()
+	m.mu.Unlock()
+	m.log.Error("swtpm died under a running qemu", zap.String("reason", v.Reason))
+	m.notify(v)
 }
 
 // deleteLinks removes macvtap links; a tap needs nothing (it dies with its

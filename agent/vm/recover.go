@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/netdev"
+	"github.com/otherix/otherix-agent/agent/tpm"
 )
 
 // Recover loads every persisted VM and re-adopts running QEMU processes
@@ -145,6 +146,17 @@ func (m *machine) adopt(ctx context.Context) {
 	v := m.viewLocked()
 	m.mu.Unlock()
 	go p.watch()
+	if st := v.Spec.TPM; st != nil {
+		if tp := tpm.FindRunning(st.State, tpm.SocketPath(st.State)); tp != nil {
+			p.tpm = tp
+			go p.watchTPM()
+		} else {
+			m.mu.Lock()
+			m.st.Reason = "swtpm is not running: the guest's TPM is gone"
+			m.mu.Unlock()
+			m.log.Error("re-adopted qemu has no swtpm")
+		}
+	}
 	if err := m.e.cfg.Placer.Place(ctx, v); err != nil {
 		m.log.Warn("place re-adopted qemu", zap.Error(err))
 	}

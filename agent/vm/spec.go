@@ -57,6 +57,9 @@ type Spec struct {
 	// Firmware is the guest firmware; nil means QEMU's default (SeaBIOS on
 	// amd64).
 	Firmware *Firmware `json:"firmware,omitempty"`
+	// TPM, when set, gives the guest a TPM 2.0 emulated by a per-VM swtpm
+	// whose state lives in TPM.State.
+	TPM *TPM `json:"tpm,omitempty"`
 	// OwnedPaths are files and directories created for this VM (overlay
 	// disk, seed ISO, ...) that delete removes. Each must be absolute.
 	OwnedPaths []string `json:"owned_paths,omitempty"`
@@ -86,6 +89,11 @@ type Firmware struct {
 	VarsFormat  string `json:"vars_format,omitempty"`
 	RequiresSMM bool   `json:"requires_smm,omitempty"`
 	SecureBoot  bool   `json:"secure_boot,omitempty"`
+}
+
+// TPM is an emulated TPM 2.0.
+type TPM struct {
+	State string `json:"state"` // swtpm's state directory, kept across restarts
 }
 
 // Backing is a disk's backing image.
@@ -238,6 +246,11 @@ func (s *Spec) Validate() error {
 			if fmt != "raw" && fmt != "qcow2" {
 				return errcode.New(errcode.ValidationFailed, "firmware format %q is not supported", fmt)
 			}
+		}
+	}
+	if s.TPM != nil {
+		if err := checkPath(s.TPM.State); err != nil {
+			return errcode.Wrap(errcode.ValidationFailed, err, "tpm state")
 		}
 	}
 	for _, p := range s.OwnedPaths {

@@ -154,6 +154,12 @@ func manifestOf(vm *api.VM) api.CreateVM {
 		m.Network = vm.Network // an older server without the NIC list
 	}
 	m.Devices = append(m.Devices, vm.Forwards...)
+	if vm.TPM {
+		m.Devices = append(m.Devices, api.Device{DevType: api.DevTPM})
+	}
+	if vm.Firmware != "" && vm.Firmware != "bios" || vm.Arch == "arm64" && vm.Firmware != "uefi" {
+		m.Firmware = vm.Firmware
+	}
 	return m
 }
 
