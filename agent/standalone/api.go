@@ -58,6 +58,7 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/vms", a.create)
 	mux.HandleFunc("GET /v1/vms", a.list)
 	mux.HandleFunc("GET /v1/vms/{name}", a.get)
+	mux.HandleFunc("PATCH /v1/vms/{name}", a.patch)
 	mux.HandleFunc("DELETE /v1/vms/{name}", a.async(api.TaskDelete))
 	mux.HandleFunc("POST /v1/vms/{name}/start", a.async(api.TaskStart))
 	mux.HandleFunc("POST /v1/vms/{name}/stop", a.async(api.TaskStop))
@@ -715,4 +716,31 @@ func RequireToken(h http.Handler, token string) http.Handler {
 		}
 		h.ServeHTTP(w, r)
 	})
+}
+
+// patch is PATCH /v1/vms/{name} (seed 003's InstanceUpdateRequest): CPU,
+// memory, autostart. Changes to a running VM's CPU or memory apply at its
+// next start (pending_changes in the view).
+func (a *API) patch(w http.ResponseWriter, r *http.Request) {
+	name, ok := a.vmName(w, r)
+	if !ok {
+		return
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+	dec.DisallowUnknownFields()
+	var u api.UpdateVM
+	if err := dec.Decode(&u); err != nil {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+		return
+	}
+	if t, busy := a.cp.Busy(name); busy {
+		writeErr(w, errcode.New(errcode.Conflict, "vm %q has task %s (%s) in progress", name, t.ID, t.Type))
+		return
+	}
+	v, err := a.host.Update(r.Context(), name, u)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
 }
