@@ -59,6 +59,9 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/vms", a.list)
 	mux.HandleFunc("GET /v1/vms/{name}", a.get)
 	mux.HandleFunc("PATCH /v1/vms/{name}", a.patch)
+	mux.HandleFunc("GET /v1/firmwares", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, api.FirmwareList{Firmwares: a.host.Firmwares()})
+	})
 	mux.HandleFunc("DELETE /v1/vms/{name}", a.async(api.TaskDelete))
 	mux.HandleFunc("POST /v1/vms/{name}/start", a.async(api.TaskStart))
 	mux.HandleFunc("POST /v1/vms/{name}/stop", a.async(api.TaskStop))

@@ -51,6 +51,15 @@ func TestCLIErrors(t *testing.T) {
 	}
 	a.fails(1, "failed: image_download_failed:", "vm", "create", "x3", "--image-url", img+".missing", "--arch", "amd64", "--wait")
 	a.fails(1, "not_found", "vm", "get", "x2")
+
+	// The firmware catalogue, per arch.
+	r = a.ok("firmware", "list")
+	for _, want := range []string{"bios", "uefi", "uefi-secure", "amd64", "arm64"} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("firmware list lacks %s:\n%s", want, r.stdout)
+		}
+	}
+	a.fails(1, "validation_failed", "vm", "create", "x4", "--image-url", img, "--arch", "amd64", "--firmware", "nope")
 }
 
 // TestNoDefaultPool: with no default pool, a create naming none is refused.

@@ -147,6 +147,7 @@ func (c *cli) commands() []command {
 		{"create", "-f FILE [--wait] [--wait-timeout 5m]", "create a VM from a YAML manifest (- for stdin)", c.createManifest, false},
 	}
 	cmds = append(cmds, c.imageCommands()...)
+	cmds = append(cmds, command{"firmware list", "[--arch amd64|arm64] [-o table|json]", "list the firmware catalogue per arch", c.firmwareList, false})
 	return append(cmds, command{"version", "", "print the version", c.version, true})
 }
 
@@ -193,6 +194,12 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 	if rest[0] == "vm" {
 		if len(rest) < 2 {
 			return &usageError{msg: "vm needs a subcommand", synopsis: "otherix vm create|list|get|start|stop|poweroff|reboot|delete|reset|pause|resume|console ... (see otherix help)"}
+		}
+		words = 2
+	}
+	if rest[0] == "firmware" {
+		if len(rest) < 2 {
+			return &usageError{msg: "firmware needs a subcommand", synopsis: "otherix firmware list [-o table|json]"}
 		}
 		words = 2
 	}

@@ -271,3 +271,36 @@ func blockStyle(n *yaml.Node) {
 		blockStyle(k)
 	}
 }
+
+// firmwareList is "firmware list": the node's firmware catalogue.
+func (c *cli) firmwareList(ctx context.Context, fs *flag.FlagSet, args []string) error {
+	out, check := outputFlag(fs, "table", "json")
+	arch := fs.String("arch", "", "only this arch")
+	if err := c.none(fs, args); err != nil {
+		return err
+	}
+	if err := check(); err != nil {
+		return err
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	var list api.FirmwareList
+	raw, err := cl.GetJSON(ctx, "/v1/firmwares", &list)
+	if err != nil {
+		return err
+	}
+	if *out == "json" {
+		return c.writeRaw(raw)
+	}
+	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tARCH\tSECURE BOOT\tUUID")
+	for _, f := range list.Firmwares {
+		if *arch != "" && f.Arch != *arch {
+			continue
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%t\t%s\n", f.Name, f.Arch, f.SecureBoot, f.UUID)
+	}
+	return tw.Flush()
+}

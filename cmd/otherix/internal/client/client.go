@@ -190,6 +190,11 @@ func (c *Client) Sync(ctx context.Context, name, op string) (*api.VM, []byte, er
 	return &vm, raw, nil
 }
 
+// GetJSON is a GET of path decoded into out; it returns the raw answer.
+func (c *Client) GetJSON(ctx context.Context, path string, out any) ([]byte, error) {
+	return c.doJSON(ctx, http.MethodGet, path, nil, nil, out)
+}
+
 // Update is PATCH /v1/vms/{name}: 200 with the refreshed VM.
 func (c *Client) Update(ctx context.Context, name string, u api.UpdateVM) (*api.VM, []byte, error) {
 	var vm api.VM
