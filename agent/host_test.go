@@ -4,6 +4,9 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -44,6 +47,7 @@ func newHost(t *testing.T) *hostHarness {
 	cfg.NodeName = "node-1"
 	cfg.RunDir = run
 	cfg.QEMU.User = "nobody"
+	cfg.Listen.Forwards = "127.0.0.1"
 	cfg.Limits.MinFreeBytes = 1 << 20
 	srv := httptest.NewServer(http.FileServer(http.Dir(testguest.Dir(t))))
 	t.Cleanup(srv.Close)
@@ -454,4 +458,88 @@ func waitNoSWTPM(t *testing.T, state string) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// TestForwardsAtRuntime: a port forward added to a running SLIRP VM (HMP
+// hostfwd_add) reaches the guest's httpd at once and survives a restart;
+// a host port in use is port_in_use with nothing added; removing it closes
+// the port.
+func TestForwardsAtRuntime(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	ctx := context.Background()
+	ud := "#cloud-config\n#otherix-run: mkdir -p /www && echo hello-through-slirp > /www/index.html && httpd -p 80 -h /www\n"
+	if _, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "fwd", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256, UserData: ud}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	c := hh.console("fwd")
+	wait(t, c, "OTHERIX-GUEST run-exit 1 0")
+	port := freePort(t)
+	dev := api.Device{DevType: api.DevProxy, SourceProto: "TCP", SourcePort: port, DestProto: "TCP", DestPort: 80}
+	v, err := hh.h.AddForward(ctx, "fwd", dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(v.Forwards) != 1 || v.Forwards[0].SourcePort != port {
+		t.Fatalf("view forwards: %+v", v.Forwards)
+	}
+	if body := httpGet(t, port); !strings.Contains(body, "hello-through-slirp") {
+		t.Fatalf("forward answered %q", body)
+	}
+	if _, err := hh.h.AddForward(ctx, "fwd", dev); errcode.Of(err) != errcode.ValidationFailed {
+		t.Fatalf("same port twice: %v", err)
+	}
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	taken := api.Device{DevType: api.DevProxy, SourceProto: "TCP", SourcePort: busy.Addr().(*net.TCPAddr).Port, DestProto: "TCP", DestPort: 80}
+	if _, err := hh.h.AddForward(ctx, "fwd", taken); errcode.Of(err) != errcode.PortInUse {
+		t.Fatalf("port in use: %v", err)
+	}
+	// The forward is part of the VM: a reboot keeps it.
+	if _, err := hh.h.Engine().Reboot(ctx, "fwd"); err != nil {
+		t.Fatal(err)
+	}
+	wait(t, c, "OTHERIX-GUEST run-exit 1 0")
+	if body := httpGet(t, port); !strings.Contains(body, "hello-through-slirp") {
+		t.Fatalf("after reboot the forward answered %q", body)
+	}
+	if _, err := hh.h.RemoveForward(ctx, "fwd", api.Device{SourceProto: "tcp", SourcePort: port, DestPort: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second); err == nil {
+		conn.Close()
+		t.Fatalf("port %d still open after remove", port)
+	}
+	if v, _ := hh.h.VM("fwd"); len(v.Forwards) != 0 {
+		t.Fatalf("forwards after remove: %+v", v.Forwards)
+	}
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func httpGet(t *testing.T, port int) string {
+	t.Helper()
+	var last error
+	for i := 0; i < 40; i++ {
+		resp, err := (&http.Client{Timeout: 5 * time.Second}).Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			return string(b)
+		}
+		last = err
+		time.Sleep(250 * time.Millisecond)
+	}
+	t.Fatalf("GET port %d: %v", port, last)
+	return ""
 }

@@ -331,3 +331,99 @@ func (h *Host) nicViews(v vm.View) []api.NICView {
 	}
 	return out
 }
+
+// ruleOf turns a PROXY device into a forward rule on the configured
+// listen address.
+func (h *Host) ruleOf(d api.Device) portfwd.Rule {
+	return portfwd.Rule{Proto: d.SourceProto, DestProto: d.DestProto, HostAddr: h.cfg.Listen.Forwards, HostPort: d.SourcePort, GuestPort: d.DestPort}
+}
+
+// AddForward adds a PROXY forward to a VM, running or not: SLIRP VMs get it
+// from QEMU (HMP hostfwd_add), bridged VMs from the agent's proxy.
+func (h *Host) AddForward(ctx context.Context, name string, d api.Device) (api.VM, error) {
+	v, err := h.engine.Get(name)
+	if err != nil {
+		return api.VM{}, err
+	}
+	r := h.ruleOf(d)
+	if userNICOf(v.Spec) {
+		if _, err := h.engine.AddForward(ctx, name, r); err != nil {
+			return api.VM{}, err
+		}
+		return h.VM(name)
+	}
+	m := metaOf(v)
+	rules, err := portfwd.Validate(m.Forwards, []portfwd.Rule{r})
+	if err != nil {
+		return api.VM{}, err
+	}
+	h.net.mu.Lock()
+	p := h.net.proxies[v.Spec.UUID]
+	h.net.mu.Unlock()
+	if p != nil {
+		if err := p.Add(ctx, rules[0]); err != nil {
+			return api.VM{}, err
+		}
+	} else if err := portfwd.CheckFree(ctx, rules); err != nil {
+		return api.VM{}, err
+	}
+	h.updateMeta(name, func(m *meta) { m.Forwards = append(m.Forwards, rules[0]) })
+	if p == nil {
+		if nv, err := h.engine.Get(name); err == nil {
+			h.syncNetState(nv) // a running VM's first forward starts its proxy
+		}
+	}
+	return h.VM(name)
+}
+
+// RemoveForward removes a VM's forward of a host port.
+func (h *Host) RemoveForward(ctx context.Context, name string, d api.Device) (api.VM, error) {
+	v, err := h.engine.Get(name)
+	if err != nil {
+		return api.VM{}, err
+	}
+	r, err := h.ruleOf(d).Normalize()
+	if err != nil {
+		return api.VM{}, err
+	}
+	if userNICOf(v.Spec) {
+		if _, err := h.engine.RemoveForward(ctx, name, r); err != nil {
+			return api.VM{}, err
+		}
+		return h.VM(name)
+	}
+	m := metaOf(v)
+	found := false
+	var keep []portfwd.Rule
+	for _, f := range m.Forwards {
+		if f.Proto == r.Proto && f.HostPort == r.HostPort {
+			found = true
+			r = f
+			continue
+		}
+		keep = append(keep, f)
+	}
+	if !found {
+		return api.VM{}, errcode.New(errcode.NotFound, "vm %q has no forward of host port %d/%s", name, r.HostPort, r.Proto)
+	}
+	h.net.mu.Lock()
+	p := h.net.proxies[v.Spec.UUID]
+	h.net.mu.Unlock()
+	if p != nil {
+		p.Remove(r)
+	}
+	h.updateMeta(name, func(m *meta) { m.Forwards = keep })
+	return h.VM(name)
+}
+
+func userNICOf(s vm.Spec) bool {
+	if len(s.NICs) == 0 {
+		return true
+	}
+	for _, n := range s.NICs {
+		if n.Type == vm.NICUser {
+			return true
+		}
+	}
+	return false
+}

@@ -59,6 +59,8 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/vms", a.list)
 	mux.HandleFunc("GET /v1/vms/{name}", a.get)
 	mux.HandleFunc("PATCH /v1/vms/{name}", a.patch)
+	mux.HandleFunc("POST /v1/vms/{name}/forwards", a.forward(true))
+	mux.HandleFunc("DELETE /v1/vms/{name}/forwards", a.forward(false))
 	mux.HandleFunc("GET /v1/firmwares", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, api.FirmwareList{Firmwares: a.host.Firmwares()})
 	})
@@ -746,4 +748,52 @@ func (a *API) patch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, v)
+}
+
+// forward adds (POST, a PROXY device body) or removes (DELETE,
+// ?source_proto=tcp&source_port=N) a port forward of a VM, running or not.
+func (a *API) forward(add bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		name, ok := a.vmName(w, r)
+		if !ok {
+			return
+		}
+		var d api.Device
+		if add {
+			dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(&d); err != nil {
+				writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+				return
+			}
+			if d.DevType != "" && d.DevType != api.DevProxy {
+				writeErr(w, errcode.New(errcode.ValidationFailed, "dev_type must be PROXY"))
+				return
+			}
+		} else {
+			q := r.URL.Query()
+			port, err := strconv.Atoi(q.Get("source_port"))
+			if err != nil {
+				writeErr(w, errcode.New(errcode.ValidationFailed, "source_port must be a number"))
+				return
+			}
+			d = api.Device{SourceProto: q.Get("source_proto"), SourcePort: port, DestPort: 1}
+		}
+		if t, busy := a.cp.Busy(name); busy {
+			writeErr(w, errcode.New(errcode.Conflict, "vm %q has task %s (%s) in progress", name, t.ID, t.Type))
+			return
+		}
+		var v api.VM
+		var err error
+		if add {
+			v, err = a.host.AddForward(r.Context(), name, d)
+		} else {
+			v, err = a.host.RemoveForward(r.Context(), name, d)
+		}
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+	}
 }

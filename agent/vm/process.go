@@ -251,7 +251,13 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	if err := os.MkdirAll(m.run, 0o700); err != nil {
 		return errcode.Wrap(errcode.Internal, err, "runtime dir")
 	}
+	// QEMU's stderr: one file per start, the previous one kept as
+	// qemu.log.1 (QEMU writes little there: warnings and the reason it
+	// could not start, which start errors quote).
 	logPath := filepath.Join(m.dir, "qemu.log")
+	if fi, err := os.Stat(logPath); err == nil && fi.Size() > 0 {
+		os.Rename(logPath, logPath+".1")
+	}
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
 		return errcode.Wrap(errcode.Internal, err, "qemu log")
