@@ -68,6 +68,12 @@ type Listen struct {
 	Metrics string `yaml:"metrics"` // Prometheus /metrics, host:port; empty = off
 	// Forwards is the host address PROXY devices listen on (default all).
 	Forwards string `yaml:"forwards"`
+	// TLSCert and TLSKey (PEM) serve the standalone API over TLS;
+	// TokenFile holds the bearer token it then asks for. All three are
+	// required when listen.api is not a loopback address.
+	TLSCert   string `yaml:"tls_cert"`
+	TLSKey    string `yaml:"tls_key"`
+	TokenFile string `yaml:"token_file"`
 }
 
 // QEMU configures how VMs run.

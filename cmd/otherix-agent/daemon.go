@@ -201,8 +201,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	}
 	os.Remove(filepath.Join(cfg.DataDir, "standalone.addr"))
 	// Beyond loopback the API needs TLS and a token.
-	// TODO(config): listen.tls_cert, listen.tls_key, listen.token_file.
-	sec, err := standalone.CheckListen(cfg.Listen.API, "", "", "")
+	sec, err := standalone.CheckListen(cfg.Listen.API, cfg.Listen.TLSCert, cfg.Listen.TLSKey, cfg.Listen.TokenFile)
 	if err != nil {
 		return nil, "", nil, err
 	}

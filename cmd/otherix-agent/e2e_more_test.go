@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -176,4 +177,17 @@ func TestReloadOnSIGHUP(t *testing.T) {
 	a.cmd.Process.Signal(syscall.SIGHUP)
 	waitLog(t, a, "reload: config rejected")
 	a.ok("vm", "list")
+}
+
+// TestListenBeyondLoopbackNeedsTLS: the standalone API refuses to start on
+// a non-loopback address without TLS and a token.
+func TestListenBeyondLoopbackNeedsTLS(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "agent.yaml")
+	os.WriteFile(cfg, []byte("data_dir: "+dir+"/data\nrun_dir: "+dir+"/run\nlisten: {api: \"0.0.0.0:0\", socket: \"\", metrics: \"\"}\n"), 0o600)
+	out, err := exec.Command(filepath.Join(binDir, "otherix-agent"), "--standalone", "--config", cfg).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "TLS") {
+		t.Fatalf("agent on 0.0.0.0 without TLS: %v\n%s", err, out)
+	}
 }
