@@ -23,7 +23,8 @@ type Host struct {
 	// an mdev type's create, an mdev's remove). nil writes the file;
 	// tests pass sysfstest.Tree.Write, which plays the kernel's part.
 	Write func(path string, data []byte) error
-	// Registry holds which VM has which device; nil is an empty one.
+	// Registry holds which VM has which device: one per host, shared by
+	// every Host value. nil keeps no record (no device_busy between VMs).
 	Registry *Registry
 }
 
@@ -43,9 +44,11 @@ func (h *Host) dev(rel ...string) string {
 	return filepath.Join(append([]string{root}, rel...)...)
 }
 
+// registry is h.Registry, or a throwaway empty one: without a registry
+// nothing is checked or kept across calls.
 func (h *Host) registry() *Registry {
 	if h.Registry == nil {
-		h.Registry = &Registry{}
+		return &Registry{}
 	}
 	return h.Registry
 }
