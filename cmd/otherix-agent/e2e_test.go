@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -137,17 +138,27 @@ func (a *standaloneAgent) kill() {
 	}
 }
 
-// killVMs ends every QEMU of this agent's data dir.
+// killVMs ends every QEMU of this agent's VMs: found by the uuids of its
+// data dir in QEMU command lines (-uuid), so a QEMU started by an agent
+// killed before it recorded the PID is found too.
 func (a *standaloneAgent) killVMs() {
-	matches, _ := filepath.Glob(filepath.Join(a.dir, "vms", "*", "vm.json"))
-	for _, m := range matches {
-		var st struct {
-			PID int `json:"pid"`
+	dirs, _ := os.ReadDir(filepath.Join(a.dir, "vms"))
+	want := map[string]bool{}
+	for _, d := range dirs {
+		want[d.Name()] = true
+	}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
 		}
-		b, _ := os.ReadFile(m)
-		json.Unmarshal(b, &st)
-		if st.PID > 0 {
-			syscall.Kill(st.PID, syscall.SIGKILL)
+		b, _ := os.ReadFile("/proc/" + p.Name() + "/cmdline")
+		args := strings.Split(string(b), "\x00")
+		for i := 0; i+1 < len(args); i++ {
+			if args[i] == "-uuid" && want[args[i+1]] {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
 		}
 	}
 }
