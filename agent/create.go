@@ -16,6 +16,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/cloudinit"
 	"github.com/otherix/otherix-agent/imagecache"
 )
@@ -71,6 +72,9 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 		return errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", c.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
 	}
 	if _, err := h.resolveFirmware(c); err != nil {
+		return err
+	}
+	if err := vnc.Validate(c.VNCEnabled, c.VNCPort, c.VNCPassword); err != nil {
 		return err
 	}
 	if c.RootDiskSize != 0 {
@@ -262,8 +266,30 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		owned = append(owned, state)
 		u.add(func() { os.RemoveAll(state) })
 	}
+	var vncSpec *vm.VNC
+	var sealed string
+	if c.VNCEnabled {
+		port := 0
+		if c.VNCPort != nil {
+			port = *c.VNCPort
+			if err := vnc.CheckPort(h.cfg.Listen.VNC, port); err != nil {
+				return api.VM{}, err
+			}
+			if err := h.vncPorts.Hold(id, port); err != nil {
+				return api.VM{}, err
+			}
+		} else if port, err = h.vncPorts.Pick(h.cfg.Listen.VNC, vnc.BasePort, id); err != nil {
+			return api.VM{}, err
+		}
+		u.add(func() { h.vncPorts.Release(id) })
+		if sealed, err = h.box.Seal(c.VNCPassword, id); err != nil {
+			return api.VM{}, errcode.Wrap(errcode.Internal, err, "seal vnc password")
+		}
+		vncSpec = &vm.VNC{Listen: h.cfg.Listen.VNC, Port: port}
+	}
 	spec := vm.Spec{
 		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
+		VNC:        vncSpec,
 		Disks:      []vm.Disk{{Path: root, Format: "qcow2", Bus: rootBuses[c.RootDiskIOBus], Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}},
 		NICs:       plan.nics,
 		Firmware:   fw,
@@ -296,7 +322,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	}
 	m := meta{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
 		Network: network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task, Forwards: plan.forwards,
-		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart}
+		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart, VNCPassword: sealed}
 	mb, _ := json.Marshal(m)
 	if _, err := h.engine.Define(ctx, spec, mb); err != nil {
 		return api.VM{}, err
@@ -325,6 +351,7 @@ func (h *Host) Delete(ctx context.Context, name string) error {
 		return err
 	}
 	h.macs.Release(v.Spec.UUID)
+	h.vncPorts.Release(v.Spec.UUID)
 	if m.ImageSHA256 != "" {
 		if err := h.cache.Unpin(m.Pool, m.ImageSHA256, v.Spec.UUID); err != nil {
 			h.log.Warn("unpin image", zap.String("vm", name), zap.Error(err))

@@ -28,7 +28,9 @@ import (
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/secrets"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/imagecache"
 	"github.com/otherix/otherix-agent/qmp"
 )
@@ -54,6 +56,8 @@ type Host struct {
 	macs      netdev.Registry // MACs of every NIC on this host
 	net       *netState
 	firmwares *firmware.Catalog
+	box       *secrets.Box // seals VNC passwords at rest
+	vncPorts  vnc.Ports
 }
 
 // Options are the parts of a Host that tests and cmd inject.
@@ -82,6 +86,8 @@ type meta struct {
 	CloudInit    bool         `json:"cloud_init"`
 	DesiredPhase string       `json:"desired_phase"`
 	LastTask     *api.TaskRef `json:"last_task,omitempty"`
+	// VNCPassword is sealed (agent/secrets), never in clear.
+	VNCPassword string `json:"vnc_password_sealed,omitempty"`
 	// Forwards of bridged VMs, served by the agent's proxy.
 	Forwards      []portfwd.Rule `json:"forwards,omitempty"`
 	RootDiskIOBus string         `json:"root_disk_io_bus,omitempty"`
@@ -118,6 +124,16 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	if accel == "auto" {
 		accel = ""
 	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		cache.Close()
+		return nil, err
+	}
+	box, err := secrets.Open(filepath.Join(cfg.DataDir, "secret.key"))
+	if err != nil {
+		cache.Close()
+		return nil, err
+	}
+	h.box = box
 	cred, err := QEMUCredential(cfg.QEMU.User)
 	if err != nil {
 		cache.Close()
@@ -138,6 +154,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		},
 		Logger:       log.Named("vm"),
 		OnGuestAgent: h.onGuestAgent,
+		AfterStart:   h.afterStart,
 		OnChange: func(v vm.View) {
 			h.syncNetState(v)
 			if h.onChange != nil {
@@ -155,6 +172,11 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		return nil, err
 	}
 	for _, v := range eng.List() {
+		if v.Spec.VNC != nil {
+			if err := h.vncPorts.Hold(v.Spec.UUID, v.Spec.VNC.Port); err != nil {
+				log.Warn("vnc port held twice", zap.String("vm", v.Spec.Name), zap.Error(err))
+			}
+		}
 		for i, n := range v.Spec.NICs {
 			if _, err := h.macs.Assign(v.Spec.UUID, i, n.MAC); err != nil {
 				log.Warn("duplicate MAC among existing VMs", zap.String("vm", v.Spec.Name), zap.String("mac", n.MAC), zap.Error(err))
@@ -265,6 +287,8 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		Firmware:       firmwareName(v),
 		SecureBoot:     v.Spec.Firmware != nil && v.Spec.Firmware.SecureBoot,
 		TPM:            v.Spec.TPM != nil,
+		VNCEnabled:     v.Spec.VNC != nil,
+		VNCPort:        vncPort(v),
 		RootDiskIOBus:  m.RootDiskIOBus,
 		Autostart:      m.Autostart,
 		PendingChanges: pending(v),
@@ -455,4 +479,55 @@ func (h *Host) Firmwares() []api.Firmware {
 			SecureBoot: e.SecureBoot, Descriptor: e.Descriptor})
 	}
 	return out
+}
+
+func vncPort(v vm.View) int {
+	if v.Spec.VNC != nil {
+		return v.Spec.VNC.Port
+	}
+	return 0
+}
+
+// afterStart runs once QMP answers after each start: it sets the VNC
+// password (unsealed from the VM's state), so QEMU never has it on its
+// command line and every login fails until then.
+func (h *Host) afterStart(ctx context.Context, v vm.View, exec func(ctx context.Context, cmd string, args any) error) error {
+	if v.Spec.VNC == nil {
+		return nil
+	}
+	pw, err := h.box.Open(metaOf(v).VNCPassword, v.Spec.UUID)
+	if err != nil {
+		return errcode.Wrap(errcode.Internal, err, "vnc password")
+	}
+	return vnc.SetPassword(ctx, vnc.ExecFunc(exec), pw)
+}
+
+// Screenshot returns a PNG of a running VM's display (QMP screendump).
+func (h *Host) Screenshot(ctx context.Context, name string) ([]byte, error) {
+	v, err := h.engine.Get(name)
+	if err != nil {
+		return nil, err
+	}
+	if v.Spec.VNC == nil {
+		return nil, errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false)", name)
+	}
+	// QEMU writes the file itself, as the QEMU user: a root-owned,
+	// traversable directory of the runtime root; vnc.Screenshot makes
+	// the file exclusively and reads it back through its own descriptor.
+	root := h.engine.RunDir()
+	dir := filepath.Join(root, "screens")
+	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return nil, errcode.Wrap(errcode.Internal, err, "screenshot dir")
+	}
+	for _, d := range []string{root, dir} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			return nil, errcode.Wrap(errcode.Internal, err, "screenshot dir")
+		}
+	}
+	var owner *vnc.Owner
+	if cred, _ := QEMUCredential(h.cfg.QEMU.User); cred != nil {
+		owner = &vnc.Owner{UID: int(cred.Uid), GID: int(cred.Gid)}
+	}
+	exec := func(ctx context.Context, cmd string, args any) error { return h.engine.QMP(ctx, name, cmd, args, nil) }
+	return vnc.Screenshot(ctx, exec, dir, owner)
 }

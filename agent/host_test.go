@@ -26,6 +26,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
 )
 
 type hostHarness struct {
@@ -542,4 +543,76 @@ func httpGet(t *testing.T, port int) string {
 	}
 	t.Fatalf("GET port %d: %v", port, last)
 	return ""
+}
+
+// TestVNC: a VNC console whose password is set over QMP after start: the
+// right password gets the framebuffer over a real RFB 3.8 handshake, a
+// wrong one "authentication failed"; the password is in no command line,
+// state file or view; a screenshot is a PNG; bad VNC input is refused.
+func TestVNC(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	ctx := context.Background()
+	const pw = "Vn8!pass"
+	v, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "vnc", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256,
+		NoCloudInit: true, VNCEnabled: true, VNCPassword: pw}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !v.VNCEnabled || v.VNCPort < 5900 {
+		t.Fatalf("view: %+v", v)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", v.VNCPort)
+	c, err := rfbtest.Dial(ctx, addr, pw)
+	if err != nil {
+		t.Fatalf("vnc login with the password: %v", err)
+	}
+	if c.Init.Width == 0 || c.Init.Height == 0 {
+		t.Fatalf("server init: %+v", c.Init)
+	}
+	if err := c.RequestUpdate(false, 0, 0, c.Init.Width, c.Init.Height); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ReadUpdate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if _, err := rfbtest.Dial(ctx, addr, "wrong!"); err == nil || !strings.Contains(strings.ToLower(err.Error()), "authentication failed") {
+		t.Fatalf("wrong password: %v", err)
+	}
+	png, err := hh.h.Screenshot(ctx, "vnc")
+	if err != nil || len(png) < 8 || string(png[1:4]) != "PNG" {
+		t.Fatalf("screenshot: %d bytes, %v", len(png), err)
+	}
+	// The password is nowhere in clear.
+	cmdline, _ := os.ReadFile("/proc/" + strconv.Itoa(v.QEMUPID) + "/cmdline")
+	if strings.Contains(string(cmdline), pw) {
+		t.Fatal("vnc password on qemu's command line")
+	}
+	filepath.WalkDir(hh.cfg.DataDir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if b, _ := os.ReadFile(p); strings.Contains(string(b), pw) {
+				t.Errorf("vnc password in clear in %s", p)
+			}
+		}
+		return nil
+	})
+	// Restarted, QEMU gets the password again.
+	if _, err := hh.h.Engine().Reboot(ctx, "vnc"); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := rfbtest.Dial(ctx, addr, pw); err != nil {
+		t.Fatalf("vnc login after a reboot: %v", err)
+	} else {
+		c.Close()
+	}
+	for _, bad := range []api.CreateVM{
+		{Name: "x", ImageURL: hh.image, Arch: "amd64", VNCEnabled: true, VNCPassword: "123456789"},
+		{Name: "x", ImageURL: hh.image, Arch: "amd64", VNCEnabled: true, VNCPassword: "pw", VNCPort: &[]int{22}[0]},
+		{Name: "x", ImageURL: hh.image, Arch: "amd64", VNCEnabled: true},
+	} {
+		if err := hh.h.ValidateCreate(&bad); errcode.Of(err) != errcode.ValidationFailed {
+			t.Errorf("%+v: %v", bad, err)
+		}
+	}
 }

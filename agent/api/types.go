@@ -75,6 +75,11 @@ type CreateVM struct {
 	RootDiskIOBus string `json:"root_disk_io_bus,omitempty" yaml:"root_disk_io_bus,omitempty"`
 	RootDiskSize  int    `json:"root_disk_size,omitempty" yaml:"root_disk_size,omitempty"`
 	Autostart     *bool  `json:"autostart,omitempty" yaml:"autostart,omitempty"`
+	// Seed 000 VNC console: vnc_port null picks the next free one from
+	// 5900; the password (at most 8 characters, DES) is a secret.
+	VNCEnabled  bool   `json:"vnc_enabled,omitempty" yaml:"vnc_enabled,omitempty"`
+	VNCPort     *int   `json:"vnc_port,omitempty" yaml:"vnc_port,omitempty"`
+	VNCPassword string `json:"vnc_password,omitempty" yaml:"vnc_password,omitempty"`
 	// Devices in seed 000's shape (dev_type and its fields).
 	Devices []Device `json:"devices,omitempty" yaml:"devices,omitempty"`
 }
@@ -153,6 +158,8 @@ type VM struct {
 	Firmware       string          `json:"firmware"`
 	SecureBoot     bool            `json:"secure_boot"`
 	TPM            bool            `json:"tpm"`
+	VNCEnabled     bool            `json:"vnc_enabled"`
+	VNCPort        int             `json:"vnc_port,omitempty"`
 	RootDiskIOBus  string          `json:"root_disk_io_bus,omitempty"`
 	Autostart      bool            `json:"autostart"`
 	PendingChanges *PendingChanges `json:"pending_changes,omitempty"`

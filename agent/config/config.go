@@ -68,6 +68,8 @@ type Listen struct {
 	Metrics string `yaml:"metrics"` // Prometheus /metrics, host:port; empty = off
 	// Forwards is the host address PROXY devices listen on (default all).
 	Forwards string `yaml:"forwards"`
+	// VNC is the host address VNC consoles listen on.
+	VNC string `yaml:"vnc"`
 	// TLSCert and TLSKey (PEM) serve the standalone API over TLS;
 	// TokenFile holds the bearer token it then asks for. All three are
 	// required when listen.api is not a loopback address.
@@ -123,7 +125,7 @@ func Default(dataDir string) *Config {
 		Pools:       map[string]Pool{"default": {Path: filepath.Join(dataDir, "pools", "default")}},
 		DefaultPool: "default",
 		Networks:    map[string]Network{},
-		Listen:      Listen{API: "127.0.0.1:7480", Socket: "/run/otherix/api.sock", Metrics: "127.0.0.1:9480"},
+		Listen:      Listen{VNC: "127.0.0.1", API: "127.0.0.1:7480", Socket: "/run/otherix/api.sock", Metrics: "127.0.0.1:9480"},
 		QEMU:        QEMU{User: "otherix-qemu", Accel: "auto", RootDiskBus: "VIRTIO-BLK", StopTimeout: 60 * time.Second, X86_64: "qemu-system-x86_64", AArch64: "qemu-system-aarch64"},
 		Limits: Limits{
 			ConcurrentCreates:   2,
@@ -239,6 +241,9 @@ func (c *Config) Validate() error {
 		if n.UUID != "" && !uuidRE.MatchString(n.UUID) {
 			bad("networks."+name+".uuid", "%q is not a lowercase UUID", n.UUID)
 		}
+	}
+	if a := c.Listen.VNC; net.ParseIP(a) == nil {
+		bad("listen.vnc", "%q is not an IP address", a)
 	}
 	if a := c.Listen.Forwards; a != "" && net.ParseIP(a) == nil {
 		bad("listen.forwards", "%q is not an IP address", a)

@@ -74,6 +74,7 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/vms/{name}/pause", a.sync(api.TaskPause))
 	mux.HandleFunc("POST /v1/vms/{name}/resume", a.sync(api.TaskResume))
 	mux.HandleFunc("GET /v1/vms/{name}/console", a.console)
+	mux.HandleFunc("GET /v1/vms/{name}/screenshot", a.screenshot)
 	mux.HandleFunc("GET /v1/tasks/{id}", a.task)
 	mux.HandleFunc("GET /v1/images", a.images)
 	mux.HandleFunc("POST /v1/images", a.pullImage)
@@ -796,4 +797,19 @@ func (a *API) forward(add bool) http.HandlerFunc {
 		}
 		writeJSON(w, http.StatusOK, v)
 	}
+}
+
+// screenshot is GET /v1/vms/{name}/screenshot: a PNG of the VM's display.
+func (a *API) screenshot(w http.ResponseWriter, r *http.Request) {
+	name, ok := a.vmName(w, r)
+	if !ok {
+		return
+	}
+	png, err := a.host.Screenshot(r.Context(), name)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	w.Header().Set("Content-Type", "image/png")
+	w.Write(png)
 }

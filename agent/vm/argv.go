@@ -10,6 +10,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/tpm"
+	"github.com/otherix/otherix-agent/agent/vnc"
 )
 
 // Paths are the per-VM files QEMU is given. QEMU opens none of them by
@@ -149,6 +150,18 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 	add("-m", strconv.Itoa(s.MemoryMB))
 	add("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 	add("-display", "none")
+	if v := s.VNC; v != nil {
+		disp, err := vnc.DisplayArgs(s.Arch, 1)
+		if err != nil {
+			return nil, nil, err
+		}
+		va, err := vnc.Args(v.Listen, v.Port)
+		if err != nil {
+			return nil, nil, err
+		}
+		add(disp...)
+		add(va...)
+	}
 	add("-chardev", fmt.Sprintf("socket,id=qmp,fd=%d,server=on,wait=off", qmpFD))
 	add("-mon", "chardev=qmp,mode=control")
 	add("-chardev", "file,id=console,path="+console+",append=on")

@@ -75,6 +75,10 @@ type Config struct {
 	Dial func(ctx context.Context, path string) (Monitor, error)
 	// Placer (default: process groups only).
 	Placer Placer
+	// AfterStart, when set, runs once QMP answers after every start, with
+	// a way to run QMP commands (e.g. set the VNC password). An error
+	// fails the start and QEMU is stopped.
+	AfterStart func(ctx context.Context, v View, exec func(ctx context.Context, cmd string, args any) error) error
 	// OnGuestAgent, when set, is called when the guest's qemu-guest-agent
 	// opens (true) or closes (false) its channel (QMP VSERPORT_CHANGE).
 	// View.QGASocket is its socket. It must not block.
@@ -456,3 +460,19 @@ func (e *Engine) Delete(ctx context.Context, name string) error {
 	}
 	return err
 }
+
+// QMP runs one QMP command on a running VM (screenshots and the like).
+func (e *Engine) QMP(ctx context.Context, name, cmd string, args, out any) error {
+	m, err := e.lookup(name)
+	if err != nil {
+		return err
+	}
+	p, status := m.current()
+	if p == nil || p.mon == nil {
+		return errcode.New(errcode.Conflict, "vm %q is not running (status %s)", name, status)
+	}
+	return p.mon.Execute(ctx, cmd, args, out)
+}
+
+// RunDir is the engine's runtime root.
+func (e *Engine) RunDir() string { return e.cfg.RunDir }

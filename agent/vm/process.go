@@ -355,6 +355,16 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	if err := mon.Execute(startCtx, "query-status", nil, &st); err != nil {
 		return abort(errcode.QEMUStartFailed, err, "query-status")
 	}
+	if f := m.e.cfg.AfterStart; f != nil {
+		m.mu.Lock()
+		v := m.viewLocked()
+		m.mu.Unlock()
+		v.PID = p.pid
+		exec := func(ctx context.Context, cmd string, args any) error { return mon.Execute(ctx, cmd, args, nil) }
+		if err := f(startCtx, v, exec); err != nil {
+			return abort(errcode.Of(err), err, "after start")
+		}
+	}
 
 	m.mu.Lock()
 	m.proc = p

@@ -60,6 +60,10 @@ type Spec struct {
 	// TPM, when set, gives the guest a TPM 2.0 emulated by a per-VM swtpm
 	// whose state lives in TPM.State.
 	TPM *TPM `json:"tpm,omitempty"`
+	// VNC, when set, gives the guest a display adapter and a VNC console
+	// with password authentication; the password is set over QMP after
+	// start (Config.AfterStart), never on the command line.
+	VNC *VNC `json:"vnc,omitempty"`
 	// OwnedPaths are files and directories created for this VM (overlay
 	// disk, seed ISO, ...) that delete removes. Each must be absolute.
 	OwnedPaths []string `json:"owned_paths,omitempty"`
@@ -89,6 +93,12 @@ type Firmware struct {
 	VarsFormat  string `json:"vars_format,omitempty"`
 	RequiresSMM bool   `json:"requires_smm,omitempty"`
 	SecureBoot  bool   `json:"secure_boot,omitempty"`
+}
+
+// VNC is a VNC console on Listen:Port.
+type VNC struct {
+	Listen string `json:"listen"`
+	Port   int    `json:"port"`
 }
 
 // TPM is an emulated TPM 2.0.

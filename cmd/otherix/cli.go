@@ -143,6 +143,7 @@ func (c *cli) commands() []command {
 		{"vm pause", "NAME [-o text|json]", "freeze the vCPUs (sync)", sync(client.OpPause), false},
 		{"vm resume", "NAME [-o text|json]", "continue a paused VM (sync)", sync(client.OpResume), false},
 		{"vm console", "NAME [--tail N]", "print the serial console log", c.vmConsole, false},
+		{"vm screenshot", "NAME FILE.png", "save a PNG of the VM's display (vnc_enabled VMs)", c.vmScreenshot, false},
 		{"vm set", "NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL] [-o text|json]", "change CPU, memory (at the next start if running) or autostart", c.vmSet, false},
 		{"create", "-f FILE [--wait] [--wait-timeout 5m]", "create a VM from a YAML manifest (- for stdin)", c.createManifest, false},
 	}

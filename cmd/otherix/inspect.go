@@ -5,6 +5,8 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -303,4 +305,27 @@ func (c *cli) firmwareList(ctx context.Context, fs *flag.FlagSet, args []string)
 		fmt.Fprintf(tw, "%s\t%s\t%t\t%s\n", f.Name, f.Arch, f.SecureBoot, f.UUID)
 	}
 	return tw.Flush()
+}
+
+// vmScreenshot is "vm screenshot NAME FILE.png".
+func (c *cli) vmScreenshot(ctx context.Context, fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 2 {
+		return &usageError{msg: "vm screenshot takes NAME and FILE.png", synopsis: "otherix vm screenshot NAME FILE.png"}
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	png, err := cl.GetRaw(ctx, "/v1/vms/"+url.PathEscape(fs.Arg(0))+"/screenshot")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(fs.Arg(1), png, 0o644); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.stdout, "screenshot of vm %s: %s (%d bytes)\n", fs.Arg(0), fs.Arg(1), len(png))
+	return nil
 }

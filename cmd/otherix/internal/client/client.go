@@ -190,6 +190,16 @@ func (c *Client) Sync(ctx context.Context, name, op string) (*api.VM, []byte, er
 	return &vm, raw, nil
 }
 
+// GetRaw is a GET of path returning the body (at most 64 MiB).
+func (c *Client) GetRaw(ctx context.Context, path string) ([]byte, error) {
+	resp, err := c.do(ctx, http.MethodGet, path, nil, nil, "*/*")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	return io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+}
+
 // GetJSON is a GET of path decoded into out; it returns the raw answer.
 func (c *Client) GetJSON(ctx context.Context, path string, out any) ([]byte, error) {
 	return c.doJSON(ctx, http.MethodGet, path, nil, nil, out)
