@@ -191,3 +191,14 @@ func TestListenBeyondLoopbackNeedsTLS(t *testing.T) {
 		t.Fatalf("agent on 0.0.0.0 without TLS: %v\n%s", err, out)
 	}
 }
+
+// TestVersions: both binaries say their module version and VCS revision.
+func TestVersions(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{{"otherix-agent", "--version"}, {"otherix-agent", "version"}, {"otherix", "--version"}, {"otherix", "version"}} {
+		out, err := exec.Command(filepath.Join(binDir, args[0]), args[1:]...).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "revision") {
+			t.Errorf("%v: %v %q", args, err, out)
+		}
+	}
+}
