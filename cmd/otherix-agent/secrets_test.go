@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -14,20 +15,25 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
+
+	"gopkg.in/yaml.v3"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
 )
 
-// TestSecretsNeverLeak: user-data, network-config and the control-plane
-// token are secrets. A whole VM life runs with a unique marker in each
-// (user-data: a YAML comment and a value; network-config: a comment and a
-// value; the standalone control plane's token), the agent logging at
-// debug level; then every CLI output, every raw API answer (VMs, every
-// task, node, images, metrics, console), QEMU's argv and environment, the
-// agent's whole log and every file under the data and run dirs (but the
-// seed ISO, whose job is to hold user-data, and the token file) are
-// searched for the markers. The guest proves it got the user-data by its
-// sha256.
+// TestSecretsNeverLeak: user-data, network-config, VNC passwords and the
+// control-plane token are secrets. A whole VM life runs with a unique
+// marker in each (user-data: a YAML comment and a value; network-config: a
+// comment and a value; the VNC password; the standalone control plane's
+// token), created from a manifest, the agent logging at debug level; then
+// every CLI output, every raw API answer (VMs, every task, node, images,
+// metrics, console), QEMU's argv and environment, the agent's whole log
+// and every file under the data and run dirs (but the seed ISO, whose job
+// is to hold user-data, and the token file) are searched for the markers.
+// The guest proves it got the user-data by its sha256, a VNC login that
+// the password is live, and the tasks that the token is.
 func TestSecretsNeverLeak(t *testing.T) {
 	t.Parallel()
 	mark := func(what string) string {
@@ -41,6 +47,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 		"network-config comment": mark("nccomment"),
 		"network-config value":   mark("ncvalue"),
 		"control-plane token":    mark("cptoken"),
+		"VNC password":           vncPassword(),
 	}
 	userData := "#cloud-config\n# " + markers["user-data comment"] + "\nwrite_files:\n  - path: /etc/otherix-secret\n    content: " +
 		markers["user-data value"] + "\n    permissions: '0600'\n#otherix-run: echo secrets-test-ran\n"
@@ -90,12 +97,14 @@ func TestSecretsNeverLeak(t *testing.T) {
 		}
 	}
 
-	dir := t.TempDir()
-	udPath, ncPath := filepath.Join(dir, "user-data.yaml"), filepath.Join(dir, "network-config.yaml")
-	os.WriteFile(udPath, []byte(userData), 0o600)
-	os.WriteFile(ncPath, []byte(netConfig), 0o600)
-	noteTasks(run("vm", "create", "sec-1", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256",
-		"--user-data", udPath, "--network-config", ncPath, "--wait"))
+	manifest, err := yaml.Marshal(api.CreateVM{Name: "sec-1", ImageURL: a.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256,
+		UserData: userData, NetworkConfig: netConfig, VNCEnabled: true, VNCPassword: markers["VNC password"]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	manifestPath := filepath.Join(t.TempDir(), "sec-1.yaml")
+	os.WriteFile(manifestPath, manifest, 0o600)
+	noteTasks(run("create", "-f", manifestPath, "--wait"))
 	con := a.console("sec-1")
 	sum := sha256.Sum256([]byte(userData))
 	waitConsole(t, con, "OTHERIX-GUEST cidata user-data-sha256="+hex.EncodeToString(sum[:]))
@@ -107,6 +116,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 		tasks[v.LastTask.ID] = true
 	}
 	qemu(v.QEMUPID)
+	vncLogin(t, v, markers["VNC password"])
 	for _, args := range [][]string{
 		{"vm", "get", "sec-1"}, {"vm", "get", "sec-1", "-o", "json"}, {"vm", "get", "sec-1", "-o", "yaml"},
 		{"vm", "list"}, {"vm", "list", "--show-ids"}, {"vm", "list", "-o", "json"}, {"vm", "list", "-o", "yaml"},
@@ -124,6 +134,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	v = a.getVM("sec-1")
 	qemu(v.QEMUPID)
 	waitConsole(t, con, "OTHERIX-GUEST ready")
+	vncLogin(t, v, markers["VNC password"]) // set again at the new start
 	get("/v1/vms/sec-1")
 
 	// The control plane forgets a task's spec once the task is done.
@@ -190,6 +201,33 @@ func TestSecretsNeverLeak(t *testing.T) {
 		}
 	}
 	t.Logf("searched %d sources (%d tasks) for %d markers", len(seen), len(tasks), len(markers))
+}
+
+// vncPassword is a VNC password marker: VNC passwords are at most 8
+// bytes, so all 8 are random (62^8: no chance match in the files searched).
+func vncPassword() string {
+	const chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+	var b [8]byte
+	rand.Read(b[:])
+	for i := range b {
+		b[i] = chars[int(b[i])%len(chars)]
+	}
+	return string(b[:])
+}
+
+// vncLogin proves the VM's VNC server takes password.
+func vncLogin(t *testing.T, v api.VM, password string) {
+	t.Helper()
+	if !v.VNCEnabled || v.VNCPort == 0 {
+		t.Fatalf("vm without VNC: %+v", v)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := rfbtest.Dial(ctx, fmt.Sprintf("127.0.0.1:%d", v.VNCPort), password)
+	if err != nil {
+		t.Fatalf("vnc login with the password: %v", err)
+	}
+	c.Close()
 }
 
 type source struct {
