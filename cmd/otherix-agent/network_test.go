@@ -102,9 +102,14 @@ devices: [{dev_type: PROXY, source_proto: TCP, source_port: %d, dest_proto: TCP,
 	// Duplicate MAC on the host.
 	a.fails(1, "conflict", "create", "-f", a.manifest(t, "y", image, "devices: [{dev_type: NIC, network: lan, mac: \""+v.NICs[0].MAC+"\"}]"), "--wait")
 
-	// A MACVLAN NIC gets a lease.
-	a.ok("create", "-f", a.manifest(t, "mac", image, "devices: [{dev_type: NIC, nic_type: MACVLAN, parent: mv0}]"), "--wait")
-	waitConsole(t, a.console("mac"), "OTHERIX-GUEST ip eth0 10.77.0.")
+	// A MACVLAN NIC gets a lease, and that VM reaches the bridged one.
+	a.ok("create", "-f", a.manifest(t, "mac", image, fmt.Sprintf(`devices: [{dev_type: NIC, nic_type: MACVLAN, parent: mv0}]
+user_data: |
+  #cloud-config
+  #otherix-run: ping -c 3 -W 5 %s`, ip)), "--wait")
+	macCon := a.console("mac")
+	waitConsole(t, macCon, "OTHERIX-GUEST ip eth0 10.77.0.")
+	waitConsole(t, macCon, "OTHERIX-GUEST run-exit 1 0")
 	links := oxLinks(t, ns)
 	if len(links) != 2 {
 		t.Fatalf("links while two VMs run: %v", links)
