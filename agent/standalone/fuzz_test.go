@@ -106,12 +106,12 @@ func checkAnswer(t *testing.T, rec *httptest.ResponseRecorder, types []string, s
 	return api.Task{}
 }
 
-// secretMark is what FuzzAPICreate's seeds put in user-data and
-// network-config: no answer may hold it.
+// secretMark is what FuzzAPICreate's seeds put in user-data,
+// network-config and the VNC password: no answer may hold it.
 const secretMark = "s3cret"
 
-// secretsOf returns secretMark when the body holds it in user-data or
-// network-config and nowhere else (a name or an unknown key is echoed in
+// secretsOf returns secretMark when the body holds it in user-data,
+// network-config or the VNC password and nowhere else (a name or an unknown key is echoed in
 // answers, and may be).
 func secretsOf(body []byte) []string {
 	var m map[string]any
@@ -140,7 +140,7 @@ func secretsOf(body []byte) []string {
 	}
 	for k, v := range m {
 		walk(k, false)
-		walk(v, strings.EqualFold(k, "user_data") || strings.EqualFold(k, "network_config"))
+		walk(v, strings.EqualFold(k, "user_data") || strings.EqualFold(k, "network_config") || strings.EqualFold(k, "vnc_password"))
 	}
 	if inSecret && !elsewhere {
 		return []string{secretMark}
