@@ -24,6 +24,10 @@ import (
 // rootBuses maps seed 000's bus names to the engine's.
 var rootBuses = map[string]string{"NVME": vm.BusNVMe, "VIRTIO-BLK": vm.BusVirtioBlk, "VIRTIO-SCSI": vm.BusVirtioSCSI}
 
+// rootBootIndex is the root disk's QEMU bootindex: boot_priority 1 (see
+// bootIndex).
+const rootBootIndex = 3
+
 // Defaults of seed 004 for fields a create leaves out.
 const (
 	DefaultVCPUs    = 2
@@ -289,8 +293,9 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	}
 	spec := vm.Spec{
 		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
-		VNC:        vncSpec,
-		Disks:      []vm.Disk{{Path: root, Format: "qcow2", Bus: rootBuses[c.RootDiskIOBus], Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}},
+		VNC: vncSpec,
+		Disks: append([]vm.Disk{{Path: root, Format: "qcow2", Bus: rootBuses[c.RootDiskIOBus], BootIndex: rootBootIndex,
+			Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}}, plan.disks...),
 		NICs:       plan.nics,
 		Firmware:   fw,
 		TPM:        tpmSpec,

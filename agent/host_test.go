@@ -616,3 +616,60 @@ func TestVNC(t *testing.T) {
 		}
 	}
 }
+
+// TestVolumes: a volume attached as a DISK device is seen by the guest; a
+// readonly one refuses the guest's writes; an attached volume cannot be
+// deleted; the VM's delete leaves volumes alone.
+func TestVolumes(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	ctx := context.Background()
+	for _, n := range []string{"data", "ro"} {
+		if _, err := hh.h.CreateVolume(ctx, "", n, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := hh.h.CreateVolume(ctx, "", "data", 1); errcode.Of(err) != errcode.Conflict {
+		t.Fatalf("duplicate volume: %v", err)
+	}
+	if _, err := hh.h.CreateVolume(ctx, "", "../x", 1); errcode.Of(err) != errcode.ValidationFailed {
+		t.Fatalf("bad volume name: %v", err)
+	}
+	ud := "#cloud-config\n#otherix-run: dd if=/dev/zero of=/dev/vdc bs=512 count=1 conv=fsync\n#otherix-run: dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync\n"
+	_, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "vols", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256, UserData: ud,
+		Devices: []api.Device{{DevType: api.DevDisk, Source: "data"}, {DevType: api.DevDisk, Source: "ro", Readonly: true}}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := hh.console("vols")
+	line := wait(t, c, "OTHERIX-GUEST disks ")
+	if !strings.Contains(line, "vdb:1073741824:0") || !strings.Contains(line, "vdc:1073741824:1") {
+		t.Fatalf("guest disks: %s", line)
+	}
+	wait(t, c, "OTHERIX-GUEST run-exit 1 ") // the write to the readonly disk
+	if l := wait(t, c, "OTHERIX-GUEST run-exit 2 "); !strings.HasSuffix(strings.TrimSpace(l), " 0") {
+		t.Fatalf("write to the writable volume failed: %s", l)
+	}
+	if !strings.Contains(c.Text(), "OTHERIX-GUEST run-exit 1 ") || strings.Contains(c.Text(), "OTHERIX-GUEST run-exit 1 0") {
+		t.Fatalf("a write to the readonly volume succeeded:\n%s", c.Text())
+	}
+	if err := hh.h.DeleteVolume("", "data"); errcode.Of(err) != errcode.Conflict {
+		t.Fatalf("delete of an attached volume: %v", err)
+	}
+	vs, _ := hh.h.Volumes("")
+	if len(vs) != 2 || len(vs[0].AttachedTo) != 1 {
+		t.Fatalf("volumes: %+v", vs)
+	}
+	if err := hh.h.Delete(ctx, "vols"); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"data", "ro"} {
+		if err := hh.h.DeleteVolume("", n); err != nil {
+			t.Fatalf("delete volume %s after the VM: %v", n, err)
+		}
+	}
+	if _, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "x", ImageURL: hh.image, Arch: "amd64",
+		Devices: []api.Device{{DevType: api.DevDisk, Source: "nope"}}}, nil, nil); errcode.Of(err) != errcode.NotFound {
+		t.Fatalf("missing volume: %v", err)
+	}
+}

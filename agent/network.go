@@ -49,6 +49,7 @@ type nicPlan struct {
 	nics     []vm.NIC
 	forwards []portfwd.Rule // PROXY devices
 	tpm      bool           // a TPM device (emulated)
+	disks    []vm.Disk      // DISK devices (volumes)
 }
 
 // planNICs validates the network part of a create (seed 004's --network,
@@ -124,6 +125,12 @@ func (h *Host) planNICs(c *api.CreateVM, id string) (plan nicPlan, err error) {
 		case api.DevProxy:
 			plan.forwards = append(plan.forwards, portfwd.Rule{Proto: d.SourceProto, DestProto: d.DestProto,
 				HostAddr: h.cfg.Listen.Forwards, HostPort: d.SourcePort, GuestPort: d.DestPort})
+		case api.DevDisk:
+			disk, err := h.diskDevice(i, d)
+			if err != nil {
+				return plan, err
+			}
+			plan.disks = append(plan.disks, disk)
 		case api.DevTPM:
 			if d.Path != "" {
 				return plan, errcode.New(errcode.ValidationFailed, "devices[%d]: host TPM passthrough (path) is not supported by this agent; omit path for an emulated TPM", i)

@@ -89,6 +89,7 @@ const (
 	DevNIC   = "NIC"
 	DevProxy = "PROXY"
 	DevTPM   = "TPM"
+	DevDisk  = "DISK"
 )
 
 // Device is one seed-000 device of a create request.
@@ -108,6 +109,28 @@ type Device struct {
 	DestPort    int    `json:"dest_port,omitempty" yaml:"dest_port,omitempty"`
 	// TPM: no path means an emulated TPM 2.0 (swtpm); a path is a host TPM.
 	Path string `json:"path,omitempty" yaml:"path,omitempty"`
+	// DISK: a volume (source) of storage_pool, readonly, io_bus and
+	// boot_priority (lower boots first; null: not bootable).
+	Source       string `json:"source,omitempty" yaml:"source,omitempty"`
+	StoragePool  string `json:"storage_pool,omitempty" yaml:"storage_pool,omitempty"`
+	Readonly     bool   `json:"readonly,omitempty" yaml:"readonly,omitempty"`
+	IOBus        string `json:"io_bus,omitempty" yaml:"io_bus,omitempty"`
+	BootPriority *int   `json:"boot_priority,omitempty" yaml:"boot_priority,omitempty"`
+}
+
+// Volume is an agent-managed disk in a pool (/v1/volumes).
+type Volume struct {
+	Name       string   `json:"name"`
+	Pool       string   `json:"pool"`
+	Bytes      int64    `json:"bytes"`
+	AttachedTo []string `json:"attached_to,omitempty"`
+}
+
+// CreateVolume is the body of POST /v1/volumes.
+type CreateVolume struct {
+	Name    string `json:"name"`
+	Pool    string `json:"pool,omitempty"`
+	SizeGiB int    `json:"size_gib"`
 }
 
 // NICView is one NIC in the VM view.

@@ -76,6 +76,9 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/vms/{name}/console", a.console)
 	mux.HandleFunc("GET /v1/vms/{name}/screenshot", a.screenshot)
 	mux.HandleFunc("GET /v1/tasks/{id}", a.task)
+	mux.HandleFunc("GET /v1/volumes", a.volumes)
+	mux.HandleFunc("POST /v1/volumes", a.createVolume)
+	mux.HandleFunc("DELETE /v1/volumes/{name}", a.deleteVolume)
 	mux.HandleFunc("GET /v1/images", a.images)
 	mux.HandleFunc("POST /v1/images", a.pullImage)
 	mux.HandleFunc("GET /v1/node", func(w http.ResponseWriter, r *http.Request) {
@@ -812,4 +815,37 @@ func (a *API) screenshot(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "image/png")
 	w.Write(png)
+}
+
+func (a *API) volumes(w http.ResponseWriter, r *http.Request) {
+	vs, err := a.host.Volumes(r.URL.Query().Get("pool"))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"volumes": vs})
+}
+
+func (a *API) createVolume(w http.ResponseWriter, r *http.Request) {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+	dec.DisallowUnknownFields()
+	var c api.CreateVolume
+	if err := dec.Decode(&c); err != nil {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+		return
+	}
+	v, err := a.host.CreateVolume(r.Context(), c.Pool, c.Name, c.SizeGiB)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, v)
+}
+
+func (a *API) deleteVolume(w http.ResponseWriter, r *http.Request) {
+	if err := a.host.DeleteVolume(r.URL.Query().Get("pool"), r.PathValue("name")); err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"deleted": r.PathValue("name")})
 }

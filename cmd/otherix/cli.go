@@ -148,6 +148,11 @@ func (c *cli) commands() []command {
 		{"create", "-f FILE [--wait] [--wait-timeout 5m]", "create a VM from a YAML manifest (- for stdin)", c.createManifest, false},
 	}
 	cmds = append(cmds, c.imageCommands()...)
+	cmds = append(cmds,
+		command{"volume create", "NAME --size-gib N [--pool P]", "create an empty qcow2 volume in a pool", c.volumeCreate, false},
+		command{"volume list", "[--pool P] [-o table|json]", "list a pool's volumes", c.volumeList, false},
+		command{"volume delete", "NAME [--pool P]", "delete a volume no VM uses", c.volumeDelete, false},
+	)
 	cmds = append(cmds, command{"firmware list", "[--arch amd64|arm64] [-o table|json]", "list the firmware catalogue per arch", c.firmwareList, false})
 	return append(cmds, command{"version", "", "print the version", c.version, true})
 }
@@ -195,6 +200,12 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 	if rest[0] == "vm" {
 		if len(rest) < 2 {
 			return &usageError{msg: "vm needs a subcommand", synopsis: "otherix vm create|list|get|start|stop|poweroff|reboot|delete|reset|pause|resume|console ... (see otherix help)"}
+		}
+		words = 2
+	}
+	if rest[0] == "volume" {
+		if len(rest) < 2 {
+			return &usageError{msg: "volume needs a subcommand", synopsis: "otherix volume create|list|delete ..."}
 		}
 		words = 2
 	}

@@ -200,6 +200,12 @@ func (c *Client) GetRaw(ctx context.Context, path string) ([]byte, error) {
 	return io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 }
 
+// DoJSON sends body (nil for none) to path and decodes the answer into out
+// (nil to ignore it); it returns the raw answer.
+func (c *Client) DoJSON(ctx context.Context, method, path string, q url.Values, body, out any) ([]byte, error) {
+	return c.doJSON(ctx, method, path, q, body, out)
+}
+
 // GetJSON is a GET of path decoded into out; it returns the raw answer.
 func (c *Client) GetJSON(ctx context.Context, path string, out any) ([]byte, error) {
 	return c.doJSON(ctx, http.MethodGet, path, nil, nil, out)
