@@ -34,6 +34,6 @@ if [ $# -eq 0 ] && [ $status -eq 0 ]; then
   ./scripts/fuzz.sh --brief || fuzz=1
 fi
 passed=$(grep -c '^ok ' "$out" || true)
-failed=$(grep -c '^FAIL' "$out" || true)
+failed=$(grep -c '^FAIL	' "$out" || true)
 echo "packages: $passed passed, $failed failed"
 [ $status -eq 0 ] && [ $fuzz -eq 0 ]

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"sort"
 	"strings"
 	"testing"
 
@@ -252,7 +253,7 @@ func TestCreateManifest(t *testing.T) {
 		{name: "stdin wait", args: []string{"--wait", "-f", "-"}, stdin: good, want: &wantGood,
 			stdout: "created task=task-1 status=pending\nvm running task=task-1\n", stderr: "...\n"},
 		{name: "unknown keys", args: []string{"-f", write("unknown.yaml", "name: x\nimage_url: u\ncolour: red\narch: amd64\ncpus: 2\n")},
-			stderr: "error: validation_failed: " + dir + "/unknown.yaml: unknown keys: colour (line 3), cpus (line 5) (allowed: arch, autostart, devices, disk_gib, firmware, firmware_id, format, image_sha256, image_url, memory_mb, name, network, network_config, no_cloud_init, node, pool, root_disk_io_bus, root_disk_size, user_data, vcpus)\n"},
+			stderr: "error: validation_failed: " + dir + "/unknown.yaml: unknown keys: colour (line 3), cpus (line 5) (allowed: " + allowedKeys() + ")\n"},
 		{name: "bad type", args: []string{"-f", "-"}, stdin: "name: x\nimage_url: u\narch: amd64\nvcpus: two\n",
 			stderr: "error: validation_failed: stdin: line 4: cannot unmarshal !!str `two` into int\n"},
 		{name: "two documents", args: []string{"-f", "-"}, stdin: good + "---\n" + good,
@@ -313,4 +314,14 @@ func TestManifestRoundTrip(t *testing.T) {
 			}
 		})
 	}
+}
+
+// allowedKeys is the sorted list of manifest keys, as the error names them.
+func allowedKeys() string {
+	var ks []string
+	for k := range manifestKeys() {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return strings.Join(ks, ", ")
 }
