@@ -53,6 +53,15 @@ func TestCLIErrors(t *testing.T) {
 	a.fails(1, "failed: image_download_failed:", "vm", "create", "x3", "--image-url", img+".missing", "--arch", "amd64", "--wait")
 	a.fails(1, "not_found", "vm", "get", "x2")
 
+	// Volumes: create, list, refuse a second of the same name, delete.
+	a.ok("volume", "create", "vol-1", "--size-gib", "1")
+	a.fails(1, "conflict", "volume", "create", "vol-1", "--size-gib", "1")
+	if r := a.ok("volume", "list"); !strings.Contains(r.stdout, "vol-1") {
+		t.Fatalf("volume list:\n%s", r.stdout)
+	}
+	a.ok("volume", "delete", "vol-1")
+	a.fails(1, "not_found", "volume", "delete", "vol-1")
+
 	// The firmware catalogue, per arch.
 	r = a.ok("firmware", "list")
 	for _, want := range []string{"bios", "uefi", "uefi-secure", "amd64", "arm64"} {
