@@ -36,6 +36,7 @@ const (
 	IOMMUUnavailable       Code = "iommu_unavailable"
 	Cancelled              Code = "cancelled"
 	Unauthorized           Code = "unauthorized"
+	RateLimited            Code = "rate_limited"
 )
 
 // Error is an error with a stable code. Message is safe to show to users

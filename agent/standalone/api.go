@@ -98,6 +98,8 @@ func StatusOf(code errcode.Code) int {
 		return http.StatusConflict
 	case errcode.Unauthorized:
 		return http.StatusUnauthorized
+	case errcode.RateLimited:
+		return http.StatusTooManyRequests
 	case errcode.NetworkUnavailable:
 		return http.StatusServiceUnavailable
 	}
@@ -162,7 +164,7 @@ func (a *API) queue(w http.ResponseWriter, typ, vmName, vmUUID string, spec any)
 		w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds))
 		// The code is conflict until errcode has one for this
 		// (rate_limited); the status tells clients to come back.
-		writeJSON(w, http.StatusTooManyRequests, api.ErrorEnvelope{Error: api.Error{Code: string(errcode.Conflict), Message: err.Error()}})
+		writeJSON(w, http.StatusTooManyRequests, api.ErrorEnvelope{Error: api.Error{Code: string(errcode.RateLimited), Message: err.Error()}})
 		return t, false
 	case err != nil:
 		writeErr(w, errcode.Wrap(errcode.Internal, err, "queue task"))

@@ -70,7 +70,7 @@ func knownCode(c string) bool {
 		errcode.QEMUStartFailed, errcode.Internal, errcode.PoolNotFound, errcode.DefaultPoolNotSet, errcode.PoolNotOnNode,
 		errcode.ImageDownloadFailed, errcode.ImageChecksumMismatch, errcode.ImageFormatUnsupported, errcode.DiskFull,
 		errcode.NetworkNotFound, errcode.NetworkUnavailable, errcode.PortInUse, errcode.DeviceNotFound, errcode.DeviceBusy,
-		errcode.IOMMUUnavailable, errcode.Cancelled, errcode.Unauthorized:
+		errcode.IOMMUUnavailable, errcode.Cancelled, errcode.Unauthorized, errcode.RateLimited:
 		return true
 	}
 	return false

@@ -93,7 +93,7 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		if err != nil {
 			return fmt.Errorf("listen.metrics %s: %w", cfg.Listen.Metrics, err)
 		}
-		go m.Serve(ctx, ln)
+		go m.Serve(ctx, standalone.LimitListener(ln, 64, nil))
 		log.Info("metrics listening", zap.String("addr", "http://"+ln.Addr().String()+"/metrics"))
 	}
 
