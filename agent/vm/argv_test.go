@@ -160,8 +160,13 @@ func FuzzBuildArgs(f *testing.F) {
 		// No path reaches the command line: the disk is inherited as a
 		// descriptor, and the -name value parses back to exactly the name.
 		for _, a := range args {
-			if strings.Contains(a, path) && path != "/" {
-				t.Fatalf("path %q on the command line: %q", path, a)
+			if a == path {
+				t.Fatalf("path %q on the command line", path)
+			}
+			for _, kv := range parseOpts(a) {
+				if kv[1] == path || kv[0] == path {
+					t.Fatalf("path %q on the command line: %q", path, a)
+				}
 			}
 		}
 		found := false
