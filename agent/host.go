@@ -210,6 +210,9 @@ func (h *Host) Close() {
 // Engine exposes the VM engine (for the API's console endpoint and tests).
 func (h *Host) Engine() *vm.Engine { return h.engine }
 
+// Secrets is the host's sealing box (the key in <data_dir>/secret.key).
+func (h *Host) Secrets() *secrets.Box { return h.box }
+
 // Cache exposes the image cache.
 func (h *Host) Cache() *imagecache.Cache { return h.cache }
 

@@ -26,6 +26,7 @@ import (
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/secrets"
 )
 
 // leaseTTL is how long a leased task stays with the agent without progress.
@@ -34,11 +35,14 @@ const leaseTTL = 60 * time.Second
 // task is the control plane's record of one task.
 type task struct {
 	api.Task
-	Spec        json.RawMessage `json:"spec,omitempty"`
-	Attempt     int             `json:"attempt"`
-	LeaseID     string          `json:"lease_id,omitempty"`
-	LeaseExpiry time.Time       `json:"lease_expiry,omitempty"`
-	Cancel      bool            `json:"cancel,omitempty"`
+	Spec json.RawMessage `json:"spec,omitempty"`
+	// SpecSealed is Spec at rest: a pending create's spec holds user-data
+	// and the VNC password, which never stand in clear in a state file.
+	SpecSealed  string    `json:"spec_sealed,omitempty"`
+	Attempt     int       `json:"attempt"`
+	LeaseID     string    `json:"lease_id,omitempty"`
+	LeaseExpiry time.Time `json:"lease_expiry,omitempty"`
+	Cancel      bool      `json:"cancel,omitempty"`
 
 	done chan struct{} // closed when terminal
 }
@@ -67,6 +71,8 @@ type ControlPlane struct {
 	// either, Enqueue refuses the task and the API answers 429. Zero
 	// means no limit. Set them before serving.
 	MaxPendingTasks, MaxPendingCreates int
+
+	box *secrets.Box // seals task specs at rest (SealSpecs)
 
 	path  string
 	token string
@@ -120,6 +126,30 @@ func NewControlPlane(path, token string, log *zap.Logger) (*ControlPlane, error)
 	return cp, nil
 }
 
+// SealSpecs makes task specs (user-data, VNC passwords) sealed at rest
+// with box from now on, and opens those a previous run sealed.
+func (cp *ControlPlane) SealSpecs(box *secrets.Box) error {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	cp.box = box
+	var first error
+	for _, t := range cp.tasks {
+		if t.SpecSealed == "" {
+			continue
+		}
+		plain, err := box.Open(t.SpecSealed, t.ID)
+		if err != nil {
+			if first == nil {
+				first = fmt.Errorf("task %s: %w", t.ID, err)
+			}
+			continue
+		}
+		t.Spec, t.SpecSealed = json.RawMessage(plain), ""
+	}
+	cp.saveLocked()
+	return first
+}
+
 // saveLocked persists the state: write, fsync, rename.
 func (cp *ControlPlane) saveLocked() {
 	st := cpState{Desired: cp.desired, Names: cp.names}
@@ -140,7 +170,18 @@ func (cp *ControlPlane) saveLocked() {
 		cp.order = keep
 	}
 	for _, id := range cp.order {
-		st.Tasks = append(st.Tasks, cp.tasks[id])
+		t := cp.tasks[id]
+		if cp.box != nil && len(t.Spec) > 0 {
+			c := *t
+			sealed, err := cp.box.Seal(string(c.Spec), c.ID)
+			if err != nil {
+				cp.log.Error("seal task spec", zap.String("task", c.ID), zap.Error(err))
+				continue
+			}
+			c.Spec, c.SpecSealed = nil, sealed
+			t = &c
+		}
+		st.Tasks = append(st.Tasks, t)
 	}
 	b, err := json.Marshal(st)
 	if err == nil {

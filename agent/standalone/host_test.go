@@ -2,8 +2,11 @@ package standalone
 
 import (
 	"context"
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/secrets"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"go.uber.org/zap"
@@ -74,4 +77,40 @@ func knownCode(c string) bool {
 		return true
 	}
 	return false
+}
+
+// TestSpecsSealedAtRest: a pending create's spec (user-data, VNC
+// password) is sealed in standalone.json and opens again after a restart.
+func TestSpecsSealedAtRest(t *testing.T) {
+	dir := t.TempDir()
+	box, err := secrets.Open(filepath.Join(dir, "secret.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "standalone.json")
+	cp, err := NewControlPlane(path, testToken, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cp.SealSpecs(box); err != nil {
+		t.Fatal(err)
+	}
+	task, err := cp.Enqueue(api.TaskCreate, "v", "0f8fad5b-d9cb-469f-a165-70867728950e", api.CreateVM{Name: "v", UserData: "#cloud-config\n# marker-Q9x7\n", VNCPassword: "pw-Z3k1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	if strings.Contains(string(b), "marker-Q9x7") || strings.Contains(string(b), "pw-Z3k1") || !strings.Contains(string(b), "spec_sealed") {
+		t.Fatalf("state file holds the spec in clear:\n%s", b)
+	}
+	cp2, err := NewControlPlane(path, testToken, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cp2.SealSpecs(box); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(cp2.tasks[task.ID].Spec), "marker-Q9x7") {
+		t.Fatalf("spec did not open after a restart: %s", cp2.tasks[task.ID].Spec)
+	}
 }

@@ -214,6 +214,9 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	if err != nil {
 		return nil, "", nil, err
 	}
+	if err := cp.SealSpecs(host.Secrets()); err != nil {
+		log.Error("open sealed task specs", zap.Error(err))
+	}
 	apiH := standalone.NewAPI(host, cp, log.Named("api"))
 	mux := http.NewServeMux()
 	mux.Handle("/v1/agent/", cp)
