@@ -259,6 +259,14 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	if err := portfwd.CheckFree(ctx, plan.forwards); err != nil {
 		return api.VM{}, err
 	}
+	var cdroms []vm.CDROM
+	for _, i := range plan.cdroms {
+		cd, err := h.cdromDevice(ctx, i, c.Devices[i], c.Pool)
+		if err != nil {
+			return api.VM{}, err
+		}
+		cdroms = append(cdroms, cd)
+	}
 	owned := []string{dir}
 	var tpmSpec *vm.TPM
 	if plan.tpm {
@@ -312,6 +320,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		}
 		spec.CDROMs = []vm.CDROM{{Path: seed}}
 	}
+	spec.CDROMs = append(spec.CDROMs, cdroms...)
 	diskGiB := c.DiskGiB
 	if diskGiB == 0 {
 		diskGiB = int((entry.VirtualSize + (1<<30 - 1)) >> 30)

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -671,5 +672,51 @@ func TestVolumes(t *testing.T) {
 	if _, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "x", ImageURL: hh.image, Arch: "amd64",
 		Devices: []api.Device{{DevType: api.DevDisk, Source: "nope"}}}, nil, nil); errcode.Of(err) != errcode.NotFound {
 		t.Fatalf("missing volume: %v", err)
+	}
+}
+
+// TestDevicesFromPaths: DISK and CDROM sources under devices.allowed_paths
+// (and a CDROM from an image URL through the cache) reach the guest;
+// anything else, ".." and symlinks escaping the directory included, is
+// validation_failed.
+func TestDevicesFromPaths(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	allowed := t.TempDir()
+	hh.cfg.Devices.AllowedPaths = []string{allowed}
+	disk := filepath.Join(allowed, "data.raw")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "raw", disk, "64M").CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	isoDir := t.TempDir()
+	os.WriteFile(filepath.Join(isoDir, "hello.txt"), []byte("hi"), 0o644)
+	iso := filepath.Join(allowed, "tools.iso")
+	if out, err := exec.Command("genisoimage", "-quiet", "-V", "tools", "-o", iso, isoDir).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	isoSrv := httptest.NewServer(http.FileServer(http.Dir(allowed)))
+	defer isoSrv.Close()
+	os.Symlink("/etc/hostname", filepath.Join(allowed, "escape"))
+	ctx := context.Background()
+	_, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "paths", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256,
+		Devices: []api.Device{
+			{DevType: api.DevDisk, Source: disk},
+			{DevType: api.DevCDROM, Source: iso},
+			{DevType: api.DevCDROM, Source: isoSrv.URL + "/tools.iso"},
+		}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	line := wait(t, hh.console("paths"), "OTHERIX-GUEST disks ")
+	for _, want := range []string{"vdb:67108864:0", "sr0:", "sr1:", "sr2:"} {
+		if !strings.Contains(line, want) {
+			t.Fatalf("guest disks %q lack %s", line, want)
+		}
+	}
+	for _, src := range []string{"/etc/passwd", allowed + "/../" + filepath.Base(allowed) + "/data.raw", filepath.Join(allowed, "escape"), "relative.raw"} {
+		c := api.CreateVM{Name: "x", ImageURL: hh.image, Arch: "amd64", Devices: []api.Device{{DevType: api.DevDisk, Source: src}}}
+		if err := hh.h.ValidateCreate(&c); errcode.Of(err) != errcode.ValidationFailed && errcode.Of(err) != errcode.NotFound {
+			t.Errorf("DISK source %q: %v", src, err)
+		}
 	}
 }

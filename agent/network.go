@@ -50,6 +50,7 @@ type nicPlan struct {
 	forwards []portfwd.Rule // PROXY devices
 	tpm      bool           // a TPM device (emulated)
 	disks    []vm.Disk      // DISK devices (volumes)
+	cdroms   []int          // indexes of CDROM devices in the request
 }
 
 // planNICs validates the network part of a create (seed 004's --network,
@@ -126,11 +127,13 @@ func (h *Host) planNICs(c *api.CreateVM, id string) (plan nicPlan, err error) {
 			plan.forwards = append(plan.forwards, portfwd.Rule{Proto: d.SourceProto, DestProto: d.DestProto,
 				HostAddr: h.cfg.Listen.Forwards, HostPort: d.SourcePort, GuestPort: d.DestPort})
 		case api.DevDisk:
-			disk, err := h.diskDevice(i, d)
+			disk, err := h.diskDevice(context.Background(), i, d)
 			if err != nil {
 				return plan, err
 			}
 			plan.disks = append(plan.disks, disk)
+		case api.DevCDROM:
+			plan.cdroms = append(plan.cdroms, i) // resolved at create: a URL means a download
 		case api.DevTPM:
 			if d.Path != "" {
 				return plan, errcode.New(errcode.ValidationFailed, "devices[%d]: host TPM passthrough (path) is not supported by this agent; omit path for an emulated TPM", i)

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/imagecache"
 )
 
 // Volumes are agent-managed qcow2 disks in a pool:
@@ -135,17 +137,31 @@ func (h *Host) DeleteVolume(pool, name string) error {
 }
 
 // diskDevice resolves a seed-000 DISK device to an engine disk: source
-// names a volume of storage_pool (default pool when empty).
-func (h *Host) diskDevice(i int, d api.Device) (vm.Disk, error) {
+// names a volume of storage_pool (default pool when empty), or an absolute
+// path under devices.allowed_paths.
+func (h *Host) diskDevice(ctx context.Context, i int, d api.Device) (vm.Disk, error) {
 	if d.Source == "" {
-		return vm.Disk{}, errcode.New(errcode.ValidationFailed, "devices[%d]: a DISK needs source (a volume name)", i)
+		return vm.Disk{}, errcode.New(errcode.ValidationFailed, "devices[%d]: a DISK needs source (a volume name or an allowed path)", i)
 	}
-	path, err := h.volumePath(d.StoragePool, d.Source)
-	if err != nil {
-		return vm.Disk{}, errcode.Wrap(errcode.Of(err), err, "devices[%d]", i)
-	}
-	if _, err := os.Stat(path); err != nil {
-		return vm.Disk{}, errcode.New(errcode.NotFound, "devices[%d]: volume %q not found", i, d.Source)
+	var path, format string
+	if strings.HasPrefix(d.Source, "/") {
+		p, err := h.allowedPath(i, d.Source)
+		if err != nil {
+			return vm.Disk{}, err
+		}
+		if format, err = fileFormat(ctx, p); err != nil {
+			return vm.Disk{}, err
+		}
+		path = p
+	} else {
+		p, err := h.volumePath(d.StoragePool, d.Source)
+		if err != nil {
+			return vm.Disk{}, errcode.Wrap(errcode.Of(err), err, "devices[%d]", i)
+		}
+		if _, err := os.Stat(p); err != nil {
+			return vm.Disk{}, errcode.New(errcode.NotFound, "devices[%d]: volume %q not found", i, d.Source)
+		}
+		path, format = p, "qcow2"
 	}
 	bus := vm.BusVirtioBlk
 	if d.IOBus != "" {
@@ -155,17 +171,108 @@ func (h *Host) diskDevice(i int, d api.Device) (vm.Disk, error) {
 		}
 		bus = b
 	}
-	disk := vm.Disk{Path: path, Format: "qcow2", Bus: bus, ReadOnly: d.Readonly}
-	if d.BootPriority != nil {
-		if *d.BootPriority < 0 {
-			return vm.Disk{}, errcode.New(errcode.ValidationFailed, "devices[%d].boot_priority must be >= 0", i)
-		}
-		disk.BootIndex = bootIndex(*d.BootPriority)
+	disk := vm.Disk{Path: path, Format: format, Bus: bus, ReadOnly: d.Readonly}
+	bi, err := bootPriority(i, d)
+	if err != nil {
+		return vm.Disk{}, err
 	}
+	disk.BootIndex = bi
 	return disk, nil
+}
+
+// cdromDevice resolves a seed-000 CDROM device: source is an image URL
+// (through the pool's image cache, sha256-verified like root images) or an
+// ISO under devices.allowed_paths.
+func (h *Host) cdromDevice(ctx context.Context, i int, d api.Device, pool string) (vm.CDROM, error) {
+	if d.Source == "" {
+		return vm.CDROM{}, errcode.New(errcode.ValidationFailed, "devices[%d]: a CDROM needs source (an image URL or an allowed path)", i)
+	}
+	var path string
+	if strings.HasPrefix(d.Source, "/") {
+		p, err := h.allowedPath(i, d.Source)
+		if err != nil {
+			return vm.CDROM{}, err
+		}
+		path = p
+	} else {
+		if d.StoragePool != "" {
+			pool = d.StoragePool
+		}
+		e, err := h.cache.Ensure(ctx, pool, imagecache.Request{URL: d.Source, SHA256: d.SHA256, Format: "raw"}, nil)
+		if err != nil {
+			return vm.CDROM{}, errcode.Wrap(errcode.Of(err), err, "devices[%d]", i)
+		}
+		path = e.Path
+	}
+	bi, err := bootPriority(i, d)
+	if err != nil {
+		return vm.CDROM{}, err
+	}
+	return vm.CDROM{Path: path, BootIndex: bi}, nil
+}
+
+func bootPriority(i int, d api.Device) (int, error) {
+	if d.BootPriority == nil {
+		return 0, nil
+	}
+	if *d.BootPriority < 0 {
+		return 0, errcode.New(errcode.ValidationFailed, "devices[%d].boot_priority must be >= 0", i)
+	}
+	return bootIndex(*d.BootPriority), nil
 }
 
 // bootIndex maps seed 000's boot_priority (lower boots first) to QEMU's
 // bootindex. The root disk is priority 1 (bootindex 3): a device of
 // priority 0 boots before it, any other after it.
 func bootIndex(priority int) int { return 2 * (priority + 1) }
+
+// allowedPath resolves a DISK or CDROM source path and checks it is a
+// regular file or block device under one of devices.allowed_paths, after
+// every symlink is resolved: "..", absolute paths elsewhere and symlinks
+// escaping an allowed directory are validation_failed.
+func (h *Host) allowedPath(i int, src string) (string, error) {
+	if !filepath.IsAbs(src) || filepath.Clean(src) != src {
+		return "", errcode.New(errcode.ValidationFailed, "devices[%d].source %q must be a clean absolute path", i, src)
+	}
+	real, err := filepath.EvalSymlinks(src)
+	if err != nil {
+		return "", errcode.New(errcode.ValidationFailed, "devices[%d].source %q: %v", i, src, err)
+	}
+	for _, dir := range h.cfg.Devices.AllowedPaths {
+		rd, err := filepath.EvalSymlinks(dir)
+		if err != nil {
+			continue
+		}
+		if rel, err := filepath.Rel(rd, real); err == nil && filepath.IsLocal(rel) {
+			fi, err := os.Stat(real)
+			if err != nil || !(fi.Mode().IsRegular() || fi.Mode()&os.ModeDevice != 0) {
+				return "", errcode.New(errcode.ValidationFailed, "devices[%d].source %q is not a file or block device", i, src)
+			}
+			return real, nil
+		}
+	}
+	return "", errcode.New(errcode.ValidationFailed, "devices[%d].source %q is not under an allowed directory (devices.allowed_paths)", i, src)
+}
+
+// fileFormat is the real format of a DISK source file (qemu-img info):
+// raw or qcow2 without a backing file.
+func fileFormat(ctx context.Context, path string) (string, error) {
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "-U", "--output=json", path).Output()
+	if err != nil {
+		return "", errcode.New(errcode.ValidationFailed, "qemu-img info %s failed", path)
+	}
+	var info struct {
+		Format  string `json:"format"`
+		Backing string `json:"backing-filename"`
+	}
+	if err := json.Unmarshal(out, &info); err != nil {
+		return "", errcode.Wrap(errcode.Internal, err, "qemu-img info")
+	}
+	switch {
+	case info.Backing != "":
+		return "", errcode.New(errcode.ImageFormatUnsupported, "%s has a backing file", path)
+	case info.Format == "raw" || info.Format == "qcow2":
+		return info.Format, nil
+	}
+	return "", errcode.New(errcode.ImageFormatUnsupported, "%s is %s: use raw or qcow2", path, info.Format)
+}

@@ -90,6 +90,7 @@ const (
 	DevProxy = "PROXY"
 	DevTPM   = "TPM"
 	DevDisk  = "DISK"
+	DevCDROM = "CDROM"
 )
 
 // Device is one seed-000 device of a create request.
@@ -116,6 +117,8 @@ type Device struct {
 	Readonly     bool   `json:"readonly,omitempty" yaml:"readonly,omitempty"`
 	IOBus        string `json:"io_bus,omitempty" yaml:"io_bus,omitempty"`
 	BootPriority *int   `json:"boot_priority,omitempty" yaml:"boot_priority,omitempty"`
+	// CDROM from an image URL: its expected sha256.
+	SHA256 string `json:"sha256,omitempty" yaml:"sha256,omitempty"`
 }
 
 // Volume is an agent-managed disk in a pool (/v1/volumes).

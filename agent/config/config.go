@@ -34,6 +34,7 @@ type Config struct {
 	Listen       Listen             `yaml:"listen"`
 	QEMU         QEMU               `yaml:"qemu"`
 	Images       Images             `yaml:"images"`
+	Devices      Devices            `yaml:"devices"`
 	Limits       Limits             `yaml:"limits"`
 	Log          Log                `yaml:"log"`
 }
@@ -93,6 +94,13 @@ type QEMU struct {
 // Images configures the image cache.
 type Images struct {
 	AllowFileURLs bool `yaml:"allow_file_urls"`
+}
+
+// Devices configures what DISK and CDROM devices may name on the host.
+type Devices struct {
+	// AllowedPaths are directories whose files and block devices a DISK
+	// or CDROM source may name (after resolving symlinks).
+	AllowedPaths []string `yaml:"allowed_paths"`
 }
 
 // Limits are the agent's resource limits.
@@ -204,6 +212,11 @@ func (c *Config) Validate() error {
 	}
 	if len(c.RunDir) > 60 {
 		bad("run_dir", "%q is too long for unix socket paths (max 60 bytes)", c.RunDir)
+	}
+	for i, p := range c.Devices.AllowedPaths {
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p {
+			bad(fmt.Sprintf("devices.allowed_paths[%d]", i), "%q must be a clean absolute path", p)
+		}
 	}
 	if len(c.Pools) == 0 {
 		bad("pools", "at least one pool is required")
