@@ -720,3 +720,63 @@ func TestDevicesFromPaths(t *testing.T) {
 		}
 	}
 }
+
+// TestHotplugAndMedium: a disk attached to a running VM appears in the
+// guest and goes when detached; a CD-ROM's medium changed while the VM
+// runs is seen by the guest.
+func TestHotplugAndMedium(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	allowed := t.TempDir()
+	hh.cfg.Devices.AllowedPaths = []string{allowed}
+	mkiso := func(name string, kb int) string {
+		dir := t.TempDir()
+		os.WriteFile(filepath.Join(dir, "pad"), make([]byte, kb<<10), 0o644)
+		p := filepath.Join(allowed, name)
+		if out, err := exec.Command("genisoimage", "-quiet", "-V", name, "-o", p, dir).CombinedOutput(); err != nil {
+			t.Fatalf("%v %s", err, out)
+		}
+		return p
+	}
+	small, big := mkiso("small.iso", 64), mkiso("big.iso", 2048)
+	ctx := context.Background()
+	if _, err := hh.h.CreateVolume(ctx, "", "hot", 1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "hp", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256,
+		Devices: []api.Device{{DevType: api.DevCDROM, Source: small}}}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	c := hh.console("hp")
+	wait(t, c, "OTHERIX-GUEST ready")
+	if _, err := hh.h.AttachDisk(ctx, "hp", api.Device{DevType: api.DevDisk, Source: "hot"}); err != nil {
+		t.Fatal(err)
+	}
+	wait(t, c, "vdb:1073741824:0")
+	if _, err := hh.h.ChangeMedium(ctx, "hp", 1, api.Device{Source: big}); err != nil {
+		t.Fatal(err)
+	}
+	line := wait(t, c, "OTHERIX-GUEST disks ")
+	for !strings.Contains(line, "sr1:") || strings.Contains(line, "sr1:"+strconv.Itoa(isoSize(t, small))) {
+		line = wait(t, c, "OTHERIX-GUEST disks ")
+	}
+	if !strings.Contains(line, "sr1:"+strconv.Itoa(isoSize(t, big))) {
+		t.Fatalf("new medium not seen: %s", line)
+	}
+	if _, err := hh.h.DetachDisk(ctx, "hp", api.Device{Source: "hot"}); err != nil {
+		t.Fatal(err)
+	}
+	for line = wait(t, c, "OTHERIX-GUEST disks "); strings.Contains(line, "vdb:"); line = wait(t, c, "OTHERIX-GUEST disks ") {
+	}
+	if err := hh.h.DeleteVolume("", "hot"); err != nil {
+		t.Fatalf("volume still attached after detach: %v", err)
+	}
+}
+
+func isoSize(t *testing.T, p string) int {
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return int(fi.Size())
+}

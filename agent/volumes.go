@@ -276,3 +276,58 @@ func fileFormat(ctx context.Context, path string) (string, error) {
 	}
 	return "", errcode.New(errcode.ImageFormatUnsupported, "%s is %s: use raw or qcow2", path, info.Format)
 }
+
+// sourcePath resolves a DISK source (a volume of pool, or an allowed path)
+// to its file.
+func (h *Host) sourcePath(d api.Device) (string, error) {
+	if strings.HasPrefix(d.Source, "/") {
+		return h.allowedPath(0, d.Source)
+	}
+	return h.volumePath(d.StoragePool, d.Source)
+}
+
+// AttachDisk adds a DISK device to a VM, at once if it runs (hot-plug).
+func (h *Host) AttachDisk(ctx context.Context, name string, d api.Device) (api.VM, error) {
+	disk, err := h.diskDevice(ctx, 0, d)
+	if err != nil {
+		return api.VM{}, err
+	}
+	if _, err := h.engine.AttachDisk(ctx, name, disk); err != nil {
+		return api.VM{}, err
+	}
+	return h.VM(name)
+}
+
+// DetachDisk removes a DISK device from a VM (unplugged at once when it
+// was attached while the VM ran, else at the next start).
+func (h *Host) DetachDisk(ctx context.Context, name string, d api.Device) (api.VM, error) {
+	path, err := h.sourcePath(d)
+	if err != nil {
+		return api.VM{}, err
+	}
+	if _, err := h.engine.DetachDisk(ctx, name, path); err != nil {
+		return api.VM{}, err
+	}
+	return h.VM(name)
+}
+
+// ChangeMedium inserts a CDROM source (an allowed ISO or an image URL)
+// into a VM's CD-ROM index, or ejects it when source is empty.
+func (h *Host) ChangeMedium(ctx context.Context, name string, index int, d api.Device) (api.VM, error) {
+	path := ""
+	if d.Source != "" {
+		v, err := h.engine.Get(name)
+		if err != nil {
+			return api.VM{}, err
+		}
+		cd, err := h.cdromDevice(ctx, 0, d, metaOf(v).Pool)
+		if err != nil {
+			return api.VM{}, err
+		}
+		path = cd.Path
+	}
+	if _, err := h.engine.ChangeMedium(ctx, name, index, path); err != nil {
+		return api.VM{}, err
+	}
+	return h.VM(name)
+}

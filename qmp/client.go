@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 )
 
 // Client is one QMP connection. All its methods are safe for concurrent use.
@@ -295,6 +296,26 @@ func (c *Client) Execute(ctx context.Context, cmd string, args any, out any) err
 
 // ExecuteRaw is Execute returning the raw "return" value.
 func (c *Client) ExecuteRaw(ctx context.Context, cmd string, args any) (out json.RawMessage, err error) {
+	return c.execute(ctx, cmd, args, nil)
+}
+
+// ExecuteWithFiles is Execute with files passed along the command as
+// SCM_RIGHTS ancillary data: QMP's add-fd and getfd take the descriptor
+// sent with them. The caller keeps (and closes) its copies.
+func (c *Client) ExecuteWithFiles(ctx context.Context, cmd string, args any, files []*os.File, out any) error {
+	raw, err := c.execute(ctx, cmd, args, files)
+	if err != nil {
+		return err
+	}
+	if out != nil && len(raw) > 0 {
+		if err := json.Unmarshal(raw, out); err != nil {
+			return fmt.Errorf("qmp %s: decode return: %w", cmd, err)
+		}
+	}
+	return nil
+}
+
+func (c *Client) execute(ctx context.Context, cmd string, args any, files []*os.File) (out json.RawMessage, err error) {
 	if c.opts.observe != nil {
 		start := time.Now()
 		defer func() { c.opts.observe(cmd, time.Since(start), err) }()
@@ -334,7 +355,7 @@ func (c *Client) ExecuteRaw(ctx context.Context, cmd string, args any) (out json
 	c.pending[req.ID] = ch
 	c.mu.Unlock()
 
-	if err := c.write(ctx, line); err != nil {
+	if err := c.write(ctx, line, files); err != nil {
 		c.forget(req.ID)
 		select {
 		case <-c.done:
@@ -371,7 +392,7 @@ func (c *Client) ExecuteRaw(ctx context.Context, cmd string, args any) (out json
 // write sends one command line, holding the write slot; the write has the
 // command's deadline. A write cut short leaves a broken command on the
 // stream, so the connection is shut down.
-func (c *Client) write(ctx context.Context, line []byte) error {
+func (c *Client) write(ctx context.Context, line []byte, files []*os.File) error {
 	select {
 	case c.wsem <- struct{}{}:
 	case <-ctx.Done():
@@ -384,7 +405,21 @@ func (c *Client) write(ctx context.Context, line []byte) error {
 	if err := c.conn.SetWriteDeadline(dl); err != nil {
 		return err
 	}
-	n, err := c.conn.Write(line)
+	var n int
+	var err error
+	if len(files) > 0 {
+		uc, ok := c.conn.(*net.UnixConn)
+		if !ok {
+			return errors.New("qmp: passing descriptors needs a unix socket")
+		}
+		fds := make([]int, len(files))
+		for i, f := range files {
+			fds[i] = int(f.Fd())
+		}
+		n, _, err = uc.WriteMsgUnix(line, unix.UnixRights(fds...), nil)
+	} else {
+		n, err = c.conn.Write(line)
+	}
 	if err != nil && n > 0 {
 		c.shutdown(fmt.Errorf("partial write: %w", err))
 	}

@@ -59,6 +59,9 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/vms", a.list)
 	mux.HandleFunc("GET /v1/vms/{name}", a.get)
 	mux.HandleFunc("PATCH /v1/vms/{name}", a.patch)
+	mux.HandleFunc("POST /v1/vms/{name}/disks", a.disk(true))
+	mux.HandleFunc("DELETE /v1/vms/{name}/disks", a.disk(false))
+	mux.HandleFunc("POST /v1/vms/{name}/cdroms/{index}", a.medium)
 	mux.HandleFunc("POST /v1/vms/{name}/forwards", a.forward(true))
 	mux.HandleFunc("DELETE /v1/vms/{name}/forwards", a.forward(false))
 	mux.HandleFunc("GET /v1/firmwares", func(w http.ResponseWriter, r *http.Request) {
@@ -850,4 +853,74 @@ func (a *API) deleteVolume(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"deleted": r.PathValue("name")})
+}
+
+// disk attaches (POST, a DISK device body) or detaches (DELETE,
+// ?source=&storage_pool=) a disk: at once on a running VM (hot-plug).
+func (a *API) disk(attach bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		name, ok := a.vmName(w, r)
+		if !ok {
+			return
+		}
+		var d api.Device
+		if attach {
+			dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(&d); err != nil {
+				writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+				return
+			}
+			if d.DevType != "" && d.DevType != api.DevDisk {
+				writeErr(w, errcode.New(errcode.ValidationFailed, "dev_type must be DISK"))
+				return
+			}
+		} else {
+			d = api.Device{Source: r.URL.Query().Get("source"), StoragePool: r.URL.Query().Get("storage_pool")}
+		}
+		if t, busy := a.cp.Busy(name); busy {
+			writeErr(w, errcode.New(errcode.Conflict, "vm %q has task %s (%s) in progress", name, t.ID, t.Type))
+			return
+		}
+		var v api.VM
+		var err error
+		if attach {
+			v, err = a.host.AttachDisk(r.Context(), name, d)
+		} else {
+			v, err = a.host.DetachDisk(r.Context(), name, d)
+		}
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+	}
+}
+
+// medium is POST /v1/vms/{name}/cdroms/{index}: a new medium for CD-ROM
+// index ({"source": ...}, an allowed ISO or an image URL), or an eject
+// ({"source": ""}).
+func (a *API) medium(w http.ResponseWriter, r *http.Request) {
+	name, ok := a.vmName(w, r)
+	if !ok {
+		return
+	}
+	index, err := strconv.Atoi(r.PathValue("index"))
+	if err != nil {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "CD-ROM index must be a number"))
+		return
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+	dec.DisallowUnknownFields()
+	var d api.Device
+	if err := dec.Decode(&d); err != nil {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+		return
+	}
+	v, err := a.host.ChangeMedium(r.Context(), name, index, d)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
 }

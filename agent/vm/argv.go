@@ -58,6 +58,9 @@ func (k FileKind) OpenFlags() int {
 	return os.O_RDONLY
 }
 
+// HotplugPorts is how many disks can be attached while a VM runs.
+const HotplugPorts = 4
+
 // escapeOpt escapes a value for QEMU's option syntax (key=value,...):
 // a comma is written twice.
 func escapeOpt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
@@ -232,6 +235,15 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 			bootOpt = ",bootindex=" + strconv.Itoa(c.BootIndex)
 		}
 		add("-device", "scsi-cd,id="+node+"-dev,drive="+node+",bus=scsi0.0"+bootOpt)
+	}
+	// Empty PCIe root ports for disks attached while the VM runs (q35 and
+	// virt have no hot-plug slot on the root bus).
+	for i := 0; i < HotplugPorts; i++ {
+		opts := fmt.Sprintf("pcie-root-port,id=hp%d,bus=%s,chassis=%d,addr=0x19.%d", i, bus, 10+i, i)
+		if i == 0 {
+			opts += ",multifunction=on"
+		}
+		add("-device", opts)
 	}
 	nics := s.NICs
 	if len(nics) == 0 {

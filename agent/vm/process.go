@@ -228,6 +228,7 @@ func (p *process) detach() {
 // launch starts QEMU for the VM and waits until QMP answers.
 func (m *machine) launch(ctx context.Context) (err error) {
 	m.mu.Lock()
+	m.st.Hot, m.st.MediumSeq = nil, 0 // hot-plugged disks are boot disks now
 	if m.st.Next != nil {
 		m.st.Spec, m.st.Next = *m.st.Next, nil
 		if err := m.persistLocked(); err != nil {

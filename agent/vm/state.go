@@ -21,6 +21,10 @@ type state struct {
 	// Next is the spec the VM gets at its next start (changes made while
 	// it runs: CPU, memory).
 	Next *Spec `json:"next,omitempty"`
+	// Hot lists the disks attached while QEMU runs (cleared at start).
+	Hot []HotDisk `json:"hot,omitempty"`
+	// MediumSeq numbers CD-ROM medium changes (descriptor set ids).
+	MediumSeq int `json:"medium_seq,omitempty"`
 }
 
 // writeFileAtomic writes data to path through a temp file in the same
