@@ -148,6 +148,25 @@ func TestManifestPaginationRestart(t *testing.T) {
 		t.Fatalf("PATCH with an unknown field: %d %+v", code, env)
 	}
 
+	// Hot-plug through the CLI: a volume attached to the running VM shows
+	// in the guest and goes away when detached; the seed CD-ROM ejects.
+	a.ok("volume", "create", "hv", "--size-gib", "1")
+	con := a.console("m-1")
+	waitConsole(t, con, "OTHERIX-GUEST ready")
+	if r := a.ok("vm", "attach-disk", "m-1", "hv"); !strings.Contains(r.stdout, "vm m-1 disk hv attached") {
+		t.Fatalf("attach-disk: %q", r.stdout)
+	}
+	waitConsole(t, con, "vdb:1073741824:0")
+	a.fails(1, "conflict", "volume", "delete", "hv")
+	a.ok("vm", "detach-disk", "m-1", "hv")
+	for line := waitConsole(t, con, "OTHERIX-GUEST disks"); strings.Contains(line, "vdb:"); line = waitConsole(t, con, "OTHERIX-GUEST disks") {
+	}
+	a.ok("volume", "delete", "hv")
+	if r := a.ok("vm", "cdrom", "m-1", "0"); !strings.Contains(r.stdout, "ejected") {
+		t.Fatalf("cdrom eject: %q", r.stdout)
+	}
+	a.fails(1, "validation_failed", "vm", "screenshot", "m-1", filepath.Join(t.TempDir(), "s.png")) // no display
+
 	// Crash the agent; VMs keep running and are re-adopted.
 	a.cmd.Process.Signal(syscall.SIGKILL)
 	a.cmd.Wait()

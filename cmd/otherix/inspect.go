@@ -309,23 +309,24 @@ func (c *cli) firmwareList(ctx context.Context, fs *flag.FlagSet, args []string)
 
 // vmScreenshot is "vm screenshot NAME FILE.png".
 func (c *cli) vmScreenshot(ctx context.Context, fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
+	pos, err := c.parse(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() != 2 {
+	if len(pos) != 2 {
 		return &usageError{msg: "vm screenshot takes NAME and FILE.png", synopsis: "otherix vm screenshot NAME FILE.png"}
 	}
 	cl, err := c.client()
 	if err != nil {
 		return err
 	}
-	png, err := cl.GetRaw(ctx, "/v1/vms/"+url.PathEscape(fs.Arg(0))+"/screenshot")
+	png, err := cl.GetRaw(ctx, "/v1/vms/"+url.PathEscape(pos[0])+"/screenshot")
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(fs.Arg(1), png, 0o644); err != nil {
+	if err := os.WriteFile(pos[1], png, 0o644); err != nil {
 		return err
 	}
-	fmt.Fprintf(c.stdout, "screenshot of vm %s: %s (%d bytes)\n", fs.Arg(0), fs.Arg(1), len(png))
+	fmt.Fprintf(c.stdout, "screenshot of vm %s: %s (%d bytes)\n", pos[0], pos[1], len(png))
 	return nil
 }

@@ -94,3 +94,75 @@ func (c *cli) volumeDelete(ctx context.Context, fs *flag.FlagSet, args []string)
 	fmt.Fprintf(c.stdout, "volume %s deleted\n", name)
 	return nil
 }
+
+// vmDisk is "vm attach-disk NAME SOURCE [--readonly] [--storage-pool P]"
+// and "vm detach-disk NAME SOURCE [--storage-pool P]": SOURCE is a volume
+// or an allowed path; a running VM gets or loses it at once when it can.
+func (c *cli) vmDisk(attach bool) func(context.Context, *flag.FlagSet, []string) error {
+	return func(ctx context.Context, fs *flag.FlagSet, args []string) error {
+		ro := fs.Bool("readonly", false, "attach read-only")
+		pool := fs.String("storage-pool", "", "the volume's pool")
+		pos, err := c.parse(fs, args)
+		if err != nil {
+			return err
+		}
+		if len(pos) != 2 {
+			return &usageError{msg: "needs NAME and SOURCE", synopsis: "otherix vm attach-disk|detach-disk NAME SOURCE"}
+		}
+		cl, err := c.client()
+		if err != nil {
+			return err
+		}
+		name, src := pos[0], pos[1]
+		var vm api.VM
+		if attach {
+			_, err = cl.DoJSON(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(name)+"/disks", nil,
+				api.Device{DevType: api.DevDisk, Source: src, StoragePool: *pool, Readonly: *ro}, &vm)
+		} else {
+			q := url.Values{"source": {src}}
+			if *pool != "" {
+				q.Set("storage_pool", *pool)
+			}
+			_, err = cl.DoJSON(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(name)+"/disks", q, nil, &vm)
+		}
+		if err != nil {
+			return err
+		}
+		op := "attached"
+		if !attach {
+			op = "detached"
+		}
+		fmt.Fprintf(c.stdout, "vm %s disk %s %s\n", name, src, op)
+		return nil
+	}
+}
+
+// vmCDROM is "vm cdrom NAME INDEX [SOURCE]": a new medium (an allowed ISO
+// or an image URL) in CD-ROM INDEX, or an eject without SOURCE.
+func (c *cli) vmCDROM(ctx context.Context, fs *flag.FlagSet, args []string) error {
+	pos, err := c.parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 2 && len(pos) != 3 {
+		return &usageError{msg: "needs NAME, INDEX and an optional SOURCE", synopsis: "otherix vm cdrom NAME INDEX [SOURCE]"}
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	var vm api.VM
+	src := ""
+	if len(pos) == 3 {
+		src = pos[2]
+	}
+	if _, err := cl.DoJSON(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(pos[0])+"/cdroms/"+url.PathEscape(pos[1]), nil, api.Device{Source: src}, &vm); err != nil {
+		return err
+	}
+	if src == "" {
+		fmt.Fprintf(c.stdout, "vm %s cdrom %s ejected\n", pos[0], pos[1])
+	} else {
+		fmt.Fprintf(c.stdout, "vm %s cdrom %s medium %s\n", pos[0], pos[1], src)
+	}
+	return nil
+}
