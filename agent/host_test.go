@@ -780,3 +780,31 @@ func isoSize(t *testing.T, p string) int {
 	}
 	return int(fi.Size())
 }
+
+// TestBootOrder: boot_priority decides what boots: a bootable CD-ROM of
+// priority 0 boots before the root disk (priority 1), one of priority 2
+// after it. The guest says which device booted it.
+func TestBootOrder(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	hh.cfg.Devices.AllowedPaths = []string{testguest.Dir(t)}
+	iso := filepath.Join(testguest.Dir(t), "guest.iso")
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name     string
+		priority int
+		want     string
+	}{{"cd-first", 0, "boot=cdrom"}, {"disk-first", 2, "boot=disk"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			p := tc.priority
+			if _, err := hh.h.Create(ctx, uuid.NewString(), api.CreateVM{Name: tc.name, ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256,
+				NoCloudInit: true, Devices: []api.Device{{DevType: api.DevCDROM, Source: iso, BootPriority: &p}}}, nil, nil); err != nil {
+				t.Fatal(err)
+			}
+			if line := wait(t, hh.console(tc.name), "OTHERIX-GUEST booted"); !strings.Contains(line, tc.want) {
+				t.Fatalf("boot_priority %d: %s, want %s", p, line, tc.want)
+			}
+		})
+	}
+}

@@ -2,7 +2,7 @@
 # Installs the Debian packages otherix-agent and its tests need, only those
 # missing. Idempotent; runs apt-get update at most once.
 set -euo pipefail
-want=(qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils ovmf swtpm swtpm-tools mtools dosfstools syslinux syslinux-common
+want=(qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils ovmf swtpm swtpm-tools mtools dosfstools syslinux syslinux-common isolinux
       genisoimage cpio xz-utils curl ca-certificates)
 if [ "${1:-}" = "--test" ]; then
   want+=(systemd systemd-container debootstrap iproute2 dnsmasq-base util-linux libarchive-tools)

@@ -6,7 +6,7 @@
 // and cached under $OTHERIX_TEST_CACHE (default /var/cache/otherix-test).
 // Its /init prints marker lines on ttyS0, each starting with [Prefix]:
 //
-//	OTHERIX-GUEST booted arch=amd64 kernel=<uname -r>
+//	OTHERIX-GUEST booted arch=amd64 kernel=<uname -r> boot=<disk|cdrom>
 //	OTHERIX-GUEST disks <name>:<size-bytes>:<ro 0|1> ...
 //	OTHERIX-GUEST cidata label=cidata dev=<name>       (or: cidata none)
 //	OTHERIX-GUEST cidata files=<sorted,comma,separated>

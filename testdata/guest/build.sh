@@ -116,6 +116,9 @@ host_tools() {
 	if [[ $BIOS_LOADER == syslinux ]]; then
 		echo "syslinux syslinux"
 		echo "/usr/lib/syslinux/mbr/mbr.bin syslinux-common"
+		echo "/usr/lib/syslinux/modules/bios/ldlinux.c32 syslinux-common"
+		echo "/usr/lib/ISOLINUX/isolinux.bin isolinux"
+		echo "genisoimage genisoimage"
 	fi
 	# Not for the build: what the tests that boot this guest run.
 	echo "$QEMU_SYSTEM $QEMU_PACKAGE"
@@ -428,6 +431,27 @@ le32() { # value → printf escapes of its 4 little-endian bytes
 		$((($1 >> 16) & 255)) $((($1 >> 24) & 255))
 }
 
+# build_iso WORK OUT: OUT/guest.iso, the same kernel and initramfs as a
+# bootable El Torito CD (isolinux), whose command line says
+# otherix.boot=cdrom: boot-order tests tell which device booted.
+build_iso() {
+	local work=$1 iso=$1/iso
+	mkdir -p "$iso/isolinux"
+	cp "$work/esp/vmlinuz" "$work/esp/initrd.img" "$iso/"
+	cp /usr/lib/ISOLINUX/isolinux.bin /usr/lib/syslinux/modules/bios/ldlinux.c32 "$iso/isolinux/"
+	cat >"$iso/isolinux/isolinux.cfg" <<-EOF
+		DEFAULT guest
+		PROMPT 0
+		TIMEOUT 0
+		LABEL guest
+		  KERNEL /vmlinuz
+		  INITRD /initrd.img
+		  APPEND $(cmdline) otherix.boot=cdrom
+	EOF
+	genisoimage -quiet -V otherix-boot -o "$2/guest.iso" -b isolinux/isolinux.bin -c isolinux/boot.cat \
+		-no-emul-boot -boot-load-size 4 -boot-info-table "$iso" >&2
+}
+
 # build_disk WORK OUT: OUT/guest.raw, an MBR disk with the FAT as its one,
 # active partition (type 0x0e: FAT16 LBA), syslinux's boot code in front.
 build_disk() {
@@ -483,6 +507,9 @@ build() {
 	mkdir -p "$out"
 	build_disk "$work" "$out"
 	qemu-img convert -f raw -O qcow2 "$out/guest.raw" "$out/guest.qcow2"
+	if [[ $BIOS_LOADER == syslinux ]]; then
+		build_iso "$work" "$out"
+	fi
 	write_build_info "$work" "$out"
 	chmod 0444 "$out"/*
 	chmod 0755 "$out"
