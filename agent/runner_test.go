@@ -52,7 +52,17 @@ func TestControlPlaneRealEngine(t *testing.T) {
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
+	finished := make(chan struct{})
+	go func() { done <- r.Run(ctx); close(finished) }()
+	// Stop the runner before the host's cleanup kills the VMs, even when
+	// the test fails half-way: a live runner would reconcile them back.
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-finished:
+		case <-time.After(time.Minute):
+		}
+	})
 	wctx, wcancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer wcancel()
 
