@@ -15,7 +15,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -25,6 +24,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/atomicfile"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/secrets"
 )
@@ -185,39 +185,11 @@ func (cp *ControlPlane) saveLocked() {
 	}
 	b, err := json.Marshal(st)
 	if err == nil {
-		err = writeAtomic(cp.path, b)
+		err = atomicfile.Write(cp.path, b, 0o600)
 	}
 	if err != nil {
 		cp.log.Error("persist control plane state", zap.Error(err))
 	}
-}
-
-func writeAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
 }
 
 // Enqueue adds a task for a VM and wakes a waiting lease.

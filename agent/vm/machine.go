@@ -12,6 +12,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/otherix/otherix-agent/agent/atomicfile"
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/tpm"
 )
@@ -86,7 +87,7 @@ func (m *machine) persistLocked() error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(m.dir, "vm.json"), b, 0o600)
+	return atomicfile.Write(filepath.Join(m.dir, "vm.json"), b, 0o600)
 }
 
 // setStatus records a status change, persists it and notifies.
