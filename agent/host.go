@@ -58,6 +58,12 @@ type Host struct {
 	firmwares *firmware.Catalog
 	box       *secrets.Box // seals VNC passwords at rest
 	vncPorts  vnc.Ports
+
+	// Facts of the host found once at start (every heartbeat reports
+	// them; the binaries change only with a restart).
+	cred   *syscall.Credential
+	arches []string
+	memMB  int64
 }
 
 // Options are the parts of a Host that tests and cmd inject.
@@ -139,6 +145,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		cache.Close()
 		return nil, err
 	}
+	h.cred = cred
 	eng, err := vm.New(vm.Config{
 		Credential:        cred,
 		StateDir:          cfg.DataDir,
@@ -184,6 +191,12 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		}
 	}
 	h.qemuVersion = qemuVersion(cfg.QEMU.X86_64)
+	h.memMB = memTotalMB()
+	for _, a := range []string{vm.ArchAMD64, vm.ArchARM64} {
+		if _, err := exec.LookPath(eng.Binary(a)); err == nil {
+			h.arches = append(h.arches, a)
+		}
+	}
 	fw, err := firmware.Load(ctx, firmware.Options{
 		Binaries: map[string]string{vm.ArchAMD64: cfg.QEMU.X86_64, vm.ArchARM64: cfg.QEMU.AArch64},
 		Logger:   log.Named("firmware"),
@@ -357,7 +370,7 @@ func (h *Host) Node(ctx context.Context) protocol.NodeInfo {
 		Arch:         runtime.GOARCH,
 		KVM:          h.engine.Accel() == "kvm",
 		CPUs:         runtime.NumCPU(),
-		MemoryMB:     memTotalMB(),
+		MemoryMB:     h.memMB,
 		Arches:       h.Arches(),
 	}
 	for _, f := range h.firmwares.Entries() {
@@ -373,15 +386,7 @@ func (h *Host) Node(ctx context.Context) protocol.NodeInfo {
 }
 
 // Arches lists the guest arches whose QEMU binary is installed.
-func (h *Host) Arches() []string {
-	var out []string
-	for _, a := range []string{vm.ArchAMD64, vm.ArchARM64} {
-		if _, err := exec.LookPath(h.engine.Binary(a)); err == nil {
-			out = append(out, a)
-		}
-	}
-	return out
-}
+func (h *Host) Arches() []string { return h.arches }
 
 func memTotalMB() int64 {
 	b, err := os.ReadFile("/proc/meminfo")
@@ -528,8 +533,8 @@ func (h *Host) Screenshot(ctx context.Context, name string) ([]byte, error) {
 		}
 	}
 	var owner *vnc.Owner
-	if cred, _ := QEMUCredential(h.cfg.QEMU.User); cred != nil {
-		owner = &vnc.Owner{UID: int(cred.Uid), GID: int(cred.Gid)}
+	if h.cred != nil {
+		owner = &vnc.Owner{UID: int(h.cred.Uid), GID: int(h.cred.Gid)}
 	}
 	exec := func(ctx context.Context, cmd string, args any) error { return h.engine.QMP(ctx, name, cmd, args, nil) }
 	return vnc.Screenshot(ctx, exec, dir, owner)
