@@ -97,7 +97,7 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		log.Info("metrics listening", zap.String("addr", "http://"+ln.Addr().String()+"/metrics"))
 	}
 
-	client, token, srv, err := controlPlane(ctx, cfg, o, host, log, m)
+	client, srv, err := controlPlane(ctx, cfg, o, host, log, m)
 	if err != nil {
 		return err
 	}
@@ -106,12 +106,15 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		return err
 	}
 	defer j.Close()
-	_ = token
+	stagger := time.Duration(0) // the runner's default: a fleet does not stampede
+	if o.standalone {
+		stagger = -1 // one node: nothing to spread
+	}
 	r := runner.New(client, j, host, host, runner.Config{
 		NodeName:          cfg.NodeName,
 		CreateConcurrency: cfg.Limits.ConcurrentCreates,
 		Logger:            log.Named("runner"),
-		InitialStagger:    stagger(o.standalone),
+		InitialStagger:    stagger,
 		ObserveTask:       m.ObserveTask,
 	})
 	m.SetControlPlane(r.Connected, r.LastHeartbeat)
@@ -176,20 +179,13 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 	return nil
 }
 
-func stagger(standalone bool) time.Duration {
-	if standalone {
-		return -1 // one node, nothing to stampede
-	}
-	return 0 // runner default
-}
-
 // controlPlane returns the protocol client: to the configured control
 // plane, or in standalone mode to an in-process one served over loopback
 // together with the /v1 API.
-func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host *agent.Host, log *zap.Logger, m *metrics.Metrics) (*protocol.Client, string, *http.Server, error) {
+func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host *agent.Host, log *zap.Logger, m *metrics.Metrics) (*protocol.Client, *http.Server, error) {
 	if !o.standalone {
 		if cfg.ControlPlane.URL == "" {
-			return nil, "", nil, errors.New("no control plane configured: set control_plane.url in the config, or run with --standalone")
+			return nil, nil, errors.New("no control plane configured: set control_plane.url in the config, or run with --standalone")
 		}
 		c, err := protocol.NewClient(protocol.ClientConfig{
 			BaseURL: cfg.ControlPlane.URL, Node: cfg.NodeName, AgentVersion: agent.Version,
@@ -197,22 +193,22 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 			CertFile: cfg.ControlPlane.CertFile, KeyFile: cfg.ControlPlane.KeyFile,
 			Observe: m.ObserveControlPlane,
 		})
-		return c, "", nil, err
+		return c, nil, err
 	}
 	os.Remove(filepath.Join(cfg.DataDir, "standalone.addr"))
 	// Beyond loopback the API needs TLS and a token.
 	sec, err := standalone.CheckListen(cfg.Listen.API, cfg.Listen.TLSCert, cfg.Listen.TLSKey, cfg.Listen.TokenFile)
 	if err != nil {
-		return nil, "", nil, err
+		return nil, nil, err
 	}
 	tokenPath := filepath.Join(cfg.DataDir, "standalone.token")
 	token, err := ensureToken(tokenPath)
 	if err != nil {
-		return nil, "", nil, err
+		return nil, nil, err
 	}
 	cp, err := standalone.NewControlPlane(filepath.Join(cfg.DataDir, "standalone.json"), token, log.Named("controlplane"))
 	if err != nil {
-		return nil, "", nil, err
+		return nil, nil, err
 	}
 	if err := cp.SealSpecs(host.Secrets()); err != nil {
 		log.Error("open sealed task specs", zap.Error(err))
@@ -233,14 +229,14 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 		defer cancel()
 		local.Shutdown(sctx)
 	})
-	fail := func(err error) (*protocol.Client, string, *http.Server, error) {
+	fail := func(err error) (*protocol.Client, *http.Server, error) {
 		srv.Close()
 		local.Close()
-		return nil, "", nil, err
+		return nil, nil, err
 	}
 	ln, err := net.Listen("tcp", cfg.Listen.API)
 	if err != nil {
-		return nil, "", nil, fmt.Errorf("listen %s: %w", cfg.Listen.API, err)
+		return nil, nil, fmt.Errorf("listen %s: %w", cfg.Listen.API, err)
 	}
 	go srv.Serve(standalone.LimitListener(ln, limits.MaxConns, sec.TLS))
 	pipe := standalone.NewPipeListener()
@@ -274,7 +270,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	if err != nil {
 		return fail(err)
 	}
-	return c, token, srv, nil
+	return c, srv, nil
 }
 
 // ensureToken returns the standalone control plane's token, creating a
