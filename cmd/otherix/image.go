@@ -1,13 +1,10 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"regexp"
@@ -207,102 +204,14 @@ func submitPull(ctx context.Context, cl *client.Client, req pullImage) (*api.Tas
 	return &t, nil
 }
 
-// maxImageAnswer bounds a /v1/images answer.
-const maxImageAnswer = 32 << 20
-
-// imageRequest sends one /v1/images request with cl's server, token and
-// user agent, and decodes a 2xx answer into out. A non-2xx answer is a
-// *client.APIError, no answer a *client.TransportError, as for the VM
-// calls.
+// imageRequest sends one /v1/images request through the client. A server
+// without the image API (a 404 without the error envelope) is said so
+// plainly.
 func imageRequest(ctx context.Context, cl *client.Client, method string, q url.Values, body, out any) ([]byte, error) {
-	u := strings.TrimRight(cl.BaseURL, "/") + "/v1/images"
-	if len(q) > 0 {
-		u += "?" + q.Encode()
+	raw, err := cl.DoJSON(ctx, method, "/v1/images", q, body, out)
+	var ae *client.APIError
+	if errors.As(err, &ae) && ae.Status == http.StatusNotFound && strings.HasPrefix(ae.Message, "server answered ") {
+		return nil, &client.APIError{Status: ae.Status, Code: ae.Code, Message: "the server has no image API (/v1/images): upgrade otherix-agent"}
 	}
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return nil, fmt.Errorf("encode request: %w", err)
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, u, rd)
-	if err != nil {
-		return nil, fmt.Errorf("build request: %w", err)
-	}
-	req.Header.Set("Accept", "application/json")
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	if cl.Token != "" {
-		req.Header.Set("Authorization", "Bearer "+cl.Token)
-	}
-	if cl.UserAgent != "" {
-		req.Header.Set("User-Agent", cl.UserAgent)
-	}
-	hc := cl.HTTP
-	if hc == nil {
-		hc = http.DefaultClient
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
-		return nil, &client.TransportError{URL: cl.BaseURL, Err: err}
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxImageAnswer+1))
-	if err != nil {
-		return nil, &client.TransportError{URL: cl.BaseURL, Err: fmt.Errorf("read answer: %w", err)}
-	}
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return nil, imageAPIError(resp, raw)
-	}
-	if len(raw) > maxImageAnswer {
-		return nil, fmt.Errorf("internal: %s /v1/images: answer over %d bytes", method, maxImageAnswer)
-	}
-	if err := json.Unmarshal(raw, out); err != nil {
-		return nil, fmt.Errorf("internal: %s /v1/images: undecodable answer: %v", method, err)
-	}
-	return raw, nil
-}
-
-// imageAPIError reads the {"error": {code, message}} envelope; a server
-// without the image API (404 without an envelope) is said so plainly.
-func imageAPIError(resp *http.Response, raw []byte) error {
-	var env api.ErrorEnvelope
-	if json.Unmarshal(raw, &env) == nil && env.Error.Code != "" {
-		return &client.APIError{Status: resp.StatusCode, Code: env.Error.Code, Message: env.Error.Message}
-	}
-	code, msg := "internal", "server answered "+resp.Status
-	switch resp.StatusCode {
-	case http.StatusNotFound:
-		code, msg = "not_found", "the server has no image API (/v1/images): upgrade otherix-agent"
-	case http.StatusUnauthorized, http.StatusForbidden:
-		code = "unauthorized"
-	case http.StatusBadRequest:
-		code = "validation_failed"
-	}
-	return &client.APIError{Status: resp.StatusCode, Code: code, Message: msg + statusSuffix(raw, resp.StatusCode)}
-}
-
-// statusSuffix appends a short body to a generic error message.
-func statusSuffix(raw []byte, status int) string {
-	if status == http.StatusNotFound {
-		return ""
-	}
-	s := strings.Join(strings.Fields(string(raw)), " ")
-	if s == "" {
-		return ""
-	}
-	if len(s) > 200 {
-		s = s[:200] + "..."
-	}
-	return ": " + s
+	return raw, err
 }
