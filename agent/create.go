@@ -336,7 +336,8 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	}
 	m := meta{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
 		Network: network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task, Forwards: plan.forwards,
-		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart, VNCPassword: sealed}
+		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart, VNCPassword: sealed,
+		Devices: keptDevices(c.Devices)}
 	mb, _ := json.Marshal(m)
 	if _, err := h.engine.Define(ctx, spec, mb); err != nil {
 		return api.VM{}, err
@@ -352,6 +353,20 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	u.success()
 	log.Info("vm created", zap.Int("qemu_pid", v.PID))
 	return h.toAPI(v), nil
+}
+
+// keptDevices are the devices a VM's host metadata keeps as asked: those
+// the spec does not describe by itself (see meta.Devices).
+func keptDevices(ds []api.Device) []api.Device {
+	var out []api.Device
+	for _, d := range ds {
+		switch {
+		case d.DevType == api.DevNIC, d.DevType == api.DevProxy, d.DevType == api.DevTPM && d.Path == "":
+			continue
+		}
+		out = append(out, d)
+	}
+	return out
 }
 
 // Delete removes a VM and every file of it and unpins its image.

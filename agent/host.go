@@ -98,6 +98,10 @@ type meta struct {
 	Forwards      []portfwd.Rule `json:"forwards,omitempty"`
 	RootDiskIOBus string         `json:"root_disk_io_bus,omitempty"`
 	Autostart     bool           `json:"autostart"`
+	// Devices are the seed-000 DISK, CDROM, PCI, GPU, USB and host TPM
+	// devices as asked (NIC, PROXY and the emulated TPM are derived from
+	// the spec), kept current by attach, detach and medium changes.
+	Devices []api.Device `json:"devices,omitempty"`
 }
 
 // NewHost opens the image cache and the VM engine and re-adopts VMs.
@@ -295,6 +299,7 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		IPAddresses:  h.ips(v.Spec.UUID),
 		NICs:         h.nicViews(v),
 		Forwards:     forwardViews(v, m),
+		Devices:      m.Devices,
 		CloudInit:    m.CloudInit,
 		CreatedAt:    v.CreatedAt,
 		LastTask:     m.LastTask,

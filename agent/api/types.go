@@ -190,8 +190,12 @@ type VM struct {
 	Autostart      bool            `json:"autostart"`
 	PendingChanges *PendingChanges `json:"pending_changes,omitempty"`
 	Forwards       []Device        `json:"forwards,omitempty"` // PROXY devices
-	CreatedAt      time.Time       `json:"created_at"`
-	LastTask       *TaskRef        `json:"last_task,omitempty"`
+	// Devices are the VM's DISK, CDROM, PCI, GPU, USB and host TPM
+	// devices, as asked at create and changed by attach, detach and
+	// medium changes.
+	Devices   []Device  `json:"devices,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	LastTask  *TaskRef  `json:"last_task,omitempty"`
 }
 
 // Progress of a long task (e.g. image download bytes).

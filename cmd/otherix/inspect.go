@@ -156,6 +156,7 @@ func manifestOf(vm *api.VM) api.CreateVM {
 		m.Network = vm.Network // an older server without the NIC list
 	}
 	m.Devices = append(m.Devices, vm.Forwards...)
+	m.Devices = append(m.Devices, vm.Devices...)
 	if vm.TPM {
 		m.Devices = append(m.Devices, api.Device{DevType: api.DevTPM})
 	}
