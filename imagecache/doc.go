@@ -78,14 +78,17 @@
 //
 // CreateOverlay pins the entry for an owner (a VM uuid) in the entry's
 // index record, so pins survive restarts; a pinned entry is never evicted.
+// Pin does the same for an entry used without an overlay (a CD-ROM ISO);
+// Unpin drops one owner's pin.
 // After each ingest, and on Prune, least recently used unpinned entries are
 // evicted while the pool's cache exceeds Options.MaxCacheBytes or its free
 // space is under Options.MinFreeBytes (never the image just ingested).
 // Before a download whose size is known, entries are evicted the same way
 // if that makes it fit. Cache sizes count allocated bytes. An entry that
-// Ensure returned is not pinned until CreateOverlay: if eviction takes it
-// in between (it would have to be the least recently used unpinned entry),
-// CreateOverlay fails with not_found and the caller can Ensure again.
+// Ensure returned is not pinned until CreateOverlay or Pin: if eviction
+// takes it in between (it would have to be the least recently used
+// unpinned entry), CreateOverlay or Pin fails with not_found and the
+// caller can Ensure again.
 //
 // The index record holds an entry's pins: if a record is lost (removed by
 // hand), Open describes the file again from qemu-img, without pins.

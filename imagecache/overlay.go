@@ -110,6 +110,39 @@ func (c *Cache) CreateOverlay(ctx context.Context, poolName, digest, dst string,
 	return nil
 }
 
+// Pin pins an existing entry for owner (a VM uuid, or any other owner
+// string), as CreateOverlay does: the pin is kept in the entry's index
+// record, so it survives restarts, and a pinned entry is never evicted.
+// Pinning again for the same owner is not an error (one pin per owner).
+// An entry that is gone (for instance evicted after Ensure returned it)
+// is not_found: Ensure it again, then Pin.
+func (c *Cache) Pin(poolName, digest, owner string) error {
+	p, err := c.pool(poolName)
+	if err != nil {
+		return err
+	}
+	if err := checkDigest(digest); err != nil {
+		return err
+	}
+	if err := checkOwner(owner); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.entries[digest]; !ok {
+		return errcode.New(errcode.NotFound, "image %s not found in pool %q", digest, p.name)
+	}
+	if err := p.update(digest, func(r *record) {
+		r.PinnedBy = append(r.PinnedBy, owner)
+		r.LastUsed = time.Now().UTC()
+	}); err != nil {
+		return err
+	}
+	c.log.Info("image pinned", zap.String("op", "image_pin"), zap.String("pool", p.name),
+		zap.String("image_sha256", digest), zap.String("owner", owner))
+	return nil
+}
+
 // Unpin drops owner's pin on the entry. Unpinning what is not pinned (or
 // an entry already gone) is not an error.
 func (c *Cache) Unpin(poolName, digest, owner string) error {
