@@ -235,3 +235,11 @@ func RestoreNode(g Grant) error {
 func MemlockBytes(memoryMB int) uint64 {
 	return uint64(memoryMB)<<20 + 1<<30
 }
+
+// Adopt claims the devices of a plan Acquire made before an agent restart,
+// for a QEMU that still runs with them: the registry lives in memory, so
+// a re-adopted VM claims again (device_busy if another VM got one
+// meanwhile). It changes nothing on the host.
+func (h *Host) Adopt(p *Plan) error {
+	return h.registry().Claim(p.VM, p.Keys())
+}

@@ -6,7 +6,9 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/firmware"
+	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/tpm"
@@ -24,6 +26,9 @@ type Paths struct {
 // Platform is the host side of the command line: accelerator and machine.
 type Platform struct {
 	Accel string // "tcg" or "kvm"
+	// HostDevices is what the spec's host devices resolved to on this
+	// host (required when the spec has some).
+	HostDevices *hostdev.Plan
 }
 
 // FileKind says how the agent opens a file it passes to QEMU.
@@ -31,12 +36,14 @@ type FileKind int
 
 // File kinds.
 const (
-	FileRead   FileKind = iota // O_RDONLY
-	FileWrite                  // O_RDWR
-	FileAppend                 // O_WRONLY|O_APPEND|O_CREAT, 0600
-	FileListen                 // a unix socket the agent binds and listens on
-	FileTap                    // the tap or macvtap of NIC Index, made by the agent
-	FileTPM                    // a connection to the VM's swtpm, started by the agent
+	FileRead        FileKind = iota // O_RDONLY
+	FileWrite                       // O_RDWR
+	FileAppend                      // O_WRONLY|O_APPEND|O_CREAT, 0600
+	FileListen                      // a unix socket the agent binds and listens on
+	FileTap                         // the tap or macvtap of NIC Index, made by the agent
+	FileTPM                         // a connection to the VM's swtpm, started by the agent
+	FileDevice                      // a host device node, O_RDWR (usbfs, /dev/tpmN)
+	FileDeviceWrite                 // a host device control file, O_WRONLY (TPM cancel)
 )
 
 // FileSpec is one descriptor QEMU inherits: the i-th FileSpec becomes fd
@@ -50,8 +57,10 @@ type FileSpec struct {
 // OpenFlags returns the open(2) flags of a file kind.
 func (k FileKind) OpenFlags() int {
 	switch k {
-	case FileWrite:
+	case FileWrite, FileDevice:
 		return os.O_RDWR
+	case FileDeviceWrite:
+		return os.O_WRONLY
 	case FileAppend:
 		return os.O_WRONLY | os.O_APPEND | os.O_CREATE
 	}
@@ -60,6 +69,13 @@ func (k FileKind) OpenFlags() int {
 
 // HotplugPorts is how many disks can be attached while a VM runs.
 const HotplugPorts = 4
+
+// HostDeviceLayout places passed-through devices: their root ports from
+// slot 0x1a (0x18 is free, 0x19 holds the hot-plug ports, 0x1f is the
+// ICH9's), the USB controller at slot 0x03.
+func HostDeviceLayout(arch string) hostdev.Layout {
+	return hostdev.Layout{Arch: arch, PortSlot: 0x1a, PortSlots: 4, Chassis: 0x40, XHCISlot: 0x03}
+}
 
 // escapeOpt escapes a value for QEMU's option syntax (key=value,...):
 // a comma is written twice.
@@ -276,6 +292,19 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 			return nil, nil, err
 		}
 		add(targs...)
+	}
+	if !s.HostDevices.Empty() {
+		if plat.HostDevices == nil {
+			return nil, nil, errcode.New(errcode.Internal, "vm %q: host devices not acquired", s.Name)
+		}
+		kinds := map[int]FileKind{os.O_RDWR: FileDevice, os.O_WRONLY: FileDeviceWrite}
+		hargs, err := plat.HostDevices.Args(HostDeviceLayout(s.Arch), func(path string, flags int) string {
+			return fds.set(path, kinds[flags])
+		})
+		if err != nil {
+			return nil, nil, err
+		}
+		add(hargs...)
 	}
 	// The guest agent channel: with an id on the port, QMP reports
 	// VSERPORT_CHANGE when qemu-ga opens it.

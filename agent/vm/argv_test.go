@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/hostdev"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")
@@ -42,20 +43,41 @@ func TestBuildArgsGolden(t *testing.T) {
 	secure := goldenSpec()
 	secure.MemoryMB = 512
 	secure.Firmware = &Firmware{Name: "uefi-secure", Interface: "uefi", Code: "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", CodeFormat: "raw", Vars: "/pools/vm/efivars.fd", VarsFormat: "raw", RequiresSMM: true, SecureBoot: true}
+	// Host devices: a GPU and its audio function, an mdev, two USB
+	// devices and the host's TPM 1.2, as hostdev.Host.Resolve plans them.
+	passthrough := goldenSpec()
+	passthrough.VNC = &VNC{Listen: "127.0.0.1", Port: 5901}
+	passthrough.HostDevices = &hostdev.Spec{
+		PCI: []hostdev.PCI{{Address: "0000:01:00.1"}},
+		GPU: []hostdev.GPU{{Type: hostdev.GPUPhysical, PCI: "0000:01:00.0"}, {Type: hostdev.GPUMdev, Mdev: "i915-GVTg_V5_4"}},
+		USB: []hostdev.USB{{VendorID: "0x0781", ProductID: "0x5583"}, {Bus: new(3), Dev: new(7)}},
+		TPM: &hostdev.TPM{Path: "/dev/tpm0"},
+	}
+	passthroughPlan := &hostdev.Plan{VM: passthrough.UUID,
+		VFIO: []hostdev.VFIODev{
+			{Kind: hostdev.KindPCI, Address: "0000:01:00.1", Group: 12, Driver: "vfio-pci"},
+			{Kind: hostdev.KindGPU, Address: "0000:01:00.0", Group: 12, Driver: "vfio-pci"},
+			{Kind: hostdev.KindMdev, Mdev: &hostdev.MdevDev{UUID: "4b20d080-1b54-4048-85b3-a6a62d165c01", Parent: "0000:00:02.0", Type: "i915-GVTg_V5_4"}, Group: 20},
+		},
+		USB: []hostdev.USBDev{{Name: "1-1.2", Bus: 1, Dev: 5, Node: "/dev/bus/usb/001/005"}, {Name: "3-2", Bus: 3, Dev: 7, Node: "/dev/bus/usb/003/007"}},
+		TPM: &hostdev.TPMDev{Path: "/dev/tpm0", Cancel: "/sys/class/tpm/tpm0/device/cancel", Version: 1},
+	}
 	for _, tc := range []struct {
 		name  string
 		spec  Spec
 		accel string
+		plan  *hostdev.Plan
 	}{
-		{"amd64-seed", goldenSpec(), "tcg"},
-		{"amd64-kvm", goldenSpec(), "kvm"},
-		{"comma-path", comma, "tcg"},
-		{"buses", nvme, "tcg"},
-		{"arm64", arm, "tcg"},
-		{"uefi-secure", secure, "tcg"},
+		{"passthrough", passthrough, "tcg", passthroughPlan},
+		{"amd64-seed", goldenSpec(), "tcg", nil},
+		{"amd64-kvm", goldenSpec(), "kvm", nil},
+		{"comma-path", comma, "tcg", nil},
+		{"buses", nvme, "tcg", nil},
+		{"arm64", arm, "tcg", nil},
+		{"uefi-secure", secure, "tcg", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			args, files, err := BuildArgs(&tc.spec, goldenPaths, Platform{Accel: tc.accel})
+			args, files, err := BuildArgs(&tc.spec, goldenPaths, Platform{Accel: tc.accel, HostDevices: tc.plan})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -66,6 +66,9 @@ type Config struct {
 	// Credential is the unprivileged user QEMU runs as (nil: the agent's
 	// own user). QEMU needs no access to any file: the agent opens them.
 	Credential *syscall.Credential
+	// HostDevices passes host devices through (nil: a VM with host
+	// devices fails to start with validation_failed).
+	HostDevices HostDevices
 	// SWTPM is the swtpm binary (default "swtpm").
 	SWTPM string
 	// Env is QEMU's whole environment (default: PATH and LANG only). It

@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/cloudinit"
 )
@@ -123,6 +124,12 @@ func (h *harness) killAll(e *Engine) {
 // image and a NoCloud seed built by the cloudinit package.
 func (h *harness) define(name, userData string) View {
 	h.t.Helper()
+	return h.defineWith(name, userData, nil)
+}
+
+// defineWith is define with host devices.
+func (h *harness) defineWith(name, userData string, hd *hostdev.Spec) View {
+	h.t.Helper()
 	id := uuid.NewString()
 	dir := filepath.Join(h.pool, "vms", id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -143,9 +150,10 @@ func (h *harness) define(name, userData string) View {
 	}
 	v, err := h.e.Define(context.Background(), Spec{
 		Name: name, UUID: id, Arch: ArchAMD64, VCPUs: 1, MemoryMB: 256,
-		Disks:      []Disk{{Path: root, Format: "qcow2", Backing: &Backing{Path: testguest.QCOW2(h.t), Format: "qcow2"}}},
-		CDROMs:     []CDROM{{Path: seed}},
-		OwnedPaths: []string{dir},
+		Disks:       []Disk{{Path: root, Format: "qcow2", Backing: &Backing{Path: testguest.QCOW2(h.t), Format: "qcow2"}}},
+		CDROMs:      []CDROM{{Path: seed}},
+		HostDevices: hd,
+		OwnedPaths:  []string{dir},
 	}, nil)
 	if err != nil {
 		h.t.Fatal(err)

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/tpm"
@@ -202,6 +203,7 @@ func (p *process) watch() {
 	if p.tpm != nil {
 		p.tpm.Release() // swtpm exits with QEMU (--terminate)
 	}
+	m.releaseHostDevices()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	if err := m.e.cfg.Placer.Remove(ctx, v); err != nil {
 		m.log.Warn("remove placement", zap.Error(err))
@@ -245,7 +247,21 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	m.mu.Unlock()
 
 	paths := m.paths()
-	args, specs, err := BuildArgs(&spec, paths, Platform{Accel: m.e.cfg.Accel})
+	hostPlan, err := m.acquireHostDevices(ctx, &spec)
+	if err != nil {
+		m.setStatus(prevStatus, "start failed: "+errcode.MessageOf(err))
+		return err
+	}
+	if hostPlan != nil {
+		// Until QEMU runs, a failed start gives the devices back; once it
+		// runs, its exit does (watch).
+		defer func() {
+			if err != nil {
+				m.releaseHostDevices()
+			}
+		}()
+	}
+	args, specs, err := BuildArgs(&spec, paths, Platform{Accel: m.e.cfg.Accel, HostDevices: hostPlan})
 	if err != nil {
 		return err
 	}
@@ -303,7 +319,11 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	// as the unprivileged QEMU user with no supplementary groups and no
 	// capabilities, holding only the descriptors the agent opened for it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: m.e.cfg.Credential}
-	err = cmd.Start()
+	if hostPlan != nil && len(hostPlan.VFIO) > 0 {
+		err = startMemlock(hostdev.MemlockBytes(spec.MemoryMB), cmd.Start)
+	} else {
+		err = cmd.Start()
+	}
 	logf.Close()
 	for _, f := range files {
 		f.Close() // QEMU has its copies; a listening socket stays bound
@@ -423,6 +443,12 @@ func (m *machine) openFiles(ctx context.Context, specs []FileSpec, nics []NIC) (
 				links = append(links, a.Name)
 			}
 			files = append(files, a.File)
+		case FileDevice, FileDeviceWrite:
+			f, err := os.OpenFile(s.Path, s.Kind.OpenFlags()|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0)
+			if err != nil {
+				return files, links, hostdev.OpenError(s.Path, err)
+			}
+			files = append(files, f)
 		default:
 			f, err := os.OpenFile(s.Path, s.Kind.OpenFlags()|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0o600)
 			if err != nil {

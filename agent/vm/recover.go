@@ -93,6 +93,7 @@ func (m *machine) adopt(ctx context.Context) {
 		}
 	}
 	if pid <= 0 || !isOurQEMU(pid, uuid) {
+		m.releaseHostDevices()
 		switch was {
 		case "stopped", "crashed", "error":
 			if pid != 0 {
@@ -108,12 +109,14 @@ func (m *machine) adopt(ctx context.Context) {
 		}
 		return
 	}
+	m.adoptHostDevices() // before anything else can fail: QEMU holds them
 	p, err := newProcess(m, pid)
 	if err != nil {
 		m.setStatus("error", "cannot track qemu pid "+strconv.Itoa(pid)+": "+err.Error())
 		return
 	}
 	if !isOurQEMU(pid, uuid) { // the PID died and was reused in between
+		m.releaseHostDevices()
 		m.setGone("crashed", "qemu exited while the agent was down")
 		return
 	}

@@ -16,6 +16,7 @@ import (
 	"strings"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 )
@@ -64,6 +65,10 @@ type Spec struct {
 	// with password authentication; the password is set over QMP after
 	// start (Config.AfterStart), never on the command line.
 	VNC *VNC `json:"vnc,omitempty"`
+	// HostDevices are host PCI functions, GPUs, USB devices and a host TPM
+	// passed through (Config.HostDevices resolves and acquires them at
+	// every start).
+	HostDevices *hostdev.Spec `json:"host_devices,omitempty"`
 	// OwnedPaths are files and directories created for this VM (overlay
 	// disk, seed ISO, ...) that delete removes. Each must be absolute.
 	OwnedPaths []string `json:"owned_paths,omitempty"`
@@ -261,6 +266,14 @@ func (s *Spec) Validate() error {
 	if s.TPM != nil {
 		if err := checkPath(s.TPM.State); err != nil {
 			return errcode.Wrap(errcode.ValidationFailed, err, "tpm state")
+		}
+	}
+	if hd := s.HostDevices; !hd.Empty() {
+		if err := hd.Validate(); err != nil {
+			return err
+		}
+		if hd.TPM != nil && s.TPM != nil {
+			return errcode.New(errcode.ValidationFailed, "a vm has one TPM: emulated or the host's, not both")
 		}
 	}
 	for _, p := range s.OwnedPaths {

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"time"
+
+	"github.com/otherix/otherix-agent/agent/hostdev"
 )
 
 // state is what the engine persists per VM, in <state>/vms/<uuid>/vm.json.
@@ -24,6 +26,10 @@ type state struct {
 	Hot []HotDisk `json:"hot,omitempty"`
 	// MediumSeq numbers CD-ROM medium changes (descriptor set ids).
 	MediumSeq int `json:"medium_seq,omitempty"`
+	// HostPlan is what the spec's host devices resolved to for the running
+	// QEMU, with what Acquire changed on the host: Release undoes it when
+	// QEMU exits, even after an agent restart.
+	HostPlan *hostdev.Plan `json:"host_plan,omitempty"`
 }
 
 func loadState(path string) (*state, error) {

@@ -1,0 +1,368 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+
+	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
+
+	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/hostdev"
+	"github.com/otherix/otherix-agent/agent/hostdev/sysfstest"
+	"github.com/otherix/otherix-agent/agent/testguest"
+	"github.com/otherix/otherix-agent/cloudinit"
+)
+
+// What is real and what stands in, in these tests: QEMU, the engine, the
+// unprivileged QEMU user, the descriptors and the platform guest are real.
+// The host's sysfs is a fake tree (package sysfstest; this machine has no
+// IOMMU, USB bus or TPM), and so are its device nodes, except where a real
+// character device can stand in: the TPM below is a pseudo-terminal whose
+// other end is swtpm, so QEMU's passthrough backend talks to a TPM 2.0
+// through a real character device, as it would to /dev/tpm0.
+
+// definePlatform defines a VM of the platform guest (it carries the TPM
+// tools) with the given host devices.
+func (h *harness) definePlatform(name string, hd *hostdev.Spec) View {
+	h.t.Helper()
+	id := uuid.NewString()
+	dir := filepath.Join(h.pool, "vms", id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		h.t.Fatal(err)
+	}
+	base := testguest.QCOW2Arch(h.t, "amd64")
+	root := testguest.OverlayOf(h.t, base, dir)
+	seed := filepath.Join(dir, "seed.iso")
+	if err := cloudinit.WriteISO(seed, cloudinit.Seed{InstanceID: id, Hostname: name}); err != nil {
+		h.t.Fatal(err)
+	}
+	v, err := h.e.Define(context.Background(), Spec{
+		Name: name, UUID: id, Arch: ArchAMD64, VCPUs: 1, MemoryMB: 256,
+		Disks:       []Disk{{Path: root, Format: "qcow2", Backing: &Backing{Path: base, Format: "qcow2"}}},
+		CDROMs:      []CDROM{{Path: seed}},
+		HostDevices: hd,
+		OwnedPaths:  []string{dir},
+	}, nil)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return v
+}
+
+// ptyTPM starts swtpm (TPM 2.0) on the master side of a new
+// pseudo-terminal and bind-mounts the slave on node: a character device
+// that answers TPM commands. (A copy made with mknod would not open: the
+// kernel opens a pty slave only through its devpts inode.)
+func ptyTPM(t *testing.T, node string) {
+	t.Helper()
+	swtpm, err := exec.LookPath("swtpm")
+	if err != nil {
+		t.Fatal("swtpm is missing (scripts/deps.sh installs it)")
+	}
+	master, err := os.OpenFile("/dev/ptmx", os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer master.Close()
+	fd := int(master.Fd())
+	if err := unix.IoctlSetPointerInt(fd, unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(fd, unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slave, err := os.OpenFile("/dev/pts/"+itoa(n), os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Raw mode: bytes pass as they are, a command or response in one piece.
+	tio, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tio.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
+	tio.Oflag &^= unix.OPOST
+	tio.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.ISIG | unix.IEXTEN
+	tio.Cflag &^= unix.CSIZE | unix.PARENB
+	tio.Cflag |= unix.CS8
+	tio.Cc[unix.VMIN], tio.Cc[unix.VTIME] = 1, 0
+	if err := unix.IoctlSetTermios(int(slave.Fd()), unix.TCSETS, tio); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(node)
+	if err := os.WriteFile(node, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(slave.Name(), node, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(node, unix.MNT_DETACH) })
+	sw := exec.Command(swtpm, "chardev", "--tpm2", "--fd", "3", "--tpmstate", "dir="+t.TempDir(), "--flags", "not-need-init,startup-clear")
+	sw.ExtraFiles = []*os.File{master}
+	if err := sw.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		sw.Process.Kill()
+		sw.Wait()
+		slave.Close() // held until then: a pty whose slave is closed hangs up
+	})
+}
+
+// TestHostTPMPassthrough: a VM asking for the host's TPM (/dev/tpm0 of a
+// fake tree, a pty to swtpm) boots and its guest uses the TPM. The device
+// is held: another VM asking for it gets device_busy, also after an agent
+// restart (the re-adopted VM claims it again), and powering off gives it
+// back.
+func TestHostTPMPassthrough(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	tr := sysfstest.New(t)
+	tr.AddTPM(0, 2)
+	node := tr.D("tpm0")
+	ptyTPM(t, node)
+	reg := &hostdev.Registry{}
+	h := newHarness(t, func(c *Config) {
+		c.HostDevices = &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write, Registry: reg}
+	})
+	want := &hostdev.Spec{TPM: &hostdev.TPM{Path: "/dev/tpm0"}}
+	a := h.definePlatform("tpm-host-a", want)
+	h.definePlatform("tpm-host-b", want)
+	v, err := h.e.Start(ctx, "tpm-host-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, h.console(a), "OTHERIX-GUEST tpm present=1 getrandom=ok", bootWait)
+	if got := reg.Owner("tpm:" + node); got != a.Spec.UUID {
+		t.Fatalf("registry: tpm held by %q, want %s", got, a.Spec.UUID)
+	}
+	// The TPM reached QEMU as a descriptor: no host path on its command line.
+	cmdline, _ := os.ReadFile("/proc/" + itoa(v.PID) + "/cmdline")
+	if strings.Contains(string(cmdline), tr.Dev) || !strings.Contains(string(cmdline), "passthrough,id=hosttpm0,path=/dev/fdset/") {
+		t.Errorf("qemu command line: %q", strings.ReplaceAll(string(cmdline), "\x00", " "))
+	}
+	_, err = h.e.Start(ctx, "tpm-host-b")
+	wantCode(t, err, errcode.DeviceBusy)
+
+	// An agent restart forgets the registry; re-adoption claims again.
+	h.e.Close()
+	reg = &hostdev.Registry{}
+	h.cfg.HostDevices = &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write, Registry: reg}
+	h.open()
+	if got, _ := h.e.Get("tpm-host-a"); got.PID != v.PID || got.Status != "running" {
+		t.Fatalf("re-adopted: %+v", got)
+	}
+	_, err = h.e.Start(ctx, "tpm-host-b")
+	wantCode(t, err, errcode.DeviceBusy)
+	if b, _ := h.e.Get("tpm-host-b"); b.Status != "stopped" || b.PID != 0 {
+		t.Fatalf("vm b after a busy start: %+v", b)
+	}
+
+	if _, err := h.e.Poweroff(ctx, "tpm-host-a"); err != nil {
+		t.Fatal(err)
+	}
+	if held := reg.Held(a.Spec.UUID); len(held) != 0 {
+		t.Errorf("after poweroff the registry still holds %v", held)
+	}
+	if st := readState(t, h, a); st.HostPlan != nil {
+		t.Errorf("after poweroff vm.json keeps a host plan: %+v", st.HostPlan)
+	}
+}
+
+func readState(t *testing.T, h *harness, v View) state {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(h.e.vmDir(v.Spec.UUID), "vm.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st state
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// recordingHost is hostdev.Host, noting the VFIO group nodes' owners right
+// after Acquire (what QEMU found when it started).
+type recordingHost struct {
+	*hostdev.Host
+	mu     sync.Mutex
+	owners map[string]int // node → uid
+}
+
+func (r *recordingHost) Acquire(ctx context.Context, p *hostdev.Plan, qemu *hostdev.Owner) error {
+	if err := r.Host.Acquire(ctx, p, qemu); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, g := range p.Grants {
+		var st unix.Stat_t
+		if unix.Stat(g.Path, &st) == nil {
+			r.owners[g.Path] = int(st.Uid)
+		}
+	}
+	return nil
+}
+
+// TestHostDevicesFailedStartGivesBack: starts QEMU cannot complete leave
+// the host as they found it. A PCI function is bound to vfio-pci and its
+// group node given to the QEMU user, then QEMU fails at vfio-pci's
+// realize (this host has no IOMMU group for it): the function is unbound
+// again, the node gets its owner back and the registry lets go. Then a USB
+// device whose node is /dev/null's character device reaches QEMU as an fd
+// set and libusb refuses it; a TPM whose node no driver backs fails at
+// the open as device_not_found; a PCI function that does not exist is
+// device_not_found before anything is touched.
+func TestHostDevicesFailedStartGivesBack(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	tr := sysfstest.New(t)
+	tr.AddDriver("vfio-pci")
+	tr.AddPCI(sysfstest.PCI{Addr: "0000:00:1c.0", Vendor: 0x8086, Device: 0xa110, Class: 0x060400, Driver: "pcieport", Group: 11})
+	tr.AddPCI(sysfstest.PCI{Addr: "0000:01:00.0", Parent: "0000:00:1c.0", Vendor: 0x8086, Device: 0x1533, Class: 0x020000, Group: 12})
+	tr.AddPCI(sysfstest.PCI{Addr: "0000:00:14.0", Vendor: 0x8086, Device: 0xa12f, Class: 0x0c0330, Driver: "xhci_hcd", Group: 13})
+	tr.AddUSB(sysfstest.USB{Controller: "0000:00:14.0", Name: "1-2", Bus: 1, Dev: 3, Vendor: 0x0781, Product: 0x5583, Class: 0})
+	tr.AddTPM(0, 2) // 10:224: no driver behind it on this machine
+	usbNode := tr.D("bus/usb/001/003")
+	os.Remove(usbNode)
+	if err := unix.Mknod(usbNode, unix.S_IFCHR|0o664, int(unix.Mkdev(1, 3))); err != nil {
+		t.Fatal(err)
+	}
+	reg := &hostdev.Registry{}
+	rec := &recordingHost{Host: &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write, Registry: reg}, owners: map[string]int{}}
+	h := newHarness(t, func(c *Config) { c.HostDevices = rec })
+
+	check := func(v View) {
+		t.Helper()
+		got, _ := h.e.Get(v.Spec.Name)
+		if got.Status != "stopped" || got.PID != 0 || !strings.HasPrefix(got.Reason, "start failed") {
+			t.Errorf("%s after the failed start: %+v", v.Spec.Name, got)
+		}
+		if held := reg.Held(v.Spec.UUID); len(held) != 0 {
+			t.Errorf("%s: registry still holds %v", v.Spec.Name, held)
+		}
+		if st := readState(t, h, v); st.HostPlan != nil {
+			t.Errorf("%s: vm.json keeps a host plan %+v", v.Spec.Name, st.HostPlan)
+		}
+	}
+
+	nic := h.defineWith("vfio-nic", "", &hostdev.Spec{PCI: []hostdev.PCI{{Address: "0000:01:00.0"}}})
+	_, err := h.e.Start(ctx, "vfio-nic")
+	wantCode(t, err, errcode.QEMUStartFailed)
+	// Where the agent may raise RLIMIT_MEMLOCK, QEMU starts and fails in
+	// vfio-pci; where it may not (a container without CAP_SYS_RESOURCE and
+	// a low hard limit), the start fails before QEMU, saying why.
+	var lim unix.Rlimit
+	unix.Prlimit(0, unix.RLIMIT_MEMLOCK, nil, &lim)
+	if need := hostdev.MemlockBytes(nic.Spec.MemoryMB); lim.Max < need && !hasCap(unix.CAP_SYS_RESOURCE) {
+		if !strings.Contains(err.Error(), "LimitMEMLOCK=infinity") {
+			t.Errorf("memlock: %v", err)
+		}
+		t.Logf("hard RLIMIT_MEMLOCK %d < %d and no CAP_SYS_RESOURCE: failed before qemu: %v", lim.Max, need, err)
+	} else if !strings.Contains(err.Error(), "vfio") {
+		t.Errorf("error does not carry QEMU's vfio reason: %v", err)
+	}
+	group := tr.D("vfio/12")
+	if uid, ok := rec.owners[group]; !ok || uid != int(nobody.Uid) {
+		t.Errorf("during the start %s belonged to uid %d (recorded %v), want the qemu user %d", group, uid, ok, nobody.Uid)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(group, &st); err != nil || st.Uid != 0 || st.Mode&0o777 != 0o600 {
+		t.Errorf("%s after the failed start: uid %d mode %o (%v), want root 0600", group, st.Uid, st.Mode&0o777, err)
+	}
+	if _, err := os.Lstat(tr.S("bus/pci/devices/0000:01:00.0/driver")); err == nil {
+		t.Errorf("0000:01:00.0 is still bound to a driver")
+	}
+	if b, _ := os.ReadFile(tr.S("bus/pci/devices/0000:01:00.0/driver_override")); strings.TrimSpace(string(b)) == "vfio-pci" {
+		t.Errorf("driver_override still vfio-pci")
+	}
+	check(nic)
+
+	usb := h.defineWith("usb-stick", "", &hostdev.Spec{USB: []hostdev.USB{{VendorID: "0781", ProductID: "5583"}}})
+	_, err = h.e.Start(ctx, "usb-stick")
+	wantCode(t, err, errcode.QEMUStartFailed)
+	if !strings.Contains(err.Error(), "failed to open host usb device /dev/fdset/") {
+		t.Errorf("usb: %v", err)
+	}
+	check(usb)
+
+	tpmVM := h.defineWith("tpm-nodriver", "", &hostdev.Spec{TPM: &hostdev.TPM{Path: "/dev/tpm0"}})
+	_, err = h.e.Start(ctx, "tpm-nodriver")
+	wantCode(t, err, errcode.DeviceNotFound)
+	check(tpmVM)
+
+	gone := h.defineWith("no-such-pci", "", &hostdev.Spec{PCI: []hostdev.PCI{{Address: "0000:05:00.0"}}})
+	_, err = h.e.Start(ctx, "no-such-pci")
+	wantCode(t, err, errcode.DeviceNotFound)
+	check(gone)
+
+	// No QEMU of these VMs is left.
+	for _, v := range h.e.List() {
+		if out, _ := exec.Command("pgrep", "-f", v.Spec.UUID).Output(); len(out) > 0 {
+			t.Errorf("a process of %s is left: %s", v.Spec.Name, out)
+		}
+	}
+}
+
+// hasCap reports whether this process has capability c in its effective set.
+func hasCap(c int) bool {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:\t"); ok {
+			n, err := strconv.ParseUint(v, 16, 64)
+			return err == nil && n&(1<<uint(c)) != 0
+		}
+	}
+	return false
+}
+
+// TestStartMemlock: a child started through startMemlock inherits the
+// raised RLIMIT_MEMLOCK, and the agent gets its own limit back. The soft
+// limit is lowered first so that raising it needs no privilege.
+func TestStartMemlock(t *testing.T) {
+	var orig unix.Rlimit
+	if err := unix.Prlimit(0, unix.RLIMIT_MEMLOCK, nil, &orig); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Prlimit(0, unix.RLIMIT_MEMLOCK, &orig, nil) })
+	low := unix.Rlimit{Cur: 64 << 10, Max: orig.Max}
+	if err := unix.Prlimit(0, unix.RLIMIT_MEMLOCK, &low, nil); err != nil {
+		t.Fatal(err)
+	}
+	want := min(uint64(4<<20), orig.Max)
+	cmd := exec.Command("cat", "/proc/self/limits")
+	var out strings.Builder
+	cmd.Stdout = &out
+	if err := startMemlock(want, cmd.Start); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	var got unix.Rlimit
+	unix.Prlimit(0, unix.RLIMIT_MEMLOCK, nil, &got)
+	if got != low {
+		t.Errorf("agent's limit after: %+v, want %+v back", got, low)
+	}
+	for _, line := range strings.Split(out.String(), "\n") {
+		if f := strings.Fields(line); strings.HasPrefix(line, "Max locked memory") && len(f) >= 5 {
+			if f[3] != strconv.FormatUint(want, 10) {
+				t.Errorf("child's soft limit %s, want %d", f[3], want)
+			}
+			return
+		}
+	}
+	t.Errorf("no memlock line in %s", out.String())
+}
