@@ -260,10 +260,24 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		return api.VM{}, err
 	}
 	var cdroms []vm.CDROM
-	for _, i := range plan.cdroms {
-		cd, err := h.cdromDevice(ctx, i, c.Devices[i], c.Pool)
+	var cdPins []cdromPin
+	firstCD := 0 // the engine's index of the first CDROM device: after the seed ISO
+	if !c.NoCloudInit {
+		firstCD = 1
+	}
+	for k, i := range plan.cdroms {
+		cd, img, err := h.cdromDevice(ctx, i, c.Devices[i], c.Pool)
 		if err != nil {
 			return api.VM{}, err
+		}
+		if img != nil {
+			pin, err := h.pinCDROM(ctx, img, cdromOwner(id), firstCD+k)
+			if err != nil {
+				return api.VM{}, errcode.Wrap(errcode.Of(err), err, "devices[%d]", i)
+			}
+			u.add(func() { h.cache.Unpin(pin.Pool, pin.Digest, cdromOwner(id)) })
+			cd.Path = img.entry.Path
+			cdPins = append(cdPins, pin)
 		}
 		cdroms = append(cdroms, cd)
 	}
@@ -337,7 +351,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	m := meta{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
 		Network: network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task, Forwards: plan.forwards,
 		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart, VNCPassword: sealed,
-		Devices: keptDevices(c.Devices)}
+		Devices: keptDevices(c.Devices), CDROMPins: cdPins}
 	mb, _ := json.Marshal(m)
 	if _, err := h.engine.Define(ctx, spec, mb); err != nil {
 		return api.VM{}, err
@@ -369,8 +383,10 @@ func keptDevices(ds []api.Device) []api.Device {
 	return out
 }
 
-// Delete removes a VM and every file of it and unpins its image.
+// Delete removes a VM and every file of it and unpins its images: the
+// root disk's and its CD-ROMs'.
 func (h *Host) Delete(ctx context.Context, name string) error {
+	defer vmLocks.lock(name)()
 	v, err := h.engine.Get(name)
 	if err != nil {
 		return err
@@ -385,6 +401,9 @@ func (h *Host) Delete(ctx context.Context, name string) error {
 		if err := h.cache.Unpin(m.Pool, m.ImageSHA256, v.Spec.UUID); err != nil {
 			h.log.Warn("unpin image", zap.String("vm", name), zap.Error(err))
 		}
+	}
+	for _, p := range m.CDROMPins {
+		h.unpinCDROM(name, cdromOwner(v.Spec.UUID), p)
 	}
 	return nil
 }

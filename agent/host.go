@@ -102,6 +102,10 @@ type meta struct {
 	// devices as asked (NIC, PROXY and the emulated TPM are derived from
 	// the spec), kept current by attach, detach and medium changes.
 	Devices []api.Device `json:"devices,omitempty"`
+	// CDROMPins are the cached images the VM's CD-ROMs use, each pinned
+	// for cdromOwner(uuid): set at create, kept exact by medium changes,
+	// all unpinned at delete.
+	CDROMPins []cdromPin `json:"cdrom_pins,omitempty"`
 }
 
 // NewHost opens the image cache and the VM engine and re-adopts VMs.

@@ -8,8 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
+	"sync"
+
+	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/errcode"
@@ -182,33 +186,134 @@ func (h *Host) diskDevice(ctx context.Context, i int, d api.Device) (vm.Disk, er
 
 // cdromDevice resolves a seed-000 CDROM device: source is an image URL
 // (through the pool's image cache, sha256-verified like root images) or an
-// ISO under devices.allowed_paths.
-func (h *Host) cdromDevice(ctx context.Context, i int, d api.Device, pool string) (vm.CDROM, error) {
+// ISO under devices.allowed_paths. For an image URL it also returns the
+// cached image, which is not pinned yet: see pinCDROM.
+func (h *Host) cdromDevice(ctx context.Context, i int, d api.Device, pool string) (vm.CDROM, *cdromImage, error) {
 	if d.Source == "" {
-		return vm.CDROM{}, errcode.New(errcode.ValidationFailed, "devices[%d]: a CDROM needs source (an image URL or an allowed path)", i)
+		return vm.CDROM{}, nil, errcode.New(errcode.ValidationFailed, "devices[%d]: a CDROM needs source (an image URL or an allowed path)", i)
 	}
 	var path string
+	var img *cdromImage
 	if strings.HasPrefix(d.Source, "/") {
 		p, err := h.allowedPath(i, d.Source)
 		if err != nil {
-			return vm.CDROM{}, err
+			return vm.CDROM{}, nil, err
 		}
 		path = p
 	} else {
 		if d.StoragePool != "" {
 			pool = d.StoragePool
 		}
-		e, err := h.cache.Ensure(ctx, pool, imagecache.Request{URL: d.Source, SHA256: d.SHA256, Format: "raw"}, nil)
+		req := imagecache.Request{URL: d.Source, SHA256: d.SHA256, Format: "raw"}
+		e, err := h.cache.Ensure(ctx, pool, req, nil)
 		if err != nil {
-			return vm.CDROM{}, errcode.Wrap(errcode.Of(err), err, "devices[%d]", i)
+			return vm.CDROM{}, nil, errcode.Wrap(errcode.Of(err), err, "devices[%d]", i)
 		}
 		path = e.Path
+		img = &cdromImage{pool: pool, req: req, entry: e}
 	}
 	bi, err := bootPriority(i, d)
 	if err != nil {
-		return vm.CDROM{}, err
+		return vm.CDROM{}, nil, err
 	}
-	return vm.CDROM{Path: path, BootIndex: bi}, nil
+	return vm.CDROM{Path: path, BootIndex: bi}, img, nil
+}
+
+// cdromImage is a CD-ROM medium from a pool's image cache.
+type cdromImage struct {
+	pool  string
+	req   imagecache.Request
+	entry imagecache.Entry
+}
+
+// cdromPin is a cached image one of a VM's CD-ROMs uses, pinned for the
+// VM's cdromOwner. A VM's meta.CDROMPins lists one per CD-ROM holding
+// such an image; several CD-ROMs with the same image share one pin.
+type cdromPin struct {
+	Index  int    `json:"index"` // the engine's CD-ROM index (the seed ISO, when any, is 0)
+	Pool   string `json:"pool"`
+	Digest string `json:"sha256"`
+}
+
+// cdromOwner is the owner of a VM's CD-ROM image pins: not its uuid, the
+// owner of its root image's pin, so that neither drops the other's (the
+// same image may be both).
+func cdromOwner(id string) string { return id + ":cdrom" }
+
+// pinAttempts bounds the Pin, Ensure again rounds of pinCDROM.
+const pinAttempts = 3
+
+// pinCDROM pins img for owner as the medium of CD-ROM index. Eviction may
+// take the entry between Ensure and Pin (not_found): it is then ensured
+// again (downloaded again), at most pinAttempts times in all; img.entry is
+// the entry pinned.
+func (h *Host) pinCDROM(ctx context.Context, img *cdromImage, owner string, index int) (cdromPin, error) {
+	for attempt := 1; ; attempt++ {
+		err := h.cache.Pin(img.pool, img.entry.Digest, owner)
+		if err == nil {
+			return cdromPin{Index: index, Pool: img.pool, Digest: img.entry.Digest}, nil
+		}
+		if errcode.Of(err) != errcode.NotFound || attempt == pinAttempts {
+			return cdromPin{}, err
+		}
+		h.log.Info("CD-ROM image evicted before it was pinned; ensuring it again", zap.String("pool", img.pool),
+			zap.String("image_sha256", img.entry.Digest), zap.Int("attempt", attempt))
+		e, err := h.cache.Ensure(ctx, img.pool, img.req, nil)
+		if err != nil {
+			return cdromPin{}, err
+		}
+		img.entry = e
+	}
+}
+
+// pinUsed reports whether a CD-ROM other than index holds (pool, digest).
+func pinUsed(pins []cdromPin, pool, digest string, index int) bool {
+	for _, p := range pins {
+		if p.Index != index && p.Pool == pool && p.Digest == digest {
+			return true
+		}
+	}
+	return false
+}
+
+// vmLocks serializes, per VM name, the agent's read-modify-write of a
+// VM's device bookkeeping (its CD-ROM pins and meta.Devices) with the
+// engine operation it records: medium changes, disk attach and detach,
+// and delete, so that none loses or leaks another's pin or device.
+var vmLocks keyedMutex
+
+type keyedMutex struct {
+	mu sync.Mutex
+	m  map[string]*keyedLock
+}
+
+type keyedLock struct {
+	mu    sync.Mutex
+	users int
+}
+
+// lock locks key and returns its unlock.
+func (k *keyedMutex) lock(key string) func() {
+	k.mu.Lock()
+	if k.m == nil {
+		k.m = map[string]*keyedLock{}
+	}
+	l := k.m[key]
+	if l == nil {
+		l = &keyedLock{}
+		k.m[key] = l
+	}
+	l.users++
+	k.mu.Unlock()
+	l.mu.Lock()
+	return func() {
+		l.mu.Unlock()
+		k.mu.Lock()
+		if l.users--; l.users == 0 {
+			delete(k.m, key)
+		}
+		k.mu.Unlock()
+	}
 }
 
 func bootPriority(i int, d api.Device) (int, error) {
@@ -286,48 +391,134 @@ func (h *Host) sourcePath(d api.Device) (string, error) {
 	return h.volumePath(d.StoragePool, d.Source)
 }
 
-// AttachDisk adds a DISK device to a VM, at once if it runs (hot-plug).
+// AttachDisk adds a DISK device to a VM, at once if it runs (hot-plug),
+// and to the VM's devices.
 func (h *Host) AttachDisk(ctx context.Context, name string, d api.Device) (api.VM, error) {
 	disk, err := h.diskDevice(ctx, 0, d)
 	if err != nil {
 		return api.VM{}, err
 	}
+	defer vmLocks.lock(name)()
 	if _, err := h.engine.AttachDisk(ctx, name, disk); err != nil {
 		return api.VM{}, err
 	}
+	d.DevType = api.DevDisk
+	h.updateMeta(name, func(m *meta) { m.Devices = append(m.Devices, d) })
 	return h.VM(name)
 }
 
 // DetachDisk removes a DISK device from a VM (unplugged at once when it
-// was attached while the VM ran, else at the next start).
+// was attached while the VM ran, else at the next start), and from the
+// VM's devices.
 func (h *Host) DetachDisk(ctx context.Context, name string, d api.Device) (api.VM, error) {
 	path, err := h.sourcePath(d)
 	if err != nil {
 		return api.VM{}, err
 	}
+	defer vmLocks.lock(name)()
 	if _, err := h.engine.DetachDisk(ctx, name, path); err != nil {
 		return api.VM{}, err
 	}
+	h.updateMeta(name, func(m *meta) {
+		m.Devices = slices.DeleteFunc(m.Devices, func(x api.Device) bool {
+			if x.DevType != api.DevDisk {
+				return false
+			}
+			p, err := h.sourcePath(x)
+			if err != nil { // an allowed path gone or no longer allowed
+				return x.Source == d.Source
+			}
+			return p == path
+		})
+	})
 	return h.VM(name)
 }
 
 // ChangeMedium inserts a CDROM source (an allowed ISO or an image URL)
-// into a VM's CD-ROM index, or ejects it when source is empty.
+// into a VM's CD-ROM index (the engine's: the seed ISO is 0 when the VM
+// has cloud-init), or ejects it when source is empty.
+//
+// An image URL's cache entry is pinned for the VM's cdromOwner before the
+// medium goes in; the image the CD-ROM held before is unpinned unless
+// another of the VM's CD-ROMs holds it too; the CDROM device at that index
+// gets the new source. An eject changes neither pins nor devices: the
+// engine keeps the medium's file for the VM's next start.
 func (h *Host) ChangeMedium(ctx context.Context, name string, index int, d api.Device) (api.VM, error) {
-	path := ""
-	if d.Source != "" {
-		v, err := h.engine.Get(name)
-		if err != nil {
-			return api.VM{}, err
-		}
-		cd, err := h.cdromDevice(ctx, 0, d, metaOf(v).Pool)
-		if err != nil {
-			return api.VM{}, err
-		}
-		path = cd.Path
-	}
-	if _, err := h.engine.ChangeMedium(ctx, name, index, path); err != nil {
+	v, err := h.engine.Get(name)
+	if err != nil {
 		return api.VM{}, err
 	}
+	path := ""
+	var img *cdromImage
+	if d.Source != "" {
+		// The download, if any, runs before the VM's lock is taken.
+		cd, i, err := h.cdromDevice(ctx, 0, d, metaOf(v).Pool)
+		if err != nil {
+			return api.VM{}, err
+		}
+		path, img = cd.Path, i
+	}
+	defer vmLocks.lock(name)()
+	if v, err = h.engine.Get(name); err != nil {
+		return api.VM{}, err
+	}
+	owner := cdromOwner(v.Spec.UUID)
+	var pin *cdromPin
+	if img != nil {
+		p, err := h.pinCDROM(ctx, img, owner, index)
+		if err != nil {
+			return api.VM{}, err
+		}
+		pin, path = &p, img.entry.Path
+	}
+	if _, err := h.engine.ChangeMedium(ctx, name, index, path); err != nil {
+		if pin != nil && !pinUsed(metaOf(v).CDROMPins, pin.Pool, pin.Digest, -1) {
+			h.unpinCDROM(name, owner, *pin)
+		}
+		return api.VM{}, err
+	}
+	if d.Source == "" {
+		return h.VM(name)
+	}
+	var drop []cdromPin
+	h.updateMeta(name, func(m *meta) {
+		pins := slices.DeleteFunc(slices.Clone(m.CDROMPins), func(p cdromPin) bool { return p.Index == index })
+		if pin != nil {
+			pins = append(pins, *pin)
+		}
+		for _, old := range m.CDROMPins {
+			if old.Index == index && !pinUsed(pins, old.Pool, old.Digest, -1) {
+				drop = append(drop, old)
+			}
+		}
+		m.CDROMPins = pins
+		// The CDROM device of this index: the seed ISO comes first.
+		k := index
+		if m.CloudInit {
+			k--
+		}
+		for i := range m.Devices {
+			if m.Devices[i].DevType != api.DevCDROM {
+				continue
+			}
+			if k == 0 {
+				m.Devices[i].Source, m.Devices[i].SHA256, m.Devices[i].StoragePool = d.Source, d.SHA256, d.StoragePool
+				break
+			}
+			k--
+		}
+	})
+	for _, p := range drop {
+		h.unpinCDROM(name, owner, p)
+	}
 	return h.VM(name)
+}
+
+// unpinCDROM drops a VM's CD-ROM pin, logging a failure (the pin then
+// stays: the image is kept, never lost).
+func (h *Host) unpinCDROM(name, owner string, p cdromPin) {
+	if err := h.cache.Unpin(p.Pool, p.Digest, owner); err != nil {
+		h.log.Warn("unpin CD-ROM image", zap.String("vm", name), zap.String("pool", p.Pool),
+			zap.String("image_sha256", p.Digest), zap.Error(err))
+	}
 }
