@@ -160,7 +160,7 @@ func (h *Host) diskDevice(ctx context.Context, i int, d api.Device) (vm.Disk, er
 	} else {
 		p, err := h.volumePath(d.StoragePool, d.Source)
 		if err != nil {
-			return vm.Disk{}, errcode.Wrap(errcode.Of(err), err, "devices[%d]", i)
+			return vm.Disk{}, errcode.Prefix(err, "devices[%d]", i)
 		}
 		if _, err := os.Stat(p); err != nil {
 			return vm.Disk{}, errcode.New(errcode.NotFound, "devices[%d]: volume %q not found", i, d.Source)
@@ -207,7 +207,7 @@ func (h *Host) cdromDevice(ctx context.Context, i int, d api.Device, pool string
 		req := imagecache.Request{URL: d.Source, SHA256: d.SHA256, Format: "raw"}
 		e, err := h.cache.Ensure(ctx, pool, req, nil)
 		if err != nil {
-			return vm.CDROM{}, nil, errcode.Wrap(errcode.Of(err), err, "devices[%d]", i)
+			return vm.CDROM{}, nil, errcode.Prefix(err, "devices[%d]", i)
 		}
 		path = e.Path
 		img = &cdromImage{pool: pool, req: req, entry: e}

@@ -71,6 +71,12 @@ func Wrap(code Code, err error, format string, args ...any) *Error {
 	return &Error{Code: code, Message: msg, Err: err}
 }
 
+// Prefix says where a coded error arose ("devices[2]"), keeping its code
+// and message: "devices[2]: <message>", where Wrap would repeat the code.
+func Prefix(err error, format string, args ...any) *Error {
+	return &Error{Code: Of(err), Message: fmt.Sprintf(format, args...) + ": " + MessageOf(err), Err: err}
+}
+
 // Of returns the code of the first *Error in err's chain, or Internal.
 func Of(err error) Code {
 	if err == nil {
