@@ -62,6 +62,14 @@
 // standing in for /dev/tpm0), usb-host takes its fd set (and fails only in
 // libusb, the fd not being a usbfs node), vfio-pci fails only at realize
 // ("no iommu_group found"), and the root-port topology holds PCIe devices.
+//
+// Through the engine (agent/vm, agent): a host TPM 2.0 passes through end
+// to end, the booted guest using it, with a pseudo-terminal to swtpm
+// bind-mounted on the fake tree's /dev/tpm0 as the chip
+// (sysfstest.BackTPM); a second VM asking for it gets device_busy, also
+// after an agent restart; failed starts (vfio-pci, usb-host on a node that
+// is not usbfs, a TPM node no driver backs) leave the fake tree as they
+// found it.
 package hostdev
 
 import (

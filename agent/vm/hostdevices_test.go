@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 
 	"github.com/google/uuid"
@@ -26,9 +25,9 @@ import (
 // unprivileged QEMU user, the descriptors and the platform guest are real.
 // The host's sysfs is a fake tree (package sysfstest; this machine has no
 // IOMMU, USB bus or TPM), and so are its device nodes, except where a real
-// character device can stand in: the TPM below is a pseudo-terminal whose
-// other end is swtpm, so QEMU's passthrough backend talks to a TPM 2.0
-// through a real character device, as it would to /dev/tpm0.
+// character device can stand in: the host TPM is a pseudo-terminal whose
+// other end is swtpm (sysfstest's BackTPM), so QEMU's passthrough backend
+// talks to a TPM 2.0 through a real character device, as to /dev/tpm0.
 
 // definePlatform defines a VM of the platform guest (it carries the TPM
 // tools) with the given host devices.
@@ -58,67 +57,6 @@ func (h *harness) definePlatform(name string, hd *hostdev.Spec) View {
 	return v
 }
 
-// ptyTPM starts swtpm (TPM 2.0) on the master side of a new
-// pseudo-terminal and bind-mounts the slave on node: a character device
-// that answers TPM commands. (A copy made with mknod would not open: the
-// kernel opens a pty slave only through its devpts inode.)
-func ptyTPM(t *testing.T, node string) {
-	t.Helper()
-	swtpm, err := exec.LookPath("swtpm")
-	if err != nil {
-		t.Fatal("swtpm is missing (scripts/deps.sh installs it)")
-	}
-	master, err := os.OpenFile("/dev/ptmx", os.O_RDWR|syscall.O_NOCTTY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer master.Close()
-	fd := int(master.Fd())
-	if err := unix.IoctlSetPointerInt(fd, unix.TIOCSPTLCK, 0); err != nil {
-		t.Fatal(err)
-	}
-	n, err := unix.IoctlGetInt(fd, unix.TIOCGPTN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	slave, err := os.OpenFile("/dev/pts/"+itoa(n), os.O_RDWR|syscall.O_NOCTTY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Raw mode: bytes pass as they are, a command or response in one piece.
-	tio, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tio.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
-	tio.Oflag &^= unix.OPOST
-	tio.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.ISIG | unix.IEXTEN
-	tio.Cflag &^= unix.CSIZE | unix.PARENB
-	tio.Cflag |= unix.CS8
-	tio.Cc[unix.VMIN], tio.Cc[unix.VTIME] = 1, 0
-	if err := unix.IoctlSetTermios(int(slave.Fd()), unix.TCSETS, tio); err != nil {
-		t.Fatal(err)
-	}
-	os.Remove(node)
-	if err := os.WriteFile(node, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount(slave.Name(), node, "", unix.MS_BIND, ""); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(node, unix.MNT_DETACH) })
-	sw := exec.Command(swtpm, "chardev", "--tpm2", "--fd", "3", "--tpmstate", "dir="+t.TempDir(), "--flags", "not-need-init,startup-clear")
-	sw.ExtraFiles = []*os.File{master}
-	if err := sw.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		sw.Process.Kill()
-		sw.Wait()
-		slave.Close() // held until then: a pty whose slave is closed hangs up
-	})
-}
-
 // TestHostTPMPassthrough: a VM asking for the host's TPM (/dev/tpm0 of a
 // fake tree, a pty to swtpm) boots and its guest uses the TPM. The device
 // is held: another VM asking for it gets device_busy, also after an agent
@@ -129,8 +67,8 @@ func TestHostTPMPassthrough(t *testing.T) {
 	ctx := context.Background()
 	tr := sysfstest.New(t)
 	tr.AddTPM(0, 2)
+	tr.BackTPM(0)
 	node := tr.D("tpm0")
-	ptyTPM(t, node)
 	reg := &hostdev.Registry{}
 	h := newHarness(t, func(c *Config) {
 		c.HostDevices = &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write, Registry: reg}
