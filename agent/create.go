@@ -122,10 +122,18 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 	}
 	// Networks and devices: a dry run of the NIC plan.
 	probe := "validate-" + uuid.NewString()
-	if _, err := h.planNICs(c, probe); err != nil {
+	plan, err := h.planNICs(c, probe)
+	if err != nil {
 		return err
 	}
 	h.macs.Release(probe)
+	// Host devices are checked against the host now (device_not_found,
+	// iommu_unavailable, device_busy), and again at every start.
+	if !plan.host.Empty() {
+		if _, err := h.hostdevs.Resolve(context.Background(), uuid.NewString(), plan.host); err != nil {
+			return err
+		}
+	}
 	if !c.NoCloudInit {
 		s := seedOf(c, "00000000-0000-4000-8000-000000000000")
 		if err := s.Validate(cloudinit.Limits{MaxUserData: h.cfg.Limits.MaxUserDataBytes}); err != nil {
@@ -273,7 +281,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		if img != nil {
 			pin, err := h.pinCDROM(ctx, img, cdromOwner(id), firstCD+k)
 			if err != nil {
-				return api.VM{}, errcode.Wrap(errcode.Of(err), err, "devices[%d]", i)
+				return api.VM{}, errcode.Prefix(err, "devices[%d]", i)
 			}
 			u.add(func() { h.cache.Unpin(pin.Pool, pin.Digest, cdromOwner(id)) })
 			cd.Path = img.entry.Path
@@ -318,10 +326,11 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		VNC: vncSpec,
 		Disks: append([]vm.Disk{{Path: root, Format: "qcow2", Bus: rootBuses[c.RootDiskIOBus], BootIndex: rootBootIndex,
 			Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}}, plan.disks...),
-		NICs:       plan.nics,
-		Firmware:   fw,
-		TPM:        tpmSpec,
-		OwnedPaths: owned,
+		NICs:        plan.nics,
+		Firmware:    fw,
+		TPM:         tpmSpec,
+		HostDevices: plan.host,
+		OwnedPaths:  owned,
 	}
 	if !c.NoCloudInit {
 		seed := filepath.Join(dir, "seed.iso")

@@ -24,6 +24,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/firmware"
+	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/metrics"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
@@ -58,6 +59,7 @@ type Host struct {
 	firmwares *firmware.Catalog
 	box       *secrets.Box // seals VNC passwords at rest
 	vncPorts  vnc.Ports
+	hostdevs  *hostdev.Host // passthrough: the host's sysfs and the devices VMs hold
 
 	// Facts of the host found once at start (every heartbeat reports
 	// them; the binaries change only with a restart).
@@ -79,6 +81,9 @@ type Options struct {
 	// BootIDPath is where the host's boot id is read (default
 	// /proc/sys/kernel/random/boot_id); tests simulate a host reboot.
 	BootIDPath string
+	// HostDevices is the host's sysfs and /dev for passthrough (nil: the
+	// real /sys and /dev); tests pass a fake tree (hostdev/sysfstest).
+	HostDevices *hostdev.Host
 }
 
 // meta is what the host keeps with each VM in the engine's state.
@@ -154,7 +159,15 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		return nil, err
 	}
 	h.cred = cred
+	h.hostdevs = o.HostDevices
+	if h.hostdevs == nil {
+		h.hostdevs = &hostdev.Host{}
+	}
+	if h.hostdevs.Registry == nil {
+		h.hostdevs.Registry = &hostdev.Registry{}
+	}
 	eng, err := vm.New(vm.Config{
+		HostDevices:       h.hostdevs,
 		Credential:        cred,
 		StateDir:          cfg.DataDir,
 		RunDir:            cfg.RunDir,

@@ -91,6 +91,9 @@ const (
 	DevTPM   = "TPM"
 	DevDisk  = "DISK"
 	DevCDROM = "CDROM"
+	DevPCI   = "PCI"
+	DevGPU   = "GPU"
+	DevUSB   = "USB"
 )
 
 // Device is one seed-000 device of a create request.
@@ -108,8 +111,29 @@ type Device struct {
 	SourcePort  int    `json:"source_port,omitempty" yaml:"source_port,omitempty"`
 	DestProto   string `json:"dest_proto,omitempty" yaml:"dest_proto,omitempty"`
 	DestPort    int    `json:"dest_port,omitempty" yaml:"dest_port,omitempty"`
-	// TPM: no path means an emulated TPM 2.0 (swtpm); a path is a host TPM.
-	Path string `json:"path,omitempty" yaml:"path,omitempty"`
+	// TPM: no path means an emulated TPM 2.0 (swtpm); a path is a host TPM
+	// (/dev/tpmN) passed through. pathrm is a container option, refused.
+	Path   string `json:"path,omitempty" yaml:"path,omitempty"`
+	PathRM string `json:"pathrm,omitempty" yaml:"pathrm,omitempty"`
+	// PCI: the host function passed through whole (DDDD:BB:DD.F).
+	Address string `json:"address,omitempty" yaml:"address,omitempty"`
+	// GPU: gpu_type PHYSICAL, MDEV, MIG or SRIOV and the fields it uses
+	// (see package hostdev). uid, gid and mode are container options.
+	GPUType      string `json:"gpu_type,omitempty" yaml:"gpu_type,omitempty"`
+	ID           string `json:"id,omitempty" yaml:"id,omitempty"`
+	PCI          string `json:"pci,omitempty" yaml:"pci,omitempty"`
+	Mdev         string `json:"mdev,omitempty" yaml:"mdev,omitempty"`
+	MIGUUID      string `json:"mig_uuid,omitempty" yaml:"mig_uuid,omitempty"`
+	GPUVendorID  string `json:"vendorid,omitempty" yaml:"vendorid,omitempty"`
+	GPUProductID string `json:"productid,omitempty" yaml:"productid,omitempty"`
+	UID          *int   `json:"uid,omitempty" yaml:"uid,omitempty"`
+	GID          *int   `json:"gid,omitempty" yaml:"gid,omitempty"`
+	Mode         string `json:"mode,omitempty" yaml:"mode,omitempty"`
+	// USB: by bus and dev, or by vendor_id and product_id.
+	Bus       *int   `json:"bus,omitempty" yaml:"bus,omitempty"`
+	Dev       *int   `json:"dev,omitempty" yaml:"dev,omitempty"`
+	VendorID  string `json:"vendor_id,omitempty" yaml:"vendor_id,omitempty"`
+	ProductID string `json:"product_id,omitempty" yaml:"product_id,omitempty"`
 	// DISK: a volume (source) of storage_pool, readonly, io_bus and
 	// boot_priority (lower boots first; null: not bootable).
 	Source       string `json:"source,omitempty" yaml:"source,omitempty"`
@@ -240,7 +264,7 @@ type Image struct {
 	VirtualSize int64     `json:"virtual_size"`
 	URLs        []string  `json:"urls"`
 	LastUsed    time.Time `json:"last_used"`
-	PinnedBy    []string  `json:"pinned_by"` // uuids of VMs whose disks use it
+	PinnedBy    []string  `json:"pinned_by"` // VM uuids whose root disks use it; "<uuid>:cdrom" for a VM's CD-ROMs
 }
 
 // ImageList is the answer of GET /v1/images.

@@ -95,9 +95,9 @@ func StatusOf(code errcode.Code) int {
 	switch code {
 	case errcode.ValidationFailed, errcode.DefaultPoolNotSet, errcode.ImageFormatUnsupported:
 		return http.StatusBadRequest
-	case errcode.NotFound, errcode.NetworkNotFound, errcode.PoolNotFound:
+	case errcode.NotFound, errcode.NetworkNotFound, errcode.PoolNotFound, errcode.DeviceNotFound:
 		return http.StatusNotFound
-	case errcode.Conflict, errcode.PoolNotOnNode, errcode.PortInUse, errcode.DeviceBusy:
+	case errcode.Conflict, errcode.PoolNotOnNode, errcode.PortInUse, errcode.DeviceBusy, errcode.IOMMUUnavailable:
 		return http.StatusConflict
 	case errcode.Unauthorized:
 		return http.StatusUnauthorized

@@ -206,6 +206,41 @@ memory_mb: 2048
 	}
 }
 
+// TestVMGetYAMLDevices: the seed-000 devices of the view (DISK, CDROM,
+// host devices) come out in the manifest as asked, and parse back.
+func TestVMGetYAMLDevices(t *testing.T) {
+	h := newHarness(t)
+	v := testVM()
+	prio := 0
+	v.Devices = []api.Device{
+		{DevType: api.DevDisk, Source: "data-1", StoragePool: "default", Readonly: true, IOBus: "VIRTIO-BLK"},
+		{DevType: api.DevCDROM, Source: "https://isos.example/tools.iso", SHA256: strings.Repeat("cd", 32), BootPriority: &prio},
+		{DevType: api.DevGPU, GPUType: "SRIOV", PCI: "0000:03:00.0"},
+		{DevType: api.DevUSB, VendorID: "0781", ProductID: "5583"},
+		{DevType: api.DevTPM, Path: "/dev/tpm0"},
+	}
+	h.api.AddVM(v)
+	r := h.must("vm", "get", "web-1", "-o", "yaml")
+	for _, want := range []string{
+		"  - dev_type: DISK\n    source: data-1\n    storage_pool: default\n    readonly: true\n    io_bus: VIRTIO-BLK\n",
+		"  - dev_type: GPU\n    gpu_type: SRIOV\n    pci: \"0000:03:00.0\"\n",
+		"  - dev_type: USB\n    vendor_id: \"0781\"\n    product_id: \"5583\"\n",
+		"  - dev_type: TPM\n    path: /dev/tpm0\n",
+		"    boot_priority: 0\n",
+	} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("manifest lacks %q:\n%s", want, r.stdout)
+		}
+	}
+	spec, err := parseManifest([]byte(r.stdout), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(spec.Devices, v.Devices) {
+		t.Errorf("devices parsed back = %+v, want %+v", spec.Devices, v.Devices)
+	}
+}
+
 func TestVMConsole(t *testing.T) {
 	h := newHarness(t)
 	h.api.AddVM(testVM())
