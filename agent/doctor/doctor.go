@@ -150,6 +150,7 @@ func Run(ctx context.Context, cfg *config.Config, env Env) []Result {
 	out = append(out, checkQemuImg(ctx, env))
 	out = append(out, checkFirmware(env)...)
 	out = append(out, checkSwtpm(env))
+	out = append(out, checkPassthrough(env))
 	out = append(out, checkDir(env, "data_dir", cfg.DataDir))
 	out = append(out, checkDir(env, "run_dir", cfg.RunDir))
 	out = append(out, checkSocketPath(cfg))

@@ -66,6 +66,8 @@ func goodHost(t *testing.T) (Env, *config.Config) {
 		"sys/class/net/eth0/flags":             "0x1003\n",
 		"sys/class/net/eth0/operstate":         "up\n",
 		"run/systemd/system/":                  "",
+		"sys/kernel/iommu_groups/12/devices/":  "",
+		"sys/bus/pci/drivers/vfio-pci/":        "",
 		"var/lib/otherix/pools/fast/":          "",
 		"var/lib/otherix/pools/fast/images/x/": "",
 	})
@@ -135,7 +137,7 @@ func byCheck(t *testing.T, rs []Result) map[string]Result {
 
 var allChecks = []string{
 	"qemu amd64", "qemu arm64", "kvm", "qemu-img", "firmware bios", "firmware uefi amd64", "firmware uefi arm64",
-	"swtpm", "data_dir", "run_dir", "socket path", "pool default", "pool fast", "network lan", "network mv",
+	"swtpm", "passthrough", "data_dir", "run_dir", "socket path", "pool default", "pool fast", "network lan", "network mv",
 	"/dev/net/tun", "systemd", "qemu user", "control plane",
 }
 
@@ -258,6 +260,12 @@ func TestProblems(t *testing.T) {
 				return look(f)
 			}
 		}, "swtpm", Warn, "VMs cannot have a TPM", "apt-get install swtpm"},
+		{"no iommu", func(t *testing.T, e *Env, c *config.Config) {
+			os.RemoveAll(filepath.Join(e.Root, "sys/kernel/iommu_groups/12"))
+		}, "passthrough", Warn, "no IOMMU groups: PCI and GPU passthrough unavailable", "intel_iommu=on"},
+		{"no vfio-pci", func(t *testing.T, e *Env, c *config.Config) {
+			os.RemoveAll(filepath.Join(e.Root, "sys/bus/pci/drivers/vfio-pci"))
+		}, "passthrough", Warn, "1 IOMMU groups, vfio-pci not loaded", "modprobe vfio-pci"},
 		{"pool not writable", func(t *testing.T, e *Env, c *config.Config) {
 			if os.Geteuid() == 0 {
 				// root writes through modes: make the path a file instead.

@@ -315,3 +315,21 @@ func checkSwtpm(env Env) Result {
 	}
 	return r
 }
+
+// checkPassthrough: PCI and GPU passthrough need an IOMMU (groups under
+// /sys/kernel/iommu_groups) and the vfio-pci driver; USB and host TPM
+// passthrough need neither.
+func checkPassthrough(env Env) Result {
+	r := Result{Check: "passthrough"}
+	groups, _ := os.ReadDir(env.path("/sys/kernel/iommu_groups"))
+	switch {
+	case len(groups) == 0:
+		r.Status, r.Detail, r.Fix = Warn, "no IOMMU groups: PCI and GPU passthrough unavailable (USB and host TPM work)",
+			"enable VT-d or AMD-Vi in the firmware, boot with intel_iommu=on or amd_iommu=on"
+	case !exists(env.path("/sys/bus/pci/drivers/vfio-pci")):
+		r.Status, r.Detail, r.Fix = Warn, fmt.Sprintf("%d IOMMU groups, vfio-pci not loaded: PCI and GPU passthrough unavailable", len(groups)), "modprobe vfio-pci"
+	default:
+		r.Status, r.Detail = OK, fmt.Sprintf("%d IOMMU groups, vfio-pci loaded", len(groups))
+	}
+	return r
+}
