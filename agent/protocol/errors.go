@@ -3,6 +3,7 @@ package protocol
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strconv"
 	"time"
@@ -82,6 +83,9 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 	if s, err := strconv.Atoi(v); err == nil {
 		if s < 0 {
 			return 0
+		}
+		if s > math.MaxInt64/int(time.Second) {
+			return math.MaxInt64 // would overflow: the longest wait there is
 		}
 		return time.Duration(s) * time.Second
 	}
