@@ -51,6 +51,10 @@ until [ -s "$work/data/standalone.addr" ]; do
 	sleep 0.1
 done
 export OTHERIX_URL="http://$(cat "$work/data/standalone.addr")"
+# The API asks for the token the agent keeps in its data dir (on loopback
+# too); with the default data_dir, root's otherix finds it by itself.
+OTHERIX_TOKEN="$(cat "$work/data/api.token")"
+export OTHERIX_TOKEN
 echo "API at $OTHERIX_URL"
 
 cat >"$work/user-data.yaml" <<'YAML'

@@ -725,7 +725,7 @@ func RequireToken(h http.Handler, token string) http.Handler {
 		}
 		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="otherix"`)
-			writeErr(w, errcode.New(errcode.Unauthorized, "missing or wrong bearer token"))
+			writeErr(w, errcode.New(errcode.Unauthorized, "missing or wrong bearer token: otherix reads it from --token-file, $OTHERIX_TOKEN or /var/lib/otherix/api.token (the agent's <data_dir>/api.token, or listen.token_file)"))
 			return
 		}
 		h.ServeHTTP(w, r)

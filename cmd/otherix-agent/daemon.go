@@ -201,6 +201,16 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	if err != nil {
 		return nil, nil, err
 	}
+	// On loopback too, TCP clients need a token: any local user can reach
+	// 127.0.0.1, and this API starts VMs and attaches host files and
+	// devices. Without listen.token_file the agent keeps one in
+	// <data_dir>/api.token (0600), which root's otherix reads by default.
+	// The unix socket needs none: its file mode (0660) guards it.
+	if sec.Token == "" {
+		if sec.Token, err = ensureToken(filepath.Join(cfg.DataDir, "api.token")); err != nil {
+			return nil, nil, err
+		}
+	}
 	tokenPath := filepath.Join(cfg.DataDir, "standalone.token")
 	token, err := ensureToken(tokenPath)
 	if err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -218,6 +219,42 @@ func TestListenBeyondLoopbackNeedsTLS(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), "TLS") {
 		t.Fatalf("agent on 0.0.0.0 without TLS: %v\n%s", err, out)
 	}
+}
+
+// TestLoopbackNeedsToken: on loopback too the TCP API asks for the token
+// the agent keeps in <data_dir>/api.token (0600, the same across
+// restarts); the CLI without one is told where it is.
+func TestLoopbackNeedsToken(t *testing.T) {
+	t.Parallel()
+	a := startAgent(t, "")
+	fi, err := os.Stat(filepath.Join(a.dir, "api.token"))
+	if err != nil || fi.Mode().Perm() != 0o600 || len(a.token) < 32 {
+		t.Fatalf("api.token: %v %v, token of %d characters", err, fi, len(a.token))
+	}
+	resp, err := http.Get(a.url + "/v1/vms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("GET /v1/vms without a token: %d, want 401", resp.StatusCode)
+	}
+	if code, _ := getRaw(t, a.url+"/v1/vms"); code != 200 {
+		t.Errorf("GET /v1/vms with the token: %d", code)
+	}
+	cmd := exec.Command(filepath.Join(binDir, "otherix"), "vm", "list")
+	cmd.Env = append(os.Environ(), "OTHERIX_URL="+a.url, "OTHERIX_TOKEN=")
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "unauthorized") || !strings.Contains(string(out), "api.token") {
+		t.Errorf("otherix without a token: %v\n%s", err, out)
+	}
+	before := a.token
+	a.kill()
+	a.start()
+	if a.token != before {
+		t.Errorf("the token changed across a restart")
+	}
+	a.ok("vm", "list")
 }
 
 // TestVersions: both binaries say their module version and VCS revision.

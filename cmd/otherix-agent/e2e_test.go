@@ -49,6 +49,7 @@ type standaloneAgent struct {
 	cfgPath string
 	cmd     *exec.Cmd
 	url     string
+	token   string // the API token the agent keeps in <dir>/api.token
 	log     *syncBuffer
 	image   string            // URL of the guest image
 	ns      *netdevtest.Netns // when set, the agent and the CLI run in it
@@ -102,6 +103,12 @@ func (a *standaloneAgent) start() {
 		b, err := os.ReadFile(filepath.Join(a.dir, "standalone.addr"))
 		if err == nil && len(b) > 0 {
 			a.url = "http://" + strings.TrimSpace(string(b))
+			tok, err := os.ReadFile(filepath.Join(a.dir, "api.token"))
+			if err != nil {
+				a.t.Fatalf("the agent keeps no api.token: %v", err)
+			}
+			a.token = strings.TrimSpace(string(tok))
+			apiTokens.Store(strings.TrimPrefix(a.url, "http://"), a.token)
 			return
 		}
 		if time.Now().After(deadline) {
@@ -175,7 +182,7 @@ func (a *standaloneAgent) cli(stdin string, args ...string) result {
 	if a.ns != nil {
 		cmd = a.ns.Command(context.Background(), filepath.Join(binDir, "otherix"), args...)
 	}
-	cmd.Env = append(os.Environ(), "OTHERIX_URL="+a.url, "OTHERIX_POLL_INTERVAL=200ms")
+	cmd.Env = append(os.Environ(), "OTHERIX_URL="+a.url, "OTHERIX_TOKEN="+a.token, "OTHERIX_POLL_INTERVAL=200ms")
 	cmd.Stdin = strings.NewReader(stdin)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb

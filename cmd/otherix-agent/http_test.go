@@ -6,15 +6,33 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
 )
 
+// apiTokens maps an agent's API address (host:port) to its token, for
+// the requests below (testClient adds it).
+var apiTokens sync.Map
+
+// testClient sends the token of the agent a request goes to.
+var testClient = &http.Client{Transport: tokenTransport{}}
+
+type tokenTransport struct{}
+
+func (tokenTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if tok, ok := apiTokens.Load(r.URL.Host); ok && r.Header.Get("Authorization") == "" {
+		r = r.Clone(r.Context())
+		r.Header.Set("Authorization", "Bearer "+tok.(string))
+	}
+	return http.DefaultTransport.RoundTrip(r)
+}
+
 func postRaw(t *testing.T, url, body string) (int, api.ErrorEnvelope) {
 	t.Helper()
-	resp, err := http.Post(url, "application/json", strings.NewReader(body))
+	resp, err := testClient.Post(url, "application/json", strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -27,7 +45,7 @@ func postRaw(t *testing.T, url, body string) (int, api.ErrorEnvelope) {
 
 func getRaw(t *testing.T, url string) (int, []byte) {
 	t.Helper()
-	resp, err := http.Get(url)
+	resp, err := testClient.Get(url)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +93,7 @@ func waitLog(t *testing.T, a *standaloneAgent, substr string) {
 func patchRaw(t *testing.T, url, body string) (int, api.ErrorEnvelope) {
 	t.Helper()
 	req, _ := http.NewRequest(http.MethodPatch, url, strings.NewReader(body))
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := testClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -67,12 +67,22 @@ type cli struct {
 
 	server    string
 	tokenFile string
+	// defaultTokenFile is read when neither --token-file nor $OTHERIX_TOKEN
+	// gives a token (run sets defaultTokenPath).
+	defaultTokenFile string
 }
+
+// DefaultTokenFile is where the agent keeps its API token when the config
+// names none: <data_dir>/api.token with the default data_dir.
+const DefaultTokenFile = "/var/lib/otherix/api.token"
+
+// defaultTokenPath is DefaultTokenFile; tests point it elsewhere.
+var defaultTokenPath = DefaultTokenFile
 
 // run is the whole CLI: main calls it with the process's arguments (without
 // the program name), stdio and os.Getenv, and exits with its result.
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer, env func(string) string) int {
-	c := &cli{stdin: stdin, stdout: stdout, stderr: stderr, env: env, isTerminal: isTerminal}
+	c := &cli{stdin: stdin, stdout: stdout, stderr: stderr, env: env, isTerminal: isTerminal, defaultTokenFile: defaultTokenPath}
 	return c.main(context.Background(), args)
 }
 
@@ -171,7 +181,7 @@ func (c *cli) usage(w io.Writer) {
 	tw.Flush()
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Flags may follow the VM name. Run 'otherix COMMAND -h' for a command's flags.")
-	fmt.Fprintf(w, "Server: --server, $%s, default %s. Token: --token-file, $%s.\n", envURL, defaultServer, envToken)
+	fmt.Fprintf(w, "Server: --server, $%s, default %s. Token: --token-file, $%s, default %s when readable.\n", envURL, defaultServer, envToken, DefaultTokenFile)
 	fmt.Fprintln(w, "Exit status: 0 ok, 1 error or failed task, 2 --wait timed out.")
 }
 
@@ -392,8 +402,12 @@ func (c *cli) client() (*client.Client, error) {
 		if token = strings.TrimSpace(string(b)); token == "" {
 			return nil, fmt.Errorf("token file %s is empty", c.tokenFile)
 		}
-	} else {
-		token = strings.TrimSpace(c.env(envToken))
+	} else if token = strings.TrimSpace(c.env(envToken)); token == "" {
+		// The agent's own token file, readable by root: what a local
+		// administrator uses without configuring anything.
+		if b, err := os.ReadFile(c.defaultTokenFile); err == nil {
+			token = strings.TrimSpace(string(b))
+		}
 	}
 	return &client.Client{
 		BaseURL:   strings.TrimRight(server, "/"),

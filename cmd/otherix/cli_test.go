@@ -62,6 +62,10 @@ func TestServerAndToken(t *testing.T) {
 	if err := os.WriteFile(tokenFile, []byte("file-secret\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	defaultFile := filepath.Join(t.TempDir(), "api.token")
+	old := defaultTokenPath
+	defaultTokenPath = defaultFile
+	t.Cleanup(func() { defaultTokenPath = old })
 	emptyFile := filepath.Join(t.TempDir(), "empty")
 	if err := os.WriteFile(emptyFile, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -80,11 +84,17 @@ func TestServerAndToken(t *testing.T) {
 		{"token file wins", map[string]string{envURL: srv.URL, envToken: "env-secret"}, []string{"vm", "list", "--token-file", tokenFile}, "Bearer file-secret", ""},
 		{"global token file", map[string]string{envURL: srv.URL}, []string{"--token-file", tokenFile, "vm", "list"}, "Bearer file-secret", ""},
 		{"empty token file", map[string]string{envURL: srv.URL}, []string{"vm", "list", "--token-file", emptyFile}, "", "error: token file " + emptyFile + " is empty\n"},
+		{"default token file", map[string]string{envURL: srv.URL}, []string{"vm", "list"}, "Bearer default-secret", ""},
+		{"env token before the default file", map[string]string{envURL: srv.URL, envToken: "env-secret"}, []string{"vm", "list"}, "Bearer env-secret", ""},
 		{"bad url", map[string]string{envURL: "127.0.0.1:7480"}, []string{"vm", "list"}, "", "error: invalid server URL \"127.0.0.1:7480\": want http://HOST:PORT\n"},
 		{"unreachable", map[string]string{}, []string{"vm", "list", "--server", "http://127.0.0.1:1"}, "", "error: cannot reach http://127.0.0.1:1: dial tcp 127.0.0.1:1: connect: connection refused\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			gotAuth = nil
+			os.Remove(defaultFile)
+			if strings.Contains(tc.name, "default") {
+				os.WriteFile(defaultFile, []byte("default-secret\n"), 0o600)
+			}
 			var out, errb bytes.Buffer
 			code := run(tc.args, strings.NewReader(""), &out, &errb, func(k string) string { return tc.env[k] })
 			if tc.wantErr != "" {
