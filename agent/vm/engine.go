@@ -65,7 +65,12 @@ type Config struct {
 	StartTimeout time.Duration
 	// Credential is the unprivileged user QEMU runs as (nil: the agent's
 	// own user). QEMU needs no access to any file: the agent opens them.
+	// With UIDs, each VM gets a uid and gid of its own instead and keeps
+	// Credential's supplementary groups (kvm).
 	Credential *syscall.Credential
+	// UIDs, when set, is the block of ids VMs' QEMUs run as, one per VM
+	// (persisted with it).
+	UIDs *UIDRange
 	// HostDevices passes host devices through (nil: a VM with host
 	// devices fails to start with validation_failed).
 	HostDevices HostDevices
@@ -254,6 +259,10 @@ func (e *Engine) Define(ctx context.Context, spec Spec, meta json.RawMessage) (V
 	m := e.newMachine(spec)
 	now := time.Now().UTC()
 	m.st = state{Spec: spec, Status: "stopped", CreatedAt: now, UpdatedAt: now, Meta: meta}
+	if err := e.assignUIDLocked(m); err != nil {
+		e.mu.Unlock()
+		return View{}, err
+	}
 	e.vms[spec.Name] = m
 	e.uuid[spec.UUID] = m
 	e.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"syscall"
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
@@ -30,7 +31,7 @@ type HostDevices interface {
 // acquireHostDevices resolves and acquires the spec's host devices for a
 // start and persists the plan, so that Release runs when QEMU exits, even
 // after an agent restart. It returns nil when the spec has none.
-func (m *machine) acquireHostDevices(ctx context.Context, spec *Spec) (*hostdev.Plan, error) {
+func (m *machine) acquireHostDevices(ctx context.Context, spec *Spec, cred *syscall.Credential) (*hostdev.Plan, error) {
 	if spec.HostDevices.Empty() {
 		return nil, nil
 	}
@@ -43,7 +44,7 @@ func (m *machine) acquireHostDevices(ctx context.Context, spec *Spec) (*hostdev.
 		return nil, err
 	}
 	var owner *hostdev.Owner
-	if c := m.e.cfg.Credential; c != nil {
+	if c := cred; c != nil {
 		owner = &hostdev.Owner{UID: int(c.Uid), GID: int(c.Gid)}
 	}
 	if err := hd.Acquire(ctx, p, owner); err != nil {

@@ -247,7 +247,11 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	m.mu.Unlock()
 
 	paths := m.paths()
-	hostPlan, err := m.acquireHostDevices(ctx, &spec)
+	if err := m.ensureUID(); err != nil {
+		return err
+	}
+	cred := m.cred()
+	hostPlan, err := m.acquireHostDevices(ctx, &spec, cred)
 	if err != nil {
 		m.setStatus(prevStatus, "start failed: "+errcode.MessageOf(err))
 		return err
@@ -318,7 +322,7 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	// service manager) never reaches QEMU. Credential drops root: QEMU runs
 	// as the unprivileged QEMU user with no supplementary groups and no
 	// capabilities, holding only the descriptors the agent opened for it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: m.e.cfg.Credential}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: cred}
 	if hostPlan != nil && len(hostPlan.VFIO) > 0 {
 		err = startMemlock(hostdev.MemlockBytes(spec.MemoryMB), cmd.Start)
 	} else {
@@ -468,7 +472,7 @@ func (m *machine) startTPM(ctx context.Context, state string) (*os.File, error) 
 	// QEMU user's): swtpm reopens its pid file by path, and the VM's
 	// runtime dir is root's.
 	cfg := tpm.Config{StateDir: state, RunDir: state, Binary: m.e.cfg.SWTPM, Env: m.e.cfg.Env}
-	if c := m.e.cfg.Credential; c != nil {
+	if c := m.cred(); c != nil {
 		cfg.Owner = &tpm.Owner{UID: c.Uid, GID: c.Gid}
 	}
 	tp, err := tpm.Start(ctx, cfg)

@@ -87,3 +87,89 @@ func TestQEMUUnprivileged(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestPerVMUIDs: with a uid range each VM's QEMU runs as a uid and gid of
+// its own (kept across restarts), so one QEMU cannot reach another's
+// descriptors. The control: a process of VM b's uid reads b's disk through
+// /proc/<pid>/fd, which is what any QEMU could do to any other with one
+// shared user; a process of VM a's uid is refused.
+func TestPerVMUIDs(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	r := &UIDRange{First: 2000000000, Count: 65536}
+	h := newHarness(t, func(c *Config) { c.UIDs = r })
+	h.define("uid-a", "")
+	b := h.define("uid-b", "")
+	va, err := h.e.Start(ctx, "uid-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vb, err := h.e.Start(ctx, "uid-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uidOf := func(pid int) uint32 {
+		st, err := os.ReadFile("/proc/" + itoa(pid) + "/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(st), "\n") {
+			if f := strings.Fields(line); len(f) == 5 && (f[0] == "Uid:" || f[0] == "Gid:") {
+				if f[1] != f[2] || f[1] != f[3] || f[1] != f[4] {
+					t.Errorf("pid %d: %s", pid, line)
+				}
+			}
+		}
+		for _, line := range strings.Split(string(st), "\n") {
+			if f := strings.Fields(line); len(f) == 5 && f[0] == "Uid:" {
+				n, _ := strconv.ParseUint(f[1], 10, 32)
+				return uint32(n)
+			}
+		}
+		t.Fatalf("no Uid in /proc/%d/status", pid)
+		return 0
+	}
+	ua, ub := uidOf(va.PID), uidOf(vb.PID)
+	if ua == ub || !r.Contains(ua) || !r.Contains(ub) {
+		t.Fatalf("qemu uids %d and %d: want two distinct uids of %+v", ua, ub, r)
+	}
+	if c, _ := h.e.Credential("uid-a"); c == nil || c.Uid != ua || c.Gid != ua {
+		t.Errorf("Credential(uid-a) = %+v, want uid %d", c, ua)
+	}
+	// b's root disk, as b's QEMU holds it.
+	diskFD := ""
+	ents, _ := os.ReadDir("/proc/" + itoa(vb.PID) + "/fd")
+	for _, e := range ents {
+		if l, _ := os.Readlink("/proc/" + itoa(vb.PID) + "/fd/" + e.Name()); l == b.Spec.Disks[0].Path {
+			diskFD = "/proc/" + itoa(vb.PID) + "/fd/" + e.Name()
+		}
+	}
+	if diskFD == "" {
+		t.Fatalf("qemu %d holds no descriptor of %s", vb.PID, b.Spec.Disks[0].Path)
+	}
+	peek := func(uid uint32) (string, error) {
+		cmd := exec.Command("head", "-c", "4", diskFD)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := peek(ub); err != nil || out != "QFI\xfb" {
+		t.Errorf("control: a process of b's uid reads %q (%v), want b's qcow2 magic", out, err)
+	}
+	if out, err := peek(ua); err == nil || !strings.Contains(out, "Permission denied") {
+		t.Errorf("a process of a's uid read b's disk: %q %v", out, err)
+	}
+	// The uid is persisted: an agent restart and a new start keep it.
+	h.e.Close()
+	h.open()
+	if _, err := h.e.Poweroff(ctx, "uid-a"); err != nil {
+		t.Fatal(err)
+	}
+	va, err = h.e.Start(ctx, "uid-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := uidOf(va.PID); got != ua {
+		t.Errorf("after restart and start uid-a runs as %d, want %d", got, ua)
+	}
+}

@@ -30,6 +30,8 @@ type state struct {
 	// QEMU, with what Acquire changed on the host: Release undoes it when
 	// QEMU exits, even after an agent restart.
 	HostPlan *hostdev.Plan `json:"host_plan,omitempty"`
+	// UID is the uid and gid the VM's QEMU runs as (Config.UIDs).
+	UID uint32 `json:"uid,omitempty"`
 }
 
 func loadState(path string) (*state, error) {
