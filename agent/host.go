@@ -63,7 +63,6 @@ type Host struct {
 
 	// Facts of the host found once at start (every heartbeat reports
 	// them; the binaries change only with a restart).
-	cred   *syscall.Credential
 	arches []string
 	memMB  int64
 }
@@ -153,12 +152,11 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		return nil, err
 	}
 	h.box = box
-	cred, err := QEMUCredential(cfg.QEMU.User)
+	cred, uids, err := qemuIdentity(cfg.QEMU)
 	if err != nil {
 		cache.Close()
 		return nil, err
 	}
-	h.cred = cred
 	h.hostdevs = o.HostDevices
 	if h.hostdevs == nil {
 		h.hostdevs = &hostdev.Host{}
@@ -169,6 +167,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	eng, err := vm.New(vm.Config{
 		HostDevices:       h.hostdevs,
 		Credential:        cred,
+		UIDs:              uids,
 		StateDir:          cfg.DataDir,
 		RunDir:            cfg.RunDir,
 		Binaries:          map[string]string{vm.ArchAMD64: cfg.QEMU.X86_64, vm.ArchARM64: cfg.QEMU.AArch64},
@@ -250,6 +249,37 @@ func (h *Host) Secrets() *secrets.Box { return h.box }
 // Cache exposes the image cache.
 func (h *Host) Cache() *imagecache.Cache { return h.cache }
 
+// qemuIdentity is who QEMU runs as. With qemu.uid_range each VM gets its
+// own uid (the engine picks it) and the credential is the template for its
+// groups: qemu.user's when that user exists (it is also what VMs started
+// before the range was set keep until their next start), else the kvm
+// group alone. Without a range every QEMU runs as qemu.user.
+func qemuIdentity(q config.QEMU) (*syscall.Credential, *vm.UIDRange, error) {
+	cred, err := QEMUCredential(q.User)
+	if q.UIDRange == "" {
+		return cred, nil, err
+	}
+	first, count, perr := config.ParseUIDRange(q.UIDRange)
+	if perr != nil {
+		return nil, nil, fmt.Errorf("qemu.uid_range: %w", perr)
+	}
+	if err != nil || cred == nil {
+		cred = &syscall.Credential{Groups: kvmGroups()}
+	}
+	return cred, &vm.UIDRange{First: first, Count: count}, nil
+}
+
+// kvmGroups is the kvm group's id, when the group exists (/dev/kvm).
+func kvmGroups() []uint32 {
+	groups := []uint32{}
+	if g, err := user.LookupGroup("kvm"); err == nil {
+		if id, err := strconv.ParseUint(g.Gid, 10, 32); err == nil {
+			groups = append(groups, uint32(id))
+		}
+	}
+	return groups
+}
+
 // QEMUCredential resolves the unprivileged user QEMU runs as: its uid and
 // primary gid, plus the kvm group when it exists (for /dev/kvm), and no
 // other group. An empty name means QEMU runs as the agent's user.
@@ -269,13 +299,7 @@ func QEMUCredential(name string) (*syscall.Credential, error) {
 	if uid == 0 {
 		return nil, fmt.Errorf("qemu.user %q is root: QEMU must run unprivileged", name)
 	}
-	groups := []uint32{}
-	if g, err := user.LookupGroup("kvm"); err == nil {
-		if id, err := strconv.ParseUint(g.Gid, 10, 32); err == nil {
-			groups = append(groups, uint32(id))
-		}
-	}
-	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: groups}, nil
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: kvmGroups()}, nil
 }
 
 func qemuVersion(bin string) string {
@@ -554,9 +578,13 @@ func (h *Host) Screenshot(ctx context.Context, name string) ([]byte, error) {
 			return nil, errcode.Wrap(errcode.Internal, err, "screenshot dir")
 		}
 	}
+	cred, err := h.engine.Credential(name)
+	if err != nil {
+		return nil, err
+	}
 	var owner *vnc.Owner
-	if h.cred != nil {
-		owner = &vnc.Owner{UID: int(h.cred.Uid), GID: int(h.cred.Gid)}
+	if cred != nil {
+		owner = &vnc.Owner{UID: int(cred.Uid), GID: int(cred.Gid)}
 	}
 	exec := func(ctx context.Context, cmd string, args any) error { return h.engine.QMP(ctx, name, cmd, args, nil) }
 	return vnc.Screenshot(ctx, exec, dir, owner)

@@ -410,8 +410,13 @@ func TestTPM(t *testing.T) {
 	if len(swtpm) != 1 {
 		t.Fatalf("swtpm processes: %v", swtpm)
 	}
-	if st, _ := os.ReadFile("/proc/" + strconv.Itoa(swtpm[0]) + "/status"); !strings.Contains(string(st), "Uid:\t65534") {
-		t.Errorf("swtpm does not run as the QEMU user:\n%s", st)
+	// swtpm runs as the VM's own QEMU uid (qemu.uid_range).
+	qemuUID := procUID(t, mustView(t, h, "tpm").PID)
+	if first, count, _ := config.ParseUIDRange(hh.cfg.QEMU.UIDRange); qemuUID < first || qemuUID-first >= count {
+		t.Errorf("qemu runs as uid %d, outside qemu.uid_range %s", qemuUID, hh.cfg.QEMU.UIDRange)
+	}
+	if got := procUID(t, swtpm[0]); got != qemuUID {
+		t.Errorf("swtpm runs as uid %d, its QEMU as %d", got, qemuUID)
 	}
 	if _, err := h.Engine().Poweroff(ctx, "tpm"); err != nil {
 		t.Fatal(err)
@@ -807,4 +812,21 @@ func TestBootOrder(t *testing.T) {
 			}
 		})
 	}
+}
+
+// procUID is the real uid of pid.
+func procUID(t *testing.T, pid int) uint32 {
+	t.Helper()
+	st, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(st), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "Uid:" {
+			n, _ := strconv.ParseUint(f[1], 10, 32)
+			return uint32(n)
+		}
+	}
+	t.Fatalf("no Uid in /proc/%d/status", pid)
+	return 0
 }

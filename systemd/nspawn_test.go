@@ -28,6 +28,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/systemd/internal/nspawntest"
 )
@@ -102,7 +103,9 @@ func TestAgentInSystemdContainer(t *testing.T) {
 	// What a package's postinst does.
 	c.Run(ctx, "useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
 		"--shell", "/usr/sbin/nologin", qemuUser)
-	qemuUID := strings.TrimSpace(c.Run(ctx, "id", "-u", qemuUser))
+	// The VM's QEMU runs as a uid of its own from qemu.uid_range, the
+	// same across agent restarts (checkVM notes it the first time).
+	qemuUID := ""
 
 	var vm vmView
 	var mainPID, restarts uint32
@@ -181,7 +184,7 @@ func TestAgentInSystemdContainer(t *testing.T) {
 		if !strings.Contains(status, "Active: active (running)") || !strings.Contains(status, strconv.Itoa(vm.QEMUPID)+" ") {
 			t.Errorf("systemctl status %s:\n%s", vm.scope(), status)
 		}
-		checkVM(ctx, t, c, vm, qemuUID)
+		checkVM(ctx, t, c, vm, &qemuUID)
 		// QEMU got ChildEnv, not the agent's NOTIFY_SOCKET and WATCHDOG_*.
 		env := c.Run(ctx, "cat", fmt.Sprintf("/proc/%d/environ", vm.QEMUPID))
 		if want := "PATH=" + DefaultPath + "\x00LANG=C\x00"; env != want {
@@ -196,7 +199,7 @@ func TestAgentInSystemdContainer(t *testing.T) {
 		if p.U32("MainPID") != mainPID {
 			t.Errorf("reload changed the main pid: %d -> %d", mainPID, p.U32("MainPID"))
 		}
-		checkVM(ctx, t, c, vm, qemuUID)
+		checkVM(ctx, t, c, vm, &qemuUID)
 	})
 
 	// readopted checks, after the agent came back as a new process, that
@@ -218,7 +221,7 @@ func TestAgentInSystemdContainer(t *testing.T) {
 		if got.Status != "running" || got.QEMUPID != vm.QEMUPID {
 			t.Errorf("%s: the agent reports %+v, want running with qemu pid %d", how, got, vm.QEMUPID)
 		}
-		checkVM(ctx, t, c, vm, qemuUID)
+		checkVM(ctx, t, c, vm, &qemuUID)
 	}
 
 	step("systemctl restart leaves the vm running; the agent re-adopts it", func() {
@@ -355,7 +358,7 @@ func vmGet(ctx context.Context, t *testing.T, c *nspawntest.Container) vmView {
 
 // checkVM asserts that the VM's QEMU runs, as the same process and as the
 // QEMU user (uid), in its own scope.
-func checkVM(ctx context.Context, t *testing.T, c *nspawntest.Container, v vmView, uid string) {
+func checkVM(ctx context.Context, t *testing.T, c *nspawntest.Container, v vmView, uid *string) {
 	t.Helper()
 	pid := v.QEMUPID
 	cmdline, err := c.Try(ctx, "cat", fmt.Sprintf("/proc/%d/cmdline", pid))
@@ -363,8 +366,21 @@ func checkVM(ctx context.Context, t *testing.T, c *nspawntest.Container, v vmVie
 		t.Fatalf("qemu process %d: cmdline %q, %v", pid, cmdline, err)
 	}
 	status := c.Run(ctx, "cat", fmt.Sprintf("/proc/%d/status", pid))
-	if want := fmt.Sprintf("\nUid:\t%[1]s\t%[1]s\t%[1]s\t%[1]s\n", uid); !strings.Contains(status, want) {
-		t.Errorf("qemu process %d does not run as %s (uid %s):\n%s", pid, qemuUser, uid, status)
+	first, count, _ := config.ParseUIDRange(config.DefaultUIDRange)
+	got := ""
+	for _, line := range strings.Split(status, "\n") {
+		if f := strings.Fields(line); len(f) == 5 && f[0] == "Uid:" && f[1] == f[2] && f[1] == f[3] && f[1] == f[4] {
+			got = f[1]
+		}
+	}
+	n, err := strconv.ParseUint(got, 10, 32)
+	switch {
+	case err != nil || uint32(n) < first || uint32(n)-first >= count:
+		t.Errorf("qemu process %d does not run as a uid of qemu.uid_range %s:\n%s", pid, config.DefaultUIDRange, status)
+	case *uid == "":
+		*uid = got
+	case got != *uid:
+		t.Errorf("qemu process %d runs as uid %s, before as %s", pid, got, *uid)
 	}
 	cg := c.Run(ctx, "cat", fmt.Sprintf("/proc/%d/cgroup", pid))
 	if !strings.Contains(cg, ":/"+DefaultSlice+"/"+v.scope()+"\n") {

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -81,7 +82,11 @@ type Listen struct {
 
 // QEMU configures how VMs run.
 type QEMU struct {
-	User        string        `yaml:"user"`  // unprivileged user QEMU runs as; empty = root (not recommended)
+	User string `yaml:"user"` // unprivileged user QEMU runs as without uid_range; empty = root (not recommended)
+	// UIDRange is "FIRST-LAST": each VM's QEMU and swtpm run as a uid and
+	// gid of this block that no user has, one per VM. Empty: every QEMU
+	// runs as User.
+	UIDRange    string        `yaml:"uid_range"`
 	Accel       string        `yaml:"accel"` // auto, kvm, tcg
 	StopTimeout time.Duration `yaml:"stop_timeout"`
 	// RootDiskBus is the default root disk bus: NVME, VIRTIO-BLK or
@@ -134,7 +139,7 @@ func Default(dataDir string) *Config {
 		DefaultPool: "default",
 		Networks:    map[string]Network{},
 		Listen:      Listen{VNC: "127.0.0.1", API: "127.0.0.1:7480", Socket: "/run/otherix/api.sock", Metrics: "127.0.0.1:9480"},
-		QEMU:        QEMU{User: "otherix-qemu", Accel: "auto", RootDiskBus: "VIRTIO-BLK", StopTimeout: 60 * time.Second, X86_64: "qemu-system-x86_64", AArch64: "qemu-system-aarch64"},
+		QEMU:        QEMU{User: "otherix-qemu", UIDRange: DefaultUIDRange, Accel: "auto", RootDiskBus: "VIRTIO-BLK", StopTimeout: 60 * time.Second, X86_64: "qemu-system-x86_64", AArch64: "qemu-system-aarch64"},
 		Limits: Limits{
 			ConcurrentCreates:   2,
 			ConcurrentDownloads: 2,
@@ -274,6 +279,11 @@ func (c *Config) Validate() error {
 	default:
 		bad("qemu.accel", "%q: use auto, kvm or tcg", c.QEMU.Accel)
 	}
+	if c.QEMU.UIDRange != "" {
+		if _, _, err := ParseUIDRange(c.QEMU.UIDRange); err != nil {
+			bad("qemu.uid_range", "%v", err)
+		}
+	}
 	switch c.QEMU.RootDiskBus {
 	case "NVME", "VIRTIO-BLK", "VIRTIO-SCSI":
 	default:
@@ -342,4 +352,30 @@ func Diff(a, b *Config) []string {
 		}
 	}
 	return out
+}
+
+// DefaultUIDRange is the block of ids VMs' QEMUs run as by default: 65536
+// ids from 2000000000, above the ranges systemd and useradd hand out to
+// users and containers (below 1879048192) and below systemd's own (from
+// 2147352576).
+const DefaultUIDRange = "2000000000-2000065535"
+
+// ParseUIDRange parses qemu.uid_range, "FIRST-LAST" (inclusive), and
+// returns its first id and size. The block must lie above 65535 (system
+// users, nobody) and below 2^31 (ids some tools read as signed).
+func ParseUIDRange(s string) (first, count uint32, err error) {
+	a, b, ok := strings.Cut(s, "-")
+	lo, err1 := strconv.ParseUint(strings.TrimSpace(a), 10, 32)
+	hi, err2 := strconv.ParseUint(strings.TrimSpace(b), 10, 32)
+	switch {
+	case !ok || err1 != nil || err2 != nil:
+		return 0, 0, fmt.Errorf("%q: use FIRST-LAST, e.g. %s", s, DefaultUIDRange)
+	case hi < lo:
+		return 0, 0, fmt.Errorf("%q: LAST is below FIRST", s)
+	case lo <= 65535:
+		return 0, 0, fmt.Errorf("%q: starts at or under 65535, among system users and nobody", s)
+	case hi >= 1<<31:
+		return 0, 0, fmt.Errorf("%q: ends at or over 2^31", s)
+	}
+	return uint32(lo), uint32(hi - lo + 1), nil
 }

@@ -168,7 +168,7 @@ func TestAllGood(t *testing.T) {
 		"firmware uefi amd64": "1 descriptors in /usr/share/qemu/firmware (60-x86.json)",
 		"network lan":         "bridge br0 is up",
 		"network mv":          "parent interface eth0 is up",
-		"qemu user":           "otherix-qemu (uid 995)",
+		"qemu user":           "a uid of its own per VM: 2000000000-2000065535 (65536 ids, none in /etc/passwd or /etc/group)",
 	} {
 		if got[name].Detail != detail {
 			t.Errorf("%s detail = %q, want %q", name, got[name].Detail, detail)
@@ -329,10 +329,15 @@ func TestProblems(t *testing.T) {
 		{"systemd bus down", func(t *testing.T, e *Env, c *config.Config) {
 			e.Systemd = func(context.Context) error { return errors.New("dial unix: no such file") }
 		}, "systemd", Warn, "D-Bus API does not answer (dial unix: no such file)", "systemctl start dbus"},
-		{"qemu user missing", func(t *testing.T, e *Env, c *config.Config) { c.QEMU.User = "ghost" }, "qemu user", Fail,
+		{"qemu user missing", func(t *testing.T, e *Env, c *config.Config) { c.QEMU.UIDRange, c.QEMU.User = "", "ghost" }, "qemu user", Fail,
 			`qemu.user "ghost" does not exist`, "useradd --system --no-create-home --shell /usr/sbin/nologin ghost"},
-		{"qemu user root", func(t *testing.T, e *Env, c *config.Config) { c.QEMU.User = "root" }, "qemu user", Fail, "is root", "unprivileged"},
-		{"qemu user unset", func(t *testing.T, e *Env, c *config.Config) { c.QEMU.User = "" }, "qemu user", Warn, "QEMU runs as root", "qemu.user"},
+		{"qemu user root", func(t *testing.T, e *Env, c *config.Config) { c.QEMU.UIDRange, c.QEMU.User = "", "root" }, "qemu user", Fail, "is root", "unprivileged"},
+		{"qemu user unset", func(t *testing.T, e *Env, c *config.Config) { c.QEMU.UIDRange, c.QEMU.User = "", "" }, "qemu user", Warn, "QEMU runs as root", "qemu.user"},
+		{"qemu user without a range", func(t *testing.T, e *Env, c *config.Config) { c.QEMU.UIDRange = "" }, "qemu user", OK, "otherix-qemu (uid 995)", ""},
+		{"user inside the uid range", func(t *testing.T, e *Env, c *config.Config) {
+			os.MkdirAll(filepath.Join(e.Root, "etc"), 0o755)
+			os.WriteFile(filepath.Join(e.Root, "etc/passwd"), []byte("root:x:0:0::/root:/bin/sh\nsquatter:x:2000000007:100::/:/bin/false\n"), 0o644)
+		}, "qemu user", Fail, `"squatter" with id 2000000007, inside qemu.uid_range`, "choose a qemu.uid_range"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env, cfg := goodHost(t)

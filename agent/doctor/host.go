@@ -264,9 +264,35 @@ func checkSystemd(ctx context.Context, env Env) Result {
 	return r
 }
 
-// checkQEMUUser checks qemu.user: set, existing and not root.
+// checkQEMUUser checks who QEMU runs as: with qemu.uid_range, that no
+// user of /etc/passwd has an id of the range (a VM's QEMU would run as
+// that user); without it, qemu.user: set, existing and not root.
 func checkQEMUUser(cfg *config.Config, env Env) Result {
 	r := Result{Check: "qemu user"}
+	if rng := cfg.QEMU.UIDRange; rng != "" {
+		first, count, err := config.ParseUIDRange(rng)
+		if err != nil {
+			r.Status, r.Detail, r.Fix = Fail, "qemu.uid_range "+err.Error(), "set qemu.uid_range to FIRST-LAST, e.g. "+config.DefaultUIDRange
+			return r
+		}
+		for _, file := range []string{"/etc/passwd", "/etc/group"} {
+			b, _ := os.ReadFile(env.path(file))
+			for _, line := range strings.Split(string(b), "\n") {
+				f := strings.Split(line, ":")
+				if len(f) < 3 {
+					continue
+				}
+				id, err := strconv.ParseUint(f[2], 10, 32)
+				if err == nil && uint32(id) >= first && uint32(id)-first < count {
+					r.Status, r.Detail = Fail, fmt.Sprintf("%s has %q with id %d, inside qemu.uid_range %s: a VM's QEMU would run as it", file, f[0], id, rng)
+					r.Fix = "choose a qemu.uid_range no user or group has ids in"
+					return r
+				}
+			}
+		}
+		r.Status, r.Detail = OK, fmt.Sprintf("a uid of its own per VM: %s (%d ids, none in /etc/passwd or /etc/group)", rng, count)
+		return r
+	}
 	name := cfg.QEMU.User
 	if name == "" {
 		r.Status, r.Detail, r.Fix = Warn, "qemu.user is not set: QEMU runs as root", "create an unprivileged user and set qemu.user"

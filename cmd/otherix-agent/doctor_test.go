@@ -94,7 +94,7 @@ func TestDoctorThisHost(t *testing.T) {
 
 // TestDoctorFails: a failing check makes the exit status 1.
 func TestDoctorFails(t *testing.T) {
-	cfgPath := writeDoctorConfig(t, "qemu:\n  user: no-such-user-xyz\n  binary_amd64: /nonexistent/qemu\n")
+	cfgPath := writeDoctorConfig(t, "qemu:\n  uid_range: \"\"\n  user: no-such-user-xyz\n  binary_amd64: /nonexistent/qemu\n")
 	var out, errb bytes.Buffer
 	if code := runDoctor(t.Context(), []string{"--config", cfgPath, "-o", "json"}, &out, &errb, doctor.Host()); code != 1 {
 		t.Errorf("exit = %d, want 1\n%s%s", code, out.String(), errb.String())
