@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -35,6 +37,7 @@ const (
 const (
 	envURL          = "OTHERIX_URL"
 	envToken        = "OTHERIX_TOKEN"
+	envCAFile       = "OTHERIX_CA_FILE"
 	envPollInterval = "OTHERIX_POLL_INTERVAL"
 )
 
@@ -67,6 +70,7 @@ type cli struct {
 
 	server    string
 	tokenFile string
+	caFile    string
 	// defaultTokenFile is read when neither --token-file nor $OTHERIX_TOKEN
 	// gives a token (run sets defaultTokenPath).
 	defaultTokenFile string
@@ -182,6 +186,7 @@ func (c *cli) usage(w io.Writer) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Flags may follow the VM name. Run 'otherix COMMAND -h' for a command's flags.")
 	fmt.Fprintf(w, "Server: --server, $%s, default %s. Token: --token-file, $%s, default %s when readable.\n", envURL, defaultServer, envToken, DefaultTokenFile)
+	fmt.Fprintf(w, "An https server's CA: --ca-file, $%s, else the system's roots.\n", envCAFile)
 	fmt.Fprintln(w, "Exit status: 0 ok, 1 error or failed task, 2 --wait timed out.")
 }
 
@@ -282,6 +287,7 @@ func printFlags(fs *flag.FlagSet) {
 func (c *cli) globalFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.server, "server", c.server, "API server `URL` (default $"+envURL+" or "+defaultServer+")")
 	fs.StringVar(&c.tokenFile, "token-file", c.tokenFile, "`file` holding the bearer token (default $"+envToken+")")
+	fs.StringVar(&c.caFile, "ca-file", c.caFile, "PEM `file` of the CA that signed an https server's certificate (default $"+envCAFile+", else the system's)")
 }
 
 // parse parses args into fs and returns the positional arguments. Flags
@@ -409,11 +415,31 @@ func (c *cli) client() (*client.Client, error) {
 			token = strings.TrimSpace(string(b))
 		}
 	}
+	hc := &http.Client{Timeout: requestTimeout}
+	caFile := c.caFile
+	if caFile == "" {
+		caFile = c.env(envCAFile)
+	}
+	if caFile != "" {
+		if u.Scheme != "https" {
+			return nil, fmt.Errorf("a CA file is for https servers, not %s", server)
+		}
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("read CA file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("CA file %s holds no PEM certificate", caFile)
+		}
+		hc.Transport = &http.Transport{Proxy: http.ProxyFromEnvironment,
+			TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}
+	}
 	return &client.Client{
 		BaseURL:   strings.TrimRight(server, "/"),
 		Token:     token,
 		UserAgent: "otherix/" + moduleVersion(),
-		HTTP:      &http.Client{Timeout: requestTimeout},
+		HTTP:      hc,
 	}, nil
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/pem"
 	"flag"
 	"net/http"
 	"net/http/httptest"
@@ -198,5 +199,40 @@ func TestSplitArgs(t *testing.T) {
 		if !reflect.DeepEqual(flags, tc.flags) || !reflect.DeepEqual(pos, tc.pos) {
 			t.Errorf("splitArgs(%q) = %q, %q; want %q, %q", tc.args, flags, pos, tc.flags, tc.pos)
 		}
+	}
+}
+
+// TestCAFile: an https server whose certificate a private CA signed is
+// reached with --ca-file (or $OTHERIX_CA_FILE) and refused without it.
+func TestCAFile(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fakeJSON(w, 200, map[string]any{"vms": []any{}})
+	}))
+	defer srv.Close()
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	notPEM := filepath.Join(t.TempDir(), "junk")
+	os.WriteFile(notPEM, []byte("junk"), 0o644)
+	for _, tc := range []struct {
+		name    string
+		env     map[string]string
+		args    []string
+		wantErr string
+	}{
+		{"flag", map[string]string{envURL: srv.URL}, []string{"vm", "list", "--ca-file", ca}, ""},
+		{"env", map[string]string{envURL: srv.URL, envCAFile: ca}, []string{"vm", "list"}, ""},
+		{"system roots", map[string]string{envURL: srv.URL}, []string{"vm", "list"}, "certificate"},
+		{"not pem", map[string]string{envURL: srv.URL}, []string{"vm", "list", "--ca-file", notPEM}, "holds no PEM certificate"},
+		{"plain http", map[string]string{envURL: "http://127.0.0.1:1"}, []string{"vm", "list", "--ca-file", ca}, "a CA file is for https servers"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errb bytes.Buffer
+			code := run(tc.args, strings.NewReader(""), &out, &errb, func(k string) string { return tc.env[k] })
+			if tc.wantErr == "" && code != 0 || tc.wantErr != "" && (code != 1 || !strings.Contains(errb.String(), tc.wantErr)) {
+				t.Errorf("exit %d stderr %q, want error ~%q", code, errb.String(), tc.wantErr)
+			}
+		})
 	}
 }
