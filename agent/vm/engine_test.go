@@ -130,13 +130,19 @@ func (h *harness) define(name, userData string) View {
 // defineWith is define with host devices.
 func (h *harness) defineWith(name, userData string, hd *hostdev.Spec) View {
 	h.t.Helper()
+	return h.defineOn(testguest.QCOW2(h.t), name, userData, hd)
+}
+
+// defineOn defines a VM whose root disk is a qcow2 overlay on base.
+func (h *harness) defineOn(base, name, userData string, hd *hostdev.Spec) View {
+	h.t.Helper()
 	id := uuid.NewString()
 	dir := filepath.Join(h.pool, "vms", id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		h.t.Fatal(err)
 	}
 	root := filepath.Join(dir, "root.qcow2")
-	out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", testguest.QCOW2(h.t), root).CombinedOutput()
+	out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, root).CombinedOutput()
 	if err != nil {
 		h.t.Fatalf("qemu-img: %v: %s", err, out)
 	}
@@ -150,7 +156,7 @@ func (h *harness) defineWith(name, userData string, hd *hostdev.Spec) View {
 	}
 	v, err := h.e.Define(context.Background(), Spec{
 		Name: name, UUID: id, Arch: ArchAMD64, VCPUs: 1, MemoryMB: 256,
-		Disks:       []Disk{{Path: root, Format: "qcow2", Backing: &Backing{Path: testguest.QCOW2(h.t), Format: "qcow2"}}},
+		Disks:       []Disk{{Path: root, Format: "qcow2", Backing: &Backing{Path: base, Format: "qcow2"}}},
 		CDROMs:      []CDROM{{Path: seed}},
 		HostDevices: hd,
 		OwnedPaths:  []string{dir},

@@ -11,14 +11,12 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/google/uuid"
 	"golang.org/x/sys/unix"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/hostdev/sysfstest"
 	"github.com/otherix/otherix-agent/agent/testguest"
-	"github.com/otherix/otherix-agent/cloudinit"
 )
 
 // What is real and what stands in, in these tests: QEMU, the engine, the
@@ -28,34 +26,6 @@ import (
 // character device can stand in: the host TPM is a pseudo-terminal whose
 // other end is swtpm (sysfstest's BackTPM), so QEMU's passthrough backend
 // talks to a TPM 2.0 through a real character device, as to /dev/tpm0.
-
-// definePlatform defines a VM of the platform guest (it carries the TPM
-// tools) with the given host devices.
-func (h *harness) definePlatform(name string, hd *hostdev.Spec) View {
-	h.t.Helper()
-	id := uuid.NewString()
-	dir := filepath.Join(h.pool, "vms", id)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		h.t.Fatal(err)
-	}
-	base := testguest.QCOW2Arch(h.t, "amd64")
-	root := testguest.OverlayOf(h.t, base, dir)
-	seed := filepath.Join(dir, "seed.iso")
-	if err := cloudinit.WriteISO(seed, cloudinit.Seed{InstanceID: id, Hostname: name}); err != nil {
-		h.t.Fatal(err)
-	}
-	v, err := h.e.Define(context.Background(), Spec{
-		Name: name, UUID: id, Arch: ArchAMD64, VCPUs: 1, MemoryMB: 256,
-		Disks:       []Disk{{Path: root, Format: "qcow2", Backing: &Backing{Path: base, Format: "qcow2"}}},
-		CDROMs:      []CDROM{{Path: seed}},
-		HostDevices: hd,
-		OwnedPaths:  []string{dir},
-	}, nil)
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	return v
-}
 
 // TestHostTPMPassthrough: a VM asking for the host's TPM (/dev/tpm0 of a
 // fake tree, a pty to swtpm) boots and its guest uses the TPM. The device
@@ -74,8 +44,8 @@ func TestHostTPMPassthrough(t *testing.T) {
 		c.HostDevices = &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write, Registry: reg}
 	})
 	want := &hostdev.Spec{TPM: &hostdev.TPM{Path: "/dev/tpm0"}}
-	a := h.definePlatform("tpm-host-a", want)
-	h.definePlatform("tpm-host-b", want)
+	a := h.defineOn(testguest.QCOW2Arch(t, "amd64"), "tpm-host-a", "", want)
+	h.defineOn(testguest.QCOW2Arch(t, "amd64"), "tpm-host-b", "", want)
 	v, err := h.e.Start(ctx, "tpm-host-a")
 	if err != nil {
 		t.Fatal(err)
