@@ -336,7 +336,9 @@ func filterInterfaces(wire []wireInterface) []Interface {
 				continue
 			}
 			addr = addr.WithZone("")
-			if addr.IsLoopback() || addr.IsLinkLocalUnicast() || addr.IsUnspecified() || addr.IsMulticast() {
+			// An IPv4-mapped address is judged as the IPv4 address it maps
+			// (::ffff:127.0.0.1 is loopback, ::ffff:0.0.0.0 unspecified).
+			if u := addr.Unmap(); u.IsLoopback() || u.IsLinkLocalUnicast() || u.IsUnspecified() || u.IsMulticast() {
 				continue
 			}
 			p, err := addr.Prefix(a.Prefix)
