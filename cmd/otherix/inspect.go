@@ -107,7 +107,15 @@ func (c *cli) vmGet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 	case "json":
 		return c.writeRaw(raw)
 	case "yaml":
-		return c.writeYAML(manifestOf(vm))
+		m := manifestOf(vm)
+		if err := c.writeYAML(m); err != nil {
+			return err
+		}
+		if m.VNCEnabled {
+			// Secrets are never shown: the manifest needs one put back.
+			fmt.Fprintln(c.stdout, "# vnc_password: the VM's VNC password is a secret and not shown; set it here (at most 8 characters)")
+		}
+		return nil
 	}
 	c.writeText(vm)
 	return nil
@@ -160,6 +168,9 @@ func manifestOf(vm *api.VM) api.CreateVM {
 	if vm.TPM {
 		m.Devices = append(m.Devices, api.Device{DevType: api.DevTPM})
 	}
+	// VNC: the port is not copied (a host's ports are its own, like MACs)
+	// and the password is a secret (see the comment vm get writes).
+	m.VNCEnabled = vm.VNCEnabled
 	if vm.Firmware != "" && vm.Firmware != "bios" || vm.Arch == "arm64" && vm.Firmware != "uefi" {
 		m.Firmware = vm.Firmware
 	}

@@ -212,6 +212,7 @@ func TestVMGetYAMLDevices(t *testing.T) {
 	h := newHarness(t)
 	v := testVM()
 	prio := 0
+	v.VNCEnabled, v.VNCPort = true, 5903
 	v.Devices = []api.Device{
 		{DevType: api.DevDisk, Source: "data-1", StoragePool: "default", Readonly: true, IOBus: "VIRTIO-BLK"},
 		{DevType: api.DevCDROM, Source: "https://isos.example/tools.iso", SHA256: strings.Repeat("cd", 32), BootPriority: &prio},
@@ -227,6 +228,8 @@ func TestVMGetYAMLDevices(t *testing.T) {
 		"  - dev_type: USB\n    vendor_id: \"0781\"\n    product_id: \"5583\"\n",
 		"  - dev_type: TPM\n    path: /dev/tpm0\n",
 		"    boot_priority: 0\n",
+		"vnc_enabled: true\n",
+		"# vnc_password: the VM's VNC password is a secret and not shown; set it here (at most 8 characters)\n",
 	} {
 		if !strings.Contains(r.stdout, want) {
 			t.Errorf("manifest lacks %q:\n%s", want, r.stdout)
@@ -238,6 +241,9 @@ func TestVMGetYAMLDevices(t *testing.T) {
 	}
 	if !reflect.DeepEqual(spec.Devices, v.Devices) {
 		t.Errorf("devices parsed back = %+v, want %+v", spec.Devices, v.Devices)
+	}
+	if !spec.VNCEnabled || spec.VNCPort != nil || spec.VNCPassword != "" || strings.Contains(r.stdout, "5903") {
+		t.Errorf("vnc in the manifest: enabled %v port %v password %q", spec.VNCEnabled, spec.VNCPort, spec.VNCPassword)
 	}
 }
 
