@@ -25,6 +25,9 @@ const DefaultPath = "/etc/otherix/agent.yaml"
 
 // Config is the whole configuration.
 type Config struct {
+	// Standalone runs the agent with its in-process control plane and the
+	// /v1 API, as --standalone does (the packaged unit needs no drop-in).
+	Standalone   bool               `yaml:"standalone"`
 	NodeName     string             `yaml:"node_name"`
 	DataDir      string             `yaml:"data_dir"`
 	RunDir       string             `yaml:"run_dir"`
@@ -310,6 +313,9 @@ func (c *Config) Validate() error {
 	case "auto", "json", "console":
 	default:
 		bad("log.format", "%q: use auto, json or console", c.Log.Format)
+	}
+	if c.Standalone && c.ControlPlane.URL != "" {
+		bad("standalone", "a standalone agent is its own control plane: remove control_plane.url or standalone")
 	}
 	if c.ControlPlane.URL != "" && c.ControlPlane.TokenFile == "" {
 		bad("control_plane.token_file", "required with control_plane.url")

@@ -47,6 +47,7 @@ func TestParseErrorsNameKeyAndLine(t *testing.T) {
 		{"qemu:\n  uid_range: 3000000000-3000000010\n", "ends at or over 2^31"},
 		{"qemu:\n  uid_range: 2000000010-2000000000\n", "LAST is below FIRST"},
 		{"qemu:\n  uid_range: lots\n", "use FIRST-LAST"},
+		{"standalone: true\ncontrol_plane:\n  url: https://cp.example\n  token_file: /etc/otherix/token\n", "standalone: a standalone agent is its own control plane"},
 		{"pools:\n  a: {path: rel}\n", "pools.a.path"},
 		{"default_pool: nope\n", "default_pool"},
 		{"networks:\n  n: {type: vxlan}\n", "networks.n.type"},

@@ -57,6 +57,10 @@ func newLogger(cfg *config.Config, stderr io.Writer) (*zap.Logger, zap.AtomicLev
 }
 
 func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr io.Writer) error {
+	o.standalone = o.standalone || cfg.Standalone
+	if o.standalone && cfg.ControlPlane.URL != "" {
+		return errors.New("--standalone: a standalone agent is its own control plane: remove control_plane.url from the config")
+	}
 	log, level := newLogger(cfg, stderr)
 	defer log.Sync()
 	log.Info("otherix-agent starting", zap.String("version", versionString()), zap.Bool("standalone", o.standalone),
