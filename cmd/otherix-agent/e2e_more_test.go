@@ -226,7 +226,7 @@ func TestListenBeyondLoopbackNeedsTLS(t *testing.T) {
 // restarts); the CLI without one is told where it is.
 func TestLoopbackNeedsToken(t *testing.T) {
 	t.Parallel()
-	a := startAgent(t, "")
+	a := startAgentSocket(t, nil, "", true)
 	fi, err := os.Stat(filepath.Join(a.dir, "api.token"))
 	if err != nil || fi.Mode().Perm() != 0o600 || len(a.token) < 32 {
 		t.Fatalf("api.token: %v %v, token of %d characters", err, fi, len(a.token))
@@ -247,6 +247,15 @@ func TestLoopbackNeedsToken(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "unauthorized") || !strings.Contains(string(out), "api.token") {
 		t.Errorf("otherix without a token: %v\n%s", err, out)
+	}
+	// The unix socket (0660) asks for no token: its file mode guards it.
+	if fi, err := os.Stat(a.socket); err != nil || fi.Mode().Perm() != 0o660 {
+		t.Errorf("socket %s: %v %v, want mode 0660", a.socket, fi, err)
+	}
+	cmd = exec.Command(filepath.Join(binDir, "otherix"), "vm", "list", "--server", "unix://"+a.socket)
+	cmd.Env = append(os.Environ(), "OTHERIX_TOKEN=")
+	if out, err := cmd.CombinedOutput(); err != nil || !strings.HasPrefix(string(out), "NAME") {
+		t.Errorf("otherix over the unix socket without a token: %v\n%s", err, out)
 	}
 	before := a.token
 	a.kill()

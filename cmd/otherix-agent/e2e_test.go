@@ -50,6 +50,7 @@ type standaloneAgent struct {
 	cmd     *exec.Cmd
 	url     string
 	token   string // the API token the agent keeps in <dir>/api.token
+	socket  string // the API's unix socket, when served
 	log     *syncBuffer
 	image   string            // URL of the guest image
 	ns      *netdevtest.Netns // when set, the agent and the CLI run in it
@@ -64,14 +65,24 @@ func startAgent(t *testing.T, extraYAML string) *standaloneAgent {
 // startAgentIn starts the agent in a network namespace (nil: the host's).
 func startAgentIn(t *testing.T, ns *netdevtest.Netns, extraYAML string) *standaloneAgent {
 	t.Helper()
+	return startAgentSocket(t, ns, extraYAML, false)
+}
+
+// startAgentSocket is startAgentIn, serving the API on a unix socket too
+// (a.socket) when socket is set.
+func startAgentSocket(t *testing.T, ns *netdevtest.Netns, extraYAML string, socket bool) *standaloneAgent {
+	t.Helper()
 	run, err := os.MkdirTemp("/tmp", "oxe")
 	if err != nil {
 		t.Fatal(err)
 	}
 	a := &standaloneAgent{t: t, dir: t.TempDir(), ns: ns}
 	t.Cleanup(func() { os.RemoveAll(run) })
+	if socket {
+		a.socket = filepath.Join(run, "api.sock")
+	}
 	a.cfgPath = filepath.Join(t.TempDir(), "agent.yaml")
-	cfg := fmt.Sprintf("node_name: node-1\ndata_dir: %s\nrun_dir: %s\nlisten:\n  api: 127.0.0.1:0\n  socket: \"\"\n  metrics: \"\"\n  forwards: 127.0.0.1\nqemu:\n  stop_timeout: 30s\n%s", a.dir, run, extraYAML)
+	cfg := fmt.Sprintf("node_name: node-1\ndata_dir: %s\nrun_dir: %s\nlisten:\n  api: 127.0.0.1:0\n  socket: %q\n  metrics: \"\"\n  forwards: 127.0.0.1\nqemu:\n  stop_timeout: 30s\n%s", a.dir, run, a.socket, extraYAML)
 	if err := os.WriteFile(a.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -8,9 +8,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -285,7 +287,7 @@ func printFlags(fs *flag.FlagSet) {
 
 // globalFlags registers the flags every command accepts.
 func (c *cli) globalFlags(fs *flag.FlagSet) {
-	fs.StringVar(&c.server, "server", c.server, "API server `URL` (default $"+envURL+" or "+defaultServer+")")
+	fs.StringVar(&c.server, "server", c.server, "API server `URL`: http(s)://HOST:PORT, or unix:///run/otherix/api.sock (default $"+envURL+" or "+defaultServer+")")
 	fs.StringVar(&c.tokenFile, "token-file", c.tokenFile, "`file` holding the bearer token (default $"+envToken+")")
 	fs.StringVar(&c.caFile, "ca-file", c.caFile, "PEM `file` of the CA that signed an https server's certificate (default $"+envCAFile+", else the system's)")
 }
@@ -395,9 +397,22 @@ func (c *cli) client() (*client.Client, error) {
 	if server == "" {
 		server = defaultServer
 	}
+	hc := &http.Client{Timeout: requestTimeout}
+	// unix:///run/otherix/api.sock: the agent's unix socket, guarded by
+	// its file mode instead of a token.
+	if sock, ok := strings.CutPrefix(server, "unix://"); ok {
+		if !filepath.IsAbs(sock) {
+			return nil, fmt.Errorf("invalid server URL %q: want unix:///ABSOLUTE/PATH", server)
+		}
+		hc.Transport = &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		}}
+		server = "http://unix"
+	}
 	u, err := url.Parse(server)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("invalid server URL %q: want http://HOST:PORT", server)
+		return nil, fmt.Errorf("invalid server URL %q: want http://HOST:PORT or unix:///PATH", server)
 	}
 	token := ""
 	if c.tokenFile != "" {
@@ -415,7 +430,6 @@ func (c *cli) client() (*client.Client, error) {
 			token = strings.TrimSpace(string(b))
 		}
 	}
-	hc := &http.Client{Timeout: requestTimeout}
 	caFile := c.caFile
 	if caFile == "" {
 		caFile = c.env(envCAFile)

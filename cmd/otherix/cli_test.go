@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/pem"
 	"flag"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -87,7 +88,7 @@ func TestServerAndToken(t *testing.T) {
 		{"empty token file", map[string]string{envURL: srv.URL}, []string{"vm", "list", "--token-file", emptyFile}, "", "error: token file " + emptyFile + " is empty\n"},
 		{"default token file", map[string]string{envURL: srv.URL}, []string{"vm", "list"}, "Bearer default-secret", ""},
 		{"env token before the default file", map[string]string{envURL: srv.URL, envToken: "env-secret"}, []string{"vm", "list"}, "Bearer env-secret", ""},
-		{"bad url", map[string]string{envURL: "127.0.0.1:7480"}, []string{"vm", "list"}, "", "error: invalid server URL \"127.0.0.1:7480\": want http://HOST:PORT\n"},
+		{"bad url", map[string]string{envURL: "127.0.0.1:7480"}, []string{"vm", "list"}, "", "error: invalid server URL \"127.0.0.1:7480\": want http://HOST:PORT or unix:///PATH\n"},
 		{"unreachable", map[string]string{}, []string{"vm", "list", "--server", "http://127.0.0.1:1"}, "", "error: cannot reach http://127.0.0.1:1: dial tcp 127.0.0.1:1: connect: connection refused\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -234,5 +235,30 @@ func TestCAFile(t *testing.T) {
 				t.Errorf("exit %d stderr %q, want error ~%q", code, errb.String(), tc.wantErr)
 			}
 		})
+	}
+}
+
+// TestUnixSocketServer: --server unix:///PATH talks to the agent's unix
+// socket (no token needed there).
+func TestUnixSocketServer(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var gotPath string
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		gotPath = r.URL.Path
+		fakeJSON(w, 200, map[string]any{"vms": []any{}})
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	var out, errb bytes.Buffer
+	if code := run([]string{"vm", "list", "--server", "unix://" + sock}, strings.NewReader(""), &out, &errb, func(string) string { return "" }); code != 0 || gotPath != "/v1/vms" {
+		t.Errorf("exit %d stderr %q path %q", code, errb.String(), gotPath)
+	}
+	errb.Reset()
+	if code := run([]string{"vm", "list", "--server", "unix://rel.sock"}, strings.NewReader(""), &out, &errb, func(string) string { return "" }); code != 1 || !strings.Contains(errb.String(), "unix:///ABSOLUTE/PATH") {
+		t.Errorf("relative socket: exit %d stderr %q", code, errb.String())
 	}
 }
