@@ -48,12 +48,39 @@ minimize=$(( secs < 30 ? secs : 30 ))
 failed=()
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+# Go 1.26's fuzz coordinator can fail a target with a bare "context
+# deadline exceeded" at the end of -fuzztime when a worker is still
+# mid-call (go.dev/issue/75804, fixed in Go 1.27): no input failed and
+# none is written. Such a run is tried once more; a second one in a row is
+# reported as a flake, not a failure. Any run that writes a failing input,
+# or fails another way, fails.
+fuzz_once() {
+	go test "$1" -run '^$' -fuzz "^${2}\$" -fuzztime "${secs}s" -fuzzminimizetime "${minimize}s" \
+		-timeout "$(( secs + 600 ))s" >"$log" 2>&1
+}
+coordinator_race() {
+	grep -q '^    context deadline exceeded$' "$log" && ! grep -q 'Failing input written' "$log"
+}
+flaked=()
 for t in "${targets[@]}"; do
 	read -r pkg name <<<"$t"
-	if go test "$pkg" -run '^$' -fuzz "^${name}\$" -fuzztime "${secs}s" -fuzzminimizetime "${minimize}s" \
-		-timeout "$(( secs + 600 ))s" >"$log" 2>&1; then
+	note=""
+	ok=0
+	if fuzz_once "$pkg" "$name"; then
+		ok=1
+	elif coordinator_race; then
+		note=" (retried once: go.dev/issue/75804)"
+		if fuzz_once "$pkg" "$name"; then
+			ok=1
+		elif coordinator_race; then
+			echo "FLAKE $pkg $name: context deadline exceeded twice, no failing input (go.dev/issue/75804)"
+			flaked+=("$pkg $name")
+			continue
+		fi
+	fi
+	if [ $ok = 1 ]; then
 		execs=$(grep -o 'execs: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*' || echo 0)
-		echo "ok   $pkg $name: ${execs} execs in ${secs}s ($(( execs / secs ))/s)"
+		echo "ok   $pkg $name: ${execs} execs in ${secs}s ($(( execs / secs ))/s)$note"
 	else
 		echo "FAIL $pkg $name:"
 		grep -v '^fuzz: elapsed: .*execs: ' "$log" | sed 's/^/     /'
@@ -66,4 +93,8 @@ if [ ${#failed[@]} -gt 0 ]; then
 	git status --short -- '*/testdata/fuzz/*' 2>/dev/null || true
 	exit 1
 fi
-echo "== all ${#targets[@]} fuzz targets passed"
+if [ ${#flaked[@]} -gt 0 ]; then
+	echo "== ${#flaked[@]} of ${#targets[@]} fuzz targets hit Go's coordinator race twice (no failing input): ${flaked[*]}"
+else
+	echo "== all ${#targets[@]} fuzz targets passed"
+fi
