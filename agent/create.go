@@ -383,11 +383,9 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 func keptDevices(ds []api.Device) []api.Device {
 	var out []api.Device
 	for _, d := range ds {
-		switch {
-		case d.DevType == api.DevNIC, d.DevType == api.DevProxy, d.DevType == api.DevTPM && d.Path == "":
-			continue
+		if d.DevType != api.DevNIC && d.DevType != api.DevProxy && (d.DevType != api.DevTPM || d.Path != "") {
+			out = append(out, d)
 		}
-		out = append(out, d)
 	}
 	return out
 }

@@ -63,10 +63,7 @@ func (c *Cache) CreateOverlay(ctx context.Context, poolName, digest, dst string,
 		err = errcode.New(errcode.ValidationFailed, "disk size %d GiB is smaller than the image's virtual size (%s)", diskGiB, fmtBytes(r.VirtualSize))
 	default:
 		pinned = !slices.Contains(r.PinnedBy, owner)
-		err = p.update(digest, func(r *record) {
-			r.PinnedBy = append(r.PinnedBy, owner)
-			r.LastUsed = time.Now().UTC()
-		})
+		err = p.pin(digest, owner)
 	}
 	p.mu.Unlock()
 	if err != nil {
@@ -129,13 +126,7 @@ func (c *Cache) Pin(poolName, digest, owner string) error {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if _, ok := p.entries[digest]; !ok {
-		return errcode.New(errcode.NotFound, "image %s not found in pool %q", digest, p.name)
-	}
-	if err := p.update(digest, func(r *record) {
-		r.PinnedBy = append(r.PinnedBy, owner)
-		r.LastUsed = time.Now().UTC()
-	}); err != nil {
+	if err := p.pin(digest, owner); err != nil {
 		return err
 	}
 	c.log.Info("image pinned", zap.String("op", "image_pin"), zap.String("pool", p.name),
@@ -154,6 +145,15 @@ func (c *Cache) Unpin(poolName, digest, owner string) error {
 		return err
 	}
 	return c.unpin(p, digest, owner)
+}
+
+// pin adds owner to the entry's pins (once) and marks it used: not_found
+// when the entry is gone. p.mu held.
+func (p *pool) pin(digest, owner string) error {
+	return p.update(digest, func(r *record) {
+		r.PinnedBy = append(r.PinnedBy, owner)
+		r.LastUsed = time.Now().UTC()
+	})
 }
 
 func (c *Cache) unpin(p *pool, digest, owner string) error {
