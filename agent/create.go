@@ -417,14 +417,13 @@ func (h *Host) Delete(ctx context.Context, name string) error {
 
 // updateMeta changes a VM's host metadata.
 func (h *Host) updateMeta(name string, fn func(*meta)) {
-	v, err := h.engine.Get(name)
-	if err != nil {
-		return
-	}
-	m := metaOf(v)
-	fn(&m)
-	b, _ := json.Marshal(m)
-	if err := h.engine.SetMeta(name, b); err != nil {
+	err := h.engine.UpdateMeta(name, func(raw json.RawMessage) json.RawMessage {
+		m := decodeMeta(raw)
+		fn(&m)
+		b, _ := json.Marshal(m)
+		return b
+	})
+	if err != nil && errcode.Of(err) != errcode.NotFound {
 		h.log.Warn("persist vm meta", zap.String("vm", name), zap.Error(err))
 	}
 }

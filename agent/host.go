@@ -311,10 +311,12 @@ func qemuVersion(bin string) string {
 	return strings.TrimSpace(strings.TrimPrefix(line, "QEMU emulator version "))
 }
 
-func metaOf(v vm.View) meta {
+func metaOf(v vm.View) meta { return decodeMeta(v.Meta) }
+
+func decodeMeta(raw json.RawMessage) meta {
 	var m meta
-	if len(v.Meta) > 0 {
-		_ = json.Unmarshal(v.Meta, &m)
+	if len(raw) > 0 {
+		_ = json.Unmarshal(raw, &m)
 	}
 	return m
 }

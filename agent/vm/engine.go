@@ -370,15 +370,17 @@ func (e *Engine) Update(ctx context.Context, name string, fn func(*Spec)) (View,
 	})
 }
 
-// SetMeta replaces a VM's opaque caller data and persists it.
-func (e *Engine) SetMeta(name string, meta json.RawMessage) error {
+// UpdateMeta replaces a VM's opaque caller data with fn's change of it
+// and persists it, atomically: concurrent updates of different fields
+// never lose one another. fn must not call the engine.
+func (e *Engine) UpdateMeta(name string, fn func(json.RawMessage) json.RawMessage) error {
 	m, err := e.lookup(name)
 	if err != nil {
 		return err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.st.Meta = meta
+	m.st.Meta = fn(m.st.Meta)
 	return m.persistLocked()
 }
 
