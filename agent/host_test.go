@@ -25,6 +25,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/netdev/netdevtest"
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
@@ -481,7 +482,7 @@ func TestForwardsAtRuntime(t *testing.T) {
 	}
 	c := hh.console("fwd")
 	wait(t, c, "OTHERIX-GUEST run-exit 1 0")
-	port := freePort(t)
+	port := netdevtest.FreePort(t)
 	dev := api.Device{DevType: api.DevProxy, SourceProto: "TCP", SourcePort: port, DestProto: "TCP", DestPort: 80}
 	v, err := hh.h.AddForward(ctx, "fwd", dev)
 	if err != nil {
@@ -523,15 +524,6 @@ func TestForwardsAtRuntime(t *testing.T) {
 	if v, _ := hh.h.VM("fwd"); len(v.Forwards) != 0 {
 		t.Fatalf("forwards after remove: %+v", v.Forwards)
 	}
-}
-
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func httpGet(t *testing.T, port int) string {

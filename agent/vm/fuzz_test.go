@@ -4,12 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"net"
 	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/netdev/netdevtest"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/qmp"
 )
@@ -38,25 +38,6 @@ func (m *hmpMonitor) Execute(_ context.Context, cmd string, args, out any) error
 func (m *hmpMonitor) Subscribe(int) (<-chan qmp.Event, func()) { return nil, func() {} }
 func (m *hmpMonitor) Done() <-chan struct{}                    { return nil }
 func (m *hmpMonitor) Close() error                             { return nil }
-
-// freePort finds a port of 127.0.0.1 free for both TCP and UDP, for the
-// check AddHostFwd makes before asking QEMU.
-func freePort(tb testing.TB) int {
-	for range 20 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			tb.Fatal(err)
-		}
-		port := ln.Addr().(*net.TCPAddr).Port
-		ln.Close()
-		if pc, err := net.ListenPacket("udp", "127.0.0.1:"+strconv.Itoa(port)); err == nil {
-			pc.Close()
-			return port
-		}
-	}
-	tb.Fatal("no port free for both tcp and udp")
-	return 0
-}
 
 // FuzzHostFwdAnswer runs AddForward's and RemoveForward's HMP exchange
 // (portfwd.AddHostFwd / RemoveHostFwd through the machine's
@@ -100,7 +81,7 @@ func FuzzHostFwdAnswer(f *testing.F) {
 	} {
 		f.Add(s.add, s.udp, s.addr, s.hostPort, s.guestPort, s.ret)
 	}
-	port := freePort(f)
+	port := netdevtest.FreePort(f) // free for both tcp and udp: AddHostFwd checks before asking QEMU
 	f.Fuzz(func(t *testing.T, add, udp bool, addr string, hostPort, guestPort uint16, ret []byte) {
 		r := portfwd.Rule{Proto: portfwd.TCP, HostAddr: addr, HostPort: int(hostPort), GuestPort: int(guestPort)}
 		if udp {

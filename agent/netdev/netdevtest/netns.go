@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -268,15 +269,30 @@ func run(tb testing.TB, name string, args ...string) string {
 }
 
 // FreePort returns a TCP and UDP port on 127.0.0.1 that was free a moment
-// ago.
+// ago. It is picked below the kernel's ephemeral range
+// (net.ipv4.ip_local_port_range): a port the kernel hands out for ":0"
+// is one it may hand out again at once as the source port of any
+// process's outgoing connection, and a test that binds it a moment later
+// then finds it in use.
 func FreePort(tb testing.TB) int {
 	tb.Helper()
-	for range 20 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			tb.Fatal(err)
+	lo := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 11000 {
+				lo = n
+			}
 		}
-		port := l.Addr().(*net.TCPAddr).Port
+	}
+	const first = 10000 // above the registered services most hosts run
+	for range 200 {
+		var b [2]byte
+		rand.Read(b[:])
+		port := first + (int(b[0])<<8|int(b[1]))%(lo-first)
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			continue
+		}
 		u, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port))
 		l.Close()
 		if err != nil {
@@ -285,6 +301,6 @@ func FreePort(tb testing.TB) int {
 		u.Close()
 		return port
 	}
-	tb.Fatal(errors.New("no port free for both tcp and udp"))
+	tb.Fatal(errors.New("no port below the ephemeral range free for both tcp and udp"))
 	return 0
 }
