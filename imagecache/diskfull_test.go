@@ -3,6 +3,7 @@ package imagecache
 import (
 	"context"
 	"os"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -82,4 +83,41 @@ func TestDiskFullEvictsToMakeRoom(t *testing.T) {
 	if _, err := os.Stat(e.Path); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// An image larger than the pool could ever hold fails at once, with both
+// sizes in the message, and the cache keeps its unused images.
+func TestDiskFullNeverFits(t *testing.T) {
+	dir := tmpfs(t, "20m")
+	c := openCache(t, dir, testOptions(t))
+	s := newImageServer(t)
+	old := mustEnsure(t, c, Request{URL: s.add("/old", &served{data: randomBytes(6<<20, 74)})})
+	huge := randomBytes(30<<20, 75)
+	_, err := c.Ensure(context.Background(), "p", Request{URL: s.add("/huge", &served{data: huge})}, nil)
+	wantCode(t, err, errcode.DiskFull)
+	for _, want := range []string{"30.0 MiB", "20.0 MiB"} {
+		if !strings.Contains(errcode.MessageOf(err), want) {
+			t.Errorf("message %q does not give %s", errcode.MessageOf(err), want)
+		}
+	}
+	wantDigests(t, c, old.Digest)
+	if s.served() >= int64(len(huge)) {
+		t.Errorf("the whole body was sent although it could never fit")
+	}
+}
+
+// An image that fits the pool but not even after evicting every unused
+// image fails without evicting any.
+func TestDiskFullEvictsOnlyIfItFits(t *testing.T) {
+	dir := tmpfs(t, "20m")
+	c := openCache(t, dir, testOptions(t))
+	s := newImageServer(t)
+	pinned := mustEnsure(t, c, Request{URL: s.add("/pinned", &served{data: randomBytes(8<<20, 76)})})
+	if err := c.Pin("p", pinned.Digest, "vm1:cdrom"); err != nil {
+		t.Fatal(err)
+	}
+	unused := mustEnsure(t, c, Request{URL: s.add("/unused", &served{data: randomBytes(4<<20, 77)})})
+	_, err := c.Ensure(context.Background(), "p", Request{URL: s.add("/next", &served{data: randomBytes(14<<20, 78)})}, nil)
+	wantCode(t, err, errcode.DiskFull)
+	wantDigests(t, c, pinned.Digest, unused.Digest)
 }

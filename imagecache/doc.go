@@ -83,8 +83,12 @@
 // After each ingest, and on Prune, least recently used unpinned entries are
 // evicted while the pool's cache exceeds Options.MaxCacheBytes or its free
 // space is under Options.MinFreeBytes (never the image just ingested).
-// Before a download whose size is known, entries are evicted the same way
-// if that makes it fit. Cache sizes count allocated bytes. An entry that
+// Before a download whose size is known, entries are evicted the same way,
+// but only if that makes it fit: an image larger than the pool could ever
+// hold (its file system's size less the floor) fails at once with
+// disk_full, giving both sizes, and one that would not fit even after
+// evicting every unpinned entry and idle partial fails with disk_full too;
+// neither evicts anything. Cache sizes count allocated bytes. An entry that
 // Ensure returned is not pinned until CreateOverlay or Pin: if eviction
 // takes it in between (it would have to be the least recently used
 // unpinned entry), CreateOverlay or Pin fails with not_found and the

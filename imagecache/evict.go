@@ -88,6 +88,30 @@ func (c *Cache) makeRoom(p *pool, want int64) {
 	p.evictWhile(short, "", log)
 }
 
+// reclaimableLocked returns the bytes that evicting every unpinned entry
+// and every idle partial would free. p.mu held.
+func (p *pool) reclaimableLocked() int64 {
+	var n int64
+	for _, r := range p.entries {
+		if len(r.PinnedBy) == 0 {
+			n += r.diskBytes
+		}
+	}
+	ents, err := os.ReadDir(p.ingest)
+	if err != nil {
+		return n
+	}
+	for _, e := range ents {
+		if p.active[partialKey(e.Name())] {
+			continue
+		}
+		if fi, err := e.Info(); err == nil {
+			n += allocated(fi)
+		}
+	}
+	return n
+}
+
 // evictWhile removes unpinned entries, least recently used first, while
 // cond holds. p.mu held.
 func (p *pool) evictWhile(cond func() bool, protect string, log *zap.Logger) []string {

@@ -168,7 +168,7 @@ func (c *Cache) attempt(ctx context.Context, p *pool, st *partial, r request, re
 		return errcode.New(errcode.ImageDownloadFailed, "download %s: image is %s, over the %s limit", redact(r.u), fmtBytes(st.total), fmtBytes(c.opts.MaxImageBytes))
 	}
 	if st.total >= 0 {
-		if err := c.reserve(p, st.total-st.off); err != nil {
+		if err := c.reserve(p, st.total, st.total-st.off); err != nil {
 			return err
 		}
 	}
@@ -197,16 +197,31 @@ func (c *Cache) attempt(ctx context.Context, p *pool, st *partial, r request, re
 	return nil
 }
 
-// reserve checks that need more bytes fit above the free-space floor,
-// evicting unpinned entries and idle partials if that makes them fit.
-func (c *Cache) reserve(p *pool, need int64) error {
-	_, free, err := fsSpace(p.dir)
+// reserve checks that need more bytes of an image of size total fit above
+// the free-space floor. An image larger than the pool could ever hold fails
+// at once; otherwise unpinned entries and idle partials are evicted, but
+// only when evicting them makes it fit: a download that cannot fit anyway
+// fails with disk_full and leaves the cache as it was.
+func (c *Cache) reserve(p *pool, total, need int64) error {
+	size, free, err := fsSpace(p.dir)
 	if err != nil || free-need >= c.opts.MinFreeBytes {
 		return nil
 	}
+	floor := max(c.opts.MinFreeBytes, 0)
+	if total > size-floor {
+		return errcode.New(errcode.DiskFull, "pool %q: the image is %s, larger than the pool could ever hold (%s, %s of it kept free)",
+			p.name, fmtBytes(total), fmtBytes(size), fmtBytes(floor))
+	}
+	p.mu.Lock()
+	reclaim := p.reclaimableLocked()
+	p.mu.Unlock()
+	if free+reclaim-need < c.opts.MinFreeBytes {
+		return errcode.New(errcode.DiskFull, "pool %q: image needs %s, %s free with a %s floor, and evicting every unused image would free only %s",
+			p.name, fmtBytes(need), fmtBytes(free), fmtBytes(floor), fmtBytes(reclaim))
+	}
 	c.makeRoom(p, need+c.opts.MinFreeBytes)
 	if _, free, err = fsSpace(p.dir); err == nil && free-need < c.opts.MinFreeBytes {
-		return errcode.New(errcode.DiskFull, "pool %q: image needs %s, %s free with a %s floor", p.name, fmtBytes(need), fmtBytes(free), fmtBytes(c.opts.MinFreeBytes))
+		return errcode.New(errcode.DiskFull, "pool %q: image needs %s, %s free with a %s floor", p.name, fmtBytes(need), fmtBytes(free), fmtBytes(floor))
 	}
 	return nil
 }

@@ -253,6 +253,11 @@ func (c *Cache) sweepIngest(p *pool, log *zap.Logger) error {
 	return fsyncDir(p.ingest)
 }
 
+// partialKey is the request key an ingest/ file belongs to.
+func partialKey(name string) string {
+	return strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, ".tmp"), ".json"), ".part")
+}
+
 // removeIdlePartials drops interrupted downloads nobody is resuming, to
 // free space. p.mu held.
 func (p *pool) removeIdlePartials(log *zap.Logger) {
@@ -262,8 +267,7 @@ func (p *pool) removeIdlePartials(log *zap.Logger) {
 	}
 	for _, e := range ents {
 		name := e.Name()
-		key := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, ".tmp"), ".json"), ".part")
-		if p.active[key] {
+		if p.active[partialKey(name)] {
 			continue
 		}
 		log.Info("removing interrupted download to free space", zap.String("file", name))
