@@ -87,6 +87,12 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 		}
 		c.DiskGiB = c.RootDiskSize
 	}
+	if c.RestartPolicy == "" {
+		c.RestartPolicy = api.RestartOnFailure
+	}
+	if !api.ValidRestartPolicy(c.RestartPolicy) {
+		return errcode.New(errcode.ValidationFailed, "restart_policy %q: use on-failure, always or never", c.RestartPolicy)
+	}
 	if c.RootDiskIOBus == "" {
 		c.RootDiskIOBus = h.cfg.QEMU.RootDiskBus
 	}
@@ -359,7 +365,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	}
 	m := meta{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
 		Network: network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task, Forwards: plan.forwards,
-		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart, VNCPassword: sealed,
+		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart, VNCPassword: sealed, RestartPolicy: c.RestartPolicy,
 		Devices: keptDevices(c.Devices), CDROMPins: cdPins}
 	mb, _ := json.Marshal(m)
 	if _, err := h.engine.Define(ctx, spec, mb); err != nil {
@@ -471,12 +477,15 @@ func (h *Host) Images(pool string) ([]api.Image, error) {
 	return out, nil
 }
 
-// Update changes a VM's CPU, memory or autostart (seed 003's
+// Update changes a VM's CPU, memory, autostart or restart policy (seed 003's
 // InstanceUpdateRequest). CPU and memory of a running VM apply at its next
 // start; the view shows them as pending_changes.
 func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM, error) {
 	if u.VCPUs != nil && (*u.VCPUs < vm.MinVCPUs || *u.VCPUs > vm.MaxVCPUs) {
 		return api.VM{}, errcode.New(errcode.ValidationFailed, "vcpus %d out of range %d..%d", *u.VCPUs, vm.MinVCPUs, vm.MaxVCPUs)
+	}
+	if u.RestartPolicy != nil && !api.ValidRestartPolicy(*u.RestartPolicy) {
+		return api.VM{}, errcode.New(errcode.ValidationFailed, "restart_policy %q: use on-failure, always or never", *u.RestartPolicy)
 	}
 	if u.MemoryMB != nil && (*u.MemoryMB < vm.MinMemoryMB || *u.MemoryMB > vm.MaxMemoryMB) {
 		return api.VM{}, errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", *u.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
@@ -495,6 +504,9 @@ func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM,
 	}
 	if u.Autostart != nil {
 		h.updateMeta(name, func(m *meta) { m.Autostart = *u.Autostart })
+	}
+	if u.RestartPolicy != nil {
+		h.updateMeta(name, func(m *meta) { m.RestartPolicy = *u.RestartPolicy })
 	}
 	return h.VM(name)
 }

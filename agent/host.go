@@ -102,6 +102,15 @@ type meta struct {
 	Forwards      []portfwd.Rule `json:"forwards,omitempty"`
 	RootDiskIOBus string         `json:"root_disk_io_bus,omitempty"`
 	Autostart     bool           `json:"autostart"`
+	// RestartPolicy is api.RestartOnFailure when empty (VMs made before
+	// the field existed).
+	RestartPolicy string `json:"restart_policy,omitempty"`
+	// Restarts counts restarts by the policy since the last start by
+	// request; Crashes are the times of recent crashes (the crash-loop
+	// window); CrashLoop holds restarts until a start by request.
+	Restarts  int         `json:"restarts,omitempty"`
+	Crashes   []time.Time `json:"crashes,omitempty"`
+	CrashLoop bool        `json:"crash_loop,omitempty"`
 	// Devices are the seed-000 DISK, CDROM, PCI, GPU, USB and host TPM
 	// devices as asked (NIC, PROXY and the emulated TPM are derived from
 	// the spec), kept current by attach, detach and medium changes.
@@ -110,6 +119,13 @@ type meta struct {
 	// for cdromOwner(uuid): set at create, kept exact by medium changes,
 	// all unpinned at delete.
 	CDROMPins []cdromPin `json:"cdrom_pins,omitempty"`
+}
+
+func (m meta) restartPolicy() string {
+	if m.RestartPolicy == "" {
+		return api.RestartOnFailure
+	}
+	return m.RestartPolicy
 }
 
 // NewHost opens the image cache and the VM engine and re-adopts VMs.
@@ -355,6 +371,9 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		VNCPort:        vncPort(v),
 		RootDiskIOBus:  m.RootDiskIOBus,
 		Autostart:      m.Autostart,
+		RestartPolicy:  m.restartPolicy(),
+		RestartCount:   m.Restarts,
+		CrashLoop:      m.CrashLoop,
 		PendingChanges: pending(v),
 	}
 }

@@ -46,6 +46,18 @@ const (
 	TaskCancelled = "cancelled"
 )
 
+// Restart policies: what the agent does when a VM's QEMU ends on its own.
+// "on-failure" (the default) restarts it after a crash (QEMU killed,
+// OOM-killed or aborted, a guest kernel panic) and leaves a guest that
+// powered itself off stopped; "always" restarts it after a guest power-off
+// too; "never" leaves it as it ended. Restarts back off, and a VM that
+// keeps crashing stays crashed (crash_loop) until someone starts it.
+const (
+	RestartOnFailure = "on-failure"
+	RestartAlways    = "always"
+	RestartNever     = "never"
+)
+
 // Desired phases (seed 004 desired_phase).
 const (
 	PhaseRunning = "running"
@@ -75,6 +87,8 @@ type CreateVM struct {
 	RootDiskIOBus string `json:"root_disk_io_bus,omitempty" yaml:"root_disk_io_bus,omitempty"`
 	RootDiskSize  int    `json:"root_disk_size,omitempty" yaml:"root_disk_size,omitempty"`
 	Autostart     *bool  `json:"autostart,omitempty" yaml:"autostart,omitempty"`
+	// RestartPolicy is on-failure (default), always or never.
+	RestartPolicy string `json:"restart_policy,omitempty" yaml:"restart_policy,omitempty"`
 	// Seed 000 VNC console: vnc_port null picks the next free one from
 	// 5900; the password (at most 8 characters, DES) is a secret.
 	VNCEnabled  bool   `json:"vnc_enabled,omitempty" yaml:"vnc_enabled,omitempty"`
@@ -204,14 +218,21 @@ type VM struct {
 	// Seed 000/003 view: the instance status (RUNNING, STOPPED, STARTING,
 	// STOPPING, FROZEN, ERROR, UNKNOWN), root disk bus, autostart, and the
 	// changes that apply at the next start.
-	InstanceStatus string          `json:"instance_status"`
-	Firmware       string          `json:"firmware"`
-	SecureBoot     bool            `json:"secure_boot"`
-	TPM            bool            `json:"tpm"`
-	VNCEnabled     bool            `json:"vnc_enabled"`
-	VNCPort        int             `json:"vnc_port,omitempty"`
-	RootDiskIOBus  string          `json:"root_disk_io_bus,omitempty"`
-	Autostart      bool            `json:"autostart"`
+	InstanceStatus string `json:"instance_status"`
+	Firmware       string `json:"firmware"`
+	SecureBoot     bool   `json:"secure_boot"`
+	TPM            bool   `json:"tpm"`
+	VNCEnabled     bool   `json:"vnc_enabled"`
+	VNCPort        int    `json:"vnc_port,omitempty"`
+	RootDiskIOBus  string `json:"root_disk_io_bus,omitempty"`
+	Autostart      bool   `json:"autostart"`
+	// RestartPolicy is the VM's restart policy; RestartCount how many
+	// times the agent restarted it by that policy since it was last
+	// started or created by request; CrashLoop is set when it crashed too
+	// often in a short window: it then stays crashed until started.
+	RestartPolicy  string          `json:"restart_policy"`
+	RestartCount   int             `json:"restart_count,omitempty"`
+	CrashLoop      bool            `json:"crash_loop,omitempty"`
 	PendingChanges *PendingChanges `json:"pending_changes,omitempty"`
 	Forwards       []Device        `json:"forwards,omitempty"` // PROXY devices
 	// Devices are the VM's DISK, CDROM, PCI, GPU, USB and host TPM
@@ -288,9 +309,19 @@ type PendingChanges struct {
 // UpdateVM is the body of PATCH /v1/vms/{name} (seed 003's
 // InstanceUpdateRequest): only the fields given change.
 type UpdateVM struct {
-	VCPUs     *int  `json:"vcpus,omitempty"`
-	MemoryMB  *int  `json:"memory_mb,omitempty"`
-	Autostart *bool `json:"autostart,omitempty"`
+	VCPUs         *int    `json:"vcpus,omitempty"`
+	MemoryMB      *int    `json:"memory_mb,omitempty"`
+	Autostart     *bool   `json:"autostart,omitempty"`
+	RestartPolicy *string `json:"restart_policy,omitempty"`
+}
+
+// ValidRestartPolicy reports whether p is a restart policy ("" is not).
+func ValidRestartPolicy(p string) bool {
+	switch p {
+	case RestartOnFailure, RestartAlways, RestartNever:
+		return true
+	}
+	return false
 }
 
 // InstanceStatus maps a seed-004 status onto the seed 000/003 form.

@@ -42,6 +42,7 @@ func (c *cli) vmCreate(ctx context.Context, fs *flag.FlagSet, args []string) err
 	userData := fs.String("user-data", "", "`path` to a #cloud-config user-data YAML, or - for stdin")
 	netConfig := fs.String("network-config", "", "`path` to a cloud-init network-config YAML, or - for stdin")
 	fs.BoolVar(&spec.NoCloudInit, "no-cloud-init", false, "disable cloud-init (exclusive with --user-data and --network-config)")
+	fs.StringVar(&spec.RestartPolicy, "restart-policy", "", "what to do when the VM ends on its own: on-failure (default: restart after a crash), always (after a guest power-off too) or never")
 	w := waitFlags(fs)
 	name, err := c.name(fs, args)
 	if err != nil {

@@ -143,6 +143,9 @@ func manifestOf(vm *api.VM) api.CreateVM {
 		off := false
 		m.Autostart = &off
 	}
+	if vm.RestartPolicy != api.RestartOnFailure {
+		m.RestartPolicy = vm.RestartPolicy
+	}
 	// NICs: one bridged NIC is seed 004's --network; anything else is a
 	// list of seed-000 NIC devices. MACs are not copied: they are unique
 	// per host, so a copy would conflict.
@@ -199,6 +202,9 @@ func (c *cli) writeText(vm *api.VM) {
 		{"status", vm.Status},
 		{"status_reason", vm.StatusReason},
 		{"desired_phase", vm.DesiredPhase},
+		{"restart_policy", vm.RestartPolicy},
+		{"restart_count", num(vm.RestartCount)},
+		{"crash_loop", strconv.FormatBool(vm.CrashLoop)},
 		{"arch", vm.Arch},
 		{"vcpus", num(vm.VCPUs)},
 		{"memory_mb", num(vm.MemoryMB)},

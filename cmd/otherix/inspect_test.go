@@ -125,7 +125,7 @@ func TestVMListPassesPageAndFilters(t *testing.T) {
 func testVM() api.VM {
 	return api.VM{
 		Name: "web-1", UUID: "11111111-1111-4111-8111-111111111111", Status: "running", DesiredPhase: "running",
-		Arch: "arm64", VCPUs: 2, MemoryMB: 2048, Pool: "default", Node: "node-1",
+		RestartPolicy: "on-failure", RestartCount: 2, Arch: "arm64", VCPUs: 2, MemoryMB: 2048, Pool: "default", Node: "node-1",
 		ImageURL: imageURL, ImageSHA256: strings.Repeat("ab", 32), DiskGiB: 8, QEMUPID: 4242, CloudInit: true,
 		IPAddresses: []string{"10.0.2.15", "fe80::1"},
 		CreatedAt:   time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC),
@@ -142,6 +142,9 @@ uuid: 11111111-1111-4111-8111-111111111111
 status: running
 status_reason: -
 desired_phase: running
+restart_policy: on-failure
+restart_count: 2
+crash_loop: false
 arch: arm64
 vcpus: 2
 memory_mb: 2048

@@ -216,7 +216,9 @@ func taskError(t *api.Task) string {
 	return t.Error.Code + ": " + t.Error.Message
 }
 
-// vmSet is "vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL]":
+const vmSetSynopsis = "otherix vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL] [--restart-policy on-failure|always|never]"
+
+// vmSet is "vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL] [--restart-policy P]":
 // seed 003's update. CPU and memory of a running VM apply at its next
 // start; the output says so.
 func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error {
@@ -224,6 +226,7 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 	vcpus := fs.Int("vcpus", 0, "vCPU count (1..128)")
 	mem := fs.Int("memory-mb", 0, "memory in MiB (128..524288)")
 	auto := fs.String("autostart", "", "start the VM after a host boot: true or false")
+	policy := fs.String("restart-policy", "", "on-failure, always or never")
 	name, err := c.name(fs, args)
 	if err != nil {
 		return err
@@ -243,12 +246,15 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 	if *auto != "" {
 		b, err := strconv.ParseBool(*auto)
 		if err != nil {
-			return &usageError{msg: "--autostart takes true or false", synopsis: "otherix vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL]"}
+			return &usageError{msg: "--autostart takes true or false", synopsis: vmSetSynopsis}
 		}
 		u.Autostart = &b
 	}
+	if *policy != "" {
+		u.RestartPolicy = policy
+	}
 	if u == (api.UpdateVM{}) {
-		return &usageError{msg: "vm set needs --vcpus, --memory-mb or --autostart", synopsis: "otherix vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL]"}
+		return &usageError{msg: "vm set needs --vcpus, --memory-mb, --autostart or --restart-policy", synopsis: vmSetSynopsis}
 	}
 	cl, err := c.client()
 	if err != nil {
@@ -261,7 +267,7 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 	if *out == "json" {
 		return c.writeRaw(raw)
 	}
-	line := fmt.Sprintf("vm %s vcpus=%d memory_mb=%d autostart=%t", vm.Name, vm.VCPUs, vm.MemoryMB, vm.Autostart)
+	line := fmt.Sprintf("vm %s vcpus=%d memory_mb=%d autostart=%t restart_policy=%s", vm.Name, vm.VCPUs, vm.MemoryMB, vm.Autostart, vm.RestartPolicy)
 	if p := vm.PendingChanges; p != nil {
 		line += fmt.Sprintf(" pending_changes(next start): vcpus=%d memory_mb=%d", p.VCPUs, p.MemoryMB)
 	}
