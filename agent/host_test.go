@@ -29,6 +29,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
+	"github.com/otherix/otherix-agent/internal/leakcheck"
 )
 
 type hostHarness struct {
@@ -59,10 +60,14 @@ func newHost(t *testing.T) *hostHarness {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
+		var pids []int
 		for _, v := range h.Engine().List() {
 			if v.PID > 0 {
-				syscall.Kill(v.PID, syscall.SIGKILL)
+				pids = append(pids, v.PID)
 			}
+		}
+		if err := leakcheck.Kill(pids...); err != nil {
+			t.Error(err)
 		}
 		h.Close()
 	})

@@ -136,7 +136,13 @@ func TestBootARM64(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer sw.Stop(context.Background())
+	// Registered before boot's cleanup, so it runs after QEMU is gone
+	// (pass or fail), bounded: swtpm may not outlive the test.
+	t.Cleanup(func() {
+		c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		sw.Stop(c)
+	})
 	tpmArgs, err := tpm.Args("arm64", sw.Socket())
 	if err != nil {
 		t.Fatal(err)

@@ -22,6 +22,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/cloudinit"
+	"github.com/otherix/otherix-agent/internal/leakcheck"
 )
 
 // The helper-process trick: the test binary re-executed with
@@ -32,8 +33,7 @@ func TestMain(m *testing.M) {
 		helperAgent()
 		return
 	}
-
-	os.Exit(m.Run())
+	os.Exit(leakcheck.Main(m))
 }
 
 func helperAgent() {
@@ -112,10 +112,14 @@ func (h *harness) open() {
 
 // killAll makes sure no QEMU outlives the test.
 func (h *harness) killAll(e *Engine) {
+	var pids []int
 	for _, v := range e.List() {
 		if v.PID > 0 && isOurQEMU(v.PID, v.Spec.UUID) {
-			syscall.Kill(v.PID, syscall.SIGKILL)
+			pids = append(pids, v.PID)
 		}
+	}
+	if err := leakcheck.Kill(pids...); err != nil {
+		h.t.Error(err)
 	}
 	e.Close()
 }

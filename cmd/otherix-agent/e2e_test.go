@@ -20,6 +20,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/netdev/netdevtest"
 	"github.com/otherix/otherix-agent/agent/testguest"
+	"github.com/otherix/otherix-agent/internal/leakcheck"
 )
 
 // These tests run the real binaries: otherix-agent --standalone and the
@@ -27,20 +28,22 @@ import (
 
 var binDir string
 
-func TestMain(m *testing.M) {
+func TestMain(m *testing.M) { os.Exit(leakcheck.Run(func() int { return buildAndRun(m) })) }
+
+// buildAndRun builds the binaries the tests run and runs the tests.
+func buildAndRun(m *testing.M) int {
 	dir, err := os.MkdirTemp("", "otherix-bin")
 	if err != nil {
 		panic(err)
 	}
+	defer os.RemoveAll(dir)
 	out, err := exec.Command("go", "build", "-o", dir+"/", "github.com/otherix/otherix-agent/cmd/otherix-agent", "github.com/otherix/otherix-agent/cmd/otherix").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
-		os.Exit(1)
+		return 1
 	}
 	binDir = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	return m.Run()
 }
 
 type standaloneAgent struct {
