@@ -12,12 +12,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
+
 	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/proc"
 )
 
 // DefaultEnv is swtpm's whole environment unless Config.Env is set: it
@@ -74,20 +75,13 @@ func (c *Config) logPath() string {
 // Process is a running (or exited) swtpm: started by [Start] or found by
 // [FindRunning].
 type Process struct {
-	pid      int
-	pidfd    int
-	sock     string
-	pidPath  string
-	done     chan struct{}
-	exitDesc string // set before done is closed
-
-	mu       sync.Mutex
-	released bool
-	wake     *os.File // write end: wakes an adopted process's poller
+	p       *proc.Process
+	sock    string
+	pidPath string
 }
 
 // PID returns swtpm's process id.
-func (p *Process) PID() int { return p.pid }
+func (p *Process) PID() int { return p.p.PID() }
 
 // Socket returns the control socket QEMU connects to.
 func (p *Process) Socket() string { return p.sock }
@@ -96,17 +90,13 @@ func (p *Process) Socket() string { return p.sock }
 // then lost its TPM (QEMU does not notice until the guest uses it).
 // After Release, Done is closed only if swtpm exits meanwhile and was
 // started by this process.
-func (p *Process) Done() <-chan struct{} { return p.done }
+func (p *Process) Done() <-chan struct{} { return p.p.Done() }
 
 // Exited reports whether swtpm has exited.
-func (p *Process) Exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
+func (p *Process) Exited() bool { return p.p.Exited() }
+
+// Exit says how swtpm ended; the zero proc.Exit while it runs.
+func (p *Process) Exit() proc.Exit { return p.p.Exit() }
 
 // ExitDescription says how swtpm ended ("exit status 0", "killed by signal
 // SIGKILL"); empty while it runs.
@@ -114,7 +104,7 @@ func (p *Process) ExitDescription() string {
 	if !p.Exited() {
 		return ""
 	}
-	return p.exitDesc
+	return p.p.Exit().String()
 }
 
 // Connect opens a connection to swtpm's control socket for QEMU to
@@ -151,7 +141,7 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 	sock := SocketPath(cfg.RunDir)
 	if old := FindRunning(cfg.StateDir, sock); old != nil {
 		old.Release()
-		return nil, errcode.New(errcode.Conflict, "tpm: a swtpm (pid %d) already runs on %s", old.pid, cfg.StateDir)
+		return nil, errcode.New(errcode.Conflict, "tpm: a swtpm (pid %d) already runs on %s", old.PID(), cfg.StateDir)
 	}
 	if err := prepareState(cfg); err != nil {
 		return nil, err
@@ -240,44 +230,38 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		os.Remove(sock)
 		return nil, errcode.Wrap(errcode.Internal, err, "tpm: find swtpm")
 	}
-	cmd := exec.Command(path, "socket", "--tpm2",
-		"--tpmstate", stateArg(cfg.StateDir),
-		"--ctrl", "type=unixio,fd=3",
-		"--terminate",
-		"--log", "fd=4,level=1",
-		"--pid", "fd=5")
-	cmd.Env = env
-	cmd.Dir = cfg.StateDir
-	cmd.Stdout = logf
-	cmd.Stderr = logf
-	cmd.ExtraFiles = []*os.File{lnFile, logf, pidFile}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var cred *syscall.Credential
 	if o := cfg.Owner; o != nil {
-		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: o.UID, Gid: o.GID, Groups: []uint32{}}
+		cred = &syscall.Credential{Uid: o.UID, Gid: o.GID, Groups: []uint32{}}
 	}
-	err = cmd.Start()
+	sp, err := proc.Start(proc.Cmd{
+		Path: path,
+		Args: []string{"socket", "--tpm2",
+			"--tpmstate", stateArg(cfg.StateDir),
+			"--ctrl", "type=unixio,fd=3",
+			"--terminate",
+			"--log", "fd=4,level=1",
+			"--pid", "fd=5"},
+		Env:        env,
+		Dir:        cfg.StateDir,
+		Output:     logf,
+		Files:      []*os.File{lnFile, logf, pidFile},
+		Credential: cred,
+	})
 	pidFile.Close()
 	if err != nil {
 		os.Remove(sock)
 		return nil, errcode.Wrap(errcode.Internal, err, "tpm: exec %s", path)
 	}
-	p, err := newProcess(cmd.Process.Pid, sock, pidPath)
-	if err != nil {
-		cmd.Process.Kill()
-		cmd.Wait()
-		os.Remove(sock)
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: track swtpm")
-	}
-	go p.waitChild(cmd)
+	p := &Process{p: sp, sock: sock, pidPath: pidPath}
 
 	fail := func(err error) (*Process, error) {
-		p.kill()
-		<-p.done
-		p.closeFD()
+		sp.Kill()
+		<-sp.Done()
 		os.Remove(sock)
 		os.Remove(pidPath)
 		e := errcode.Wrap(errcode.Internal, err, "tpm: swtpm did not start")
-		if tail := logTail(logPath, logStart, 2048); tail != "" {
+		if tail := proc.Tail(logPath, logStart, 2048); tail != "" {
 			e.Message += "; swtpm said: " + tail
 		}
 		return nil, e
@@ -296,8 +280,8 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 			ready <- err
 		case len(b) == 0:
 			ready <- errors.New("it exited before accepting its options")
-		case strings.TrimSpace(string(b)) != strconv.Itoa(p.pid):
-			ready <- fmt.Errorf("it wrote pid %q, want %d", b, p.pid)
+		case strings.TrimSpace(string(b)) != strconv.Itoa(sp.PID()):
+			ready <- fmt.Errorf("it wrote pid %q, want %d", b, sp.PID())
 		default:
 			ready <- nil
 		}
@@ -355,71 +339,8 @@ func lookPath(bin string, env []string) (string, error) {
 	return "", fmt.Errorf("%s not found in the PATH of its environment: %w", bin, exec.ErrNotFound)
 }
 
-func newProcess(pid int, sock, pidPath string) (*Process, error) {
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
-	}
-	return &Process{pid: pid, pidfd: fd, sock: sock, pidPath: pidPath, done: make(chan struct{})}, nil
-}
-
-// waitChild reaps a swtpm this process started.
-func (p *Process) waitChild(cmd *exec.Cmd) {
-	err := cmd.Wait()
-	desc := "exited"
-	if ps := cmd.ProcessState; ps != nil {
-		if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			desc = "killed by signal " + unix.SignalName(ws.Signal())
-		} else {
-			desc = "exit status " + strconv.Itoa(ps.ExitCode())
-		}
-	} else if err != nil {
-		desc = err.Error()
-	}
-	p.exitDesc = desc
-	close(p.done)
-}
-
-// pollExit waits for an adopted swtpm (not our child) to exit, or for
-// Release.
-func (p *Process) pollExit(wake *os.File) {
-	defer wake.Close()
-	fds := []unix.PollFd{
-		{Fd: int32(p.pidfd), Events: unix.POLLIN},
-		{Fd: int32(wake.Fd()), Events: unix.POLLIN},
-	}
-	for {
-		_, err := unix.Poll(fds, -1)
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			return // cannot watch; Done stays open
-		}
-		if fds[1].Revents != 0 {
-			return // released
-		}
-		if fds[0].Revents != 0 {
-			p.exitDesc = "exited (adopted process, exit status unknown)"
-			close(p.done)
-			return
-		}
-	}
-}
-
-func (p *Process) kill() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.pidfd >= 0 {
-		unix.PidfdSendSignal(p.pidfd, unix.SIGKILL, nil, 0)
-	}
-}
-
-func (p *Process) closeFD() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.pidfd >= 0 {
-		unix.Close(p.pidfd)
-		p.pidfd = -1
-	}
-}
+// kill sends swtpm SIGKILL.
+func (p *Process) kill() { p.p.Kill() }
 
 // Stop ends swtpm: SIGTERM (swtpm saves its state and exits), then
 // SIGKILL if ctx ends first. It waits for the exit, then removes the socket
@@ -430,20 +351,16 @@ func (p *Process) Stop(ctx context.Context) error {
 		return errcode.New(errcode.Internal, "tpm: stop after release")
 	}
 	if !p.Exited() {
-		p.mu.Lock()
-		err := unix.PidfdSendSignal(p.pidfd, unix.SIGTERM, nil, 0)
-		p.mu.Unlock()
-		if err != nil && !errors.Is(err, unix.ESRCH) {
-			return errcode.Wrap(errcode.Internal, err, "tpm: signal swtpm %d", p.pid)
+		if err := p.p.Signal(unix.SIGTERM); err != nil {
+			return errcode.Wrap(errcode.Internal, err, "tpm: signal swtpm")
 		}
 		select {
-		case <-p.done:
+		case <-p.p.Done():
 		case <-ctx.Done():
 			p.kill()
-			<-p.done
+			<-p.p.Done()
 		}
 	}
-	p.closeFD()
 	p.removeFiles()
 	return nil
 }
@@ -453,7 +370,7 @@ func (p *Process) Stop(ctx context.Context) error {
 // pid file itself when it exits normally.)
 func (p *Process) removeFiles() {
 	b, err := os.ReadFile(p.pidPath)
-	if err == nil && strings.TrimSpace(string(b)) != strconv.Itoa(p.pid) {
+	if err == nil && strings.TrimSpace(string(b)) != strconv.Itoa(p.PID()) {
 		return
 	}
 	os.Remove(p.pidPath)
@@ -462,30 +379,9 @@ func (p *Process) removeFiles() {
 
 // Release lets go of swtpm without stopping it (the agent shuts down and
 // its VMs keep running). The Process must not be used after.
-func (p *Process) Release() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.released {
-		return
-	}
-	p.released = true
-	if p.wake != nil {
-		p.wake.Close() // the poller sees POLLHUP
-		p.wake = nil
-	}
-	// A child's waiter keeps its own reference to the process; an adopted
-	// one's poller closed its pipe end. The pidfd is no longer needed.
-	if p.pidfd >= 0 {
-		unix.Close(p.pidfd)
-		p.pidfd = -1
-	}
-}
+func (p *Process) Release() { p.p.Release() }
 
-func (p *Process) isReleased() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.released
-}
+func (p *Process) isReleased() bool { return p.p.Released() }
 
 // FindRunning returns the live swtpm serving stateDir on sock, or nil. The
 // pid comes from swtpm.pid next to sock, else from a scan of /proc (an
@@ -504,28 +400,13 @@ func FindRunning(stateDir, sock string) *Process {
 	if len(cands) == 0 || !isOurSWTPM(cands[0], want, sock) {
 		cands = scanSWTPM(want)
 	}
+	ours := func(pid int) bool { return isOurSWTPM(pid, want, sock) }
 	for _, pid := range cands {
-		if !isOurSWTPM(pid, want, sock) {
-			continue
+		// Adopt checks again once the pidfd pins the process: the pid may
+		// have been reused in between.
+		if sp, err := proc.Adopt(pid, ours); err == nil {
+			return &Process{p: sp, sock: sock, pidPath: pidPath}
 		}
-		p, err := newProcess(pid, sock, pidPath)
-		if err != nil {
-			continue // it just exited
-		}
-		// Recheck through the pidfd's process: the pid may have been
-		// reused between the check and pidfd_open.
-		if !isOurSWTPM(pid, want, sock) {
-			p.closeFD()
-			continue
-		}
-		r, w, err := os.Pipe()
-		if err != nil {
-			p.closeFD()
-			return nil
-		}
-		p.wake = w
-		go p.pollExit(r)
-		return p
 	}
 	return nil
 }
@@ -626,24 +507,4 @@ func listensOn(pid int, path string) bool {
 		}
 	}
 	return false
-}
-
-// logTail returns what the log got after offset from, at most n bytes, as
-// one line.
-func logTail(path string, from, n int64) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return ""
-	}
-	if fi.Size()-from > n {
-		from = fi.Size() - n
-	}
-	f.Seek(from, io.SeekStart)
-	b, _ := io.ReadAll(f)
-	return strings.Join(strings.Fields(string(b)), " ")
 }
