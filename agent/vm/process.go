@@ -3,12 +3,9 @@ package vm
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -18,12 +15,12 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
+	"github.com/otherix/otherix-agent/agent/proc"
 	"github.com/otherix/otherix-agent/agent/tpm"
 	"github.com/otherix/otherix-agent/qmp"
 )
@@ -31,16 +28,14 @@ import (
 // process is one incarnation of a VM's QEMU: from start (or adoption) to
 // exit. A reboot makes a new one.
 type process struct {
-	m     *machine
-	pid   int
-	pidfd int
-	mon   Monitor
+	m   *machine
+	sp  *proc.Process // the supervised QEMU
+	pid int
+	mon Monitor
 
-	exited   chan struct{} // closed when the process is gone
 	reaped   chan struct{} // closed after the VM's state records the exit
 	detached chan struct{} // closed when the engine lets go of it
 	detach1  sync.Once
-	exitDesc string // set before exited is closed
 
 	mu           sync.Mutex
 	expect       bool   // an op asked QEMU to exit
@@ -51,27 +46,18 @@ type process struct {
 	tpm           *tpm.Process // the VM's swtpm, when it has a TPM
 }
 
-func newProcess(m *machine, pid int) (*process, error) {
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
-	}
+func newProcess(m *machine, sp *proc.Process) *process {
 	return &process{
-		m: m, pid: pid, pidfd: fd,
-		exited:   make(chan struct{}),
+		m: m, sp: sp, pid: sp.PID(),
 		reaped:   make(chan struct{}),
 		detached: make(chan struct{}),
-	}, nil
-}
-
-func (p *process) isExited() bool {
-	select {
-	case <-p.exited:
-		return true
-	default:
-		return false
 	}
 }
+
+// exited is closed when QEMU is gone.
+func (p *process) exited() <-chan struct{} { return p.sp.Done() }
+
+func (p *process) isExited() bool { return p.sp.Exited() }
 
 func (p *process) expectExit(reason string) {
 	p.mu.Lock()
@@ -91,53 +77,7 @@ func (p *process) unexpectExit() bool {
 	return true
 }
 
-func (p *process) sigkill() error {
-	err := unix.PidfdSendSignal(p.pidfd, unix.SIGKILL, nil, 0)
-	if errors.Is(err, unix.ESRCH) {
-		return nil
-	}
-	return err
-}
-
-// waitChild reaps a child QEMU and records how it ended.
-func (p *process) waitChild(cmd *exec.Cmd) {
-	err := cmd.Wait()
-	desc := "exited"
-	if ps := cmd.ProcessState; ps != nil {
-		if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			desc = "killed by signal " + unix.SignalName(ws.Signal())
-		} else {
-			desc = "exit status " + strconv.Itoa(ps.ExitCode())
-		}
-	} else if err != nil {
-		desc = err.Error()
-	}
-	p.exitDesc = desc
-	close(p.exited)
-}
-
-// pollExit waits for an adopted QEMU (not our child) to exit via its pidfd.
-func (p *process) pollExit() {
-	fds := []unix.PollFd{{Fd: int32(p.pidfd), Events: unix.POLLIN}}
-	for {
-		select {
-		case <-p.detached:
-			return
-		default:
-		}
-		n, err := unix.Poll(fds, 500)
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			p.m.log.Error("poll pidfd", zap.Error(err))
-			time.Sleep(500 * time.Millisecond)
-			continue
-		}
-		if n > 0 {
-			p.exitDesc = "exited (adopted process, exit status unknown)"
-			close(p.exited)
-			return
-		}
-	}
-}
+func (p *process) sigkill() error { return p.sp.Kill() }
 
 // events follows QMP events of this incarnation.
 func (p *process) events(ch <-chan qmp.Event) {
@@ -159,31 +99,20 @@ func (p *process) events(ch <-chan qmp.Event) {
 // watch records the exit of QEMU in the VM's state.
 func (p *process) watch() {
 	select {
-	case <-p.exited:
+	case <-p.exited():
 	case <-p.detached:
 		return
 	}
 	m := p.m
-	p.mu.Lock()
-	expect, reason := p.expect, p.expectReason
-	p.mu.Unlock()
 	if p.mon != nil {
 		p.mon.Close()
 	}
-	unix.Close(p.pidfd)
 
 	m.mu.Lock()
 	if m.proc == p {
 		m.proc = nil
 		m.st.PID = 0
-		switch {
-		case expect:
-			m.setStatusLocked("stopped", reason)
-		case p.guestShutdown.Load():
-			m.setStatusLocked("stopped", "guest powered off")
-		default:
-			m.setStatusLocked("crashed", "qemu "+p.exitDesc)
-		}
+		m.setStatusLocked(p.exitStatus())
 	}
 	v := m.viewLocked()
 	m.mu.Unlock()
@@ -218,12 +147,29 @@ func (p *process) watch() {
 	m.notify(v)
 }
 
+// exitStatus is the status and reason an exited QEMU leaves its VM in:
+// stopped when an op asked for the exit or the guest powered off, else
+// crashed, with how QEMU ended (p.sp.Exit()).
+func (p *process) exitStatus() (status, reason string) {
+	p.mu.Lock()
+	expect, why := p.expect, p.expectReason
+	p.mu.Unlock()
+	switch {
+	case expect:
+		return "stopped", why
+	case p.guestShutdown.Load():
+		return "stopped", "guest powered off"
+	}
+	return "crashed", "qemu " + p.sp.Exit().String()
+}
+
 func (p *process) detach() {
 	p.detach1.Do(func() {
 		close(p.detached)
 		if p.mon != nil {
 			p.mon.Close()
 		}
+		p.sp.Release()
 	})
 }
 
@@ -286,7 +232,7 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	m.setStatus("starting", "")
 	fail := func(code errcode.Code, err error, what string) error {
 		e := errcode.Wrap(code, err, "%s", what)
-		if tail := logTail(logPath, 2048); tail != "" {
+		if tail := proc.Tail(logPath, 0, 2048); tail != "" {
 			e.Message += "; qemu said: " + tail
 		}
 		m.setStatus(prevStatus, "start failed: "+e.Message)
@@ -312,54 +258,41 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	}
 
 	bin := m.e.cfg.Binaries[spec.Arch]
-	cmd := exec.Command(bin, args...)
-	cmd.Env = m.e.cfg.Env
-	cmd.Dir = "/"
-	cmd.Stdout = logf
-	cmd.Stderr = logf
-	cmd.ExtraFiles = files
-	// Its own process group: a signal to the agent's group (Ctrl-C, the
-	// service manager) never reaches QEMU. Credential drops root: QEMU runs
-	// as the unprivileged QEMU user with no supplementary groups and no
-	// capabilities, holding only the descriptors the agent opened for it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: cred}
+	// In a process group of its own (proc.Start): a signal to the agent's
+	// group (Ctrl-C, the service manager) never reaches QEMU. Credential
+	// drops root: QEMU runs as the unprivileged QEMU user with no
+	// supplementary groups and no capabilities, holding only the
+	// descriptors the agent opened for it.
+	pc := proc.Cmd{Path: bin, Args: args, Env: m.e.cfg.Env, Output: logf, Files: files, Credential: cred}
 	if hostPlan != nil && len(hostPlan.VFIO) > 0 {
-		err = startMemlock(hostdev.MemlockBytes(spec.MemoryMB), cmd.Start)
-	} else {
-		err = cmd.Start()
+		memlock := hostdev.MemlockBytes(spec.MemoryMB)
+		pc.Launch = func(start func() error) error { return startMemlock(memlock, start) }
 	}
+	sp, err := proc.Start(pc)
 	logf.Close()
 	for _, f := range files {
 		f.Close() // QEMU has its copies; a listening socket stays bound
 	}
 	if err != nil {
 		deleteLinks(links)
+		m.stopTPM()
 		return fail(errcode.QEMUStartFailed, err, "exec "+bin)
 	}
-	p, err := newProcess(m, cmd.Process.Pid)
-	if p != nil {
-		p.links = links
-		m.mu.Lock()
-		p.tpm, m.pendingTPM = m.pendingTPM, nil
-		m.mu.Unlock()
-	}
-	if err != nil {
-		cmd.Process.Kill()
-		cmd.Wait()
-		return fail(errcode.QEMUStartFailed, err, "track qemu")
-	}
-	go p.waitChild(cmd)
+	p := newProcess(m, sp)
+	p.links = links
+	m.mu.Lock()
+	p.tpm, m.pendingTPM = m.pendingTPM, nil
+	m.mu.Unlock()
 	log := m.log.With(zap.Int("qemu_pid", p.pid))
 	log.Info("qemu launched", zap.String("binary", bin))
 	writePIDFile(filepath.Join(m.run, "qemu.pid"), p.pid)
 
 	abort := func(code errcode.Code, err error, what string) error {
 		p.sigkill()
-		<-p.exited
+		<-p.exited()
 		if p.tpm != nil {
 			p.tpm.Release()
 		}
-		unix.Close(p.pidfd)
 		if p.mon != nil {
 			p.mon.Close()
 		}
@@ -503,13 +436,13 @@ func (m *machine) stopTPM() {
 func (p *process) watchTPM() {
 	select {
 	case <-p.tpm.Done():
-	case <-p.exited:
+	case <-p.exited():
 		return
 	case <-p.detached:
 		return
 	}
 	select {
-	case <-p.exited: // it followed QEMU out (--terminate)
+	case <-p.exited(): // it followed QEMU out (--terminate)
 		return
 	case <-time.After(500 * time.Millisecond):
 	}
@@ -572,7 +505,7 @@ func (m *machine) dialUntil(ctx context.Context, p *process, path string) (Monit
 	var last error
 	for {
 		if p.isExited() {
-			return nil, fmt.Errorf("qemu %s", p.exitDesc)
+			return nil, fmt.Errorf("qemu %s", p.sp.Exit())
 		}
 		c, cancel := context.WithTimeout(ctx, 5*time.Second)
 		mon, err := m.e.cfg.Dial(c, path)
@@ -584,24 +517,10 @@ func (m *machine) dialUntil(ctx context.Context, p *process, path string) (Monit
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("%w (last error: %v)", ctx.Err(), last)
-		case <-p.exited:
+		case <-p.exited():
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-}
-
-// logTail returns the last n bytes of a file as one line.
-func logTail(path string, n int64) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	if fi, err := f.Stat(); err == nil && fi.Size() > n {
-		f.Seek(fi.Size()-n, io.SeekStart)
-	}
-	b, _ := io.ReadAll(f)
-	return strings.Join(strings.Fields(string(bytes.TrimSpace(b))), " ")
 }
 
 // isOurQEMU reports whether pid is a live (not zombie) process whose

@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/netdev"
+	"github.com/otherix/otherix-agent/agent/proc"
 	"github.com/otherix/otherix-agent/agent/tpm"
 )
 
@@ -110,17 +112,17 @@ func (m *machine) adopt(ctx context.Context) {
 		return
 	}
 	m.adoptHostDevices() // before anything else can fail: QEMU holds them
-	p, err := newProcess(m, pid)
-	if err != nil {
-		m.setStatus("error", "cannot track qemu pid "+strconv.Itoa(pid)+": "+err.Error())
-		return
-	}
-	if !isOurQEMU(pid, uuid) { // the PID died and was reused in between
+	sp, err := proc.Adopt(pid, func(pid int) bool { return isOurQEMU(pid, uuid) })
+	if errors.Is(err, proc.ErrNotOurs) { // the PID died and was reused in between
 		m.releaseHostDevices()
 		m.setGone("crashed", "qemu exited while the agent was down")
 		return
 	}
-	go p.pollExit()
+	if err != nil {
+		m.setStatus("error", "cannot track qemu pid "+strconv.Itoa(pid)+": "+err.Error())
+		return
+	}
+	p := newProcess(m, sp)
 	c, cancel := context.WithTimeout(ctx, m.e.cfg.StartTimeout)
 	defer cancel()
 	mon, err := m.dialUntil(c, p, m.paths().QMPSocket)
