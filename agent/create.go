@@ -75,6 +75,9 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 	if c.MemoryMB < vm.MinMemoryMB || c.MemoryMB > vm.MaxMemoryMB {
 		return errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", c.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
 	}
+	if err := vm.ValidateCPULimit(c.CPULimit); err != nil {
+		return err
+	}
 	if _, err := h.resolveFirmware(c); err != nil {
 		return err
 	}
@@ -196,7 +199,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		h.mu.Unlock()
 		return api.VM{}, errcode.New(errcode.Conflict, "vm %q is being created", c.Name)
 	}
-	pv := &api.VM{Name: c.Name, UUID: id, Status: api.StatusCreating, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
+	pv := &api.VM{Name: c.Name, UUID: id, Status: api.StatusCreating, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB, CPULimit: c.CPULimit,
 		Pool: c.Pool, Node: h.cfg.NodeName, ImageURL: c.ImageURL, ImageSHA256: c.ImageSHA256, DiskGiB: c.DiskGiB,
 		CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task}
 	h.pending[c.Name] = pv
@@ -328,7 +331,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		vncSpec = &vm.VNC{Listen: h.cfg.Listen.VNC, Port: port}
 	}
 	spec := vm.Spec{
-		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB,
+		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB, CPULimit: c.CPULimit,
 		VNC: vncSpec,
 		Disks: append([]vm.Disk{{Path: root, Format: "qcow2", Bus: rootBuses[c.RootDiskIOBus], BootIndex: rootBootIndex,
 			Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}}, plan.disks...),
@@ -490,10 +493,18 @@ func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM,
 	if u.MemoryMB != nil && (*u.MemoryMB < vm.MinMemoryMB || *u.MemoryMB > vm.MaxMemoryMB) {
 		return api.VM{}, errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", *u.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
 	}
-	if u.VCPUs != nil || u.MemoryMB != nil {
+	if u.CPULimit != nil {
+		if err := vm.ValidateCPULimit(*u.CPULimit); err != nil {
+			return api.VM{}, err
+		}
+	}
+	if u.VCPUs != nil || u.MemoryMB != nil || u.CPULimit != nil {
 		if _, err := h.engine.Update(ctx, name, func(s *vm.Spec) {
 			if u.VCPUs != nil {
 				s.VCPUs = *u.VCPUs
+			}
+			if u.CPULimit != nil {
+				s.CPULimit = *u.CPULimit
 			}
 			if u.MemoryMB != nil {
 				s.MemoryMB = *u.MemoryMB

@@ -348,6 +348,7 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		Arch:         v.Spec.Arch,
 		VCPUs:        v.Spec.VCPUs,
 		MemoryMB:     v.Spec.MemoryMB,
+		CPULimit:     v.Spec.CPULimit,
 		Pool:         m.Pool,
 		Node:         h.cfg.NodeName,
 		Network:      m.Network,
@@ -389,6 +390,9 @@ func pending(v vm.View) *api.PendingChanges {
 	}
 	if v.Next.MemoryMB != v.Spec.MemoryMB {
 		p.MemoryMB = v.Next.MemoryMB
+	}
+	if v.Next.CPULimit != v.Spec.CPULimit {
+		p.CPULimit = v.Next.CPULimit
 	}
 	if *p == (api.PendingChanges{}) {
 		return nil

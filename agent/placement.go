@@ -3,26 +3,30 @@ package agent
 import (
 	"context"
 	"fmt"
+	"math"
 
+	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/systemd"
 )
 
 // ScopePlacer adapts a systemd.Placer to the engine: each VM's QEMU gets
-// its own transient scope named by the VM's short id, with memory and CPU
-// accounting sized from the VM.
-type ScopePlacer struct{ P systemd.Placer }
+// its own transient scope named by the VM's short id, with limits sized
+// from the VM (ScopeLimits).
+type ScopePlacer struct {
+	P systemd.Placer
+	// Limits are the config's limits.vm_* (the zero value: no memory
+	// cap, systemd's default IO weight, no tasks limit).
+	Limits config.Limits
+}
 
 // Place implements vm.Placer.
 func (s ScopePlacer) Place(ctx context.Context, v vm.View) error {
-	return s.P.Place(ctx, systemd.UnitSpec{
-		Name:        systemd.ScopeName(vm.ShortID(v.Spec.UUID)),
-		Description: fmt.Sprintf("otherix VM %s (%s)", v.Spec.Name, v.Spec.UUID),
-		PIDs:        []int{v.PID},
-		// Guest RAM plus QEMU's own overhead.
-		MemoryMaxBytes:  uint64(v.Spec.MemoryMB)<<20 + 512<<20,
-		CPUQuotaPercent: uint64(v.Spec.VCPUs) * 100,
-	})
+	u := ScopeLimits(v.Spec, s.Limits)
+	u.Name = systemd.ScopeName(vm.ShortID(v.Spec.UUID))
+	u.Description = fmt.Sprintf("otherix VM %s (%s)", v.Spec.Name, v.Spec.UUID)
+	u.PIDs = []int{v.PID}
+	return s.P.Place(ctx, u)
 }
 
 // Remove implements vm.Placer.
@@ -32,3 +36,26 @@ func (s ScopePlacer) Remove(ctx context.Context, v vm.View) error {
 
 // Kind implements vm.Placer.
 func (s ScopePlacer) Kind() string { return s.P.Kind() }
+
+// ScopeLimits are the limits of a VM's scope (docs/config.md, "VM
+// limits"):
+//   - memory: the guest's memory plus limits.vm_memory_overhead_mb for
+//     QEMU itself (device emulation, IO buffers, the TCG translation
+//     cache), swap off; a QEMU past it is killed by the kernel;
+//   - CPU weight: 100 (systemd's default share) per vCPU, at most 10000;
+//   - CPU quota: the VM's cpu_limit, when it has one;
+//   - IO weight and tasks limit: limits.vm_io_weight and vm_tasks_max.
+func ScopeLimits(s vm.Spec, l config.Limits) systemd.UnitSpec {
+	u := systemd.UnitSpec{
+		CPUWeight: uint64(min(max(s.VCPUs, 1)*100, 10000)),
+		IOWeight:  uint64(max(l.VMIOWeight, 0)),
+		TasksMax:  uint64(max(l.VMTasksMax, 0)),
+	}
+	if l.VMMemoryOverheadMB > 0 {
+		u.MemoryMaxBytes = uint64(s.MemoryMB+l.VMMemoryOverheadMB) << 20
+	}
+	if s.CPULimit > 0 {
+		u.CPUQuotaPercent = uint64(math.Round(s.CPULimit * 100))
+	}
+	return u
+}

@@ -166,13 +166,17 @@ func TestAgentInSystemdContainer(t *testing.T) {
 			t.Fatalf("after create: %+v", vm)
 		}
 		got := c.Show(ctx, vm.scope(), "ActiveState", "Transient", "Slice", "ControlGroup", "CPUAccounting",
-			"MemoryAccounting", "TasksAccounting", "MemoryMax", "CPUQuotaPerSecUSec", "Description")
+			"MemoryAccounting", "TasksAccounting", "IOAccounting", "MemoryMax", "MemorySwapMax", "CPUWeight",
+			"CPUQuotaPerSecUSec", "IOWeight", "TasksMax", "Description")
 		want := map[string]string{
 			"ActiveState": "active", "Transient": "yes", "Slice": DefaultSlice,
 			"ControlGroup":  "/" + DefaultSlice + "/" + vm.scope(),
-			"CPUAccounting": "yes", "MemoryAccounting": "yes", "TasksAccounting": "yes",
-			// Guest RAM plus 512 MiB for QEMU; one vCPU is one CPU.
-			"MemoryMax": strconv.Itoa(256<<20 + 512<<20), "CPUQuotaPerSecUSec": "1s",
+			"CPUAccounting": "yes", "MemoryAccounting": "yes", "TasksAccounting": "yes", "IOAccounting": "yes",
+			// docs/config.md, "VM limits": guest RAM plus 512 MiB for
+			// QEMU, no swap; a weight of 100 per vCPU; no cap without a
+			// cpu_limit; the default IO weight and tasks limit.
+			"MemoryMax": strconv.Itoa(256<<20 + 512<<20), "MemorySwapMax": "0", "CPUWeight": "100",
+			"CPUQuotaPerSecUSec": "infinity", "IOWeight": "100", "TasksMax": "1024",
 			"Description": fmt.Sprintf("otherix VM %s (%s)", vmName, vm.UUID),
 		}
 		for k, v := range want {

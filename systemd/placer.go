@@ -46,10 +46,12 @@ type UnitSpec struct {
 	Slice       string // DefaultSlice when empty
 
 	// Optional limits from the VM's size; zero means unset. Accounting
-	// (CPU, memory, tasks) is always on.
-	MemoryMaxBytes  uint64 // MemoryMax=
+	// (CPU, memory, tasks, IO) is always on.
+	MemoryMaxBytes  uint64 // MemoryMax=, with MemorySwapMax=0: a cap swap cannot escape
 	CPUWeight       uint64 // CPUWeight=, 1..10000 (systemd's default is 100)
 	CPUQuotaPercent uint64 // CPUQuota=, 100 is one full CPU
+	IOWeight        uint64 // IOWeight=, 1..10000 (systemd's default is 100)
+	TasksMax        uint64 // TasksMax=: processes and threads
 }
 
 // ScopeName returns the scope name of the VM with the given short id.
@@ -74,6 +76,9 @@ func (u UnitSpec) validate() error {
 	}
 	if u.CPUWeight > 10000 {
 		return errcode.New(errcode.ValidationFailed, "scope %s: cpu weight %d out of 1..10000", u.Name, u.CPUWeight)
+	}
+	if u.IOWeight > 10000 {
+		return errcode.New(errcode.ValidationFailed, "scope %s: io weight %d out of 1..10000", u.Name, u.IOWeight)
 	}
 	return nil
 }

@@ -31,6 +31,7 @@ func TestUnitSpecValidate(t *testing.T) {
 		{"pid 1", func(u *UnitSpec) { u.PIDs = []int{1} }, false},
 		{"negative pid", func(u *UnitSpec) { u.PIDs = []int{-3} }, false},
 		{"weight too big", func(u *UnitSpec) { u.CPUWeight = 10001 }, false},
+		{"io weight too big", func(u *UnitSpec) { u.IOWeight = 10001 }, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -63,6 +64,7 @@ func TestScopeProperties(t *testing.T) {
 		"CPUAccounting":    true,
 		"MemoryAccounting": true,
 		"TasksAccounting":  true,
+		"IOAccounting":     true,
 		"CollectMode":      "inactive-or-failed",
 	}
 	if len(minimal) != len(want) {
@@ -75,13 +77,16 @@ func TestScopeProperties(t *testing.T) {
 	}
 
 	sized := props(UnitSpec{Name: "otherix-vm-a1.scope", PIDs: []int{42}, Slice: "vms.slice",
-		MemoryMaxBytes: 2 << 30, CPUWeight: 300, CPUQuotaPercent: 150, Description: "otherix VM web-1"})
+		MemoryMaxBytes: 2 << 30, CPUWeight: 300, CPUQuotaPercent: 150, IOWeight: 50, TasksMax: 512, Description: "otherix VM web-1"})
 	for k, v := range map[string]any{
 		"Slice":              "vms.slice",
 		"Description":        "otherix VM web-1",
 		"MemoryMax":          uint64(2 << 30),
 		"CPUWeight":          uint64(300),
 		"CPUQuotaPerSecUSec": uint64(1500000),
+		"MemorySwapMax":      uint64(0),
+		"IOWeight":           uint64(50),
+		"TasksMax":           uint64(512),
 	} {
 		if got := godbus.MakeVariant(sized[k]).String(); got != godbus.MakeVariant(v).String() {
 			t.Errorf("%s: got %s, want %s", k, got, godbus.MakeVariant(v).String())

@@ -152,12 +152,17 @@ func properties(u UnitSpec) []sddbus.Property {
 		{Name: "CPUAccounting", Value: godbus.MakeVariant(true)},
 		{Name: "MemoryAccounting", Value: godbus.MakeVariant(true)},
 		{Name: "TasksAccounting", Value: godbus.MakeVariant(true)},
+		{Name: "IOAccounting", Value: godbus.MakeVariant(true)},
 		// A scope that ends failed (killed on timeout, OOM) is collected
 		// anyway, so its name is free for the VM's next start.
 		{Name: "CollectMode", Value: godbus.MakeVariant("inactive-or-failed")},
 	}
 	if u.MemoryMaxBytes > 0 {
-		props = append(props, sddbus.Property{Name: "MemoryMax", Value: godbus.MakeVariant(u.MemoryMaxBytes)})
+		// Without swap off, a VM at its cap would swap instead of being
+		// stopped, and slow down the whole host.
+		props = append(props,
+			sddbus.Property{Name: "MemoryMax", Value: godbus.MakeVariant(u.MemoryMaxBytes)},
+			sddbus.Property{Name: "MemorySwapMax", Value: godbus.MakeVariant(uint64(0))})
 	}
 	if u.CPUWeight > 0 {
 		props = append(props, sddbus.Property{Name: "CPUWeight", Value: godbus.MakeVariant(u.CPUWeight)})
@@ -165,6 +170,12 @@ func properties(u UnitSpec) []sddbus.Property {
 	if u.CPUQuotaPercent > 0 {
 		// CPUQuota=100% is one second of CPU time per second.
 		props = append(props, sddbus.Property{Name: "CPUQuotaPerSecUSec", Value: godbus.MakeVariant(u.CPUQuotaPercent * 10000)})
+	}
+	if u.IOWeight > 0 {
+		props = append(props, sddbus.Property{Name: "IOWeight", Value: godbus.MakeVariant(u.IOWeight)})
+	}
+	if u.TasksMax > 0 {
+		props = append(props, sddbus.Property{Name: "TasksMax", Value: godbus.MakeVariant(u.TasksMax)})
 	}
 	return props
 }

@@ -66,22 +66,25 @@ const (
 
 // CreateVM is the body of POST /v1/vms and the spec of a vm.create task.
 type CreateVM struct {
-	Name          string `json:"name" yaml:"name"`
-	ImageURL      string `json:"image_url" yaml:"image_url"`
-	Arch          string `json:"arch" yaml:"arch"`
-	ImageSHA256   string `json:"image_sha256,omitempty" yaml:"image_sha256,omitempty"`
-	Firmware      string `json:"firmware,omitempty" yaml:"firmware,omitempty"`
-	FirmwareID    string `json:"firmware_id,omitempty" yaml:"firmware_id,omitempty"`
-	Format        string `json:"format,omitempty" yaml:"format,omitempty"`
-	DiskGiB       int    `json:"disk_gib,omitempty" yaml:"disk_gib,omitempty"`
-	Pool          string `json:"pool,omitempty" yaml:"pool,omitempty"`
-	Node          string `json:"node,omitempty" yaml:"node,omitempty"`
-	Network       string `json:"network,omitempty" yaml:"network,omitempty"`
-	VCPUs         int    `json:"vcpus,omitempty" yaml:"vcpus,omitempty"`
-	MemoryMB      int    `json:"memory_mb,omitempty" yaml:"memory_mb,omitempty"`
-	UserData      string `json:"user_data,omitempty" yaml:"user_data,omitempty"`
-	NetworkConfig string `json:"network_config,omitempty" yaml:"network_config,omitempty"`
-	NoCloudInit   bool   `json:"no_cloud_init,omitempty" yaml:"no_cloud_init,omitempty"`
+	Name        string `json:"name" yaml:"name"`
+	ImageURL    string `json:"image_url" yaml:"image_url"`
+	Arch        string `json:"arch" yaml:"arch"`
+	ImageSHA256 string `json:"image_sha256,omitempty" yaml:"image_sha256,omitempty"`
+	Firmware    string `json:"firmware,omitempty" yaml:"firmware,omitempty"`
+	FirmwareID  string `json:"firmware_id,omitempty" yaml:"firmware_id,omitempty"`
+	Format      string `json:"format,omitempty" yaml:"format,omitempty"`
+	DiskGiB     int    `json:"disk_gib,omitempty" yaml:"disk_gib,omitempty"`
+	Pool        string `json:"pool,omitempty" yaml:"pool,omitempty"`
+	Node        string `json:"node,omitempty" yaml:"node,omitempty"`
+	Network     string `json:"network,omitempty" yaml:"network,omitempty"`
+	VCPUs       int    `json:"vcpus,omitempty" yaml:"vcpus,omitempty"`
+	MemoryMB    int    `json:"memory_mb,omitempty" yaml:"memory_mb,omitempty"`
+	// CPULimit caps the VM's CPU time, in CPUs (0.5: half of one CPU;
+	// 0 or absent: no cap, the VM's share follows its vCPU count).
+	CPULimit      float64 `json:"cpu_limit,omitempty" yaml:"cpu_limit,omitempty"`
+	UserData      string  `json:"user_data,omitempty" yaml:"user_data,omitempty"`
+	NetworkConfig string  `json:"network_config,omitempty" yaml:"network_config,omitempty"`
+	NoCloudInit   bool    `json:"no_cloud_init,omitempty" yaml:"no_cloud_init,omitempty"`
 	// Seed 000: root disk bus (NVME, VIRTIO-BLK, VIRTIO-SCSI) and size in
 	// GiB (disk_gib under its seed-000 name), and autostart (default true).
 	RootDiskIOBus string `json:"root_disk_io_bus,omitempty" yaml:"root_disk_io_bus,omitempty"`
@@ -205,6 +208,7 @@ type VM struct {
 	Arch         string    `json:"arch"`
 	VCPUs        int       `json:"vcpus"`
 	MemoryMB     int       `json:"memory_mb"`
+	CPULimit     float64   `json:"cpu_limit,omitempty"`
 	Pool         string    `json:"pool"`
 	Node         string    `json:"node"`
 	Network      string    `json:"network,omitempty"`
@@ -302,8 +306,9 @@ type PullImage struct {
 
 // PendingChanges are changes to a running VM that apply at its next start.
 type PendingChanges struct {
-	VCPUs    int `json:"vcpus,omitempty"`
-	MemoryMB int `json:"memory_mb,omitempty"`
+	VCPUs    int     `json:"vcpus,omitempty"`
+	MemoryMB int     `json:"memory_mb,omitempty"`
+	CPULimit float64 `json:"cpu_limit,omitempty"`
 }
 
 // UpdateVM is the body of PATCH /v1/vms/{name} (seed 003's
@@ -313,6 +318,8 @@ type UpdateVM struct {
 	MemoryMB      *int    `json:"memory_mb,omitempty"`
 	Autostart     *bool   `json:"autostart,omitempty"`
 	RestartPolicy *string `json:"restart_policy,omitempty"`
+	// CPULimit in CPUs; 0 removes the cap.
+	CPULimit *float64 `json:"cpu_limit,omitempty"`
 }
 
 // ValidRestartPolicy reports whether p is a restart policy ("" is not).

@@ -119,7 +119,20 @@ type Limits struct {
 	MinFreeBytes        int64 `yaml:"min_free_bytes"`
 	MaxImageBytes       int64 `yaml:"max_image_bytes"`
 	MaxUserDataBytes    int   `yaml:"max_user_data_bytes"`
+	// Each VM's systemd scope (docs/config.md, "VM limits"): memory capped
+	// at the guest's memory plus VMMemoryOverheadMB for QEMU itself, an IO
+	// weight and a tasks limit.
+	VMMemoryOverheadMB int `yaml:"vm_memory_overhead_mb"`
+	VMIOWeight         int `yaml:"vm_io_weight"`
+	VMTasksMax         int `yaml:"vm_tasks_max"`
 }
+
+// Defaults of the VM limits.
+const (
+	DefaultVMMemoryOverheadMB = 512
+	DefaultVMIOWeight         = 100
+	DefaultVMTasksMax         = 1024
+)
 
 // Log configures logging.
 type Log struct {
@@ -149,6 +162,9 @@ func Default(dataDir string) *Config {
 			MinFreeBytes:        1 << 30,
 			MaxImageBytes:       64 << 30,
 			MaxUserDataBytes:    64 << 10,
+			VMMemoryOverheadMB:  DefaultVMMemoryOverheadMB,
+			VMIOWeight:          DefaultVMIOWeight,
+			VMTasksMax:          DefaultVMTasksMax,
 		},
 		Log: Log{Level: "info", Format: "auto"},
 	}
@@ -303,6 +319,15 @@ func (c *Config) Validate() error {
 	}
 	if c.Limits.MaxUserDataBytes < 1 || c.Limits.MaxUserDataBytes > 16<<20 {
 		bad("limits.max_user_data_bytes", "must be 1..16777216")
+	}
+	if c.Limits.VMMemoryOverheadMB < 0 || c.Limits.VMMemoryOverheadMB > 1<<20 {
+		bad("limits.vm_memory_overhead_mb", "must be 0..1048576 (0: no memory cap)")
+	}
+	if c.Limits.VMIOWeight < 1 || c.Limits.VMIOWeight > 10000 {
+		bad("limits.vm_io_weight", "must be 1..10000")
+	}
+	if c.Limits.VMTasksMax < 0 {
+		bad("limits.vm_tasks_max", "must be 0 (no limit) or more")
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

@@ -325,7 +325,7 @@ func TestProblems(t *testing.T) {
 		{"not systemd", func(t *testing.T, e *Env, c *config.Config) {
 			os.RemoveAll(filepath.Join(e.Root, "run/systemd"))
 			e.Systemd = func(context.Context) error { t.Error("probed D-Bus without systemd"); return nil }
-		}, "systemd", Warn, "PID 1 is not systemd", "systemd service"},
+		}, "systemd", Warn, "PID 1 is not systemd: VMs stay in the agent's cgroup (process groups only); VM limits (memory cap, CPU weight and cpu_limit, IO weight, tasks) are not enforced", "systemd service"},
 		{"systemd bus down", func(t *testing.T, e *Env, c *config.Config) {
 			e.Systemd = func(context.Context) error { return errors.New("dial unix: no such file") }
 		}, "systemd", Warn, "D-Bus API does not answer (dial unix: no such file)", "systemctl start dbus"},

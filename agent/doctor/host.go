@@ -249,18 +249,18 @@ func checkTun(cfg *config.Config, env Env) Result {
 func checkSystemd(ctx context.Context, env Env) Result {
 	r := Result{Check: "systemd"}
 	if fi, err := os.Lstat(env.path("/run/systemd/system")); err != nil || !fi.IsDir() {
-		r.Status, r.Detail = Warn, "PID 1 is not systemd: VMs stay in the agent's cgroup (process groups only)"
+		r.Status, r.Detail = Warn, "PID 1 is not systemd: VMs stay in the agent's cgroup (process groups only); VM limits (memory cap, CPU weight and cpu_limit, IO weight, tasks) are not enforced"
 		r.Fix = "run the agent as a systemd service for one scope per VM"
 		return r
 	}
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	if err := env.Systemd(ctx); err != nil {
-		r.Status, r.Detail = Warn, fmt.Sprintf("PID 1 is systemd but its D-Bus API does not answer (%v): VMs stay in the agent's cgroup", err)
+		r.Status, r.Detail = Warn, fmt.Sprintf("PID 1 is systemd but its D-Bus API does not answer (%v): VMs stay in the agent's cgroup; VM limits are not enforced", err)
 		r.Fix = "run the agent as root (systemd's private socket) or start dbus (systemctl start dbus)"
 		return r
 	}
-	r.Status, r.Detail = OK, "systemd D-Bus API answers: one scope per VM"
+	r.Status, r.Detail = OK, "systemd D-Bus API answers: one scope per VM, with its limits"
 	return r
 }
 

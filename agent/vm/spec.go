@@ -29,6 +29,18 @@ const (
 	MaxMemoryMB = 524288
 )
 
+// MinCPULimit is the smallest CPU cap (one percent of a CPU); the largest
+// is MaxVCPUs.
+const MinCPULimit = 0.01
+
+// ValidateCPULimit accepts 0 (no cap) or MinCPULimit..MaxVCPUs CPUs.
+func ValidateCPULimit(l float64) error {
+	if l == 0 || (l >= MinCPULimit && l <= MaxVCPUs) {
+		return nil
+	}
+	return errcode.New(errcode.ValidationFailed, "cpu_limit %g out of range %g..%d CPUs (0: no cap)", l, MinCPULimit, MaxVCPUs)
+}
+
 // Arches the engine knows.
 const (
 	ArchAMD64 = "amd64"
@@ -49,6 +61,9 @@ type Spec struct {
 	Arch     string `json:"arch"`
 	VCPUs    int    `json:"vcpus"`
 	MemoryMB int    `json:"memory_mb"`
+	// CPULimit caps the CPU time of the VM's QEMU, in CPUs (0.5 is half
+	// of one CPU's time; 0 is no cap). It needs systemd scopes.
+	CPULimit float64 `json:"cpu_limit,omitempty"`
 	// Disks in boot order; the first is the root disk.
 	Disks []Disk `json:"disks"`
 	// CDROMs, e.g. the cloud-init seed ISO.
@@ -184,6 +199,9 @@ func (s *Spec) Validate() error {
 	}
 	if s.MemoryMB < MinMemoryMB || s.MemoryMB > MaxMemoryMB {
 		return errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", s.MemoryMB, MinMemoryMB, MaxMemoryMB)
+	}
+	if err := ValidateCPULimit(s.CPULimit); err != nil {
+		return err
 	}
 	if len(s.Disks) == 0 {
 		return errcode.New(errcode.ValidationFailed, "a VM needs a root disk")

@@ -77,7 +77,7 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 	m := metrics.New(metrics.Options{})
 	host, err := agent.NewHost(ctx, cfg, agent.Options{
 		Logger:  log,
-		Placer:  agent.ScopePlacer{P: placer},
+		Placer:  agent.ScopePlacer{P: placer, Limits: cfg.Limits},
 		Env:     systemd.ChildEnv(),
 		Metrics: m,
 		OnChange: func(v api.VM) {

@@ -39,6 +39,7 @@ func (c *cli) vmCreate(ctx context.Context, fs *flag.FlagSet, args []string) err
 	fs.StringVar(&spec.Network, "network", "", "bridge `network` name or uuid for one NIC (default: no NIC, SLIRP)")
 	fs.IntVar(&spec.VCPUs, "vcpus", defaultVCPUs, "vCPU count (1..128)")
 	fs.IntVar(&spec.MemoryMB, "memory-mb", defaultMemoryMB, "memory in `MiB` (128..524288)")
+	fs.Float64Var(&spec.CPULimit, "cpu-limit", 0, "cap the VM's CPU time at this many `CPUs`, e.g. 0.5 (default: no cap)")
 	userData := fs.String("user-data", "", "`path` to a #cloud-config user-data YAML, or - for stdin")
 	netConfig := fs.String("network-config", "", "`path` to a cloud-init network-config YAML, or - for stdin")
 	fs.BoolVar(&spec.NoCloudInit, "no-cloud-init", false, "disable cloud-init (exclusive with --user-data and --network-config)")

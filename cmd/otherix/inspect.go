@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -136,6 +137,7 @@ func manifestOf(vm *api.VM) api.CreateVM {
 		Pool:          vm.Pool,
 		VCPUs:         vm.VCPUs,
 		MemoryMB:      vm.MemoryMB,
+		CPULimit:      vm.CPULimit,
 		NoCloudInit:   !vm.CloudInit,
 		RootDiskIOBus: vm.RootDiskIOBus,
 	}
@@ -219,6 +221,9 @@ func (c *cli) writeText(vm *api.VM) {
 		{"ip_addresses", strings.Join(vm.IPAddresses, ",")},
 		{"created_at", created},
 		{"last_task", lastTask},
+	}
+	if vm.CPULimit > 0 { // after memory_mb
+		lines = slices.Insert(lines, 8, [2]string{"cpu_limit", cpuLimit(vm.CPULimit)})
 	}
 	for _, l := range lines {
 		v := l[1]
@@ -347,4 +352,12 @@ func (c *cli) vmScreenshot(ctx context.Context, fs *flag.FlagSet, args []string)
 	}
 	fmt.Fprintf(c.stdout, "screenshot of vm %s: %s (%d bytes)\n", pos[0], pos[1], len(png))
 	return nil
+}
+
+// cpuLimit shows a CPU cap; none shows as empty.
+func cpuLimit(l float64) string {
+	if l <= 0 {
+		return ""
+	}
+	return strconv.FormatFloat(l, 'g', -1, 64)
 }

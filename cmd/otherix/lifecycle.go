@@ -216,15 +216,16 @@ func taskError(t *api.Task) string {
 	return t.Error.Code + ": " + t.Error.Message
 }
 
-const vmSetSynopsis = "otherix vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL] [--restart-policy on-failure|always|never]"
+const vmSetSynopsis = "otherix vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy on-failure|always|never]"
 
-// vmSet is "vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL] [--restart-policy P]":
+// vmSet is "vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P]":
 // seed 003's update. CPU and memory of a running VM apply at its next
 // start; the output says so.
 func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "text", "json")
 	vcpus := fs.Int("vcpus", 0, "vCPU count (1..128)")
 	mem := fs.Int("memory-mb", 0, "memory in MiB (128..524288)")
+	cpuLimit := fs.Float64("cpu-limit", 0, "cap the VM's CPU time at this many CPUs (0: no cap)")
 	auto := fs.String("autostart", "", "start the VM after a host boot: true or false")
 	policy := fs.String("restart-policy", "", "on-failure, always or never")
 	name, err := c.name(fs, args)
@@ -241,6 +242,8 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 			u.VCPUs = vcpus
 		case "memory-mb":
 			u.MemoryMB = mem
+		case "cpu-limit":
+			u.CPULimit = cpuLimit
 		}
 	})
 	if *auto != "" {
@@ -254,7 +257,7 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 		u.RestartPolicy = policy
 	}
 	if u == (api.UpdateVM{}) {
-		return &usageError{msg: "vm set needs --vcpus, --memory-mb, --autostart or --restart-policy", synopsis: vmSetSynopsis}
+		return &usageError{msg: "vm set needs --vcpus, --memory-mb, --cpu-limit, --autostart or --restart-policy", synopsis: vmSetSynopsis}
 	}
 	cl, err := c.client()
 	if err != nil {
@@ -268,8 +271,14 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 		return c.writeRaw(raw)
 	}
 	line := fmt.Sprintf("vm %s vcpus=%d memory_mb=%d autostart=%t restart_policy=%s", vm.Name, vm.VCPUs, vm.MemoryMB, vm.Autostart, vm.RestartPolicy)
+	if vm.CPULimit > 0 {
+		line += fmt.Sprintf(" cpu_limit=%g", vm.CPULimit)
+	}
 	if p := vm.PendingChanges; p != nil {
 		line += fmt.Sprintf(" pending_changes(next start): vcpus=%d memory_mb=%d", p.VCPUs, p.MemoryMB)
+		if p.CPULimit > 0 {
+			line += fmt.Sprintf(" cpu_limit=%g", p.CPULimit)
+		}
 	}
 	fmt.Fprintln(c.stdout, line)
 	return nil

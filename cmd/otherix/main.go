@@ -8,7 +8,7 @@
 //	otherix vm reset|pause|resume NAME [-o text|json]
 //	otherix vm console NAME [--tail N]
 //	otherix create -f manifest.yaml [--wait]
-//	otherix vm set NAME [--vcpus N] [--memory-mb M] [--autostart=BOOL] [--restart-policy P]
+//	otherix vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P]
 //	otherix firmware list [--arch A] [-o table|json]
 //	otherix image list [--pool P] [-o table|json]
 //	otherix image pull URL --pool P [--sha256 H] [--no-wait] [--wait-timeout 30m]
