@@ -249,7 +249,7 @@ func TestBearerTokenAndRotation(t *testing.T) {
 	if _, err := c.Heartbeat(ctx, protocol.HeartbeatRequest{}); err != nil {
 		t.Fatal(err)
 	}
-	cp.Token = "new"
+	cp.SetToken("new")
 	_, err := c.Heartbeat(ctx, protocol.HeartbeatRequest{})
 	if !protocol.IsAuth(err) || protocol.IsRetryable(err) {
 		t.Fatalf("wrong token: got %v, want a non-retryable auth error", err)

@@ -27,6 +27,7 @@ import (
 	"github.com/otherix/otherix-agent/agent"
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
 	"github.com/otherix/otherix-agent/agent/vm"
 )
 
@@ -161,10 +162,10 @@ func bodyErr(err error, limit int64) error {
 // returns false.
 func (a *API) queue(w http.ResponseWriter, typ, vmName, vmUUID string, spec any) (api.Task, bool) {
 	t, err := a.cp.Enqueue(typ, vmName, vmUUID, spec)
-	var busy *tooManyTasksError
+	var busy *cpserver.TooManyTasksError
 	switch {
 	case errors.As(err, &busy):
-		w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds))
+		w.Header().Set("Retry-After", strconv.Itoa(cpserver.RetryAfterSeconds))
 		// The code is conflict until errcode has one for this
 		// (rate_limited); the status tells clients to come back.
 		writeJSON(w, http.StatusTooManyRequests, api.ErrorEnvelope{Error: api.Error{Code: string(errcode.RateLimited), Message: err.Error()}})

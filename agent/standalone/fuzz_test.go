@@ -288,7 +288,7 @@ func FuzzControlPlane(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		leased := cp.lease(context.Background(), protocol.LeaseRequest{Max: 1})
+		leased, _ := cp.Server().Lease(context.Background(), protocol.LeaseRequest{Max: 1})
 		if len(leased.Tasks) != 1 || leased.Tasks[0].ID != created.ID {
 			t.Fatalf("lease: %+v", leased)
 		}
@@ -321,10 +321,7 @@ func FuzzControlPlane(f *testing.F) {
 			t.Fatalf("a retried completion got %d after 200", codes[1])
 		}
 		if task, _ := cp.Task(created.ID); task.Status != api.TaskRunning {
-			cp.mu.Lock()
-			spec := cp.tasks[created.ID].Spec
-			cp.mu.Unlock()
-			if spec != nil {
+			if full, _ := cp.Server().Task(context.Background(), created.ID); full.Spec != nil {
 				t.Fatalf("task %s is %s and still holds its spec", task.ID, task.Status)
 			}
 		}

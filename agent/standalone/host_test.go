@@ -110,7 +110,7 @@ func TestSpecsSealedAtRest(t *testing.T) {
 	if err := cp2.SealSpecs(box); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(cp2.tasks[task.ID].Spec), "marker-Q9x7") {
-		t.Fatalf("spec did not open after a restart: %s", cp2.tasks[task.ID].Spec)
+	if full, _ := cp2.Server().Task(context.Background(), task.ID); !strings.Contains(string(full.Spec), "marker-Q9x7") {
+		t.Fatalf("spec did not open after a restart: %s", full.Spec)
 	}
 }

@@ -28,6 +28,7 @@ import (
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
 )
 
 // serve runs h behind NewServer on a LimitListener on loopback and returns
@@ -310,7 +311,7 @@ func TestLongHandler(t *testing.T) {
 func TestPendingLimits(t *testing.T) {
 	h := newTestHost(t)
 	a, cp := newTestAPI(t, h, t.TempDir())
-	cp.MaxPendingCreates, cp.MaxPendingTasks = 2, 3
+	cp.SetLimits(3, 2)
 	ll := serve(t, a.Handler(), DefaultLimits(), nil)
 	base := "http://" + ll.Addr().String()
 	post := func(path, body string) (int, http.Header, api.ErrorEnvelope) {
@@ -348,8 +349,8 @@ func TestPendingLimits(t *testing.T) {
 		}
 	}
 	// One create finishes: a create fits again.
-	leased := cp.lease(context.Background(), protocol.LeaseRequest{Max: 1})
-	if _, err := cp.complete(leased.Tasks[0].ID, protocol.CompleteRequest{Status: api.TaskFailed, Error: &api.Error{Code: "image_download_failed", Message: "404"}}); err != nil {
+	leased, _ := cp.Server().Lease(context.Background(), protocol.LeaseRequest{Max: 1})
+	if _, err := cp.Server().Complete(context.Background(), leased.Tasks[0].ID, protocol.CompleteRequest{Status: api.TaskFailed, Error: &api.Error{Code: "image_download_failed", Message: "404"}}); err != nil {
 		t.Fatal(err)
 	}
 	if code, _, env := post("/v1/vms", create("a-3")); code != 202 {
@@ -365,13 +366,13 @@ func TestCompleteStatus(t *testing.T) {
 		t.Fatal(err)
 	}
 	task, _ := cp.Enqueue(api.TaskStart, targetVM, targetVMUUID, nil)
-	cp.lease(context.Background(), protocol.LeaseRequest{Max: 1})
+	cp.Server().Lease(context.Background(), protocol.LeaseRequest{Max: 1})
 	for range 2 {
-		if _, err := cp.complete(task.ID, protocol.CompleteRequest{Status: "done"}); !errors.Is(err, errStatus) {
+		if _, err := cp.Server().Complete(context.Background(), task.ID, protocol.CompleteRequest{Status: "done"}); !errors.Is(err, cpserver.ErrBadStatus) {
 			t.Fatalf("complete with status done: %v", err)
 		}
 	}
-	if _, err := cp.complete(task.ID, protocol.CompleteRequest{Status: api.TaskSuccess}); err != nil {
+	if _, err := cp.Server().Complete(context.Background(), task.ID, protocol.CompleteRequest{Status: api.TaskSuccess}); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -508,7 +509,7 @@ func TestTLSAndToken(t *testing.T) {
 	}
 	h := newTestHost(t)
 	a, cp := newTestAPI(t, h, t.TempDir())
-	cp.token = "control-plane-token-0123456789"
+	cp.Server().Token = "control-plane-token-0123456789"
 	mux := http.NewServeMux()
 	mux.Handle("/v1/agent/", cp)
 	mux.Handle("/", a.Handler())
@@ -536,11 +537,11 @@ func TestTLSAndToken(t *testing.T) {
 	}{
 		{"GET", "/v1/vms", "", 401},
 		{"GET", "/v1/vms", "wrong-token-0123456789", 401},
-		{"GET", "/v1/vms", cp.token, 401},
+		{"GET", "/v1/vms", cp.Server().Token, 401},
 		{"GET", "/v1/vms", testToken, 200},
 		{"GET", "/v1/agent/../vms", "", 401},
 		{"POST", protocol.PathHeartbeat, testToken, 401},
-		{"POST", protocol.PathHeartbeat, cp.token, 200},
+		{"POST", protocol.PathHeartbeat, cp.Server().Token, 200},
 	} {
 		resp, err := do(tc.method, tc.path, tc.auth)
 		if err != nil {

@@ -1,6 +1,7 @@
-// Package cptest is an in-memory control plane for tests: an http.Handler,
-// usable from its zero value, that speaks the agent side of
-// docs/protocol.md.
+// Package cptest is the tests' control plane: the protocol's one server
+// side (agent/protocol/cpserver, over a memory store) as an http.Handler,
+// usable from its zero value, with fault injection and a record of every
+// request in front.
 //
 //	var cp cptest.Server
 //	cp.Token = "secret"
@@ -9,9 +10,10 @@
 //	got, err := cp.WaitCompletion(ctx, "t1")
 //
 // It queues tasks and hands out leases, records every request, sets
-// desired phases and injects faults: dropped connections, error statuses
-// with Retry-After, delays, duplicate delivery, lease expiry and
-// cancellation. Wait helpers block on state changes, never on sleeps.
+// desired phases and injects faults: an outage, dropped connections,
+// error statuses with Retry-After, slow answers, dropped
+// acknowledgements, duplicate delivery, lease expiry and cancellation.
+// Wait helpers block on state changes, never on sleeps.
 package cptest
 
 import (
@@ -21,12 +23,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"net/http/httptest"
 	"sync"
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
 )
 
 // Endpoint names used by counters and faults.
@@ -44,11 +49,16 @@ type FaultKind int
 const (
 	// FaultStatus answers Status (and Retry-After when set).
 	FaultStatus FaultKind = iota
-	// FaultDrop closes the connection without an answer.
+	// FaultDrop closes the connection without an answer; the request is
+	// not served.
 	FaultDrop
 	// FaultDelay waits Delay (or until the request is abandoned), then
-	// serves the request normally.
+	// serves the request normally: a slow control plane.
 	FaultDelay
+	// FaultDropAnswer serves the request, then closes the connection
+	// instead of answering: a completion is recorded and its
+	// acknowledgement lost, a lease is taken and its answer lost.
+	FaultDropAnswer
 )
 
 // Fault is an injected failure.
@@ -88,14 +98,13 @@ type Server struct {
 	HeartbeatInterval time.Duration
 
 	once sync.Once
+	cp   *cpserver.Server
 	mux  *http.ServeMux
 
 	mu            sync.Mutex
 	changed       chan struct{}
 	leaseSeq      int
-	tasks         map[string]*task
-	order         []string
-	desired       map[string]string
+	outage        bool
 	faults        []*Fault
 	registrations []protocol.RegisterRequest
 	heartbeats    []protocol.HeartbeatRequest
@@ -106,42 +115,49 @@ type Server struct {
 	gzipped       map[string]int
 }
 
-type taskState int
-
-const (
-	queued taskState = iota
-	leased
-	done
-	cancelledPending // cancelled before any lease: never offered
-)
-
-type task struct {
-	t          protocol.Task
-	state      taskState
-	expires    time.Time
-	expired    bool // forced by Expire
-	dups       int  // pending duplicate deliveries of the current lease
-	cancel     bool
-	deliveries int
-}
+// maxWait caps a long poll.
+const maxWait = 60 * time.Second
 
 func (s *Server) init() {
 	s.once.Do(func() {
+		s.cp = &cpserver.Server{
+			Token:             s.Token,
+			LeaseTTL:          s.LeaseTTL,
+			MaxWait:           maxWait,
+			HeartbeatInterval: s.HeartbeatInterval,
+			NodeID:            func(name string) string { return "node-" + name },
+			NewLeaseID: func() string {
+				s.mu.Lock()
+				defer s.mu.Unlock()
+				s.leaseSeq++
+				return fmt.Sprintf("lease-%d", s.leaseSeq)
+			},
+		}
 		mux := http.NewServeMux()
-		mux.HandleFunc("POST "+protocol.PathRegister, s.handle(Register, s.register))
-		mux.HandleFunc("POST "+protocol.PathLease, s.handle(Lease, s.lease))
-		mux.HandleFunc("POST "+protocol.PathHeartbeat, s.handle(Heartbeat, s.heartbeat))
-		mux.HandleFunc("POST "+protocol.PathTaskPrefix+"{id}/progress", s.handle(Progress, s.progressH))
-		mux.HandleFunc("POST "+protocol.PathTaskPrefix+"{id}/complete", s.handle(Complete, s.complete))
+		for _, ep := range []struct{ name, pattern string }{
+			{Register, protocol.PathRegister},
+			{Lease, protocol.PathLease},
+			{Heartbeat, protocol.PathHeartbeat},
+			{Progress, protocol.PathTaskPrefix + "{id}/progress"},
+			{Complete, protocol.PathTaskPrefix + "{id}/complete"},
+		} {
+			mux.HandleFunc("POST "+ep.pattern, s.handle(ep.name))
+		}
 		s.mux = mux
 	})
+}
+
+// Protocol returns the protocol server behind the fake, for what the
+// fake does not wrap.
+func (s *Server) Protocol() *cpserver.Server {
+	s.init()
+	return s.cp
 }
 
 // lock takes the mutex and makes the maps.
 func (s *Server) lock() {
 	s.mu.Lock()
-	if s.tasks == nil {
-		s.tasks = map[string]*task{}
+	if s.counts == nil {
 		s.counts = map[string]int{}
 		s.wireBytes = map[string]int64{}
 		s.gzipped = map[string]int{}
@@ -155,15 +171,21 @@ func (s *Server) notify() {
 	s.changed = make(chan struct{})
 }
 
+// changedNow wakes every waiter.
+func (s *Server) changedNow() {
+	s.lock()
+	s.notify()
+	s.mu.Unlock()
+}
+
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.init()
 	s.mux.ServeHTTP(w, r)
 }
 
-type handlerFunc func(w http.ResponseWriter, r *http.Request, body []byte)
-
-// handle counts, authenticates, applies faults and decompresses.
-func (s *Server) handle(name string, h handlerFunc) http.HandlerFunc {
+// handle counts, applies faults, records the request and passes it to
+// the protocol server.
+func (s *Server) handle(name string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		raw, err := io.ReadAll(r.Body)
 		s.lock()
@@ -174,14 +196,15 @@ func (s *Server) handle(name string, h handlerFunc) http.HandlerFunc {
 			s.gzipped[name]++
 		}
 		f := s.takeFault(name)
+		outage := s.outage
 		s.notify()
 		s.mu.Unlock()
-		if err != nil {
-			writeError(w, http.StatusBadRequest, "validation_failed", "read body: "+err.Error())
+		if outage {
+			drop(w)
 			return
 		}
-		if s.Token != "" && r.Header.Get("Authorization") != "Bearer "+s.Token {
-			writeError(w, http.StatusUnauthorized, "unauthorized", "bad or missing bearer token")
+		if err != nil {
+			cpserver.WriteError(w, http.StatusBadRequest, "validation_failed", "read body: "+err.Error())
 			return
 		}
 		if f != nil {
@@ -190,7 +213,7 @@ func (s *Server) handle(name string, h handlerFunc) http.HandlerFunc {
 				if f.RetryAfter != "" {
 					w.Header().Set("Retry-After", f.RetryAfter)
 				}
-				writeError(w, f.Status, "injected", fmt.Sprintf("injected %d", f.Status))
+				cpserver.WriteError(w, f.Status, "injected", fmt.Sprintf("injected %d", f.Status))
 				return
 			case FaultDrop:
 				drop(w)
@@ -212,11 +235,74 @@ func (s *Server) handle(name string, h handlerFunc) http.HandlerFunc {
 				body, err = io.ReadAll(zr)
 			}
 			if err != nil {
-				writeError(w, http.StatusBadRequest, "validation_failed", "bad gzip body")
+				cpserver.WriteError(w, http.StatusBadRequest, "validation_failed", "bad gzip body")
 				return
 			}
 		}
-		h(w, r, body)
+		id := r.PathValue("id")
+		wasDone := false
+		if name == Complete {
+			t, err := s.cp.Task(context.Background(), id)
+			wasDone = err == nil && t.Terminal()
+		}
+		// The protocol server answers, into a recorder: a dropped
+		// answer is decided after the request was served.
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		r.Header.Del("Content-Encoding")
+		r.Header.Set("Authorization", s.authorization(r.Header.Get("Authorization")))
+		rec := httptest.NewRecorder()
+		s.cp.ServeHTTP(rec, r)
+		s.record(name, id, body, rec.Code, wasDone)
+		if f != nil && f.Kind == FaultDropAnswer {
+			drop(w)
+			return
+		}
+		maps.Copy(w.Header(), rec.Header())
+		w.WriteHeader(rec.Code)
+		w.Write(rec.Body.Bytes())
+	}
+}
+
+// authorization checks the request's header against the current token
+// (SetToken rotates it) and returns what the protocol server checks
+// against its own, fixed one.
+func (s *Server) authorization(got string) string {
+	s.lock()
+	tok := s.Token
+	s.mu.Unlock()
+	if tok == "" || got == "Bearer "+tok {
+		return "Bearer " + s.cp.Token
+	}
+	return ""
+}
+
+// record keeps what the request said once the protocol server served it.
+func (s *Server) record(name, id string, body []byte, code int, wasDone bool) {
+	s.lock()
+	defer s.mu.Unlock()
+	defer s.notify()
+	ok := code/100 == 2
+	switch name {
+	case Register:
+		var req protocol.RegisterRequest
+		if ok && json.Unmarshal(body, &req) == nil {
+			s.registrations = append(s.registrations, req)
+		}
+	case Heartbeat:
+		var req protocol.HeartbeatRequest
+		if ok && json.Unmarshal(body, &req) == nil {
+			s.heartbeats = append(s.heartbeats, req)
+		}
+	case Progress:
+		var req protocol.ProgressRequest
+		if (ok || code == http.StatusConflict) && json.Unmarshal(body, &req) == nil {
+			s.progress = append(s.progress, ProgressReport{TaskID: id, ProgressRequest: req})
+		}
+	case Complete:
+		var req protocol.CompleteRequest
+		if ok && json.Unmarshal(body, &req) == nil {
+			s.completions = append(s.completions, Completion{TaskID: id, CompleteRequest: req, Duplicate: wasDone})
+		}
 	}
 }
 
@@ -248,257 +334,77 @@ func drop(w http.ResponseWriter) {
 	conn.Close()
 }
 
-func writeError(w http.ResponseWriter, status int, code, msg string) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	json.NewEncoder(w).Encode(api.ErrorEnvelope{Error: api.Error{Code: code, Message: msg}})
-}
-
-func writeJSON(w http.ResponseWriter, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(v)
-}
-
-func decode(w http.ResponseWriter, body []byte, v any) bool {
-	if err := json.Unmarshal(body, v); err != nil {
-		writeError(w, http.StatusBadRequest, "validation_failed", "decode body: "+err.Error())
-		return false
-	}
-	return true
-}
-
-func (s *Server) interval() int {
-	if s.HeartbeatInterval > 0 {
-		return int(s.HeartbeatInterval / time.Second)
-	}
-	return 10
-}
-
-func (s *Server) ttl() time.Duration {
-	if s.LeaseTTL > 0 {
-		return s.LeaseTTL
-	}
-	return 60 * time.Second
-}
-
-func (s *Server) register(w http.ResponseWriter, r *http.Request, body []byte) {
-	var req protocol.RegisterRequest
-	if !decode(w, body, &req) {
-		return
-	}
-	s.lock()
-	s.registrations = append(s.registrations, req)
-	s.notify()
-	s.mu.Unlock()
-	writeJSON(w, protocol.RegisterResponse{ProtocolVersion: protocol.Version, NodeID: "node-" + req.Node.Name, IntervalSeconds: s.interval()})
-}
-
-func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request, body []byte) {
-	var req protocol.HeartbeatRequest
-	if !decode(w, body, &req) {
-		return
-	}
-	s.lock()
-	s.heartbeats = append(s.heartbeats, req)
-	var desired map[string]string
-	if s.desired != nil {
-		desired = make(map[string]string, len(s.desired))
-		for k, v := range s.desired {
-			desired[k] = v
-		}
-	}
-	s.notify()
-	s.mu.Unlock()
-	writeJSON(w, protocol.HeartbeatResponse{IntervalSeconds: s.interval(), Desired: desired})
-}
-
-// maxWait caps a long poll.
-const maxWait = 60 * time.Second
-
-func (s *Server) lease(w http.ResponseWriter, r *http.Request, body []byte) {
-	var req protocol.LeaseRequest
-	if !decode(w, body, &req) {
-		return
-	}
-	max := req.Max
-	if max <= 0 {
-		max = 1
-	}
-	wait := min(time.Duration(req.WaitSeconds)*time.Second, maxWait)
-	deadline := time.NewTimer(wait)
-	defer deadline.Stop()
-	for {
-		s.lock()
-		tasks := s.offer(max)
-		ch := s.changed
-		if len(tasks) > 0 {
-			s.notify()
-		}
-		s.mu.Unlock()
-		if len(tasks) > 0 || wait <= 0 {
-			writeJSON(w, protocol.LeaseResponse{Tasks: tasks})
-			return
-		}
-		select {
-		case <-ch:
-		case <-deadline.C:
-			wait = 0
-		case <-r.Context().Done():
-			return
-		}
-	}
-}
-
-// offer picks up to max deliverable tasks in enqueue order; mu held.
-func (s *Server) offer(max int) []protocol.Task {
-	now := time.Now()
-	var out []protocol.Task
-	for _, id := range s.order {
-		if len(out) == max {
-			break
-		}
-		t := s.tasks[id]
-		switch {
-		case t.state == queued:
-			t.t.Attempt++
-			s.newLease(t, now)
-		case t.state == leased && t.dups > 0 && !t.expired:
-			t.dups-- // same lease, delivered once more
-		case t.state == leased && (t.expired || now.After(t.expires)):
-			t.t.Attempt++
-			s.newLease(t, now)
-		default:
-			continue
-		}
-		t.deliveries++
-		out = append(out, t.t)
-	}
-	return out
-}
-
-func (s *Server) newLease(t *task, now time.Time) {
-	s.leaseSeq++
-	t.state = leased
-	t.expired = false
-	t.expires = now.Add(s.ttl())
-	t.t.LeaseID = fmt.Sprintf("lease-%d", s.leaseSeq)
-	t.t.LeaseExpiresAt = t.expires.UTC()
-	t.t.LeaseTTLSeconds = int(s.ttl() / time.Second)
-}
-
-func (s *Server) progressH(w http.ResponseWriter, r *http.Request, body []byte) {
-	id := r.PathValue("id")
-	var req protocol.ProgressRequest
-	if !decode(w, body, &req) {
-		return
-	}
-	s.lock()
-	defer s.mu.Unlock()
-	t, ok := s.tasks[id]
-	if !ok {
-		writeError(w, http.StatusNotFound, "not_found", "no task "+id)
-		return
-	}
-	s.progress = append(s.progress, ProgressReport{TaskID: id, ProgressRequest: req})
-	s.notify()
-	switch {
-	case t.state == done:
-		writeJSON(w, protocol.ProgressResponse{Cancelled: t.cancel})
-	case req.LeaseID != t.t.LeaseID || t.expired:
-		writeError(w, http.StatusConflict, "conflict", "lease "+req.LeaseID+" is not current")
-	default:
-		t.expires = time.Now().Add(s.ttl())
-		writeJSON(w, protocol.ProgressResponse{
-			LeaseExpiresAt:  t.expires.UTC(),
-			LeaseTTLSeconds: int(s.ttl() / time.Second),
-			Cancelled:       t.cancel,
-		})
-	}
-}
-
-func (s *Server) complete(w http.ResponseWriter, r *http.Request, body []byte) {
-	id := r.PathValue("id")
-	var req protocol.CompleteRequest
-	if !decode(w, body, &req) {
-		return
-	}
-	s.lock()
-	defer s.mu.Unlock()
-	t, ok := s.tasks[id]
-	if !ok {
-		writeError(w, http.StatusNotFound, "not_found", "no task "+id)
-		return
-	}
-	s.completions = append(s.completions, Completion{TaskID: id, CompleteRequest: req, Duplicate: t.state == done})
-	t.state = done
-	s.notify()
-	writeJSON(w, struct{}{})
-}
-
 // Enqueue queues a task for the next lease. Attempt and lease fields are
 // filled in when it is leased. Enqueueing a known id queues it again.
 func (s *Server) Enqueue(t protocol.Task) {
-	s.lock()
-	defer s.mu.Unlock()
-	if _, ok := s.tasks[t.ID]; !ok {
-		s.order = append(s.order, t.ID)
+	s.init()
+	defer s.changedNow()
+	ctx := context.Background()
+	rec := cpserver.Task{Task: api.Task{ID: t.ID, Type: t.Type, VMName: t.VMName, VMUUID: t.VMUUID}, Spec: t.Spec}
+	if _, err := s.cp.Task(ctx, t.ID); err == nil {
+		now := time.Now().UTC()
+		s.cp.Store.UpdateTask(ctx, t.ID, func(old *cpserver.Task) error {
+			*old = rec
+			old.Status, old.CreatedAt, old.UpdatedAt = api.TaskPending, now, now
+			return nil
+		})
+		return
 	}
-	t.Attempt, t.LeaseID = 0, ""
-	s.tasks[t.ID] = &task{t: t}
-	s.notify()
+	if _, err := s.cp.Enqueue(ctx, rec); err != nil {
+		panic("cptest: enqueue: " + err.Error()) // a memory store without limits cannot refuse
+	}
 }
 
 // Duplicate delivers the task's current lease once more in a later lease
 // answer, as a retransmitted answer would. On a task not yet leased it
 // applies after the first lease.
 func (s *Server) Duplicate(taskID string) {
-	s.lock()
-	defer s.mu.Unlock()
-	if t, ok := s.tasks[taskID]; ok {
-		t.dups++
-		s.notify()
-	}
+	s.init()
+	defer s.changedNow()
+	s.cp.Redeliver(context.Background(), taskID)
 }
 
 // Expire ends the task's lease now: the next lease offers it again with a
 // new lease id and attempt+1, and progress on the old lease gets 409.
 func (s *Server) Expire(taskID string) {
-	s.lock()
-	defer s.mu.Unlock()
-	if t, ok := s.tasks[taskID]; ok && t.state == leased {
-		t.expired = true
-		t.dups = 0
-		s.notify()
-	}
+	s.init()
+	defer s.changedNow()
+	s.cp.Expire(context.Background(), taskID)
 }
 
 // Cancel cancels a task: a queued task is never offered, a leased one is
 // told so in its next progress answer.
 func (s *Server) Cancel(taskID string) {
-	s.lock()
-	defer s.mu.Unlock()
-	if t, ok := s.tasks[taskID]; ok {
-		t.cancel = true
-		if t.state == queued {
-			t.state = cancelledPending
-		}
-		s.notify()
-	}
+	s.init()
+	defer s.changedNow()
+	s.cp.Cancel(context.Background(), taskID)
 }
 
 // SetDesired sets one VM's desired phase; phase "" forgets the VM. The
 // first call switches heartbeat answers from "no opinion" to a map.
 func (s *Server) SetDesired(vmUUID, phase string) {
+	s.init()
+	defer s.changedNow()
+	s.cp.SetDesired(context.Background(), cpserver.VM{UUID: vmUUID, Phase: phase})
+}
+
+// SetToken rotates the bearer token while serving: from now on only the
+// new one is accepted ("" accepts any).
+func (s *Server) SetToken(token string) {
+	s.init()
 	s.lock()
 	defer s.mu.Unlock()
-	if s.desired == nil {
-		s.desired = map[string]string{}
-	}
-	if phase == "" {
-		delete(s.desired, vmUUID)
-	} else {
-		s.desired[vmUUID] = phase
-	}
+	s.Token = token
+	s.notify()
+}
+
+// SetOutage starts (true) or ends (false) an outage: while it lasts every
+// request's connection is closed without an answer, as a control plane
+// that went away.
+func (s *Server) SetOutage(on bool) {
+	s.lock()
+	defer s.mu.Unlock()
+	s.outage = on
 	s.notify()
 }
 
@@ -592,20 +498,23 @@ func (s *Server) ProgressOf(taskID string) []ProgressReport {
 
 // Deliveries returns how many times a task was handed out in lease answers.
 func (s *Server) Deliveries(taskID string) int {
-	s.lock()
-	defer s.mu.Unlock()
-	if t, ok := s.tasks[taskID]; ok {
-		return t.deliveries
-	}
-	return 0
+	s.init()
+	t, _ := s.cp.Task(context.Background(), taskID)
+	return t.Deliveries
 }
 
 // Leased reports whether the task is leased and not completed.
 func (s *Server) Leased(taskID string) bool {
-	s.lock()
-	defer s.mu.Unlock()
-	t, ok := s.tasks[taskID]
-	return ok && t.state == leased
+	s.init()
+	t, err := s.cp.Task(context.Background(), taskID)
+	return err == nil && t.Status == api.TaskRunning
+}
+
+// Task returns the control plane's record of a task.
+func (s *Server) Task(taskID string) (cpserver.Task, bool) {
+	s.init()
+	t, err := s.cp.Task(context.Background(), taskID)
+	return t, err == nil
 }
 
 // WaitFor blocks until cond returns true or ctx ends. cond is evaluated

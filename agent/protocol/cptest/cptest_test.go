@@ -136,3 +136,45 @@ func TestAuthFaultsAndDesired(t *testing.T) {
 		t.Errorf("count %d, want 6", n)
 	}
 }
+
+// TestOutageDroppedAckAndRotation: an outage drops every connection; a
+// dropped acknowledgement records the completion but the agent sees an
+// error and its retry is a duplicate; a rotated token refuses the old one.
+func TestOutageDroppedAckAndRotation(t *testing.T) {
+	ctx := context.Background()
+	cp := &cptest.Server{Token: "t1"}
+	ts := httptest.NewServer(cp)
+	defer ts.Close()
+	c := client(t, ts.URL, "t1")
+
+	cp.SetOutage(true)
+	if _, err := c.Heartbeat(ctx, protocol.HeartbeatRequest{}); !protocol.IsRetryable(err) {
+		t.Errorf("during an outage: %v", err)
+	}
+	cp.SetOutage(false)
+
+	cp.Enqueue(protocol.Task{ID: "t", Type: api.TaskStart, VMName: "v", VMUUID: "u"})
+	resp, err := c.Lease(ctx, 0, 1)
+	if err != nil || len(resp.Tasks) != 1 {
+		t.Fatalf("lease: %+v %v", resp, err)
+	}
+	cp.AddFault(cptest.Fault{Endpoint: cptest.Complete, Kind: cptest.FaultDropAnswer, Times: 1})
+	done := protocol.CompleteRequest{LeaseID: resp.Tasks[0].LeaseID, Attempt: 1, Status: api.TaskSuccess}
+	if err := c.Complete(ctx, "t", done); !protocol.IsRetryable(err) {
+		t.Errorf("dropped acknowledgement: %v", err)
+	}
+	if err := c.Complete(ctx, "t", done); err != nil {
+		t.Fatal(err)
+	}
+	if cs := cp.CompletionsOf("t"); len(cs) != 2 || cs[0].Duplicate || !cs[1].Duplicate {
+		t.Errorf("completions %+v", cs)
+	}
+
+	cp.SetToken("t2")
+	if _, err := c.Heartbeat(ctx, protocol.HeartbeatRequest{}); !protocol.IsAuth(err) {
+		t.Errorf("old token after rotation: %v", err)
+	}
+	if _, err := client(t, ts.URL, "t2").Heartbeat(ctx, protocol.HeartbeatRequest{}); err != nil {
+		t.Errorf("new token: %v", err)
+	}
+}

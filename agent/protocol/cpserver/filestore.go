@@ -1,0 +1,207 @@
+package cpserver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"go.uber.org/zap"
+
+	"github.com/otherix/otherix-agent/agent/atomicfile"
+)
+
+// Sealer seals secrets at rest (agent/secrets.Box): a pending create's
+// spec holds user-data and the VNC password.
+type Sealer interface {
+	Seal(plain, purpose string) (string, error)
+	Open(sealed, purpose string) (string, error)
+}
+
+// FileStore is a MemStore kept in one 0600 JSON file (tasks, desired map),
+// replaced durably on every change. Nodes are kept in memory only: they
+// are the agents' to tell again.
+type FileStore struct {
+	mem  *MemStore
+	path string
+	log  *zap.Logger
+
+	mu     sync.Mutex // serializes a change and its save
+	sealer Sealer
+	// sealed holds the specs a previous run sealed, by task id, until
+	// SetSealer opens them.
+	sealed map[string]string
+}
+
+// fileState is the file's layout.
+type fileState struct {
+	Tasks   []fileTask        `json:"tasks"`
+	Desired map[string]string `json:"desired"` // vm uuid -> phase
+	Names   map[string]string `json:"names"`   // vm name -> uuid
+}
+
+// fileTask is a task at rest: its spec sealed when a Sealer is set.
+type fileTask struct {
+	Task
+	SpecSealed string `json:"spec_sealed,omitempty"`
+}
+
+// DefaultMaxTasks is how many tasks a FileStore keeps.
+const DefaultMaxTasks = 1000
+
+// NewFileStore loads (or starts) the store kept in path.
+func NewFileStore(path string, log *zap.Logger) (*FileStore, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	fs := &FileStore{mem: &MemStore{MaxTasks: DefaultMaxTasks}, path: path, log: log, sealed: map[string]string{}}
+	b, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	ctx := context.Background()
+	var st fileState
+	if err == nil {
+		if err := json.Unmarshal(b, &st); err != nil {
+			return nil, fmt.Errorf("control plane state %s: %w", path, err)
+		}
+	}
+	for _, t := range st.Tasks {
+		if t.SpecSealed != "" {
+			fs.sealed[t.ID] = t.SpecSealed // opened by SetSealer
+		}
+		fs.mem.AddTask(ctx, t.Task)
+	}
+	byUUID := map[string]string{}
+	for name, id := range st.Names {
+		byUUID[id] = name
+	}
+	fs.mem.vms = map[string]VM{} // a file store always has an opinion
+	for id, phase := range st.Desired {
+		fs.mem.vms[id] = VM{UUID: id, Name: byUUID[id], Phase: phase}
+	}
+	return fs, nil
+}
+
+// SetSealer seals specs at rest with s from now on, opens the specs a
+// previous run sealed, and rewrites the file.
+func (fs *FileStore) SetSealer(s Sealer) error {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	fs.sealer = s
+	var first error
+	for id, sealed := range fs.sealed {
+		plain, err := s.Open(sealed, id)
+		if err != nil {
+			if first == nil {
+				first = fmt.Errorf("task %s: %w", id, err)
+			}
+			continue
+		}
+		delete(fs.sealed, id)
+		fs.mem.UpdateTask(context.Background(), id, func(t *Task) error {
+			t.Spec = json.RawMessage(plain)
+			return nil
+		})
+	}
+	fs.saveLocked()
+	return first
+}
+
+// saveLocked writes the file: write, fsync, rename. fs.mu held.
+func (fs *FileStore) saveLocked() {
+	ctx := context.Background()
+	st := fileState{Desired: map[string]string{}, Names: map[string]string{}}
+	tasks, _ := fs.mem.Tasks(ctx)
+	for _, t := range tasks {
+		ft := fileTask{Task: t}
+		if sealed, ok := fs.sealed[t.ID]; ok && !t.Terminal() {
+			ft.SpecSealed = sealed // never opened: kept as it was
+		} else if fs.sealer != nil && len(t.Spec) > 0 {
+			sealed, err := fs.sealer.Seal(string(t.Spec), t.ID)
+			if err != nil {
+				fs.log.Error("seal task spec", zap.String("task", t.ID), zap.Error(err))
+				continue
+			}
+			ft.Spec, ft.SpecSealed = nil, sealed
+		}
+		st.Tasks = append(st.Tasks, ft)
+	}
+	vms, _, _ := fs.mem.VMs(ctx)
+	for _, v := range vms {
+		st.Desired[v.UUID] = v.Phase
+		if v.Name != "" {
+			st.Names[v.Name] = v.UUID
+		}
+	}
+	b, err := json.Marshal(st)
+	if err == nil {
+		err = atomicfile.Write(fs.path, b, 0o600)
+	}
+	if err != nil {
+		fs.log.Error("persist control plane state", zap.Error(err))
+	}
+}
+
+// AddTask implements Store.
+func (fs *FileStore) AddTask(ctx context.Context, t Task) error {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	if err := fs.mem.AddTask(ctx, t); err != nil {
+		return err
+	}
+	fs.saveLocked()
+	return nil
+}
+
+// UpdateTask implements Store.
+func (fs *FileStore) UpdateTask(ctx context.Context, id string, fn func(*Task) error) (Task, error) {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	t, err := fs.mem.UpdateTask(ctx, id, fn)
+	if err != nil {
+		return t, err
+	}
+	fs.saveLocked()
+	return t, nil
+}
+
+// Task implements Store.
+func (fs *FileStore) Task(ctx context.Context, id string) (Task, error) { return fs.mem.Task(ctx, id) }
+
+// Tasks implements Store.
+func (fs *FileStore) Tasks(ctx context.Context) ([]Task, error) { return fs.mem.Tasks(ctx) }
+
+// VMs implements Store.
+func (fs *FileStore) VMs(ctx context.Context) ([]VM, bool, error) { return fs.mem.VMs(ctx) }
+
+// PutVM implements Store.
+func (fs *FileStore) PutVM(ctx context.Context, vm VM) error {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	fs.mem.PutVM(ctx, vm)
+	fs.saveLocked()
+	return nil
+}
+
+// DeleteVM implements Store.
+func (fs *FileStore) DeleteVM(ctx context.Context, uuid string) error {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	fs.mem.DeleteVM(ctx, uuid)
+	fs.saveLocked()
+	return nil
+}
+
+// PutNode implements Store (in memory only).
+func (fs *FileStore) PutNode(ctx context.Context, n Node) error { return fs.mem.PutNode(ctx, n) }
+
+// Nodes implements Store.
+func (fs *FileStore) Nodes(ctx context.Context) ([]Node, error) { return fs.mem.Nodes(ctx) }
+
+// Changed implements Store.
+func (fs *FileStore) Changed() <-chan struct{} { return fs.mem.Changed() }
+
+var _ Store = (*FileStore)(nil)

@@ -1,0 +1,303 @@
+package cpserver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/protocol"
+)
+
+// Task is the control plane's record of one task: its view (api.Task) and
+// its lease.
+type Task struct {
+	api.Task
+	// Spec is what the agent receives (it may hold user-data); it is
+	// dropped once the task is terminal.
+	Spec        json.RawMessage `json:"spec,omitempty"`
+	Attempt     int             `json:"attempt"`
+	LeaseID     string          `json:"lease_id,omitempty"`
+	LeaseExpiry time.Time       `json:"lease_expiry,omitzero"`
+	// Cancel asks the agent, in its next progress answer, to cancel.
+	Cancel bool `json:"cancel,omitempty"`
+	// Deliveries counts the lease answers that carried the task.
+	Deliveries int `json:"deliveries,omitempty"`
+	// Redeliver is how many more lease answers carry the current lease
+	// again, as a retransmitted answer would (fault injection).
+	Redeliver int `json:"redeliver,omitempty"`
+	// Volatile says the store need not keep the task across a crash of
+	// the control plane: nobody but a caller waiting on it (a sync op)
+	// would ever look at it again.
+	Volatile bool `json:"volatile,omitempty"`
+}
+
+// Terminal reports whether the task ended (success, failed, cancelled).
+func (t *Task) Terminal() bool {
+	switch t.Status {
+	case api.TaskSuccess, api.TaskFailed, api.TaskCancelled:
+		return true
+	}
+	return false
+}
+
+// VM is a VM the control plane places on a node, with its desired phase.
+type VM struct {
+	UUID  string `json:"uuid"`
+	Name  string `json:"name,omitempty"`
+	Phase string `json:"phase"` // api.PhaseRunning or api.PhaseStopped
+	// Node is the node the VM belongs to; "" is any node (single-node).
+	Node string `json:"node,omitempty"`
+}
+
+// Node is what the control plane knows of an agent: its registration and
+// its last heartbeat.
+type Node struct {
+	Name          string              `json:"name"`
+	Info          *protocol.NodeInfo  `json:"info,omitempty"`
+	State         string              `json:"state,omitempty"`
+	LastHeartbeat time.Time           `json:"last_heartbeat,omitzero"`
+	VMs           []protocol.VMStatus `json:"vms,omitempty"`
+}
+
+// ErrNotFound is a store's answer for an unknown task.
+var ErrNotFound = errors.New("no such task")
+
+// Store holds a control plane's state: tasks (with their leases), the
+// desired map (VMs and their phases) and nodes. Every method is safe for
+// concurrent use. The Server keeps no state of its own beyond a store, so
+// a store shared by several servers (a replicated one) makes them
+// replicas.
+type Store interface {
+	// AddTask stores a new task after every other (ids are unique).
+	AddTask(ctx context.Context, t Task) error
+	// UpdateTask applies fn to the task atomically and stores the result:
+	// fn sees the current record; an error from fn aborts the update and
+	// is returned as is. ErrNotFound for an unknown id.
+	UpdateTask(ctx context.Context, id string, fn func(*Task) error) (Task, error)
+	// Task returns one task, or ErrNotFound.
+	Task(ctx context.Context, id string) (Task, error)
+	// Tasks returns the kept tasks, oldest first.
+	Tasks(ctx context.Context) ([]Task, error)
+
+	// VMs returns the desired map. known is false while the store has
+	// never held one ("no opinion").
+	VMs(ctx context.Context) (vms []VM, known bool, err error)
+	// PutVM adds or replaces a VM of the desired map.
+	PutVM(ctx context.Context, vm VM) error
+	// DeleteVM removes a VM from the desired map (no error when absent).
+	DeleteVM(ctx context.Context, uuid string) error
+
+	// PutNode records a node's registration or heartbeat.
+	PutNode(ctx context.Context, n Node) error
+	// Nodes returns the known nodes.
+	Nodes(ctx context.Context) ([]Node, error)
+
+	// Changed returns a channel closed at the store's next change (a long
+	// poll or a waiter waits on it, then looks again).
+	Changed() <-chan struct{}
+}
+
+// MemStore is a Store in memory. The zero value is ready to use.
+type MemStore struct {
+	// MaxTasks, when positive, bounds the tasks kept: past it the oldest
+	// terminal tasks are forgotten.
+	MaxTasks int
+
+	mu      sync.Mutex
+	tasks   map[string]*Task
+	order   []string
+	vms     map[string]VM // nil: no opinion yet
+	nodes   map[string]Node
+	changed chan struct{}
+}
+
+func (m *MemStore) lock() {
+	m.mu.Lock()
+	if m.tasks == nil {
+		m.tasks = map[string]*Task{}
+		m.nodes = map[string]Node{}
+		m.changed = make(chan struct{})
+	}
+}
+
+// notify wakes the waiters of Changed; mu held.
+func (m *MemStore) notify() {
+	close(m.changed)
+	m.changed = make(chan struct{})
+}
+
+// ErrExists is AddTask's answer for a task id already stored.
+var ErrExists = errors.New("task id already exists")
+
+// AddTask implements Store.
+func (m *MemStore) AddTask(_ context.Context, t Task) error {
+	m.lock()
+	defer m.mu.Unlock()
+	if _, ok := m.tasks[t.ID]; ok {
+		return ErrExists
+	}
+	m.tasks[t.ID] = cloneTask(&t)
+	m.order = append(m.order, t.ID)
+	m.pruneLocked()
+	m.notify()
+	return nil
+}
+
+// pruneLocked forgets the oldest terminal tasks past MaxTasks.
+func (m *MemStore) pruneLocked() {
+	over := len(m.order) - m.MaxTasks
+	if m.MaxTasks <= 0 || over <= 0 {
+		return
+	}
+	keep := m.order[:0]
+	for _, id := range m.order {
+		if over > 0 && m.tasks[id].Terminal() {
+			delete(m.tasks, id)
+			over--
+			continue
+		}
+		keep = append(keep, id)
+	}
+	clear(m.order[len(keep):])
+	m.order = keep
+}
+
+// UpdateTask implements Store.
+func (m *MemStore) UpdateTask(_ context.Context, id string, fn func(*Task) error) (Task, error) {
+	m.lock()
+	defer m.mu.Unlock()
+	t, ok := m.tasks[id]
+	if !ok {
+		return Task{}, ErrNotFound
+	}
+	c := cloneTask(t)
+	if err := fn(c); err != nil {
+		return Task{}, err
+	}
+	c.ID = id
+	m.tasks[id] = c
+	m.notify()
+	return *cloneTask(c), nil
+}
+
+// Task implements Store.
+func (m *MemStore) Task(_ context.Context, id string) (Task, error) {
+	m.lock()
+	defer m.mu.Unlock()
+	t, ok := m.tasks[id]
+	if !ok {
+		return Task{}, ErrNotFound
+	}
+	return *cloneTask(t), nil
+}
+
+// Tasks implements Store.
+func (m *MemStore) Tasks(context.Context) ([]Task, error) {
+	m.lock()
+	defer m.mu.Unlock()
+	out := make([]Task, 0, len(m.order))
+	for _, id := range m.order {
+		out = append(out, *cloneTask(m.tasks[id]))
+	}
+	return out, nil
+}
+
+// VMs implements Store.
+func (m *MemStore) VMs(context.Context) ([]VM, bool, error) {
+	m.lock()
+	defer m.mu.Unlock()
+	out := make([]VM, 0, len(m.vms))
+	for _, v := range m.vms {
+		out = append(out, v)
+	}
+	slices.SortFunc(out, func(a, b VM) int {
+		switch {
+		case a.UUID < b.UUID:
+			return -1
+		case a.UUID > b.UUID:
+			return 1
+		}
+		return 0
+	})
+	return out, m.vms != nil, nil
+}
+
+// PutVM implements Store.
+func (m *MemStore) PutVM(_ context.Context, vm VM) error {
+	m.lock()
+	defer m.mu.Unlock()
+	if m.vms == nil {
+		m.vms = map[string]VM{}
+	}
+	m.vms[vm.UUID] = vm
+	m.notify()
+	return nil
+}
+
+// DeleteVM implements Store.
+func (m *MemStore) DeleteVM(_ context.Context, uuid string) error {
+	m.lock()
+	defer m.mu.Unlock()
+	if m.vms == nil {
+		m.vms = map[string]VM{}
+	}
+	delete(m.vms, uuid)
+	m.notify()
+	return nil
+}
+
+// PutNode implements Store.
+func (m *MemStore) PutNode(_ context.Context, n Node) error {
+	m.lock()
+	defer m.mu.Unlock()
+	m.nodes[n.Name] = n
+	m.notify()
+	return nil
+}
+
+// Nodes implements Store.
+func (m *MemStore) Nodes(context.Context) ([]Node, error) {
+	m.lock()
+	defer m.mu.Unlock()
+	out := make([]Node, 0, len(m.nodes))
+	for _, n := range m.nodes {
+		out = append(out, n)
+	}
+	slices.SortFunc(out, func(a, b Node) int {
+		switch {
+		case a.Name < b.Name:
+			return -1
+		case a.Name > b.Name:
+			return 1
+		}
+		return 0
+	})
+	return out, nil
+}
+
+// Changed implements Store.
+func (m *MemStore) Changed() <-chan struct{} {
+	m.lock()
+	defer m.mu.Unlock()
+	return m.changed
+}
+
+// cloneTask copies a task deeply enough that the copy and the original
+// share nothing a caller may change.
+func cloneTask(t *Task) *Task {
+	c := *t
+	c.Spec = slices.Clone(t.Spec)
+	if t.Progress != nil {
+		p := *t.Progress
+		c.Progress = &p
+	}
+	if t.Error != nil {
+		e := *t.Error
+		c.Error = &e
+	}
+	return &c
+}
