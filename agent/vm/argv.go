@@ -234,11 +234,11 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 		}
 		switch d.Bus {
 		case "", BusVirtioBlk:
-			add("-device", "virtio-blk-pci,id="+node+"-dev,drive="+node+",bus="+bus+",addr="+nextAddr()+bootOpt)
+			add("-device", "virtio-blk-pci,id="+node+"-dev,drive="+node+",bus="+bus+",addr="+nextAddr()+bootOpt+ErrorPolicy)
 		case BusNVMe:
 			add("-device", "nvme,id="+node+"-dev,drive="+node+",serial="+node+",bus="+bus+",addr="+nextAddr()+bootOpt)
 		case BusVirtioSCSI:
-			add("-device", "scsi-hd,id="+node+"-dev,drive="+node+",bus=scsi0.0"+bootOpt)
+			add("-device", "scsi-hd,id="+node+"-dev,drive="+node+",bus=scsi0.0"+bootOpt+ErrorPolicy)
 		}
 	}
 	for i, c := range s.CDROMs {

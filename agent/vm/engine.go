@@ -91,6 +91,12 @@ type Config struct {
 	// opens (true) or closes (false) its channel (QMP VSERPORT_CHANGE).
 	// View.QGASocket is its socket. It must not block.
 	OnGuestAgent func(v View, up bool)
+	// OnRunState, when set, is called when QEMU changed a guest's run
+	// state on its own: event RunStatePaused (an I/O error with the stop
+	// policy, a guest panic; reason says which), RunStateResumed, or
+	// RunStateIOError (a disk error reported to the guest). A VM's event
+	// history records these. It must not block.
+	OnRunState func(v View, event, reason string)
 	// OnChange, when set, is called after every persisted status change.
 	// It must not block.
 	OnChange func(View)

@@ -130,7 +130,8 @@ func (e *Engine) AttachDisk(ctx context.Context, name string, d Disk) (View, err
 		}{
 			{"blockdev-add", map[string]any{"driver": "file", "node-name": node + "-file", "filename": fmt.Sprintf("/dev/fdset/%d", set), "read-only": d.ReadOnly}},
 			{"blockdev-add", map[string]any{"driver": d.Format, "node-name": node, "file": node + "-file", "read-only": d.ReadOnly}},
-			{"device_add", map[string]any{"driver": "virtio-blk-pci", "id": node + "-dev", "drive": node, "bus": fmt.Sprintf("hp%d", port)}},
+			{"device_add", map[string]any{"driver": "virtio-blk-pci", "id": node + "-dev", "drive": node, "bus": fmt.Sprintf("hp%d", port),
+				"werror": "enospc", "rerror": "report"}},
 		}
 		for _, s := range steps {
 			if err := p.mon.Execute(ctx, s.cmd, s.args, nil); err != nil {

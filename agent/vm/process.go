@@ -41,6 +41,9 @@ type process struct {
 	expect       bool   // an op asked QEMU to exit
 	expectReason string // status reason to record for an expected exit
 
+	ioErr       string    // the reason of a pending I/O error stop (BLOCK_IO_ERROR, then STOP)
+	ioErrLogged time.Time // when an error reported to the guest was last logged
+
 	guestShutdown atomic.Bool
 	links         []string     // macvtap links to delete when QEMU exits
 	tpm           *tpm.Process // the VM's swtpm, when it has a TPM
@@ -87,6 +90,12 @@ func (p *process) events(ch <-chan qmp.Event) {
 			if g, _ := ev.Data["guest"].(bool); g {
 				p.guestShutdown.Store(true)
 			}
+		case "BLOCK_IO_ERROR":
+			p.onBlockIOError(ev.Data)
+		case "STOP":
+			p.onStop()
+		case "RESUME":
+			p.onResume()
 		case "VSERPORT_CHANGE":
 			if id, _ := ev.Data["id"].(string); id == "qgaport" && p.m.e.cfg.OnGuestAgent != nil {
 				open, _ := ev.Data["open"].(bool)

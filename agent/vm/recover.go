@@ -137,9 +137,14 @@ func (m *machine) adopt(ctx context.Context) {
 	var qs struct {
 		Status string `json:"status"`
 	}
-	status := "running"
-	if err := mon.Execute(c, "query-status", nil, &qs); err == nil && (qs.Status == "paused" || qs.Status == "suspended") {
-		status = "paused"
+	status, reason := "running", ""
+	if err := mon.Execute(c, "query-status", nil, &qs); err == nil {
+		if r, paused := p.pauseReason(qs.Status); paused {
+			status, reason = "paused", r
+			if qs.Status == "io-error" {
+				reason = m.ioErrorReason(c, mon)
+			}
+		}
 	}
 	m.mu.Lock()
 	m.proc = p
@@ -147,7 +152,7 @@ func (m *machine) adopt(ctx context.Context) {
 	if m.st.StartedAt.IsZero() {
 		m.st.StartedAt = time.Now().UTC()
 	}
-	m.setStatusLocked(status, "")
+	m.setStatusLocked(status, reason)
 	v := m.viewLocked()
 	m.mu.Unlock()
 	go p.watch()
