@@ -37,6 +37,8 @@ const (
 	maxBody     = 1 << 20
 	maxStopBody = 4 << 10
 	maxPullBody = 64 << 10
+	// maxSmallBody bounds the other bodies (a device, an update, a volume).
+	maxSmallBody = 4 << 10
 )
 
 // API serves seed 004's /v1/vms surface over the control plane.
@@ -88,7 +90,7 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/node", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.host.Node(r.Context()))
 	})
-	return mux
+	return routed(mux)
 }
 
 // StatusOf maps an error code to its HTTP status.
@@ -122,11 +124,13 @@ func writeErr(w http.ResponseWriter, err error) {
 }
 
 func (a *API) create(w http.ResponseWriter, r *http.Request) {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-	dec.DisallowUnknownFields()
 	var c api.CreateVM
-	if err := dec.Decode(&c); err != nil {
-		writeErr(w, bodyErr(err, maxBody))
+	b, err := decodeBody(w, r, maxBody, &c, false)
+	if err == nil {
+		err = explicitZero(b, defaultedKeys...)
+	}
+	if err != nil {
+		writeErr(w, err)
 		return
 	}
 	if err := a.host.ValidateCreate(&c); err != nil {
@@ -142,19 +146,6 @@ func (a *API) create(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	a.enqueue(w, api.TaskCreate, c.Name, uuid.NewString(), c)
-}
-
-// bodyErr is the validation_failed answer to a request body that could not
-// be read or decoded.
-func bodyErr(err error, limit int64) error {
-	var mbe *http.MaxBytesError
-	switch {
-	case errors.As(err, &mbe):
-		return errcode.New(errcode.ValidationFailed, "request body over %d bytes", limit)
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		return errcode.New(errcode.ValidationFailed, "request body not received in time")
-	}
-	return errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: "))
 }
 
 // queue queues a task. When it cannot, it answers the request (429 with
@@ -201,9 +192,14 @@ func (a *API) list(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
+	// The cursor is the last name of the previous page.
+	cursor := q.Get("cursor")
+	if cursor != "" && (!api.IsName(cursor) || api.IsUUID(cursor)) {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "cursor %q is not a next_cursor this API gave", cursor))
+		return
+	}
 	all := a.host.VMs(r.Context())
 	sort.Slice(all, func(i, j int) bool { return all[i].Name < all[j].Name })
-	cursor := q.Get("cursor")
 	var out []api.VM
 	next := ""
 	for _, v := range all {
@@ -276,13 +272,9 @@ func (a *API) async(typ string) http.HandlerFunc {
 		var spec any
 		if typ == api.TaskStop {
 			var s api.StopSpec
-			if r.ContentLength != 0 {
-				dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxStopBody))
-				dec.DisallowUnknownFields()
-				if err := dec.Decode(&s); err != nil && !errors.Is(err, io.EOF) {
-					writeErr(w, bodyErr(err, maxStopBody))
-					return
-				}
+			if _, err := decodeBody(w, r, maxStopBody, &s, true); err != nil {
+				writeErr(w, err)
+				return
 			}
 			if s.Force {
 				// seed 004: stop --force dispatches poweroff
@@ -391,11 +383,9 @@ func (a *API) images(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *API) pullImage(w http.ResponseWriter, r *http.Request) {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxPullBody))
-	dec.DisallowUnknownFields()
 	var p api.PullImage
-	if err := dec.Decode(&p); err != nil {
-		writeErr(w, bodyErr(err, maxPullBody))
+	if _, err := decodeBody(w, r, maxPullBody, &p, false); err != nil {
+		writeErr(w, err)
 		return
 	}
 	if p.URL == "" {
@@ -741,11 +731,9 @@ func (a *API) patch(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
-	dec.DisallowUnknownFields()
 	var u api.UpdateVM
-	if err := dec.Decode(&u); err != nil {
-		writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+	if _, err := decodeBody(w, r, maxSmallBody, &u, false); err != nil {
+		writeErr(w, err)
 		return
 	}
 	if t, busy := a.cp.Busy(name); busy {
@@ -770,10 +758,8 @@ func (a *API) forward(add bool) http.HandlerFunc {
 		}
 		var d api.Device
 		if add {
-			dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(&d); err != nil {
-				writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+			if _, err := decodeBody(w, r, maxSmallBody, &d, false); err != nil {
+				writeErr(w, err)
 				return
 			}
 			if d.DevType != "" && d.DevType != api.DevProxy {
@@ -833,11 +819,9 @@ func (a *API) volumes(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *API) createVolume(w http.ResponseWriter, r *http.Request) {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
-	dec.DisallowUnknownFields()
 	var c api.CreateVolume
-	if err := dec.Decode(&c); err != nil {
-		writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+	if _, err := decodeBody(w, r, maxSmallBody, &c, false); err != nil {
+		writeErr(w, err)
 		return
 	}
 	v, err := a.host.CreateVolume(r.Context(), c.Pool, c.Name, c.SizeGiB)
@@ -866,10 +850,8 @@ func (a *API) disk(attach bool) http.HandlerFunc {
 		}
 		var d api.Device
 		if attach {
-			dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(&d); err != nil {
-				writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+			if _, err := decodeBody(w, r, maxSmallBody, &d, false); err != nil {
+				writeErr(w, err)
 				return
 			}
 			if d.DevType != "" && d.DevType != api.DevDisk {
@@ -911,11 +893,9 @@ func (a *API) medium(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, errcode.New(errcode.ValidationFailed, "CD-ROM index must be a number"))
 		return
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
-	dec.DisallowUnknownFields()
 	var d api.Device
-	if err := dec.Decode(&d); err != nil {
-		writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", strings.TrimPrefix(err.Error(), "json: ")))
+	if _, err := decodeBody(w, r, maxSmallBody, &d, false); err != nil {
+		writeErr(w, err)
 		return
 	}
 	v, err := a.host.ChangeMedium(r.Context(), name, index, d)

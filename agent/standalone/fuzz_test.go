@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -91,6 +92,19 @@ func checkAnswer(t *testing.T, rec *httptest.ResponseRecorder, types []string, s
 	if rec.Code < 400 || rec.Code > 499 {
 		t.Fatalf("status %d for bad input: %s", rec.Code, body)
 	}
+	checkEnvelope(t, rec)
+	return api.Task{}
+}
+
+// checkEnvelope: a non-2xx answer is the JSON error envelope with a known
+// code and a message; its status is the code's (429 is rate_limited's,
+// 405 a wrong method's, with Allow).
+func checkEnvelope(t *testing.T, rec *httptest.ResponseRecorder) api.ErrorEnvelope {
+	t.Helper()
+	body := rec.Body.String()
+	if ct := rec.Header().Get("Content-Type"); ct != "application/json" {
+		t.Fatalf("answer %d with Content-Type %q: %s", rec.Code, ct, body)
+	}
 	var env api.ErrorEnvelope
 	dec := json.NewDecoder(strings.NewReader(body))
 	dec.DisallowUnknownFields()
@@ -100,10 +114,18 @@ func checkAnswer(t *testing.T, rec *httptest.ResponseRecorder, types []string, s
 	if !knownCode(env.Error.Code) || env.Error.Message == "" {
 		t.Fatalf("%d with unknown code or no message: %+v", rec.Code, env.Error)
 	}
-	if rec.Code != http.StatusTooManyRequests && rec.Code != StatusOf(errcode.Code(env.Error.Code)) {
-		t.Fatalf("%d with code %s, whose status is %d", rec.Code, env.Error.Code, StatusOf(errcode.Code(env.Error.Code)))
+	switch rec.Code {
+	case http.StatusTooManyRequests:
+	case http.StatusMethodNotAllowed:
+		if rec.Header().Get("Allow") == "" || env.Error.Code != string(errcode.ValidationFailed) {
+			t.Fatalf("405 without Allow or with code %s", env.Error.Code)
+		}
+	default:
+		if rec.Code != StatusOf(errcode.Code(env.Error.Code)) {
+			t.Fatalf("%d with code %s, whose status is %d", rec.Code, env.Error.Code, StatusOf(errcode.Code(env.Error.Code)))
+		}
 	}
-	return api.Task{}
+	return env
 }
 
 // secretMark is what FuzzAPICreate's seeds put in user-data,
@@ -164,10 +186,65 @@ func FuzzAPICreate(f *testing.F) {
 		if err := dec.Decode(&c); err != nil {
 			t.Fatalf("accepted a body that does not decode: %v", err)
 		}
+		if rest, _ := io.ReadAll(dec.Buffered()); len(bytes.TrimSpace(rest)) > 0 || dec.More() {
+			t.Fatalf("accepted a body with data after its JSON object: %q", body)
+		}
+		var keys map[string]any
+		json.Unmarshal(body, &keys)
+		for _, k := range []string{"vcpus", "memory_mb", "disk_gib", "root_disk_size"} {
+			if n, ok := keys[k].(float64); ok && n == 0 {
+				t.Fatalf("accepted an explicit %s 0: %q", k, body)
+			}
+		}
 		if err := z.h.ValidateCreate(&c); err != nil {
 			t.Fatalf("accepted an invalid create: %v", err)
 		}
 	})
+}
+
+// FuzzAPIRoute sends any method to any path with no body: every answer
+// outside 2xx is the JSON error envelope (routing's 404 and 405 included,
+// 405 with Allow), never a 5xx, and a GET of /v1/vms with any query answers
+// a page or validation_failed.
+func FuzzAPIRoute(f *testing.F) {
+	f.Add("GET", "/v1/nothing")
+	f.Add("DELETE", "/v1/images")
+	f.Add("PUT", "/v1/vms/vm-1")
+	f.Add("GET", "/v1/vms?cursor=..%2Fetc&limit=2")
+	f.Add("GET", "/v1/vms?cursor=vm-0")
+	f.Add("POST", "/v1/vms/vm-1/cdroms/x")
+	z := newAPIFuzzer(f)
+	f.Fuzz(func(t *testing.T, method, target string) {
+		u, err := url.ParseRequestURI(target)
+		if err != nil || !validMethod(method) || u.Host != "" || strings.ContainsAny(target, " \t\r\n#") {
+			t.Skip("not a request line")
+		}
+		rec := z.do(t, method, target, nil)
+		if rec.Code >= 500 {
+			t.Fatalf("%s %s: %d %s", method, target, rec.Code, rec.Body)
+		}
+		if rec.Code >= 300 {
+			checkEnvelope(t, rec)
+		}
+		if method == "GET" && u.Path == "/v1/vms" && rec.Code == http.StatusOK {
+			if c := u.Query().Get("cursor"); c != "" && (!api.IsName(c) || api.IsUUID(c)) {
+				t.Fatalf("accepted the malformed cursor %q", c)
+			}
+		}
+	})
+}
+
+// validMethod reports whether m is an HTTP token, as a request line needs.
+func validMethod(m string) bool {
+	if m == "" || len(m) > 16 {
+		return false
+	}
+	for _, r := range m {
+		if r < 'A' || r > 'Z' {
+			return false
+		}
+	}
+	return true
 }
 
 func FuzzAPIStop(f *testing.F) {

@@ -15,6 +15,7 @@ import (
 	"regexp"
 	"strings"
 
+	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/netdev"
@@ -158,7 +159,6 @@ type NIC struct {
 }
 
 var (
-	nameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$`)
 	uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
 	macRE  = regexp.MustCompile(`^[0-9a-f]{2}(:[0-9a-f]{2}){5}$`)
 	// ifnameRE: a Linux interface name (IFNAMSIZ-1), no separators.
@@ -166,7 +166,7 @@ var (
 )
 
 // IsUUID reports whether s is a UUID literal (any case).
-func IsUUID(s string) bool { return uuidRE.MatchString(strings.ToLower(s)) }
+func IsUUID(s string) bool { return api.IsUUID(s) }
 
 // ValidateName checks a VM name: a hostname label (1..63 of [A-Za-z0-9-],
 // no leading or trailing dash) that is not a UUID literal. Names reach file
@@ -175,7 +175,7 @@ func ValidateName(name string) error {
 	if IsUUID(name) {
 		return errcode.New(errcode.ValidationFailed, "name %q is a UUID literal; VMs are name-keyed", name)
 	}
-	if !nameRE.MatchString(name) {
+	if !api.IsName(name) {
 		return errcode.New(errcode.ValidationFailed, "name %q is invalid: use 1 to 63 letters, digits and dashes, not starting or ending with a dash", name)
 	}
 	return nil
