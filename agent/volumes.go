@@ -61,7 +61,11 @@ func (h *Host) CreateVolume(ctx context.Context, pool, name string, sizeGiB int)
 	out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", tmp, fmt.Sprintf("%dG", sizeGiB)).CombinedOutput()
 	if err != nil {
 		os.Remove(tmp)
-		return api.Volume{}, errcode.New(errcode.Internal, "qemu-img create: %s", strings.TrimSpace(string(out)))
+		code := errcode.Internal
+		if strings.Contains(string(out), "No space left on device") || strings.Contains(string(out), "Disk quota exceeded") {
+			code = errcode.DiskFull // qemu-img's strerror: the pool is full
+		}
+		return api.Volume{}, errcode.New(code, "qemu-img create %s: %s", tmp, strings.TrimSpace(string(out)))
 	}
 	if err := os.Chmod(tmp, 0o600); err != nil {
 		os.Remove(tmp)

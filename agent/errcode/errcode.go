@@ -8,6 +8,9 @@ package errcode
 import (
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
+	"syscall"
 )
 
 // Code is a stable error code, rendered as snake_case on the wire.
@@ -62,13 +65,30 @@ func New(code Code, format string, args ...any) *Error {
 }
 
 // Wrap returns an *Error with a formatted message and a cause. The cause's
-// text is appended to the message.
+// text is appended to the message. Wrapped as Internal, a cause that is a
+// full file system (see Of) stays disk_full.
 func Wrap(code Code, err error, format string, args ...any) *Error {
 	msg := fmt.Sprintf(format, args...)
+	if code == Internal && Of(err) == DiskFull {
+		return &Error{Code: DiskFull, Message: msg + ": " + MessageOf(err), Err: err}
+	}
 	if err != nil {
 		msg += ": " + err.Error()
 	}
 	return &Error{Code: code, Message: msg, Err: err}
+}
+
+// FileSystemFull reports whether err is a file operation refused because
+// its file system (or the user's quota on it) is full: ENOSPC or EDQUOT
+// from an *fs.PathError or *os.LinkError, whose text names the path.
+// ENOSPC from elsewhere (inotify's watch limit, say) is not.
+func FileSystemFull(err error) bool {
+	if !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) {
+		return false
+	}
+	var pe *fs.PathError
+	var le *os.LinkError
+	return errors.As(err, &pe) || errors.As(err, &le)
 }
 
 // Prefix says where a coded error arose ("devices[2]"), keeping its code
@@ -78,13 +98,20 @@ func Prefix(err error, format string, args ...any) *Error {
 }
 
 // Of returns the code of the first *Error in err's chain, or Internal.
+// Every write of the agent's own state (journal, VM state, seeds,
+// volumes, the standalone state) that fails on a full file system is
+// disk_full, whether the error was coded or wrapped as internal or not
+// coded at all.
 func Of(err error) Code {
 	if err == nil {
 		return ""
 	}
 	var e *Error
-	if errors.As(err, &e) {
+	if errors.As(err, &e) && e.Code != Internal {
 		return e.Code
+	}
+	if FileSystemFull(err) {
+		return DiskFull
 	}
 	return Internal
 }

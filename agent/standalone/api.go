@@ -108,6 +108,8 @@ func StatusOf(code errcode.Code) int {
 		return http.StatusTooManyRequests
 	case errcode.NetworkUnavailable:
 		return http.StatusServiceUnavailable
+	case errcode.DiskFull:
+		return http.StatusInsufficientStorage
 	}
 	return http.StatusInternalServerError
 }

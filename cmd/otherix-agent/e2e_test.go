@@ -75,11 +75,17 @@ func startAgentIn(t *testing.T, ns *netdevtest.Netns, extraYAML string) *standal
 // (a.socket) when socket is set.
 func startAgentSocket(t *testing.T, ns *netdevtest.Netns, extraYAML string, socket bool) *standaloneAgent {
 	t.Helper()
+	return startAgentData(t, ns, t.TempDir(), extraYAML, socket)
+}
+
+// startAgentData is startAgentSocket with the data dir given.
+func startAgentData(t *testing.T, ns *netdevtest.Netns, dataDir, extraYAML string, socket bool) *standaloneAgent {
+	t.Helper()
 	run, err := os.MkdirTemp("/tmp", "oxe")
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := &standaloneAgent{t: t, dir: t.TempDir(), ns: ns}
+	a := &standaloneAgent{t: t, dir: dataDir, ns: ns}
 	t.Cleanup(func() { os.RemoveAll(run) })
 	if socket {
 		a.socket = filepath.Join(run, "api.sock")

@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/atomicfile"
+	"github.com/otherix/otherix-agent/agent/errcode"
 )
 
 // Sealer seals secrets at rest (agent/secrets.Box): a pending create's
@@ -110,8 +111,17 @@ func (fs *FileStore) SetSealer(s Sealer) error {
 	return first
 }
 
-// saveLocked writes the file: write, fsync, rename. fs.mu held.
+// saveLocked writes the file: write, fsync, rename. fs.mu held. A
+// failure is logged: the change it was for is already made.
 func (fs *FileStore) saveLocked() {
+	if err := fs.writeLocked(nil); err != nil {
+		fs.log.Error("persist control plane state", zap.Error(err))
+	}
+}
+
+// writeLocked writes the file with the stored tasks and extra, when not
+// nil. fs.mu held. A full file system is disk_full, naming the file.
+func (fs *FileStore) writeLocked(extra *Task) error {
 	ctx := context.Background()
 	st := fileState{Desired: map[string]string{}, Names: map[string]string{}}
 	tasks, _ := fs.mem.Tasks(ctx)
@@ -129,6 +139,18 @@ func (fs *FileStore) saveLocked() {
 		}
 		st.Tasks = append(st.Tasks, ft)
 	}
+	if extra != nil {
+		// A new task's spec is sealed like the others'.
+		ft := fileTask{Task: *extra}
+		if fs.sealer != nil && len(extra.Spec) > 0 {
+			sealed, err := fs.sealer.Seal(string(extra.Spec), extra.ID)
+			if err != nil {
+				return errcode.Wrap(errcode.Internal, err, "seal task spec")
+			}
+			ft.Spec, ft.SpecSealed = nil, sealed
+		}
+		st.Tasks = append(st.Tasks, ft)
+	}
 	vms, _, _ := fs.mem.VMs(ctx)
 	for _, v := range vms {
 		st.Desired[v.UUID] = v.Phase
@@ -141,18 +163,27 @@ func (fs *FileStore) saveLocked() {
 		err = atomicfile.Write(fs.path, b, 0o600)
 	}
 	if err != nil {
-		fs.log.Error("persist control plane state", zap.Error(err))
+		return errcode.Wrap(errcode.Internal, err, "persist control plane state %s", fs.path)
 	}
+	return nil
 }
 
-// AddTask implements Store.
+// AddTask implements Store. The file is written first: a task the file
+// cannot hold (a full file system: disk_full) is refused, not queued in
+// memory only.
 func (fs *FileStore) AddTask(ctx context.Context, t Task) error {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
-	if err := fs.mem.AddTask(ctx, t); err != nil {
+	if _, err := fs.mem.Task(ctx, t.ID); err == nil {
+		return ErrExists
+	}
+	if err := fs.writeLocked(&t); err != nil {
 		return err
 	}
-	fs.saveLocked()
+	if err := fs.mem.AddTask(ctx, t); err != nil {
+		fs.saveLocked()
+		return err
+	}
 	return nil
 }
 
