@@ -2,7 +2,6 @@ package vm
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -112,7 +111,7 @@ type View struct {
 	StartedAt   time.Time
 	CreatedAt   time.Time
 	UpdatedAt   time.Time
-	Meta        json.RawMessage
+	Record      Record
 	ConsolePath string
 	QGASocket   string // the guest agent's socket while QEMU runs
 	// Next is the spec the VM gets at its next start, when it differs.
@@ -247,9 +246,9 @@ func (e *Engine) lookup(name string) (*machine, error) {
 	return m, nil
 }
 
-// Define registers a new VM in status stopped and persists it. meta is
-// opaque data of the caller kept with the VM.
-func (e *Engine) Define(ctx context.Context, spec Spec, meta json.RawMessage) (View, error) {
+// Define registers a new VM in status stopped and persists it with rec
+// (nil: an empty record).
+func (e *Engine) Define(ctx context.Context, spec Spec, rec *Record) (View, error) {
 	if err := spec.Validate(); err != nil {
 		return View{}, err
 	}
@@ -264,7 +263,10 @@ func (e *Engine) Define(ctx context.Context, spec Spec, meta json.RawMessage) (V
 	}
 	m := e.newMachine(spec)
 	now := time.Now().UTC()
-	m.st = state{Spec: spec, Status: "stopped", CreatedAt: now, UpdatedAt: now, Meta: meta}
+	m.st = state{Spec: spec, Status: "stopped", CreatedAt: now, UpdatedAt: now}
+	if rec != nil {
+		m.st.Record = rec.clone()
+	}
 	if err := e.assignUIDLocked(m); err != nil {
 		e.mu.Unlock()
 		return View{}, err
@@ -303,10 +305,11 @@ func (e *Engine) forget(m *machine) {
 
 func (e *Engine) newMachine(spec Spec) *machine {
 	return &machine{
-		e:   e,
-		dir: e.vmDir(spec.UUID),
-		run: filepath.Join(e.cfg.RunDir, ShortID(spec.UUID)),
-		log: e.log.With(zap.String("vm", spec.Name), zap.String("vm_uuid", spec.UUID)),
+		e:    e,
+		name: spec.Name,
+		dir:  e.vmDir(spec.UUID),
+		run:  filepath.Join(e.cfg.RunDir, ShortID(spec.UUID)),
+		log:  e.log.With(zap.String("vm", spec.Name), zap.String("vm_uuid", spec.UUID)),
 	}
 }
 
@@ -376,18 +379,17 @@ func (e *Engine) Update(ctx context.Context, name string, fn func(*Spec)) (View,
 	})
 }
 
-// UpdateMeta replaces a VM's opaque caller data with fn's change of it
-// and persists it, atomically: concurrent updates of different fields
-// never lose one another. fn must not call the engine.
-func (e *Engine) UpdateMeta(name string, fn func(json.RawMessage) json.RawMessage) error {
+// UpdateRecord changes a VM's record with fn and persists it, under the
+// VM's lock: concurrent updates of different fields never lose one
+// another. It does not wait for an op in progress (a task's last_task is
+// recorded while the next op runs); a change that must be atomic with an
+// op is made in a Txn (Engine.Do). fn must not call the engine.
+func (e *Engine) UpdateRecord(name string, fn func(*Record)) error {
 	m, err := e.lookup(name)
 	if err != nil {
 		return err
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.st.Meta = fn(m.st.Meta)
-	return m.persistLocked()
+	return m.updateRecord(fn)
 }
 
 // Close detaches from every VM (closes QMP connections) and leaves QEMU
@@ -470,14 +472,7 @@ func (e *Engine) Resume(ctx context.Context, name string) (View, error) {
 
 // Delete powers the VM off if needed and removes every file of it.
 func (e *Engine) Delete(ctx context.Context, name string) error {
-	m, err := e.lookup(name)
-	if err != nil {
-		return err
-	}
-	_, err = e.op(ctx, name, "delete", func(m *machine) error { return m.delete(ctx) })
-	if err == nil {
-		e.forget(m)
-	}
+	_, err := e.Do(ctx, name, "delete", func(t *Txn) error { return t.Delete(ctx) })
 	return err
 }
 

@@ -19,10 +19,11 @@ import (
 
 // machine is the single owner of one VM.
 type machine struct {
-	e   *Engine
-	dir string // state dir: vm.json, console.log, qemu.log
-	run string // runtime dir: qmp.sock, qemu.pid
-	log *zap.Logger
+	e    *Engine
+	name string // never changes
+	dir  string // state dir: vm.json, console.log, qemu.log
+	run  string // runtime dir: qmp.sock, qemu.pid
+	log  *zap.Logger
 
 	mu   sync.Mutex
 	st   state
@@ -74,11 +75,27 @@ func (m *machine) viewLocked() View {
 		StartedAt:   m.st.StartedAt,
 		CreatedAt:   m.st.CreatedAt,
 		UpdatedAt:   m.st.UpdatedAt,
-		Meta:        m.st.Meta,
+		Record:      m.st.Record.clone(),
 		ConsolePath: m.paths().ConsoleLog,
 		QGASocket:   m.paths().QGASocket,
 		Next:        m.st.Next,
 	}
+}
+
+// updateRecord changes the record with fn and persists it; a failed
+// write leaves the record as it was.
+func (m *machine) updateRecord(fn func(*Record)) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	old := m.st.Record
+	r := old.clone()
+	fn(&r)
+	m.st.Record = r
+	if err := m.persistLocked(); err != nil {
+		m.st.Record = old
+		return errcode.Wrap(errcode.Internal, err, "persist vm record")
+	}
+	return nil
 }
 
 func (m *machine) persistLocked() error {

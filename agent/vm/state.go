@@ -11,14 +11,16 @@ import (
 
 // state is what the engine persists per VM, in <state>/vms/<uuid>/vm.json.
 type state struct {
-	Spec      Spec            `json:"spec"`
-	Status    string          `json:"status"`
-	Reason    string          `json:"reason,omitempty"`
-	PID       int             `json:"pid,omitempty"`
-	StartedAt time.Time       `json:"started_at,omitempty"`
-	CreatedAt time.Time       `json:"created_at"`
-	UpdatedAt time.Time       `json:"updated_at"`
-	Meta      json.RawMessage `json:"meta,omitempty"`
+	Spec      Spec      `json:"spec"`
+	Status    string    `json:"status"`
+	Reason    string    `json:"reason,omitempty"`
+	PID       int       `json:"pid,omitempty"`
+	StartedAt time.Time `json:"started_at,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+	// Record is the agent's typed record of the VM; "meta" is its key
+	// from when the engine kept it as opaque JSON (same fields).
+	Record Record `json:"meta"`
 	// Next is the spec the VM gets at its next start (changes made while
 	// it runs: CPU, memory).
 	Next *Spec `json:"next,omitempty"`
