@@ -20,6 +20,7 @@ import (
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/vm"
 )
 
 // TestCDROMImagePins: one VM (cloud-init on, so its seed ISO is CD-ROM 0)
@@ -121,10 +122,13 @@ func TestCDROMImagePins(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	wantMeta := func(step string, want ...cdromPin) {
+	pin := func(index int, pool, digest string) vm.CDROMPin {
+		return vm.CDROMPin{Index: index, Pool: pool, Digest: digest}
+	}
+	wantMeta := func(step string, want ...vm.CDROMPin) {
 		t.Helper()
-		got := metaOf(mustView(t, h, "cd")).CDROMPins
-		slices.SortFunc(got, func(x, y cdromPin) int { return x.Index - y.Index })
+		got := mustView(t, h, "cd").Record.CDROMPins
+		slices.SortFunc(got, func(x, y vm.CDROMPin) int { return x.Index - y.Index })
 		if !slices.Equal(got, want) {
 			t.Fatalf("%s: meta cdrom_pins %+v, want %+v", step, got, want)
 		}
@@ -148,9 +152,9 @@ func TestCDROMImagePins(t *testing.T) {
 	// the seed is 0), the root image for the uuid; eviction keeps both.
 	prune()
 	wantPins("create", a, owner)
-	root := metaOf(mustView(t, h, "cd")).ImageSHA256
+	root := mustView(t, h, "cd").Record.ImageSHA256
 	wantPins("create", root, id)
-	wantMeta("create", cdromPin{1, "default", a}, cdromPin{2, "default", a})
+	wantMeta("create", pin(1, "default", a), pin(2, "default", a))
 	wantDevices("create", "CDROM "+uA, "DISK vol1", "CDROM "+uA)
 
 	c := hh.console("cd")
@@ -164,7 +168,7 @@ func TestCDROMImagePins(t *testing.T) {
 	prune()
 	wantPins("change 1", a, owner)
 	wantPins("change 1", b, owner)
-	wantMeta("change 1", cdromPin{1, "default", b}, cdromPin{2, "default", a})
+	wantMeta("change 1", pin(1, "default", b), pin(2, "default", a))
 	wantDevices("change 1", "CDROM "+uB, "DISK vol1", "CDROM "+uA)
 	line := wait(t, c, "OTHERIX-GUEST disks ")
 	for !strings.Contains(line, "sr1:"+strconv.Itoa(sizeB)) {
@@ -180,7 +184,7 @@ func TestCDROMImagePins(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantPins("change 2", b, owner)
-	wantMeta("change 2", cdromPin{1, "default", b}, cdromPin{2, "default", b})
+	wantMeta("change 2", pin(1, "default", b), pin(2, "default", b))
 	wantDevices("change 2", "CDROM "+uB, "DISK vol1", "CDROM "+uB)
 	if v, _ := h.VM("cd"); v.Devices[2].SHA256 != b {
 		t.Fatalf("change 2: sha256 of the device: %+v", v.Devices[2])
@@ -195,7 +199,7 @@ func TestCDROMImagePins(t *testing.T) {
 		t.Fatalf("change of CD-ROM 7: %v", err)
 	}
 	wantPins("failed change", cc)
-	wantMeta("failed change", cdromPin{1, "default", b}, cdromPin{2, "default", b})
+	wantMeta("failed change", pin(1, "default", b), pin(2, "default", b))
 	prune()
 	wantGone("failed change", cc)
 

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -277,7 +276,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		return api.VM{}, err
 	}
 	var cdroms []vm.CDROM
-	var cdPins []cdromPin
+	var cdPins []vm.CDROMPin
 	firstCD := 0 // the engine's index of the first CDROM device: after the seed ISO
 	if !c.NoCloudInit {
 		firstCD = 1
@@ -366,12 +365,11 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 			network = name
 		}
 	}
-	m := meta{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
+	rec := vm.Record{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
 		Network: network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task, Forwards: plan.forwards,
 		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart, VNCPassword: sealed, RestartPolicy: c.RestartPolicy,
 		Devices: keptDevices(c.Devices), CDROMPins: cdPins}
-	mb, _ := json.Marshal(m)
-	if _, err := h.engine.Define(ctx, spec, mb); err != nil {
+	if _, err := h.engine.Define(ctx, spec, &rec); err != nil {
 		return api.VM{}, err
 	}
 	u.add(func() { h.engine.Delete(context.Background(), c.Name) })
@@ -388,7 +386,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 }
 
 // keptDevices are the devices a VM's host metadata keeps as asked: those
-// the spec does not describe by itself (see meta.Devices).
+// the spec does not describe by itself (see vm.Record.Devices).
 func keptDevices(ds []api.Device) []api.Device {
 	var out []api.Device
 	for _, d := range ds {
@@ -402,15 +400,15 @@ func keptDevices(ds []api.Device) []api.Device {
 // Delete removes a VM and every file of it and unpins its images: the
 // root disk's and its CD-ROMs'.
 func (h *Host) Delete(ctx context.Context, name string) error {
-	defer vmLocks.lock(name)()
-	v, err := h.engine.Get(name)
-	if err != nil {
+	var v vm.View
+	if _, err := h.engine.Do(ctx, name, "delete", func(t *vm.Txn) error {
+		v = t.View()
+		return t.Delete(ctx)
+	}); err != nil {
 		return err
 	}
-	m := metaOf(v)
-	if err := h.engine.Delete(ctx, name); err != nil {
-		return err
-	}
+	// The VM is gone: no op can change its record any more.
+	m := v.Record
 	h.macs.Release(v.Spec.UUID)
 	h.vncPorts.Release(v.Spec.UUID)
 	if m.ImageSHA256 != "" {
@@ -424,16 +422,19 @@ func (h *Host) Delete(ctx context.Context, name string) error {
 	return nil
 }
 
-// updateMeta changes a VM's host metadata.
-func (h *Host) updateMeta(name string, fn func(*meta)) {
-	err := h.engine.UpdateMeta(name, func(raw json.RawMessage) json.RawMessage {
-		m := decodeMeta(raw)
-		fn(&m)
-		b, _ := json.Marshal(m)
-		return b
-	})
-	if err != nil && errcode.Of(err) != errcode.NotFound {
-		h.log.Warn("persist vm meta", zap.String("vm", name), zap.Error(err))
+// updateRecord changes a VM's record (not atomically with an op: see
+// vm.Engine.Do), logging a failure to persist it.
+func (h *Host) updateRecord(name string, fn func(*vm.Record)) {
+	if err := h.engine.UpdateRecord(name, fn); err != nil && errcode.Of(err) != errcode.NotFound {
+		h.log.Warn("persist vm record", zap.String("vm", name), zap.Error(err))
+	}
+}
+
+// recordIn changes a VM's record within a Txn, logging a failure to
+// persist it: the op it records is done.
+func (h *Host) recordIn(t *vm.Txn, fn func(*vm.Record)) {
+	if err := t.UpdateRecord(fn); err != nil {
+		h.log.Warn("persist vm record", zap.String("vm", t.View().Spec.Name), zap.Error(err))
 	}
 }
 
@@ -514,10 +515,10 @@ func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM,
 		}
 	}
 	if u.Autostart != nil {
-		h.updateMeta(name, func(m *meta) { m.Autostart = *u.Autostart })
+		h.updateRecord(name, func(m *vm.Record) { m.Autostart = *u.Autostart })
 	}
 	if u.RestartPolicy != nil {
-		h.updateMeta(name, func(m *meta) { m.RestartPolicy = *u.RestartPolicy })
+		h.updateRecord(name, func(m *vm.Record) { m.RestartPolicy = *u.RestartPolicy })
 	}
 	return h.VM(name)
 }

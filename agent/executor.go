@@ -80,7 +80,7 @@ func (h *Host) Execute(ctx context.Context, t protocol.Task, progress func(api.P
 	default:
 		return nil, errcode.New(errcode.ValidationFailed, "unknown task type %q", t.Type)
 	}
-	h.updateMeta(name, func(m *meta) {
+	h.updateRecord(name, func(m *vm.Record) {
 		if desired != "" && err == nil {
 			m.DesiredPhase = desired
 		}

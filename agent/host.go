@@ -5,7 +5,6 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -83,49 +82,6 @@ type Options struct {
 	// HostDevices is the host's sysfs and /dev for passthrough (nil: the
 	// real /sys and /dev); tests pass a fake tree (hostdev/sysfstest).
 	HostDevices *hostdev.Host
-}
-
-// meta is what the host keeps with each VM in the engine's state.
-type meta struct {
-	ImageURL     string       `json:"image_url"`
-	ImageSHA256  string       `json:"image_sha256"`
-	ImageFormat  string       `json:"image_format"`
-	Pool         string       `json:"pool"`
-	DiskGiB      int          `json:"disk_gib"`
-	Network      string       `json:"network,omitempty"`
-	CloudInit    bool         `json:"cloud_init"`
-	DesiredPhase string       `json:"desired_phase"`
-	LastTask     *api.TaskRef `json:"last_task,omitempty"`
-	// VNCPassword is sealed (agent/secrets), never in clear.
-	VNCPassword string `json:"vnc_password_sealed,omitempty"`
-	// Forwards of bridged VMs, served by the agent's proxy.
-	Forwards      []portfwd.Rule `json:"forwards,omitempty"`
-	RootDiskIOBus string         `json:"root_disk_io_bus,omitempty"`
-	Autostart     bool           `json:"autostart"`
-	// RestartPolicy is api.RestartOnFailure when empty (VMs made before
-	// the field existed).
-	RestartPolicy string `json:"restart_policy,omitempty"`
-	// Restarts counts restarts by the policy since the last start by
-	// request; Crashes are the times of recent crashes (the crash-loop
-	// window); CrashLoop holds restarts until a start by request.
-	Restarts  int         `json:"restarts,omitempty"`
-	Crashes   []time.Time `json:"crashes,omitempty"`
-	CrashLoop bool        `json:"crash_loop,omitempty"`
-	// Devices are the seed-000 DISK, CDROM, PCI, GPU, USB and host TPM
-	// devices as asked (NIC, PROXY and the emulated TPM are derived from
-	// the spec), kept current by attach, detach and medium changes.
-	Devices []api.Device `json:"devices,omitempty"`
-	// CDROMPins are the cached images the VM's CD-ROMs use, each pinned
-	// for cdromOwner(uuid): set at create, kept exact by medium changes,
-	// all unpinned at delete.
-	CDROMPins []cdromPin `json:"cdrom_pins,omitempty"`
-}
-
-func (m meta) restartPolicy() string {
-	if m.RestartPolicy == "" {
-		return api.RestartOnFailure
-	}
-	return m.RestartPolicy
 }
 
 // NewHost opens the image cache and the VM engine and re-adopts VMs.
@@ -327,18 +283,8 @@ func qemuVersion(bin string) string {
 	return strings.TrimSpace(strings.TrimPrefix(line, "QEMU emulator version "))
 }
 
-func metaOf(v vm.View) meta { return decodeMeta(v.Meta) }
-
-func decodeMeta(raw json.RawMessage) meta {
-	var m meta
-	if len(raw) > 0 {
-		_ = json.Unmarshal(raw, &m)
-	}
-	return m
-}
-
 func (h *Host) toAPI(v vm.View) api.VM {
-	m := metaOf(v)
+	m := v.Record
 	return api.VM{
 		Name:         v.Spec.Name,
 		UUID:         v.Spec.UUID,
@@ -372,7 +318,7 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		VNCPort:        vncPort(v),
 		RootDiskIOBus:  m.RootDiskIOBus,
 		Autostart:      m.Autostart,
-		RestartPolicy:  m.restartPolicy(),
+		RestartPolicy:  m.Policy(),
 		RestartCount:   m.Restarts,
 		CrashLoop:      m.CrashLoop,
 		PendingChanges: pending(v),
@@ -490,7 +436,7 @@ func (h *Host) vmDir(pool, uuid string) (string, error) {
 }
 
 // forwardViews lists a VM's port forwards as seed-000 PROXY devices.
-func forwardViews(v vm.View, m meta) []api.Device {
+func forwardViews(v vm.View, m vm.Record) []api.Device {
 	rules := append([]portfwd.Rule(nil), m.Forwards...)
 	for _, n := range v.Spec.NICs {
 		rules = append(rules, n.Forwards...)
@@ -524,7 +470,7 @@ func (h *Host) autostart(ctx context.Context, bootIDPath string) error {
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, h.cfg.Limits.ConcurrentCreates)
 	for _, v := range h.engine.List() {
-		m := metaOf(v)
+		m := v.Record
 		if !m.Autostart || m.DesiredPhase != api.PhaseRunning || (v.Status != api.StatusStopped && v.Status != api.StatusCrashed) {
 			continue
 		}
@@ -574,7 +520,7 @@ func (h *Host) afterStart(ctx context.Context, v vm.View, exec func(ctx context.
 	if v.Spec.VNC == nil {
 		return nil
 	}
-	pw, err := h.box.Open(metaOf(v).VNCPassword, v.Spec.UUID)
+	pw, err := h.box.Open(v.Record.VNCPassword, v.Spec.UUID)
 	if err != nil {
 		return errcode.Wrap(errcode.Internal, err, "vnc password")
 	}

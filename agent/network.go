@@ -371,7 +371,7 @@ func (h *Host) guestIPv4(id string, nics []vm.NIC) (netip.Addr, error) {
 // syncNetState follows status changes: a running VM with forwards on a
 // bridged NIC gets its proxy; a VM that stops loses proxy, IPs and poller.
 func (h *Host) syncNetState(v vm.View) {
-	m := metaOf(v)
+	m := v.Record
 	id := v.Spec.UUID
 	running := v.Status == api.StatusRunning || v.Status == api.StatusPaused
 	ns := h.net
@@ -454,25 +454,32 @@ func (h *Host) AddForward(ctx context.Context, name string, d api.Device) (api.V
 		}
 		return h.VM(name)
 	}
-	m := metaOf(v)
-	rules, err := portfwd.Validate(m.Forwards, []portfwd.Rule{r})
-	if err != nil {
-		return api.VM{}, err
-	}
-	h.net.mu.Lock()
-	p := h.net.proxies[v.Spec.UUID]
-	h.net.mu.Unlock()
-	if p != nil {
-		if err := p.Add(ctx, rules[0]); err != nil {
-			return api.VM{}, err
+	var first bool // a running VM's first forward starts its proxy
+	if _, err := h.engine.Do(ctx, name, "forward_add", func(t *vm.Txn) error {
+		v := t.View()
+		rules, err := portfwd.Validate(v.Record.Forwards, []portfwd.Rule{r})
+		if err != nil {
+			return err
 		}
-	} else if err := portfwd.CheckFree(ctx, rules); err != nil {
+		h.net.mu.Lock()
+		p := h.net.proxies[v.Spec.UUID]
+		h.net.mu.Unlock()
+		if p != nil {
+			if err := p.Add(ctx, rules[0]); err != nil {
+				return err
+			}
+		} else if err := portfwd.CheckFree(ctx, rules); err != nil {
+			return err
+		}
+		h.recordIn(t, func(m *vm.Record) { m.Forwards = append(m.Forwards, rules[0]) })
+		first = p == nil
+		return nil
+	}); err != nil {
 		return api.VM{}, err
 	}
-	h.updateMeta(name, func(m *meta) { m.Forwards = append(m.Forwards, rules[0]) })
-	if p == nil {
+	if first {
 		if nv, err := h.engine.Get(name); err == nil {
-			h.syncNetState(nv) // a running VM's first forward starts its proxy
+			h.syncNetState(nv)
 		}
 	}
 	return h.VM(name)
@@ -494,27 +501,32 @@ func (h *Host) RemoveForward(ctx context.Context, name string, d api.Device) (ap
 		}
 		return h.VM(name)
 	}
-	m := metaOf(v)
-	found := false
-	var keep []portfwd.Rule
-	for _, f := range m.Forwards {
-		if f.Proto == r.Proto && f.HostPort == r.HostPort {
-			found = true
-			r = f
-			continue
+	if _, err := h.engine.Do(ctx, name, "forward_remove", func(t *vm.Txn) error {
+		v := t.View()
+		found := false
+		var keep []portfwd.Rule
+		for _, f := range v.Record.Forwards {
+			if f.Proto == r.Proto && f.HostPort == r.HostPort {
+				found = true
+				r = f
+				continue
+			}
+			keep = append(keep, f)
 		}
-		keep = append(keep, f)
+		if !found {
+			return errcode.New(errcode.NotFound, "vm %q has no forward of host port %d/%s", name, r.HostPort, r.Proto)
+		}
+		h.net.mu.Lock()
+		p := h.net.proxies[v.Spec.UUID]
+		h.net.mu.Unlock()
+		if p != nil {
+			p.Remove(r)
+		}
+		h.recordIn(t, func(m *vm.Record) { m.Forwards = keep })
+		return nil
+	}); err != nil {
+		return api.VM{}, err
 	}
-	if !found {
-		return api.VM{}, errcode.New(errcode.NotFound, "vm %q has no forward of host port %d/%s", name, r.HostPort, r.Proto)
-	}
-	h.net.mu.Lock()
-	p := h.net.proxies[v.Spec.UUID]
-	h.net.mu.Unlock()
-	if p != nil {
-		p.Remove(r)
-	}
-	h.updateMeta(name, func(m *meta) { m.Forwards = keep })
 	return h.VM(name)
 }
 

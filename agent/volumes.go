@@ -11,7 +11,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 
 	"go.uber.org/zap"
 
@@ -230,15 +229,6 @@ type cdromImage struct {
 	entry imagecache.Entry
 }
 
-// cdromPin is a cached image one of a VM's CD-ROMs uses, pinned for the
-// VM's cdromOwner. A VM's meta.CDROMPins lists one per CD-ROM holding
-// such an image; several CD-ROMs with the same image share one pin.
-type cdromPin struct {
-	Index  int    `json:"index"` // the engine's CD-ROM index (the seed ISO, when any, is 0)
-	Pool   string `json:"pool"`
-	Digest string `json:"sha256"`
-}
-
 // cdromOwner is the owner of a VM's CD-ROM image pins: not its uuid, the
 // owner of its root image's pin, so that neither drops the other's (the
 // same image may be both).
@@ -251,73 +241,33 @@ const pinAttempts = 3
 // take the entry between Ensure and Pin (not_found): it is then ensured
 // again (downloaded again), at most pinAttempts times in all; img.entry is
 // the entry pinned.
-func (h *Host) pinCDROM(ctx context.Context, img *cdromImage, owner string, index int) (cdromPin, error) {
+func (h *Host) pinCDROM(ctx context.Context, img *cdromImage, owner string, index int) (vm.CDROMPin, error) {
 	for attempt := 1; ; attempt++ {
 		err := h.cache.Pin(img.pool, img.entry.Digest, owner)
 		if err == nil {
-			return cdromPin{Index: index, Pool: img.pool, Digest: img.entry.Digest}, nil
+			return vm.CDROMPin{Index: index, Pool: img.pool, Digest: img.entry.Digest}, nil
 		}
 		if errcode.Of(err) != errcode.NotFound || attempt == pinAttempts {
-			return cdromPin{}, err
+			return vm.CDROMPin{}, err
 		}
 		h.log.Info("CD-ROM image evicted before it was pinned; ensuring it again", zap.String("pool", img.pool),
 			zap.String("image_sha256", img.entry.Digest), zap.Int("attempt", attempt))
 		e, err := h.cache.Ensure(ctx, img.pool, img.req, nil)
 		if err != nil {
-			return cdromPin{}, err
+			return vm.CDROMPin{}, err
 		}
 		img.entry = e
 	}
 }
 
 // pinUsed reports whether a CD-ROM other than index holds (pool, digest).
-func pinUsed(pins []cdromPin, pool, digest string, index int) bool {
+func pinUsed(pins []vm.CDROMPin, pool, digest string, index int) bool {
 	for _, p := range pins {
 		if p.Index != index && p.Pool == pool && p.Digest == digest {
 			return true
 		}
 	}
 	return false
-}
-
-// vmLocks serializes, per VM name, the agent's read-modify-write of a
-// VM's device bookkeeping (its CD-ROM pins and meta.Devices) with the
-// engine operation it records: medium changes, disk attach and detach,
-// and delete, so that none loses or leaks another's pin or device.
-var vmLocks keyedMutex
-
-type keyedMutex struct {
-	mu sync.Mutex
-	m  map[string]*keyedLock
-}
-
-type keyedLock struct {
-	mu    sync.Mutex
-	users int
-}
-
-// lock locks key and returns its unlock.
-func (k *keyedMutex) lock(key string) func() {
-	k.mu.Lock()
-	if k.m == nil {
-		k.m = map[string]*keyedLock{}
-	}
-	l := k.m[key]
-	if l == nil {
-		l = &keyedLock{}
-		k.m[key] = l
-	}
-	l.users++
-	k.mu.Unlock()
-	l.mu.Lock()
-	return func() {
-		l.mu.Unlock()
-		k.mu.Lock()
-		if l.users--; l.users == 0 {
-			delete(k.m, key)
-		}
-		k.mu.Unlock()
-	}
 }
 
 func bootPriority(i int, d api.Device) (int, error) {
@@ -402,12 +352,16 @@ func (h *Host) AttachDisk(ctx context.Context, name string, d api.Device) (api.V
 	if err != nil {
 		return api.VM{}, err
 	}
-	defer vmLocks.lock(name)()
-	if _, err := h.engine.AttachDisk(ctx, name, disk); err != nil {
+	d.DevType = api.DevDisk
+	if _, err := h.engine.Do(ctx, name, "disk_attach", func(t *vm.Txn) error {
+		if err := t.AttachDisk(ctx, disk); err != nil {
+			return err
+		}
+		h.recordIn(t, func(m *vm.Record) { m.Devices = append(m.Devices, d) })
+		return nil
+	}); err != nil {
 		return api.VM{}, err
 	}
-	d.DevType = api.DevDisk
-	h.updateMeta(name, func(m *meta) { m.Devices = append(m.Devices, d) })
 	return h.VM(name)
 }
 
@@ -419,22 +373,26 @@ func (h *Host) DetachDisk(ctx context.Context, name string, d api.Device) (api.V
 	if err != nil {
 		return api.VM{}, err
 	}
-	defer vmLocks.lock(name)()
-	if _, err := h.engine.DetachDisk(ctx, name, path); err != nil {
+	if _, err := h.engine.Do(ctx, name, "disk_detach", func(t *vm.Txn) error {
+		if err := t.DetachDisk(ctx, path); err != nil {
+			return err
+		}
+		h.recordIn(t, func(m *vm.Record) {
+			m.Devices = slices.DeleteFunc(m.Devices, func(x api.Device) bool {
+				if x.DevType != api.DevDisk {
+					return false
+				}
+				p, err := h.sourcePath(x)
+				if err != nil { // an allowed path gone or no longer allowed
+					return x.Source == d.Source
+				}
+				return p == path
+			})
+		})
+		return nil
+	}); err != nil {
 		return api.VM{}, err
 	}
-	h.updateMeta(name, func(m *meta) {
-		m.Devices = slices.DeleteFunc(m.Devices, func(x api.Device) bool {
-			if x.DevType != api.DevDisk {
-				return false
-			}
-			p, err := h.sourcePath(x)
-			if err != nil { // an allowed path gone or no longer allowed
-				return x.Source == d.Source
-			}
-			return p == path
-		})
-	})
 	return h.VM(name)
 }
 
@@ -446,7 +404,8 @@ func (h *Host) DetachDisk(ctx context.Context, name string, d api.Device) (api.V
 // medium goes in; the image the CD-ROM held before is unpinned unless
 // another of the VM's CD-ROMs holds it too; the CDROM device at that index
 // gets the new source. An eject changes neither pins nor devices: the
-// engine keeps the medium's file for the VM's next start.
+// engine keeps the medium's file for the VM's next start. The pin, the
+// change and the record are one unit under the VM's lock (vm.Txn).
 func (h *Host) ChangeMedium(ctx context.Context, name string, index int, d api.Device) (api.VM, error) {
 	v, err := h.engine.Get(name)
 	if err != nil {
@@ -456,37 +415,45 @@ func (h *Host) ChangeMedium(ctx context.Context, name string, index int, d api.D
 	var img *cdromImage
 	if d.Source != "" {
 		// The download, if any, runs before the VM's lock is taken.
-		cd, i, err := h.cdromDevice(ctx, 0, d, metaOf(v).Pool)
+		cd, i, err := h.cdromDevice(ctx, 0, d, v.Record.Pool)
 		if err != nil {
 			return api.VM{}, err
 		}
 		path, img = cd.Path, i
 	}
-	defer vmLocks.lock(name)()
-	if v, err = h.engine.Get(name); err != nil {
+	if _, err := h.engine.Do(ctx, name, "cdrom_change", func(t *vm.Txn) error {
+		return h.changeMedium(ctx, t, index, d, path, img)
+	}); err != nil {
 		return api.VM{}, err
 	}
+	return h.VM(name)
+}
+
+func (h *Host) changeMedium(ctx context.Context, t *vm.Txn, index int, d api.Device, path string, img *cdromImage) error {
+	v := t.View()
+	name := v.Spec.Name
 	owner := cdromOwner(v.Spec.UUID)
-	var pin *cdromPin
+	var pin *vm.CDROMPin
 	if img != nil {
 		p, err := h.pinCDROM(ctx, img, owner, index)
 		if err != nil {
-			return api.VM{}, err
+			return err
 		}
 		pin, path = &p, img.entry.Path
 	}
-	if _, err := h.engine.ChangeMedium(ctx, name, index, path); err != nil {
-		if pin != nil && !pinUsed(metaOf(v).CDROMPins, pin.Pool, pin.Digest, -1) {
+	if err := t.ChangeMedium(ctx, index, path); err != nil {
+		if pin != nil && !pinUsed(v.Record.CDROMPins, pin.Pool, pin.Digest, -1) {
 			h.unpinCDROM(name, owner, *pin)
 		}
-		return api.VM{}, err
+		return err
 	}
 	if d.Source == "" {
-		return h.VM(name)
+		return nil
 	}
-	var drop []cdromPin
-	h.updateMeta(name, func(m *meta) {
-		pins := slices.DeleteFunc(slices.Clone(m.CDROMPins), func(p cdromPin) bool { return p.Index == index })
+	var drop []vm.CDROMPin
+	h.recordIn(t, func(m *vm.Record) {
+		drop = nil
+		pins := slices.DeleteFunc(slices.Clone(m.CDROMPins), func(p vm.CDROMPin) bool { return p.Index == index })
 		if pin != nil {
 			pins = append(pins, *pin)
 		}
@@ -515,12 +482,12 @@ func (h *Host) ChangeMedium(ctx context.Context, name string, index int, d api.D
 	for _, p := range drop {
 		h.unpinCDROM(name, owner, p)
 	}
-	return h.VM(name)
+	return nil
 }
 
 // unpinCDROM drops a VM's CD-ROM pin, logging a failure (the pin then
 // stays: the image is kept, never lost).
-func (h *Host) unpinCDROM(name, owner string, p cdromPin) {
+func (h *Host) unpinCDROM(name, owner string, p vm.CDROMPin) {
 	if err := h.cache.Unpin(p.Pool, p.Digest, owner); err != nil {
 		h.log.Warn("unpin CD-ROM image", zap.String("vm", name), zap.String("pool", p.Pool),
 			zap.String("image_sha256", p.Digest), zap.Error(err))
