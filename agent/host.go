@@ -29,6 +29,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/secrets"
+	"github.com/otherix/otherix-agent/agent/usage"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/imagecache"
@@ -58,7 +59,8 @@ type Host struct {
 	firmwares *firmware.Catalog
 	box       *secrets.Box // seals VNC passwords at rest
 	vncPorts  vnc.Ports
-	hostdevs  *hostdev.Host // passthrough: the host's sysfs and the devices VMs hold
+	hostdevs  *hostdev.Host    // passthrough: the host's sysfs and the devices VMs hold
+	usage     *usage.Collector // nil when usage.interval is 0
 
 	// Facts of the host found once at start (every heartbeat reports
 	// them; the binaries change only with a restart).
@@ -166,6 +168,9 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		return nil, err
 	}
 	h.engine = eng
+	if cfg.Usage.Interval > 0 {
+		h.usage = usage.New(usageSource{eng}, usage.Options{Interval: cfg.Usage.Interval, Logger: log.Named("usage")})
+	}
 	if err := eng.Recover(ctx); err != nil {
 		cache.Close()
 		return nil, err
@@ -322,6 +327,7 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		RestartCount:   m.Restarts,
 		CrashLoop:      m.CrashLoop,
 		PendingChanges: pending(v),
+		Usage:          h.usageOf(v).Summary(),
 	}
 }
 

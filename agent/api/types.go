@@ -245,6 +245,9 @@ type VM struct {
 	Devices   []Device  `json:"devices,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 	LastTask  *TaskRef  `json:"last_task,omitempty"`
+	// Usage is the last usage sample while QEMU runs (the details:
+	// GET /v1/vms/{name}/stats).
+	Usage *UsageSummary `json:"usage,omitempty"`
 }
 
 // Progress of a long task (e.g. image download bytes).

@@ -40,6 +40,7 @@ type Config struct {
 	Images       Images             `yaml:"images"`
 	Devices      Devices            `yaml:"devices"`
 	Limits       Limits             `yaml:"limits"`
+	Usage        Usage              `yaml:"usage"`
 	Log          Log                `yaml:"log"`
 }
 
@@ -134,6 +135,13 @@ const (
 	DefaultVMTasksMax         = 1024
 )
 
+// Usage configures the sampling of per-VM usage (the VM view, the stats
+// API, heartbeats, /metrics).
+type Usage struct {
+	// Interval between samples; 0 turns collection off.
+	Interval time.Duration `yaml:"interval"`
+}
+
 // Log configures logging.
 type Log struct {
 	Level  string `yaml:"level"`  // debug, info, warn, error
@@ -166,7 +174,8 @@ func Default(dataDir string) *Config {
 			VMIOWeight:          DefaultVMIOWeight,
 			VMTasksMax:          DefaultVMTasksMax,
 		},
-		Log: Log{Level: "info", Format: "auto"},
+		Usage: Usage{Interval: 10 * time.Second},
+		Log:   Log{Level: "info", Format: "auto"},
 	}
 }
 
@@ -325,6 +334,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Limits.VMIOWeight < 1 || c.Limits.VMIOWeight > 10000 {
 		bad("limits.vm_io_weight", "must be 1..10000")
+	}
+	if c.Usage.Interval != 0 && c.Usage.Interval < time.Second {
+		bad("usage.interval", "must be 0 (off) or at least 1s")
 	}
 	if c.Limits.VMTasksMax < 0 {
 		bad("limits.vm_tasks_max", "must be 0 (no limit) or more")

@@ -28,6 +28,19 @@
 //	control_plane_connected                             gauge, at scrape
 //	control_plane_heartbeat_age_seconds                 gauge, at scrape
 //	guest_agent_up{vm}                                  gauge
+//	vm_usage_timestamp_seconds{vm,uuid}                 gauge, at scrape (per running VM, below)
+//	vm_cpu_seconds_total{vm,uuid}                       counter
+//	vm_cpu_usage_ratio{vm,uuid}                         gauge
+//	vm_memory_rss_bytes{vm,uuid}                        gauge
+//	vm_guest_memory_bytes{vm,uuid}                      gauge (balloon)
+//	vm_disk_{read,written}_bytes_total{vm,uuid}         counters
+//	vm_disk_{read,write}_ops_total{vm,uuid}             counters
+//	vm_network_{receive,transmit}_bytes_total{vm,uuid}  counters
+//	vm_network_{receive,transmit}_packets_total{vm,uuid} counters
+//
+// The vm_ series come from the usage collector's last samples at each
+// scrape: only VMs whose QEMU runs have them, so stopped and deleted VMs
+// leave nothing behind.
 package metrics
 
 import (
@@ -85,7 +98,8 @@ type Metrics struct {
 	cpErrs   *prometheus.CounterVec
 	guestAgt *prometheus.GaugeVec
 
-	src *sources
+	src   *sources
+	usage *vmUsage
 }
 
 // New returns a Metrics with its own registry.
@@ -157,7 +171,8 @@ func New(o Options) *Metrics {
 			Namespace: namespace, Name: "guest_agent_up",
 			Help: "1 when the VM's guest agent answers, 0 when it does not.",
 		}, []string{"vm"}),
-		src: newSources(),
+		src:   newSources(),
+		usage: newVMUsage(),
 	}
 	build := prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: namespace, Name: "build_info",
@@ -166,7 +181,7 @@ func New(o Options) *Metrics {
 	})
 	build.Set(1)
 	m.reg.MustRegister(build, m.tasks, m.taskDur, m.lookups, m.inBytes, m.ingests, m.inDur,
-		m.evicts, m.evBytes, m.qmpDur, m.qmpErrs, m.cpDur, m.cpErrs, m.guestAgt, m.src)
+		m.evicts, m.evBytes, m.qmpDur, m.qmpErrs, m.cpDur, m.cpErrs, m.guestAgt, m.src, m.usage)
 	if !o.NoRuntime {
 		m.reg.MustRegister(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), collectors.NewGoCollector())
 	}

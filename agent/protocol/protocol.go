@@ -179,6 +179,8 @@ type VMStatus struct {
 	Node         string       `json:"node"`
 	IPAddresses  []string     `json:"ip_addresses,omitempty"`
 	LastTask     *api.TaskRef `json:"last_task,omitempty"`
+	// Usage is the VM's last usage sample while QEMU runs, for placement.
+	Usage *api.UsageSummary `json:"usage,omitempty"`
 }
 
 // StatusOf projects a VM view onto its heartbeat status.
@@ -193,6 +195,7 @@ func StatusOf(vm api.VM) VMStatus {
 		Node:         vm.Node,
 		IPAddresses:  vm.IPAddresses,
 		LastTask:     vm.LastTask,
+		Usage:        vm.Usage,
 	}
 }
 

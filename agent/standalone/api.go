@@ -80,6 +80,7 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/vms/{name}/pause", a.sync(api.TaskPause))
 	mux.HandleFunc("POST /v1/vms/{name}/resume", a.sync(api.TaskResume))
 	mux.HandleFunc("GET /v1/vms/{name}/console", a.console)
+	mux.HandleFunc("GET /v1/vms/{name}/stats", a.stats)
 	mux.HandleFunc("GET /v1/vms/{name}/screenshot", a.screenshot)
 	mux.HandleFunc("GET /v1/tasks/{id}", a.task)
 	mux.HandleFunc("GET /v1/volumes", a.volumes)
@@ -249,6 +250,20 @@ func (a *API) get(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, v)
+}
+
+// stats answers a VM's usage: GET /v1/vms/{name}/stats.
+func (a *API) stats(w http.ResponseWriter, r *http.Request) {
+	name, ok := a.vmName(w, r)
+	if !ok {
+		return
+	}
+	st, err := a.host.Stats(name)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
 }
 
 // target resolves the VM an op names: it must exist on this host.

@@ -92,6 +92,10 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 	defer host.Close() // VMs keep running
 	m.SetVMs(func() []api.VM { return host.VMs(context.Background()) })
 	m.SetPools(host.Cache().Stats)
+	if u := host.Usage(); u != nil {
+		go u.Run(ctx)
+		m.SetVMUsage(host.AllStats)
+	}
 	if cfg.Listen.Metrics != "" {
 		ln, err := net.Listen("tcp", cfg.Listen.Metrics)
 		if err != nil {
