@@ -69,6 +69,9 @@ type cli struct {
 	// isTerminal reports whether r is an interactive terminal (the delete
 	// confirmation needs one).
 	isTerminal func(r io.Reader) bool
+	// outTerminal, when set, reports whether w (stdout) is a terminal
+	// (vm top redraws in place there); nil checks for a character device.
+	outTerminal func(w io.Writer) bool
 
 	server    string
 	tokenFile string
@@ -159,6 +162,8 @@ func (c *cli) commands() []command {
 		{"vm pause", "NAME [-o text|json]", "freeze the vCPUs (sync)", sync(client.OpPause), false},
 		{"vm resume", "NAME [-o text|json]", "continue a paused VM (sync)", sync(client.OpResume), false},
 		{"vm console", "NAME [--tail N]", "print the serial console log", c.vmConsole, false},
+		{"vm stats", "NAME [-o text|json]", "show what the VM uses: CPU, memory, disk and network", c.vmStats, false},
+		{"vm top", "[--interval 2s] [-o table|json]", "the host's VMs by CPU, refreshed on a terminal (one snapshot when piped)", c.vmTop, false},
 		{"vm screenshot", "NAME FILE.png", "save a PNG of the VM's display (vnc_enabled VMs)", c.vmScreenshot, false},
 		{"vm attach-disk", "NAME SOURCE [--readonly] [--storage-pool P]", "attach a volume or allowed path (at once when the VM runs)", c.vmDisk(true), false},
 		{"vm detach-disk", "NAME SOURCE [--storage-pool P]", "detach a disk (at once when it was attached while running)", c.vmDisk(false), false},

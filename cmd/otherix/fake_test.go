@@ -41,6 +41,7 @@ type fakeAPI struct {
 	vms      map[string]*api.VM
 	tasks    map[string]*fakeTask
 	consoles map[string]string
+	usage    map[string]*api.Usage
 	seq      int
 	requests []fakeRequest
 }
@@ -149,6 +150,7 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		mux.HandleFunc("POST /v1/vms/{name}/"+op, f.sync(op))
 	}
 	mux.HandleFunc("GET /v1/vms/{name}/console", f.console)
+	mux.HandleFunc("GET /v1/vms/{name}/stats", f.stats)
 	mux.HandleFunc("GET /v1/tasks/{id}", f.task)
 	mux.ServeHTTP(w, r)
 }
@@ -271,6 +273,28 @@ func (f *fakeAPI) lookup(w http.ResponseWriter, r *http.Request) (*api.VM, bool)
 		fakeErr(w, http.StatusNotFound, "not_found", fmt.Sprintf("vm %q not found", name))
 	}
 	return v, ok
+}
+
+// SetUsage sets a VM's usage: its stats, and the summary in its view.
+func (f *fakeAPI) SetUsage(name string, u *api.Usage) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.init()
+	if f.usage == nil {
+		f.usage = map[string]*api.Usage{}
+	}
+	f.usage[name] = u
+	if v := f.vms[name]; v != nil {
+		v.Usage = u.Summary()
+	}
+}
+
+func (f *fakeAPI) stats(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if v, ok := f.lookup(w, r); ok {
+		fakeJSON(w, http.StatusOK, api.VMStats{Name: v.Name, UUID: v.UUID, Status: v.Status, Usage: f.usage[v.Name]})
+	}
 }
 
 func (f *fakeAPI) get(w http.ResponseWriter, r *http.Request) {
@@ -400,8 +424,9 @@ type harness struct {
 	api *fakeAPI
 	srv *httptest.Server
 	env map[string]string
-	// terminal makes the CLI see stdin as a terminal.
-	terminal bool
+	// terminal makes the CLI see stdin as a terminal; outTerminal,
+	// stdout.
+	terminal, outTerminal bool
 }
 
 func newHarness(t *testing.T) *harness {
@@ -421,11 +446,22 @@ func (h *harness) run(stdin string, args ...string) result {
 	var out, errb bytes.Buffer
 	c := &cli{
 		stdin: strings.NewReader(stdin), stdout: &out, stderr: &errb,
-		env:        func(k string) string { return h.env[k] },
-		isTerminal: func(io.Reader) bool { return h.terminal },
+		env:         func(k string) string { return h.env[k] },
+		isTerminal:  func(io.Reader) bool { return h.terminal },
+		outTerminal: func(io.Writer) bool { return h.outTerminal },
 	}
 	code := c.main(h.t.Context(), args)
 	return result{code: code, stdout: out.String(), stderr: errb.String()}
+}
+
+// cli returns a CLI of the harness writing to out.
+func (h *harness) cli(out io.Writer) *cli {
+	return &cli{
+		stdin: strings.NewReader(""), stdout: out, stderr: io.Discard,
+		env:         func(k string) string { return h.env[k] },
+		isTerminal:  func(io.Reader) bool { return h.terminal },
+		outTerminal: func(io.Writer) bool { return h.outTerminal },
+	}
 }
 
 // must runs otherix and fails the test unless it exits 0.

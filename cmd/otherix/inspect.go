@@ -223,7 +223,8 @@ func (c *cli) writeText(vm *api.VM) {
 		{"last_task", lastTask},
 	}
 	if vm.CPULimit > 0 { // after memory_mb
-		lines = slices.Insert(lines, 8, [2]string{"cpu_limit", cpuLimit(vm.CPULimit)})
+		i := slices.IndexFunc(lines, func(l [2]string) bool { return l[0] == "memory_mb" })
+		lines = slices.Insert(lines, i+1, [2]string{"cpu_limit", cpuLimit(vm.CPULimit)})
 	}
 	for _, l := range lines {
 		v := l[1]
