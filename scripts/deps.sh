@@ -5,7 +5,7 @@ set -euo pipefail
 want=(qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils ovmf swtpm swtpm-tools mtools dosfstools syslinux syslinux-common isolinux
       genisoimage cpio xz-utils curl ca-certificates)
 if [ "${1:-}" = "--test" ]; then
-  want+=(systemd systemd-container debootstrap iproute2 dnsmasq-base util-linux libarchive-tools)
+  want+=(systemd systemd-container debootstrap iproute2 dnsmasq-base util-linux libarchive-tools etcd-server)
 fi
 missing=()
 for p in "${want[@]}"; do

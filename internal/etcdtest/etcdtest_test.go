@@ -1,0 +1,58 @@
+package etcdtest_test
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/otherix/otherix-agent/internal/etcdtest"
+	"github.com/otherix/otherix-agent/internal/leakcheck"
+)
+
+func TestMain(m *testing.M) { os.Exit(leakcheck.Main(m)) }
+
+// TestCluster: three members serve the v3 API to our client; one member
+// down, writes go on; quorum lost, a write fails; back, the cluster serves
+// what it had.
+func TestCluster(t *testing.T) {
+	c := etcdtest.Start(t, 3)
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	put := func(k, v string, d time.Duration) error {
+		ctx, cancel := context.WithTimeout(context.Background(), d)
+		defer cancel()
+		_, err := cli.Put(ctx, k, v)
+		return err
+	}
+	if err := put("a", "1", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	c.Members[0].Kill()
+	if err := put("b", "2", 20*time.Second); err != nil {
+		t.Fatalf("one member down: %v", err)
+	}
+	c.Members[1].Kill()
+	if err := put("c", "3", 3*time.Second); err == nil {
+		t.Fatal("a write without quorum succeeded")
+	}
+	c.Members[0].Restart()
+	c.Members[1].Restart()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := c.WaitHealthy(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := put("d", "4", 20*time.Second); err != nil {
+		t.Fatalf("after quorum is back: %v", err)
+	}
+	resp, err := cli.Get(ctx, "b")
+	if err != nil || len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != "2" {
+		t.Fatalf("get b: %+v %v", resp, err)
+	}
+}
