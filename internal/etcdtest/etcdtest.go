@@ -44,7 +44,6 @@ type Member struct {
 	PeerURL   string
 	DataDir   string
 
-	tb   testing.TB
 	args []string
 	log  string
 
@@ -57,38 +56,57 @@ type Member struct {
 // members are killed by t.Cleanup.
 func Start(tb testing.TB, n int) *Cluster {
 	tb.Helper()
+	c, err := New(tb.TempDir(), n)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(c.Stop)
+	return c
+}
+
+// New is Start for a TestMain: the cluster keeps its data under dir and
+// runs until Stop.
+func New(dir string, n int) (*Cluster, error) {
 	if _, err := os.Stat(Binary); err != nil {
-		tb.Fatalf("etcd server missing (%v): run scripts/deps.sh --test", err)
+		return nil, fmt.Errorf("etcd server missing (%w): run scripts/deps.sh --test", err)
 	}
 	// A port picked free may be taken by another test before etcd binds
 	// it: a member that exits at start makes a new cluster on new ports.
 	var last error
-	for range 3 {
-		c, err := start(tb, n)
+	for i := range 3 {
+		c, err := start(filepath.Join(dir, fmt.Sprint(i)), n)
 		if err == nil {
-			return c
+			return c, nil
 		}
 		last = err
 	}
-	tb.Fatalf("etcd cluster: %v", last)
-	return nil
+	return nil, fmt.Errorf("etcd cluster: %w", last)
 }
 
-func start(tb testing.TB, n int) (*Cluster, error) {
-	dir := tb.TempDir()
+func start(dir string, n int) (*Cluster, error) {
 	c := &Cluster{Token: fmt.Sprintf("otherix-test-%d-%d", os.Getpid(), time.Now().UnixNano())}
 	var initial []string
 	for i := range n {
+		cport, err := netdevtest.Port()
+		if err != nil {
+			return nil, err
+		}
+		pport, err := netdevtest.Port()
+		if err != nil {
+			return nil, err
+		}
 		m := &Member{
-			tb:        tb,
 			Name:      fmt.Sprintf("m%d", i),
-			ClientURL: fmt.Sprintf("http://127.0.0.1:%d", netdevtest.FreePort(tb)),
-			PeerURL:   fmt.Sprintf("http://127.0.0.1:%d", netdevtest.FreePort(tb)),
+			ClientURL: fmt.Sprintf("http://127.0.0.1:%d", cport),
+			PeerURL:   fmt.Sprintf("http://127.0.0.1:%d", pport),
 		}
 		m.DataDir = filepath.Join(dir, m.Name)
 		m.log = filepath.Join(dir, m.Name+".log")
 		c.Members = append(c.Members, m)
 		initial = append(initial, m.Name+"="+m.PeerURL)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
 	}
 	for _, m := range c.Members {
 		m.args = []string{
@@ -108,15 +126,14 @@ func start(tb testing.TB, n int) (*Cluster, error) {
 			"--logger", "zap",
 		}
 		if err := m.run(); err != nil {
-			c.stop()
+			c.Stop()
 			return nil, err
 		}
 	}
-	tb.Cleanup(c.stop)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if err := c.WaitHealthy(ctx); err != nil {
-		c.stop()
+		c.Stop()
 		return nil, err
 	}
 	return c, nil
@@ -234,19 +251,16 @@ func (m *Member) Kill() {
 
 // Restart starts a killed member again on its data dir and ports; it
 // rejoins the cluster (with the data it had).
-func (m *Member) Restart() {
-	m.tb.Helper()
+func (m *Member) Restart() error {
 	if m.Running() {
-		m.tb.Fatalf("etcd member %s still runs", m.Name)
+		return fmt.Errorf("etcd member %s still runs", m.Name)
 	}
 	for i := 0; i+1 < len(m.args); i++ {
 		if m.args[i] == "--initial-cluster-state" {
 			m.args[i+1] = "existing"
 		}
 	}
-	if err := m.run(); err != nil {
-		m.tb.Fatal(err)
-	}
+	return m.run()
 }
 
 // LogTail returns the last n bytes of the member's log.
@@ -263,8 +277,8 @@ func (m *Member) LogTail(n int64) string {
 	return string(b)
 }
 
-// stop kills every member.
-func (c *Cluster) stop() {
+// Stop kills every member.
+func (c *Cluster) Stop() {
 	for _, m := range c.Members {
 		m.Kill()
 	}

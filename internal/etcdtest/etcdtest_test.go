@@ -41,8 +41,11 @@ func TestCluster(t *testing.T) {
 	if err := put("c", "3", 3*time.Second); err == nil {
 		t.Fatal("a write without quorum succeeded")
 	}
-	c.Members[0].Restart()
-	c.Members[1].Restart()
+	for _, m := range c.Members[:2] {
+		if err := m.Restart(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if err := c.WaitHealthy(ctx); err != nil {

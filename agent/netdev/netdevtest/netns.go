@@ -276,6 +276,15 @@ func run(tb testing.TB, name string, args ...string) string {
 // then finds it in use.
 func FreePort(tb testing.TB) int {
 	tb.Helper()
+	port, err := Port()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return port
+}
+
+// Port is FreePort for code outside a test (a TestMain's setup).
+func Port() (int, error) {
 	lo := 32768
 	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
 		if f := strings.Fields(string(b)); len(f) == 2 {
@@ -299,8 +308,7 @@ func FreePort(tb testing.TB) int {
 			continue
 		}
 		u.Close()
-		return port
+		return port, nil
 	}
-	tb.Fatal(errors.New("no port below the ephemeral range free for both tcp and udp"))
-	return 0
+	return 0, errors.New("no port below the ephemeral range free for both tcp and udp")
 }
