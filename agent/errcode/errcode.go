@@ -40,6 +40,9 @@ const (
 	Cancelled              Code = "cancelled"
 	Unauthorized           Code = "unauthorized"
 	RateLimited            Code = "rate_limited"
+	// ClusterUnavailable: cluster mode's store (etcd) has no quorum or
+	// cannot be reached; the request may be retried (503, Retry-After).
+	ClusterUnavailable Code = "cluster_unavailable"
 )
 
 // Error is an error with a stable code. Message is safe to show to users

@@ -28,6 +28,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/protocol"
 )
 
@@ -201,6 +202,9 @@ func writeErr(w http.ResponseWriter, err error) {
 		WriteError(w, http.StatusConflict, "conflict", err.Error())
 	case errors.Is(err, ErrBadStatus):
 		WriteError(w, http.StatusBadRequest, "validation_failed", err.Error())
+	case errors.Is(err, ErrUnavailable):
+		w.Header().Set("Retry-After", strconv.Itoa(RetryAfterSeconds))
+		WriteError(w, http.StatusServiceUnavailable, string(errcode.ClusterUnavailable), err.Error())
 	case errors.As(err, &busy):
 		w.Header().Set("Retry-After", strconv.Itoa(RetryAfterSeconds))
 		WriteError(w, http.StatusTooManyRequests, "rate_limited", err.Error())

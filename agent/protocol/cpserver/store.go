@@ -66,6 +66,11 @@ type Node struct {
 // ErrNotFound is a store's answer for an unknown task.
 var ErrNotFound = errors.New("no such task")
 
+// ErrUnavailable wraps a store's failure to reach its backend (a
+// replicated store without quorum): answered 503 cluster_unavailable with
+// Retry-After, and retried by the agent.
+var ErrUnavailable = errors.New("control plane store unavailable")
+
 // Store holds a control plane's state: tasks (with their leases), the
 // desired map (VMs and their phases) and nodes. Every method is safe for
 // concurrent use. The Server keeps no state of its own beyond a store, so
