@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -22,7 +23,12 @@ import (
 // stores are the Store implementations every behaviour is checked on.
 func stores(t *testing.T) map[string]func() cpserver.Store {
 	dir := t.TempDir()
+	n := 0
 	return map[string]func() cpserver.Store{
+		"etcd": func() cpserver.Store {
+			n++
+			return etcdStore(t, fmt.Sprintf("/test/%s/%d/", t.Name(), n))
+		},
 		"mem": func() cpserver.Store { return &cpserver.MemStore{} },
 		"file": func() cpserver.Store {
 			fs, err := cpserver.NewFileStore(filepath.Join(dir, t.Name()+".json"), nil)
@@ -150,7 +156,7 @@ func TestDesiredAndAdoption(t *testing.T) {
 			ctx := context.Background()
 			srv := &cpserver.Server{Store: mk(), DesiredFollowsTasks: true, AdoptUnknownVMs: name == "file", HeartbeatInterval: 7 * time.Second}
 			hb, err := srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n1"})
-			if err != nil || hb.IntervalSeconds != 7 || (name == "mem") != (hb.Desired == nil) {
+			if err != nil || hb.IntervalSeconds != 7 || (name != "file") != (hb.Desired == nil) {
 				t.Fatalf("first heartbeat: %+v %v", hb, err)
 			}
 			create, _ := srv.Enqueue(ctx, cpserver.Task{Task: api.Task{Type: api.TaskCreate, VMName: "a", VMUUID: "ua"}})
