@@ -474,8 +474,7 @@ func (h *Host) Images(pool string) ([]api.Image, error) {
 			return nil, err
 		}
 		for _, e := range es {
-			out = append(out, api.Image{Pool: e.Pool, Digest: e.Digest, Format: e.Format, Size: e.Size, VirtualSize: e.VirtualSize,
-				URLs: e.URLs, LastUsed: e.LastUsed, PinnedBy: e.PinnedBy})
+			out = append(out, imageOf(e))
 		}
 	}
 	return out, nil

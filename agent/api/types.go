@@ -35,6 +35,22 @@ const (
 	TaskDelete   = "vm.delete"
 	// TaskImagePull fills a pool's image cache ahead of creates.
 	TaskImagePull = "image.pull"
+
+	// Changes to a VM (docs/protocol.md, "Task types and specs").
+	TaskUpdate        = "vm.update"         // spec UpdateVM
+	TaskAttachDisk    = "vm.disk.attach"    // spec Device (DISK)
+	TaskDetachDisk    = "vm.disk.detach"    // spec Device: source, storage_pool
+	TaskChangeMedium  = "vm.cdrom.change"   // spec MediumSpec
+	TaskEjectMedium   = "vm.cdrom.eject"    // spec MediumSpec: index
+	TaskAddForward    = "vm.forward.add"    // spec Device (PROXY)
+	TaskRemoveForward = "vm.forward.remove" // spec Device: source_proto, source_port
+	// Read-only results of a VM the control plane cannot dial.
+	TaskScreenshot  = "vm.screenshot"   // result TaskOutput.Screenshot
+	TaskConsoleTail = "vm.console.tail" // spec ConsoleTailSpec; result TaskOutput.Console
+	// Volumes and images: keyed by pool and name (digest), not by VM.
+	TaskCreateVolume = "volume.create" // spec CreateVolume; result TaskOutput.Volume
+	TaskDeleteVolume = "volume.delete" // spec VolumeRef
+	TaskDeleteImage  = "image.delete"  // spec ImageRef
 )
 
 // Task statuses.
@@ -177,6 +193,63 @@ type CreateVolume struct {
 	SizeGiB int    `json:"size_gib"`
 }
 
+// VolumeRef names a volume: the spec of volume.delete.
+type VolumeRef struct {
+	Name string `json:"name"`
+	Pool string `json:"pool,omitempty"`
+}
+
+// ImageRef names a cached image: the spec of image.delete.
+type ImageRef struct {
+	Pool   string `json:"pool,omitempty"`
+	Digest string `json:"digest"` // sha256, lowercase hex
+}
+
+// MediumSpec is the spec of vm.cdrom.change (source: an allowed ISO or an
+// image URL, with its sha256 and pool) and vm.cdrom.eject (index only).
+// Index counts the VM's CD-ROMs in spec order; the seed ISO is 0 when the
+// VM has cloud-init.
+type MediumSpec struct {
+	Index       int    `json:"index"`
+	Source      string `json:"source,omitempty"`
+	SHA256      string `json:"sha256,omitempty"`
+	StoragePool string `json:"storage_pool,omitempty"`
+}
+
+// ConsoleTailSpec is the spec of vm.console.tail: the last Bytes of the
+// serial console log (default and most MaxConsoleTail).
+type ConsoleTailSpec struct {
+	Bytes int64 `json:"bytes,omitempty"`
+}
+
+// Caps of read-only task results: they travel in a completion and are
+// kept in the agent's journal until acknowledged.
+const (
+	MaxConsoleTail = 64 << 10 // bytes of console log
+	MaxScreenshot  = 4 << 20  // bytes of PNG
+)
+
+// TaskOutput is what a task gives back besides (or instead of) a VM view.
+type TaskOutput struct {
+	Volume     *Volume      `json:"volume,omitempty"`     // volume.create
+	Image      *Image       `json:"image,omitempty"`      // image.pull
+	Screenshot *Screenshot  `json:"screenshot,omitempty"` // vm.screenshot
+	Console    *ConsoleTail `json:"console,omitempty"`    // vm.console.tail
+}
+
+// Screenshot is a VM's display as a PNG.
+type Screenshot struct {
+	Format string `json:"format"` // "png"
+	Data   []byte `json:"data"`   // base64 in JSON
+}
+
+// ConsoleTail is the end of a VM's serial console log.
+type ConsoleTail struct {
+	Data   string `json:"data"`   // the bytes, as text (invalid UTF-8 replaced)
+	Offset int64  `json:"offset"` // where Data starts in the log
+	Size   int64  `json:"size"`   // the log's size when read
+}
+
 // NICView is one NIC in the VM view.
 type NICView struct {
 	Network string   `json:"network,omitempty"`
@@ -270,17 +343,20 @@ type ErrorEnvelope struct {
 
 // Task is an async operation as seen through GET /v1/tasks/{id}.
 type Task struct {
-	ID        string          `json:"id"`
-	Type      string          `json:"type"`
-	VMName    string          `json:"vm_name"`
-	VMUUID    string          `json:"vm_uuid,omitempty"`
-	Status    string          `json:"status"`
-	Progress  *Progress       `json:"progress,omitempty"`
-	Error     *Error          `json:"error,omitempty"`
-	Spec      json.RawMessage `json:"-"`
-	Result    *VM             `json:"result,omitempty"`
-	CreatedAt time.Time       `json:"created_at"`
-	UpdatedAt time.Time       `json:"updated_at"`
+	ID       string          `json:"id"`
+	Type     string          `json:"type"`
+	VMName   string          `json:"vm_name"`
+	VMUUID   string          `json:"vm_uuid,omitempty"`
+	Status   string          `json:"status"`
+	Progress *Progress       `json:"progress,omitempty"`
+	Error    *Error          `json:"error,omitempty"`
+	Spec     json.RawMessage `json:"-"`
+	Result   *VM             `json:"result,omitempty"`
+	// Output is a result other than a VM view (volume.create,
+	// image.pull, vm.screenshot, vm.console.tail).
+	Output    *TaskOutput `json:"output,omitempty"`
+	CreatedAt time.Time   `json:"created_at"`
+	UpdatedAt time.Time   `json:"updated_at"`
 }
 
 // Image is one cached image of GET /v1/images.

@@ -44,6 +44,9 @@ type Outcome struct {
 	Status string     `json:"status"` // api.TaskSuccess, api.TaskFailed, api.TaskCancelled
 	VM     *api.VM    `json:"vm,omitempty"`
 	Error  *api.Error `json:"error,omitempty"`
+	// Output is a result other than a VM view (size-capped: see
+	// api.MaxScreenshot and api.MaxConsoleTail).
+	Output *api.TaskOutput `json:"output,omitempty"`
 }
 
 // Entry is one task's record. It never holds the task's spec (which may

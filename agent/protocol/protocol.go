@@ -136,19 +136,29 @@ type ProgressResponse struct {
 	Cancelled bool `json:"cancelled,omitempty"`
 }
 
+// Result is what a task's execution gives back: the VM view (absent for
+// vm.delete and for tasks on no VM) and any other output (a volume, an
+// image, a screenshot, a console tail).
+type Result struct {
+	VM     *api.VM
+	Output *api.TaskOutput
+}
+
 // CompleteRequest is the body of POST /v1/agent/tasks/{id}/complete.
-// Status is api.TaskSuccess (with VM, absent for vm.delete), api.TaskFailed
-// (with Error) or api.TaskCancelled (with Error, code "cancelled").
+// Status is api.TaskSuccess (with VM, absent for vm.delete and tasks on no
+// VM, and Output for the types that have one), api.TaskFailed (with Error)
+// or api.TaskCancelled (with Error, code "cancelled").
 type CompleteRequest struct {
-	ProtocolVersion int        `json:"protocol_version"`
-	Node            string     `json:"node"`
-	LeaseID         string     `json:"lease_id"`
-	Attempt         int        `json:"attempt"`
-	Status          string     `json:"status"`
-	VM              *api.VM    `json:"vm,omitempty"`
-	Error           *api.Error `json:"error,omitempty"`
-	StartedAt       time.Time  `json:"started_at,omitzero"`
-	FinishedAt      time.Time  `json:"finished_at"`
+	ProtocolVersion int             `json:"protocol_version"`
+	Node            string          `json:"node"`
+	LeaseID         string          `json:"lease_id"`
+	Attempt         int             `json:"attempt"`
+	Status          string          `json:"status"`
+	VM              *api.VM         `json:"vm,omitempty"`
+	Output          *api.TaskOutput `json:"output,omitempty"`
+	Error           *api.Error      `json:"error,omitempty"`
+	StartedAt       time.Time       `json:"started_at,omitzero"`
+	FinishedAt      time.Time       `json:"finished_at"`
 }
 
 // HeartbeatRequest is the body of POST /v1/agent/heartbeat.

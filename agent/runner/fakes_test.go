@@ -192,7 +192,12 @@ func (x *fakeExec) release(id string) {
 	close(x.gates[id])
 }
 
-func (x *fakeExec) Execute(ctx context.Context, t protocol.Task, progress func(api.Progress)) (*api.VM, error) {
+func (x *fakeExec) Execute(ctx context.Context, t protocol.Task, progress func(api.Progress)) (protocol.Result, error) {
+	vm, err := x.execute(ctx, t, progress)
+	return protocol.Result{VM: vm}, err
+}
+
+func (x *fakeExec) execute(ctx context.Context, t protocol.Task, progress func(api.Progress)) (*api.VM, error) {
 	x.mu.Lock()
 	x.seq++
 	c := &call{task: t, start: x.seq}
@@ -331,6 +336,10 @@ func (f *fakeInv) set(vm api.VM) {
 func (f *fakeInv) apply(t protocol.Task) (*api.VM, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	switch t.Type {
+	case api.TaskImagePull, api.TaskDeleteImage, api.TaskCreateVolume, api.TaskDeleteVolume:
+		return nil, nil // on no VM
+	}
 	vm, ok := f.vms[t.VMUUID]
 	if t.Type == api.TaskCreate {
 		if ok {
@@ -347,6 +356,9 @@ func (f *fakeInv) apply(t protocol.Task) (*api.VM, error) {
 		vm.Status = api.StatusStopped
 	case api.TaskPause:
 		vm.Status = api.StatusPaused
+	case api.TaskUpdate, api.TaskAttachDisk, api.TaskDetachDisk, api.TaskChangeMedium, api.TaskEjectMedium,
+		api.TaskAddForward, api.TaskRemoveForward, api.TaskScreenshot, api.TaskConsoleTail:
+		// a change (or a read) that keeps the VM's status
 	case api.TaskDelete:
 		delete(f.vms, t.VMUUID)
 		return nil, nil

@@ -32,6 +32,7 @@ func (o *outbox) add(e journal.Entry, leaseID string, attempt int) {
 		Attempt:    attempt,
 		Status:     e.Outcome.Status,
 		VM:         e.Outcome.VM,
+		Output:     e.Outcome.Output,
 		Error:      e.Outcome.Error,
 		StartedAt:  e.StartedAt,
 		FinishedAt: e.FinishedAt,

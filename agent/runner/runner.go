@@ -40,7 +40,7 @@ import (
 // from the start after the agent restarts. ctx is never tied to a VM's
 // lifetime: never start QEMU under it.
 type Executor interface {
-	Execute(ctx context.Context, t protocol.Task, progress func(api.Progress)) (*api.VM, error)
+	Execute(ctx context.Context, t protocol.Task, progress func(api.Progress)) (protocol.Result, error)
 }
 
 // Inventory reports this host. Both calls are made on every heartbeat and

@@ -2,8 +2,10 @@ package runner
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -51,12 +53,49 @@ func vmKey(uuid, name string) string {
 	return "name:" + name
 }
 
-// rerunTarget is the restart policy. A task that a previous agent process
-// started and did not finish is run again only when running it again
-// cannot do more than running it once: the ops that converge to a state.
-// It returns the VM status that means "already done". vm.create, vm.reboot
-// and vm.reset are not safe (a second disk, a second reboot) and are
-// reported failed.
+// queueKey names the queue a task runs in. A VM's tasks share its queue
+// (vmKey). A volume's tasks queue by pool and volume name, an image's by
+// pool and digest (a pull by its URL, as its digest may be unknown): two
+// tasks on one volume or image run in order, others concurrently. Their
+// specs hold no secret.
+func queueKey(t protocol.Task) string {
+	var ref struct {
+		Name   string `json:"name"`
+		Pool   string `json:"pool"`
+		Digest string `json:"digest"`
+		URL    string `json:"url"`
+	}
+	switch t.Type {
+	case api.TaskCreateVolume, api.TaskDeleteVolume:
+		json.Unmarshal(t.Spec, &ref)
+		return "volume:" + ref.Pool + "/" + ref.Name
+	case api.TaskImagePull:
+		json.Unmarshal(t.Spec, &ref)
+		return "image:" + ref.Pool + "/" + ref.URL
+	case api.TaskDeleteImage:
+		json.Unmarshal(t.Spec, &ref)
+		return "image:" + ref.Pool + "/" + strings.ToLower(ref.Digest)
+	}
+	return vmKey(t.VMUUID, t.VMName)
+}
+
+// longTask reports whether a task is long: it takes a create slot
+// (Config.CreateConcurrency) and is checkpointed, not awaited, on
+// shutdown. Downloads are.
+func longTask(typ string) bool { return typ == api.TaskCreate || typ == api.TaskImagePull }
+
+// rerunTarget is the restart policy, the one place that classifies every
+// task type (docs/protocol.md, "Restart policy"). A task that a previous
+// agent process started and did not finish is run again only when running
+// it again cannot do more than running it once. ok reports whether it is
+// re-run; status is the VM status that means "already done" for the ops
+// that converge to a state, "" for those simply run again (they set
+// absolute values, or read). The others are reported failed: vm.create,
+// vm.reboot and vm.reset (a second disk, a second reboot), and the changes
+// whose second run would fail on their own first effect or double it
+// (a disk attached or detached, a forward added or removed, a volume
+// created or deleted, an image deleted): the control plane reads the VM
+// or pool to see where it stands.
 func rerunTarget(taskType string) (status string, ok bool) {
 	switch taskType {
 	case api.TaskStart, api.TaskResume:
@@ -67,6 +106,9 @@ func rerunTarget(taskType string) (status string, ok bool) {
 		return api.StatusPaused, true
 	case api.TaskDelete:
 		return api.StatusDeleted, true
+	case api.TaskUpdate, api.TaskChangeMedium, api.TaskEjectMedium, api.TaskImagePull,
+		api.TaskScreenshot, api.TaskConsoleTail:
+		return "", true
 	}
 	return "", false
 }
@@ -90,7 +132,7 @@ func (r *Runner) recover() {
 				r.log.Info("task interrupted by restart; will re-run on redelivery", zap.String("task", e.TaskID), zap.String("op", e.Type), zap.String("vm_uuid", e.VMUUID))
 				continue
 			}
-			r.finishEntry(e, outcomeOf(nil, errInterrupted(), false))
+			r.finishEntry(e, outcomeOf(protocol.Result{}, errInterrupted(), false))
 		}
 	}
 }
@@ -128,15 +170,15 @@ func (r *Runner) accept(t protocol.Task) {
 			if _, ok := rerunTarget(t.Type); !ok {
 				log.Warn("task interrupted by agent restart; not safe to re-run")
 				je.LeaseID, je.Attempt = t.LeaseID, t.Attempt
-				r.finishEntry(je, outcomeOf(nil, errInterrupted(), false))
+				r.finishEntry(je, outcomeOf(protocol.Result{}, errInterrupted(), false))
 				return
 			}
 			rerun = true
 		}
 	}
 	r.enqueue(&execution{
-		key:   vmKey(t.VMUUID, t.VMName),
-		long:  t.Type == api.TaskCreate,
+		key:   queueKey(t),
+		long:  longTask(t.Type),
 		rerun: rerun,
 		task:  t,
 		log:   log,
@@ -226,7 +268,7 @@ func (r *Runner) run(e *execution) {
 	if e.rerun {
 		if vm, done := r.converged(e.ctx, t); done {
 			e.log.Info("task interrupted by restart had already taken effect")
-			r.finish(e, r.clock.Now(), outcomeOf(vm, nil, false))
+			r.finish(e, r.clock.Now(), outcomeOf(protocol.Result{VM: vm}, nil, false))
 			return
 		}
 	}
@@ -236,11 +278,11 @@ func (r *Runner) run(e *execution) {
 	if err := r.j.Start(je); err != nil {
 		// Without a record the effect could happen twice: do not run.
 		e.log.Error("journal failed; task not executed", zap.Error(err))
-		r.finish(e, startedAt, outcomeOf(nil, errcode.Wrap(errcode.Internal, err, "journal"), false))
+		r.finish(e, startedAt, outcomeOf(protocol.Result{}, errcode.Wrap(errcode.Internal, err, "journal"), false))
 		return
 	}
 	e.log.Info("task started", zap.Int("attempt", t.Attempt))
-	vm, err := r.ex.Execute(e.ctx, t, e.report)
+	res, err := r.ex.Execute(e.ctx, t, e.report)
 	cause := context.Cause(e.ctx)
 	if err != nil && errors.Is(cause, ErrShutdown) {
 		r.mu.Lock()
@@ -258,7 +300,7 @@ func (r *Runner) run(e *execution) {
 		}
 		return
 	}
-	r.finish(e, startedAt, outcomeOf(vm, err, errors.Is(cause, ErrCancelled)))
+	r.finish(e, startedAt, outcomeOf(res, err, errors.Is(cause, ErrCancelled)))
 }
 
 // converged reports whether a re-run task's target state already holds.
@@ -268,7 +310,7 @@ func (r *Runner) converged(ctx context.Context, t protocol.Task) (*api.VM, bool)
 		if vm.UUID != t.VMUUID && (t.VMUUID != "" || vm.Name != t.VMName) {
 			continue
 		}
-		if vm.Status == target {
+		if target != "" && vm.Status == target {
 			return &vm, true
 		}
 		return nil, false
@@ -277,10 +319,10 @@ func (r *Runner) converged(ctx context.Context, t protocol.Task) (*api.VM, bool)
 }
 
 // outcomeOf turns an executor's result into an outcome.
-func outcomeOf(vm *api.VM, err error, cancelled bool) journal.Outcome {
+func outcomeOf(res protocol.Result, err error, cancelled bool) journal.Outcome {
 	switch {
 	case err == nil:
-		return journal.Outcome{Status: api.TaskSuccess, VM: vm}
+		return journal.Outcome{Status: api.TaskSuccess, VM: res.VM, Output: res.Output}
 	case cancelled:
 		return journal.Outcome{Status: api.TaskCancelled, Error: &api.Error{Code: string(errcode.Cancelled), Message: "cancelled by the control plane"}}
 	default:
@@ -438,7 +480,7 @@ func (r *Runner) cancelTask(e *execution) {
 	e.cancel(ErrCancelled)
 	if notStarted {
 		e.stop()
-		r.finish(e, time.Time{}, outcomeOf(nil, ErrCancelled, true))
+		r.finish(e, time.Time{}, outcomeOf(protocol.Result{}, ErrCancelled, true))
 	}
 }
 

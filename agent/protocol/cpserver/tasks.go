@@ -24,7 +24,7 @@ func (s *Server) Enqueue(ctx context.Context, t Task) (Task, error) {
 	now := time.Now().UTC()
 	t.Status, t.CreatedAt, t.UpdatedAt = api.TaskPending, now, now
 	t.Attempt, t.LeaseID, t.LeaseExpiry, t.Deliveries, t.Redeliver = 0, "", time.Time{}, 0, 0
-	t.Progress, t.Error, t.Result, t.Cancel = nil, nil, nil, false
+	t.Progress, t.Error, t.Result, t.Output, t.Cancel = nil, nil, nil, nil, false
 	s.enqueue.Lock()
 	defer s.enqueue.Unlock()
 	if err := s.admit(ctx, t.Type); err != nil {
@@ -248,7 +248,7 @@ func (s *Server) Complete(ctx context.Context, id string, req protocol.CompleteR
 		if t.Terminal() {
 			return errSkip
 		}
-		t.Status, t.Error, t.Result = req.Status, req.Error, req.VM
+		t.Status, t.Error, t.Result, t.Output = req.Status, req.Error, req.VM, req.Output
 		t.UpdatedAt = time.Now().UTC()
 		t.Spec = nil // may hold user-data: not kept once done
 		return nil

@@ -50,8 +50,8 @@ func (inv inventory) VMs(context.Context) []api.VM { return inv.vms }
 
 type idle struct{}
 
-func (idle) Execute(context.Context, protocol.Task, func(api.Progress)) (*api.VM, error) {
-	return nil, errors.New("no task expected")
+func (idle) Execute(context.Context, protocol.Task, func(api.Progress)) (protocol.Result, error) {
+	return protocol.Result{}, errors.New("no task expected")
 }
 
 // agent is one runner against its own control plane.
