@@ -222,6 +222,30 @@ func (m *Member) Healthy(ctx context.Context) bool {
 	return json.NewDecoder(resp.Body).Decode(&h) == nil && h.Health == "true"
 }
 
+// HasLeader reports whether the member knows of a leader (its
+// etcd_server_has_leader metric): a member cut from quorum says no once its
+// election timeout passed, and from then refuses what needs a leader.
+func (m *Member) HasLeader(ctx context.Context) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", m.ClientURL+"/metrics", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return false, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return false, err
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "etcd_server_has_leader "); ok {
+			return strings.TrimSpace(v) == "1", nil
+		}
+	}
+	return false, fmt.Errorf("etcd member %s: no etcd_server_has_leader metric", m.Name)
+}
+
 // Running reports whether the member's process runs.
 func (m *Member) Running() bool {
 	m.mu.Lock()

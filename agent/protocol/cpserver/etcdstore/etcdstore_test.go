@@ -177,7 +177,10 @@ func TestQuorumLost(t *testing.T) {
 	// its log and apply when quorum returns although its caller timed
 	// out: etcd's ambiguity, see docs/cluster.md.)
 	for _, m := range c.Members {
-		for m.Running() && m.Healthy(ctx) {
+		for m.Running() {
+			if has, err := m.HasLeader(ctx); err != nil || !has {
+				break
+			}
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
