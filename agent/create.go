@@ -13,7 +13,6 @@ import (
 
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/firmware"
-	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/cloudinit"
@@ -162,26 +161,10 @@ func seedOf(c *api.CreateVM, id string) cloudinit.Seed {
 	return s
 }
 
-// undo is a stack of cleanups run unless the work succeeds.
-type undo struct {
-	fns []func()
-	ok  bool
-}
-
-func (u *undo) add(fn func()) { u.fns = append(u.fns, fn) }
-func (u *undo) success()      { u.ok = true }
-func (u *undo) run() {
-	if u.ok {
-		return
-	}
-	for i := len(u.fns) - 1; i >= 0; i-- {
-		u.fns[i]()
-	}
-}
-
 // Create materializes the image in the pool's cache, makes the VM's
-// copy-on-write root disk and seed ISO, defines the VM and starts it.
-// Anything it made is removed if a later step fails.
+// copy-on-write root disk and seed ISO, defines the VM and starts it: the
+// steps of createSteps. Anything it made is removed if a later step
+// fails.
 func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.TaskRef, progress func(api.Progress)) (api.VM, error) {
 	if err := h.ValidateCreate(&c); err != nil {
 		return api.VM{}, err
@@ -216,172 +199,15 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	}
 	defer func() { <-h.creates }()
 
-	log := h.log.With(zap.String("vm", c.Name), zap.String("vm_uuid", id), zap.String("pool", c.Pool))
 	var u undo
 	defer u.run()
-
-	entry, err := h.cache.Ensure(ctx, c.Pool, imagecache.Request{URL: c.ImageURL, SHA256: c.ImageSHA256, Format: c.Format},
-		func(done, total int64) {
-			if progress != nil {
-				progress(api.Progress{Phase: "download", Done: done, Total: total})
-			}
-		})
-	if err != nil {
-		return api.VM{}, err
-	}
-	log.Info("image ready", zap.String("image_sha256", entry.Digest), zap.String("format", entry.Format))
-	if progress != nil {
-		progress(api.Progress{Phase: "prepare", Done: entry.Size, Total: entry.Size})
-	}
-
-	dir, err := h.vmDir(c.Pool, id)
-	if err != nil {
-		return api.VM{}, err
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return api.VM{}, errcode.Wrap(errcode.Internal, err, "vm dir")
-	}
-	u.add(func() { os.RemoveAll(dir) })
-	root := filepath.Join(dir, "root.qcow2")
-	if err := h.cache.CreateOverlay(ctx, c.Pool, entry.Digest, root, c.DiskGiB, id); err != nil {
-		return api.VM{}, err
-	}
-	u.add(func() { h.cache.Unpin(c.Pool, entry.Digest, id) })
-
-	fwEntry, err := h.resolveFirmware(&c)
-	if err != nil {
-		return api.VM{}, err
-	}
-	var fw *vm.Firmware
-	if fwEntry.Interface == "uefi" {
-		vars := filepath.Join(dir, "efivars.fd")
-		if err := firmware.PrepareVars(fwEntry, vars); err != nil {
-			return api.VM{}, err
-		}
-		// Distribution firmware paths are often symlinks; the engine opens
-		// VM files with O_NOFOLLOW, so it gets the real file.
-		code, err := filepath.EvalSymlinks(fwEntry.Code)
-		if err != nil {
-			return api.VM{}, errcode.Wrap(errcode.Internal, err, "firmware %s", fwEntry.Name)
-		}
-		fw = &vm.Firmware{Name: fwEntry.Name, Interface: fwEntry.Interface, Code: code, CodeFormat: fwEntry.CodeFormat,
-			Vars: vars, VarsFormat: fwEntry.VarsFormat, RequiresSMM: fwEntry.RequiresSMM, SecureBoot: fwEntry.SecureBoot}
-	}
-	plan, err := h.planNICs(&c, id)
-	if err != nil {
-		return api.VM{}, err
-	}
-	u.add(func() { h.macs.Release(id) })
-	if err := portfwd.CheckFree(ctx, plan.forwards); err != nil {
-		return api.VM{}, err
-	}
-	var cdroms []vm.CDROM
-	var cdPins []vm.CDROMPin
-	firstCD := 0 // the engine's index of the first CDROM device: after the seed ISO
-	if !c.NoCloudInit {
-		firstCD = 1
-	}
-	for k, i := range plan.cdroms {
-		cd, img, err := h.cdromDevice(ctx, i, c.Devices[i], c.Pool)
-		if err != nil {
-			return api.VM{}, err
-		}
-		if img != nil {
-			pin, err := h.pinCDROM(ctx, img, cdromOwner(id), firstCD+k)
-			if err != nil {
-				return api.VM{}, errcode.Prefix(err, "devices[%d]", i)
-			}
-			u.add(func() { h.cache.Unpin(pin.Pool, pin.Digest, cdromOwner(id)) })
-			cd.Path = img.entry.Path
-			cdPins = append(cdPins, pin)
-		}
-		cdroms = append(cdroms, cd)
-	}
-	owned := []string{dir}
-	var tpmSpec *vm.TPM
-	if plan.tpm {
-		state, err := h.tpmDir(id)
-		if err != nil {
-			return api.VM{}, err
-		}
-		tpmSpec = &vm.TPM{State: state}
-		owned = append(owned, state)
-		u.add(func() { os.RemoveAll(state) })
-	}
-	var vncSpec *vm.VNC
-	var sealed string
-	if c.VNCEnabled {
-		port := 0
-		if c.VNCPort != nil {
-			port = *c.VNCPort
-			if err := vnc.CheckPort(h.cfg.Listen.VNC, port); err != nil {
-				return api.VM{}, err
-			}
-			if err := h.vncPorts.Hold(id, port); err != nil {
-				return api.VM{}, err
-			}
-		} else if port, err = h.vncPorts.Pick(h.cfg.Listen.VNC, vnc.BasePort, id); err != nil {
-			return api.VM{}, err
-		}
-		u.add(func() { h.vncPorts.Release(id) })
-		if sealed, err = h.box.Seal(c.VNCPassword, id); err != nil {
-			return api.VM{}, errcode.Wrap(errcode.Internal, err, "seal vnc password")
-		}
-		vncSpec = &vm.VNC{Listen: h.cfg.Listen.VNC, Port: port}
-	}
-	spec := vm.Spec{
-		Name: c.Name, UUID: id, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB, CPULimit: c.CPULimit,
-		VNC: vncSpec,
-		Disks: append([]vm.Disk{{Path: root, Format: "qcow2", Bus: rootBuses[c.RootDiskIOBus], BootIndex: rootBootIndex,
-			Backing: &vm.Backing{Path: entry.Path, Format: entry.Format}}}, plan.disks...),
-		NICs:        plan.nics,
-		Firmware:    fw,
-		TPM:         tpmSpec,
-		HostDevices: plan.host,
-		OwnedPaths:  owned,
-	}
-	if !c.NoCloudInit {
-		seed := filepath.Join(dir, "seed.iso")
-		s := seedOf(&c, id)
-		if s.NetworkConfig == nil {
-			s.NetworkConfig = generatedNetworkConfig(plan.nics)
-		}
-		if err := cloudinit.WriteISO(seed, s); err != nil {
-			return api.VM{}, errcode.Wrap(errcode.Internal, err, "write seed iso")
-		}
-		spec.CDROMs = []vm.CDROM{{Path: seed}}
-	}
-	spec.CDROMs = append(spec.CDROMs, cdroms...)
-	diskGiB := c.DiskGiB
-	if diskGiB == 0 {
-		diskGiB = int((entry.VirtualSize + (1<<30 - 1)) >> 30)
-	}
-	network := c.Network
-	if network == "" && len(plan.nics) > 0 {
-		network = plan.nics[0].Network
-	}
-	if network != "" {
-		if name, _, err := h.network(network); err == nil {
-			network = name
-		}
-	}
-	rec := vm.Record{ImageURL: c.ImageURL, ImageSHA256: entry.Digest, ImageFormat: entry.Format, Pool: c.Pool, DiskGiB: diskGiB,
-		Network: network, CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task, Forwards: plan.forwards,
-		RootDiskIOBus: c.RootDiskIOBus, Autostart: c.Autostart == nil || *c.Autostart, VNCPassword: sealed, RestartPolicy: c.RestartPolicy,
-		Devices: keptDevices(c.Devices), CDROMPins: cdPins}
-	if _, err := h.engine.Define(ctx, spec, &rec); err != nil {
-		return api.VM{}, err
-	}
-	u.add(func() { h.engine.Delete(context.Background(), c.Name) })
-	if progress != nil {
-		progress(api.Progress{Phase: "boot", Done: 0, Total: -1})
-	}
-	v, err := h.engine.Start(ctx, c.Name)
-	if err != nil {
+	b := h.newBuild(id, &c, task, progress, &u)
+	if err := b.run(ctx, createSteps); err != nil {
 		return api.VM{}, err
 	}
 	u.success()
-	log.Info("vm created", zap.Int("qemu_pid", v.PID))
+	v := b.view
+	b.log.Info("vm created", zap.Int("qemu_pid", v.PID))
 	return h.toAPI(v), nil
 }
 
