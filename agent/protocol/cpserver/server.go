@@ -75,6 +75,10 @@ type Server struct {
 	// into it as they are (running or paused: running; else stopped),
 	// so a VM is never an orphan (single-node mode, state lost).
 	AdoptUnknownVMs bool
+	// NodeScoped (cluster mode) makes a VM adopted from a heartbeat
+	// belong to the node that reported it, so no other node is told
+	// about it.
+	NodeScoped bool
 	// Log receives errors the agent cannot be told about; nil: none.
 	Log *zap.Logger
 
@@ -288,6 +292,9 @@ func (s *Server) adopt(ctx context.Context, req protocol.HeartbeatRequest, vms [
 			phase = api.PhaseRunning
 		}
 		vm := VM{UUID: v.UUID, Name: v.Name, Phase: phase}
+		if s.NodeScoped {
+			vm.Node = req.Node
+		}
 		if err := s.Store.PutVM(ctx, vm); err != nil {
 			return nil, false, err
 		}

@@ -280,3 +280,45 @@ func TestHTTPEdges(t *testing.T) {
 		t.Errorf("bad status: %v", err)
 	}
 }
+
+// TestNodeScoped: a task goes only to its node's lease requests (an
+// unscoped one to any), a heartbeat's desired map holds only its node's
+// VMs, and with NodeScoped an adopted VM belongs to the node that
+// reported it.
+func TestNodeScoped(t *testing.T) {
+	for name, mk := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			srv := &cpserver.Server{Store: mk(), DesiredFollowsTasks: true, AdoptUnknownVMs: true, NodeScoped: true}
+			t1, _ := srv.Enqueue(ctx, cpserver.Task{Task: api.Task{Type: api.TaskCreate, VMName: "a", VMUUID: "ua"}, Node: "n1"})
+			t2, _ := srv.Enqueue(ctx, cpserver.Task{Task: api.Task{Type: api.TaskCreate, VMName: "b", VMUUID: "ub"}, Node: "n2"})
+			// A stop without a node keeps the VM on its node.
+			t3, _ := srv.Enqueue(ctx, cpserver.Task{Task: api.Task{Type: api.TaskStop, VMName: "b", VMUUID: "ub"}})
+			got := func(node string) []string {
+				resp, err := srv.Lease(ctx, protocol.LeaseRequest{Node: node, Max: 10})
+				if err != nil {
+					t.Fatal(err)
+				}
+				var ids []string
+				for _, tk := range resp.Tasks {
+					ids = append(ids, tk.ID)
+				}
+				return ids
+			}
+			if ids := got("n1"); len(ids) != 2 || ids[0] != t1.ID || ids[1] != t3.ID {
+				t.Errorf("n1 leased %v, want %s %s", ids, t1.ID, t3.ID)
+			}
+			if ids := got("n2"); len(ids) != 1 || ids[0] != t2.ID {
+				t.Errorf("n2 leased %v, want %s", ids, t2.ID)
+			}
+			hb, _ := srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n2", VMs: []protocol.VMStatus{{Name: "c", UUID: "uc", Status: api.StatusRunning}}})
+			if want := map[string]string{"ub": api.PhaseStopped, "uc": api.PhaseRunning}; !equal(hb.Desired, want) {
+				t.Errorf("n2 desired %v, want %v", hb.Desired, want)
+			}
+			hb, _ = srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n1"})
+			if want := map[string]string{"ua": api.PhaseRunning}; !equal(hb.Desired, want) {
+				t.Errorf("n1 desired %v, want %v", hb.Desired, want)
+			}
+		})
+	}
+}

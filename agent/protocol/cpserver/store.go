@@ -33,6 +33,9 @@ type Task struct {
 	// the control plane: nobody but a caller waiting on it (a sync op)
 	// would ever look at it again.
 	Volatile bool `json:"volatile,omitempty"`
+	// Node is the node that runs the task (its VM's node): only that
+	// node's lease requests get it. "" is any node (single-node).
+	Node string `json:"node,omitempty"`
 }
 
 // Terminal reports whether the task ended (success, failed, cancelled).

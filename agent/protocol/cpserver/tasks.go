@@ -42,12 +42,30 @@ func (s *Server) Enqueue(ctx context.Context, t Task) (Task, error) {
 			phase = api.PhaseStopped
 		}
 		if phase != "" {
-			if err := s.Store.PutVM(ctx, VM{UUID: t.VMUUID, Name: t.VMName, Phase: phase}); err != nil {
+			vm := VM{UUID: t.VMUUID, Name: t.VMName, Phase: phase, Node: t.Node}
+			if vm.Node == "" {
+				vm.Node = s.nodeOf(ctx, t.VMUUID) // a task without a node keeps the VM's
+			}
+			if err := s.Store.PutVM(ctx, vm); err != nil {
 				return Task{}, err
 			}
 		}
 	}
 	return t, nil
+}
+
+// nodeOf returns the node of a VM of the desired map ("" when unknown).
+func (s *Server) nodeOf(ctx context.Context, uuid string) string {
+	vms, _, err := s.Store.VMs(ctx)
+	if err != nil {
+		return ""
+	}
+	for _, v := range vms {
+		if v.UUID == uuid {
+			return v.Node
+		}
+	}
+	return ""
 }
 
 // admit refuses a task of type typ when the queue limits are reached.
@@ -123,7 +141,7 @@ func (s *Server) Lease(ctx context.Context, req protocol.LeaseRequest) (protocol
 	defer deadline.Stop()
 	for {
 		ch := s.Store.Changed()
-		out, err := s.offer(ctx, max)
+		out, err := s.offer(ctx, req.Node, max)
 		if err != nil || len(out) > 0 || wait <= 0 {
 			return protocol.LeaseResponse{Tasks: out}, err
 		}
@@ -137,10 +155,10 @@ func (s *Server) Lease(ctx context.Context, req protocol.LeaseRequest) (protocol
 	}
 }
 
-// offer leases up to max deliverable tasks in queue order: pending ones,
-// ones whose lease expired (a new lease, attempt+1), and redeliveries of
-// a current lease.
-func (s *Server) offer(ctx context.Context, max int) ([]protocol.Task, error) {
+// offer leases to node up to max deliverable tasks in queue order:
+// pending ones, ones whose lease expired (a new lease, attempt+1), and
+// redeliveries of a current lease. A task of another node is not offered.
+func (s *Server) offer(ctx context.Context, node string, max int) ([]protocol.Task, error) {
 	s.leaseMu.Lock()
 	defer s.leaseMu.Unlock()
 	all, err := s.Store.Tasks(ctx)
@@ -153,7 +171,7 @@ func (s *Server) offer(ctx context.Context, max int) ([]protocol.Task, error) {
 		if len(out) == max {
 			break
 		}
-		if !deliverable(&t, time.Now()) {
+		if t.Node != "" && t.Node != node || !deliverable(&t, time.Now()) {
 			continue
 		}
 		got, err := s.Store.UpdateTask(ctx, t.ID, func(t *Task) error {
