@@ -1,13 +1,17 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/agent/vnc"
 )
 
 // OpenConsole opens a VM's serial console log for reading; a VM that never
@@ -53,4 +57,52 @@ func (h *Host) ConsoleTail(name string, n int64) (api.ConsoleTail, error) {
 		return api.ConsoleTail{}, errcode.Wrap(errcode.Internal, err, "console log")
 	}
 	return api.ConsoleTail{Data: strings.ToValidUTF8(string(b[:k]), "\uFFFD"), Offset: off, Size: fi.Size()}, nil
+}
+
+// afterStart runs once QMP answers after each start: it sets the VNC
+// password (unsealed from the VM's state), so QEMU never has it on its
+// command line and every login fails until then.
+func (h *Host) afterStart(ctx context.Context, v vm.View, exec func(ctx context.Context, cmd string, args any) error) error {
+	if v.Spec.VNC == nil {
+		return nil
+	}
+	pw, err := h.box.Open(v.Record.VNCPassword, v.Spec.UUID)
+	if err != nil {
+		return errcode.Wrap(errcode.Internal, err, "vnc password")
+	}
+	return vnc.SetPassword(ctx, vnc.ExecFunc(exec), pw)
+}
+
+// Screenshot returns a PNG of a running VM's display (QMP screendump).
+func (h *Host) Screenshot(ctx context.Context, name string) ([]byte, error) {
+	v, err := h.engine.Get(name)
+	if err != nil {
+		return nil, err
+	}
+	if v.Spec.VNC == nil {
+		return nil, errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false)", name)
+	}
+	// QEMU writes the file itself, as the QEMU user: a root-owned,
+	// traversable directory of the runtime root; vnc.Screenshot makes
+	// the file exclusively and reads it back through its own descriptor.
+	root := h.engine.RunDir()
+	dir := filepath.Join(root, "screens")
+	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return nil, errcode.Wrap(errcode.Internal, err, "screenshot dir")
+	}
+	for _, d := range []string{root, dir} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			return nil, errcode.Wrap(errcode.Internal, err, "screenshot dir")
+		}
+	}
+	cred, err := h.engine.Credential(name)
+	if err != nil {
+		return nil, err
+	}
+	var owner *vnc.Owner
+	if cred != nil {
+		owner = &vnc.Owner{UID: int(cred.Uid), GID: int(cred.Gid)}
+	}
+	exec := func(ctx context.Context, cmd string, args any) error { return h.engine.QMP(ctx, name, cmd, args, nil) }
+	return vnc.Screenshot(ctx, exec, dir, owner)
 }

@@ -16,7 +16,6 @@ import (
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/cloudinit"
-	"github.com/otherix/otherix-agent/imagecache"
 )
 
 // rootBuses maps seed 000's bus names to the engine's.
@@ -221,131 +220,6 @@ func keptDevices(ds []api.Device) []api.Device {
 		}
 	}
 	return out
-}
-
-// Delete removes a VM and every file of it and unpins its images: the
-// root disk's and its CD-ROMs'.
-func (h *Host) Delete(ctx context.Context, name string) error {
-	var v vm.View
-	if _, err := h.engine.Do(ctx, name, "delete", func(t *vm.Txn) error {
-		v = t.View()
-		return t.Delete(ctx)
-	}); err != nil {
-		return err
-	}
-	// The VM is gone: no op can change its record any more.
-	m := v.Record
-	h.macs.Release(v.Spec.UUID)
-	h.vncPorts.Release(v.Spec.UUID)
-	if m.ImageSHA256 != "" {
-		if err := h.cache.Unpin(m.Pool, m.ImageSHA256, v.Spec.UUID); err != nil {
-			h.log.Warn("unpin image", zap.String("vm", name), zap.Error(err))
-		}
-	}
-	for _, p := range m.CDROMPins {
-		h.unpinCDROM(name, cdromOwner(v.Spec.UUID), p)
-	}
-	return nil
-}
-
-// updateRecord changes a VM's record (not atomically with an op: see
-// vm.Engine.Do), logging a failure to persist it.
-func (h *Host) updateRecord(name string, fn func(*vm.Record)) {
-	if err := h.engine.UpdateRecord(name, fn); err != nil && errcode.Of(err) != errcode.NotFound {
-		h.log.Warn("persist vm record", zap.String("vm", name), zap.Error(err))
-	}
-}
-
-// recordIn changes a VM's record within a Txn, logging a failure to
-// persist it: the op it records is done.
-func (h *Host) recordIn(t *vm.Txn, fn func(*vm.Record)) {
-	if err := t.UpdateRecord(fn); err != nil {
-		h.log.Warn("persist vm record", zap.String("vm", t.View().Spec.Name), zap.Error(err))
-	}
-}
-
-// PullImage fills a pool's cache with an image ahead of creates.
-func (h *Host) PullImage(ctx context.Context, p api.PullImage, progress func(api.Progress)) (imagecache.Entry, error) {
-	if p.URL == "" {
-		return imagecache.Entry{}, errcode.New(errcode.ValidationFailed, "url is required")
-	}
-	if p.Pool == "" {
-		def, err := h.cache.DefaultPool()
-		if err != nil {
-			return imagecache.Entry{}, err
-		}
-		p.Pool = def
-	}
-	return h.cache.Ensure(ctx, p.Pool, imagecache.Request{URL: p.URL, SHA256: strings.ToLower(p.SHA256)}, func(done, total int64) {
-		if progress != nil {
-			progress(api.Progress{Phase: "download", Done: done, Total: total})
-		}
-	})
-}
-
-// Images lists the cached images of one pool, or of every pool.
-func (h *Host) Images(pool string) ([]api.Image, error) {
-	var pools []string
-	if pool != "" {
-		pools = []string{pool}
-	} else {
-		for _, s := range h.cache.Stats() {
-			pools = append(pools, s.Name)
-		}
-	}
-	out := []api.Image{}
-	for _, p := range pools {
-		es, err := h.cache.List(p)
-		if err != nil {
-			return nil, err
-		}
-		for _, e := range es {
-			out = append(out, imageOf(e))
-		}
-	}
-	return out, nil
-}
-
-// Update changes a VM's CPU, memory, autostart or restart policy (seed 003's
-// InstanceUpdateRequest). CPU and memory of a running VM apply at its next
-// start; the view shows them as pending_changes.
-func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM, error) {
-	if u.VCPUs != nil && (*u.VCPUs < vm.MinVCPUs || *u.VCPUs > vm.MaxVCPUs) {
-		return api.VM{}, errcode.New(errcode.ValidationFailed, "vcpus %d out of range %d..%d", *u.VCPUs, vm.MinVCPUs, vm.MaxVCPUs)
-	}
-	if u.RestartPolicy != nil && !api.ValidRestartPolicy(*u.RestartPolicy) {
-		return api.VM{}, errcode.New(errcode.ValidationFailed, "restart_policy %q: use on-failure, always or never", *u.RestartPolicy)
-	}
-	if u.MemoryMB != nil && (*u.MemoryMB < vm.MinMemoryMB || *u.MemoryMB > vm.MaxMemoryMB) {
-		return api.VM{}, errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", *u.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
-	}
-	if u.CPULimit != nil {
-		if err := vm.ValidateCPULimit(*u.CPULimit); err != nil {
-			return api.VM{}, err
-		}
-	}
-	if u.VCPUs != nil || u.MemoryMB != nil || u.CPULimit != nil {
-		if _, err := h.engine.Update(ctx, name, func(s *vm.Spec) {
-			if u.VCPUs != nil {
-				s.VCPUs = *u.VCPUs
-			}
-			if u.CPULimit != nil {
-				s.CPULimit = *u.CPULimit
-			}
-			if u.MemoryMB != nil {
-				s.MemoryMB = *u.MemoryMB
-			}
-		}); err != nil {
-			return api.VM{}, err
-		}
-	}
-	if u.Autostart != nil {
-		h.updateRecord(name, func(m *vm.Record) { m.Autostart = *u.Autostart })
-	}
-	if u.RestartPolicy != nil {
-		h.updateRecord(name, func(m *vm.Record) { m.RestartPolicy = *u.RestartPolicy })
-	}
-	return h.VM(name)
 }
 
 // resolveFirmware picks the create's firmware from the catalogue: by name

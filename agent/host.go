@@ -26,7 +26,6 @@ import (
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/metrics"
 	"github.com/otherix/otherix-agent/agent/netdev"
-	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/secrets"
 	"github.com/otherix/otherix-agent/agent/usage"
@@ -288,102 +287,6 @@ func qemuVersion(bin string) string {
 	return strings.TrimSpace(strings.TrimPrefix(line, "QEMU emulator version "))
 }
 
-func (h *Host) toAPI(v vm.View) api.VM {
-	m := v.Record
-	return api.VM{
-		Name:         v.Spec.Name,
-		UUID:         v.Spec.UUID,
-		Status:       v.Status,
-		StatusReason: v.Reason,
-		DesiredPhase: m.DesiredPhase,
-		Arch:         v.Spec.Arch,
-		VCPUs:        v.Spec.VCPUs,
-		MemoryMB:     v.Spec.MemoryMB,
-		CPULimit:     v.Spec.CPULimit,
-		Pool:         m.Pool,
-		Node:         h.cfg.NodeName,
-		Network:      m.Network,
-		ImageURL:     m.ImageURL,
-		ImageSHA256:  m.ImageSHA256,
-		DiskGiB:      m.DiskGiB,
-		QEMUPID:      v.PID,
-		IPAddresses:  h.ips(v.Spec.UUID),
-		NICs:         h.nicViews(v),
-		Forwards:     forwardViews(v, m),
-		Devices:      m.Devices,
-		CloudInit:    m.CloudInit,
-		CreatedAt:    v.CreatedAt,
-		LastTask:     m.LastTask,
-
-		InstanceStatus: api.InstanceStatus(v.Status),
-		Firmware:       firmwareName(v),
-		SecureBoot:     v.Spec.Firmware != nil && v.Spec.Firmware.SecureBoot,
-		TPM:            v.Spec.TPM != nil,
-		VNCEnabled:     v.Spec.VNC != nil,
-		VNCPort:        vncPort(v),
-		RootDiskIOBus:  m.RootDiskIOBus,
-		Autostart:      m.Autostart,
-		RestartPolicy:  m.Policy(),
-		RestartCount:   m.Restarts,
-		CrashLoop:      m.CrashLoop,
-		PendingChanges: pending(v),
-		Usage:          h.usageOf(v).Summary(),
-	}
-}
-
-// pending describes the spec changes a VM gets at its next start.
-func pending(v vm.View) *api.PendingChanges {
-	if v.Next == nil {
-		return nil
-	}
-	p := &api.PendingChanges{}
-	if v.Next.VCPUs != v.Spec.VCPUs {
-		p.VCPUs = v.Next.VCPUs
-	}
-	if v.Next.MemoryMB != v.Spec.MemoryMB {
-		p.MemoryMB = v.Next.MemoryMB
-	}
-	if v.Next.CPULimit != v.Spec.CPULimit {
-		p.CPULimit = v.Next.CPULimit
-	}
-	if *p == (api.PendingChanges{}) {
-		return nil
-	}
-	return p
-}
-
-// VMs reports every VM on this host, including ones being created.
-func (h *Host) VMs(ctx context.Context) []api.VM {
-	var out []api.VM
-	seen := map[string]bool{}
-	for _, v := range h.engine.List() {
-		out = append(out, h.toAPI(v))
-		seen[v.Spec.Name] = true
-	}
-	h.mu.Lock()
-	for name, p := range h.pending {
-		if !seen[name] {
-			out = append(out, *p)
-		}
-	}
-	h.mu.Unlock()
-	return out
-}
-
-// VM returns one VM's view.
-func (h *Host) VM(name string) (api.VM, error) {
-	v, err := h.engine.Get(name)
-	if err == nil {
-		return h.toAPI(v), nil
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if p := h.pending[name]; p != nil {
-		return *p, nil
-	}
-	return api.VM{}, err
-}
-
 // Node reports this host for registration.
 func (h *Host) Node(ctx context.Context) protocol.NodeInfo {
 	n := protocol.NodeInfo{
@@ -441,20 +344,6 @@ func (h *Host) vmDir(pool, uuid string) (string, error) {
 	return p, nil
 }
 
-// forwardViews lists a VM's port forwards as seed-000 PROXY devices.
-func forwardViews(v vm.View, m vm.Record) []api.Device {
-	rules := append([]portfwd.Rule(nil), m.Forwards...)
-	for _, n := range v.Spec.NICs {
-		rules = append(rules, n.Forwards...)
-	}
-	var out []api.Device
-	for _, r := range rules {
-		out = append(out, api.Device{DevType: api.DevProxy, SourceProto: strings.ToUpper(r.Proto), SourcePort: r.HostPort,
-			DestProto: strings.ToUpper(r.Proto), DestPort: r.GuestPort})
-	}
-	return out
-}
-
 // autostart starts, after a host boot (a boot id other than the one
 // recorded), every VM with autostart on whose desired phase is running,
 // a few at a time, before the agent declares itself ready. A mere agent
@@ -495,13 +384,6 @@ func (h *Host) autostart(ctx context.Context, bootIDPath string) error {
 	return os.WriteFile(record, []byte(boot+"\n"), 0o600)
 }
 
-func firmwareName(v vm.View) string {
-	if v.Spec.Firmware != nil {
-		return v.Spec.Firmware.Name
-	}
-	return "bios"
-}
-
 // Firmwares lists the firmware catalogue.
 func (h *Host) Firmwares() []api.Firmware {
 	var out []api.Firmware
@@ -510,59 +392,4 @@ func (h *Host) Firmwares() []api.Firmware {
 			SecureBoot: e.SecureBoot, Descriptor: e.Descriptor})
 	}
 	return out
-}
-
-func vncPort(v vm.View) int {
-	if v.Spec.VNC != nil {
-		return v.Spec.VNC.Port
-	}
-	return 0
-}
-
-// afterStart runs once QMP answers after each start: it sets the VNC
-// password (unsealed from the VM's state), so QEMU never has it on its
-// command line and every login fails until then.
-func (h *Host) afterStart(ctx context.Context, v vm.View, exec func(ctx context.Context, cmd string, args any) error) error {
-	if v.Spec.VNC == nil {
-		return nil
-	}
-	pw, err := h.box.Open(v.Record.VNCPassword, v.Spec.UUID)
-	if err != nil {
-		return errcode.Wrap(errcode.Internal, err, "vnc password")
-	}
-	return vnc.SetPassword(ctx, vnc.ExecFunc(exec), pw)
-}
-
-// Screenshot returns a PNG of a running VM's display (QMP screendump).
-func (h *Host) Screenshot(ctx context.Context, name string) ([]byte, error) {
-	v, err := h.engine.Get(name)
-	if err != nil {
-		return nil, err
-	}
-	if v.Spec.VNC == nil {
-		return nil, errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false)", name)
-	}
-	// QEMU writes the file itself, as the QEMU user: a root-owned,
-	// traversable directory of the runtime root; vnc.Screenshot makes
-	// the file exclusively and reads it back through its own descriptor.
-	root := h.engine.RunDir()
-	dir := filepath.Join(root, "screens")
-	if err := os.MkdirAll(dir, 0o711); err != nil {
-		return nil, errcode.Wrap(errcode.Internal, err, "screenshot dir")
-	}
-	for _, d := range []string{root, dir} {
-		if err := os.Chmod(d, 0o711); err != nil {
-			return nil, errcode.Wrap(errcode.Internal, err, "screenshot dir")
-		}
-	}
-	cred, err := h.engine.Credential(name)
-	if err != nil {
-		return nil, err
-	}
-	var owner *vnc.Owner
-	if cred != nil {
-		owner = &vnc.Owner{UID: int(cred.Uid), GID: int(cred.Gid)}
-	}
-	exec := func(ctx context.Context, cmd string, args any) error { return h.engine.QMP(ctx, name, cmd, args, nil) }
-	return vnc.Screenshot(ctx, exec, dir, owner)
 }

@@ -5,6 +5,7 @@ import (
 	"strings"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/imagecache"
 )
 
@@ -38,4 +39,46 @@ func (h *Host) Pool(name string) (string, error) {
 		return "", err
 	}
 	return name, nil
+}
+
+// PullImage fills a pool's cache with an image ahead of creates.
+func (h *Host) PullImage(ctx context.Context, p api.PullImage, progress func(api.Progress)) (imagecache.Entry, error) {
+	if p.URL == "" {
+		return imagecache.Entry{}, errcode.New(errcode.ValidationFailed, "url is required")
+	}
+	if p.Pool == "" {
+		def, err := h.cache.DefaultPool()
+		if err != nil {
+			return imagecache.Entry{}, err
+		}
+		p.Pool = def
+	}
+	return h.cache.Ensure(ctx, p.Pool, imagecache.Request{URL: p.URL, SHA256: strings.ToLower(p.SHA256)}, func(done, total int64) {
+		if progress != nil {
+			progress(api.Progress{Phase: "download", Done: done, Total: total})
+		}
+	})
+}
+
+// Images lists the cached images of one pool, or of every pool.
+func (h *Host) Images(pool string) ([]api.Image, error) {
+	var pools []string
+	if pool != "" {
+		pools = []string{pool}
+	} else {
+		for _, s := range h.cache.Stats() {
+			pools = append(pools, s.Name)
+		}
+	}
+	out := []api.Image{}
+	for _, p := range pools {
+		es, err := h.cache.List(p)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range es {
+			out = append(out, imageOf(e))
+		}
+	}
+	return out, nil
 }
