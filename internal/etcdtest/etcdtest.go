@@ -35,6 +35,9 @@ type Cluster struct {
 	// Token names the cluster (unique per test: members of two tests
 	// never join each other).
 	Token string
+	// TLS, when set, is what clients use: the members serve https and
+	// require a client certificate.
+	TLS *TLSFiles
 }
 
 // Member is one etcd server of a Cluster.
@@ -47,6 +50,8 @@ type Member struct {
 	args []string
 	log  string
 
+	http *http.Client // health and metrics
+
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -56,7 +61,19 @@ type Member struct {
 // members are killed by t.Cleanup.
 func Start(tb testing.TB, n int) *Cluster {
 	tb.Helper()
-	c, err := New(tb.TempDir(), n)
+	return start1(tb, n, false)
+}
+
+// StartTLS is Start with members that serve https and require a client
+// certificate (Cluster.TLS).
+func StartTLS(tb testing.TB, n int) *Cluster {
+	tb.Helper()
+	return start1(tb, n, true)
+}
+
+func start1(tb testing.TB, n int, withTLS bool) *Cluster {
+	tb.Helper()
+	c, err := newCluster(tb.TempDir(), n, withTLS)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -66,7 +83,9 @@ func Start(tb testing.TB, n int) *Cluster {
 
 // New is Start for a TestMain: the cluster keeps its data under dir and
 // runs until Stop.
-func New(dir string, n int) (*Cluster, error) {
+func New(dir string, n int) (*Cluster, error) { return newCluster(dir, n, false) }
+
+func newCluster(dir string, n int, withTLS bool) (*Cluster, error) {
 	if _, err := os.Stat(Binary); err != nil {
 		return nil, fmt.Errorf("etcd server missing (%w): run scripts/deps.sh --test", err)
 	}
@@ -74,7 +93,7 @@ func New(dir string, n int) (*Cluster, error) {
 	// it: a member that exits at start makes a new cluster on new ports.
 	var last error
 	for i := range 3 {
-		c, err := start(filepath.Join(dir, fmt.Sprint(i)), n)
+		c, err := start(filepath.Join(dir, fmt.Sprint(i)), n, withTLS)
 		if err == nil {
 			return c, nil
 		}
@@ -83,8 +102,24 @@ func New(dir string, n int) (*Cluster, error) {
 	return nil, fmt.Errorf("etcd cluster: %w", last)
 }
 
-func start(dir string, n int) (*Cluster, error) {
+func start(dir string, n int, withTLS bool) (*Cluster, error) {
 	c := &Cluster{Token: fmt.Sprintf("otherix-test-%d-%d", os.Getpid(), time.Now().UnixNano())}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	scheme, hc := "http", http.DefaultClient
+	if withTLS {
+		f, err := makeTLS(dir)
+		if err != nil {
+			return nil, err
+		}
+		tc, err := f.clientTLS()
+		if err != nil {
+			return nil, err
+		}
+		c.TLS, scheme = f, "https"
+		hc = &http.Client{Transport: &http.Transport{TLSClientConfig: tc}}
+	}
 	var initial []string
 	for i := range n {
 		cport, err := netdevtest.Port()
@@ -97,16 +132,14 @@ func start(dir string, n int) (*Cluster, error) {
 		}
 		m := &Member{
 			Name:      fmt.Sprintf("m%d", i),
-			ClientURL: fmt.Sprintf("http://127.0.0.1:%d", cport),
+			ClientURL: fmt.Sprintf("%s://127.0.0.1:%d", scheme, cport),
 			PeerURL:   fmt.Sprintf("http://127.0.0.1:%d", pport),
+			http:      hc,
 		}
 		m.DataDir = filepath.Join(dir, m.Name)
 		m.log = filepath.Join(dir, m.Name+".log")
 		c.Members = append(c.Members, m)
 		initial = append(initial, m.Name+"="+m.PeerURL)
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
 	}
 	for _, m := range c.Members {
 		m.args = []string{
@@ -124,6 +157,10 @@ func start(dir string, n int) (*Cluster, error) {
 			"--heartbeat-interval", "200",
 			"--election-timeout", "2000",
 			"--logger", "zap",
+		}
+		if c.TLS != nil {
+			m.args = append(m.args, "--cert-file", c.TLS.ServerCert, "--key-file", c.TLS.ServerKey,
+				"--trusted-ca-file", c.TLS.CA, "--client-cert-auth")
 		}
 		if err := m.run(); err != nil {
 			c.Stop()
@@ -211,7 +248,7 @@ func (m *Member) Healthy(ctx context.Context) bool {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "GET", m.ClientURL+"/health", nil)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := m.http.Do(req)
 	if err != nil {
 		return false
 	}
@@ -229,7 +266,7 @@ func (m *Member) HasLeader(ctx context.Context) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "GET", m.ClientURL+"/metrics", nil)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := m.http.Do(req)
 	if err != nil {
 		return false, err
 	}
