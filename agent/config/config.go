@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -35,6 +36,7 @@ type Config struct {
 	DefaultPool  string             `yaml:"default_pool"`
 	Networks     map[string]Network `yaml:"networks"`
 	ControlPlane ControlPlane       `yaml:"control_plane"`
+	Cluster      Cluster            `yaml:"cluster"`
 	Listen       Listen             `yaml:"listen"`
 	QEMU         QEMU               `yaml:"qemu"`
 	Images       Images             `yaml:"images"`
@@ -66,6 +68,29 @@ type ControlPlane struct {
 	CertFile  string `yaml:"cert_file"`
 	KeyFile   string `yaml:"key_file"`
 }
+
+// Cluster is cluster mode (docs/cluster.md): with etcd endpoints set, the
+// agent runs its node agent and a stateless replica of the control plane
+// (the /v1 API and the agent protocol) whose state lives in etcd.
+type Cluster struct {
+	Etcd Etcd `yaml:"etcd"`
+}
+
+// Etcd is the connection to the cluster's etcd.
+type Etcd struct {
+	// Endpoints are client URLs (https; http only on loopback).
+	Endpoints []string `yaml:"endpoints"`
+	// CAFile is the PEM CA of the members' certificates (system roots
+	// when empty); CertFile and KeyFile a client certificate.
+	CAFile   string `yaml:"ca_file"`
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// Prefix is the key prefix of the cluster's state.
+	Prefix string `yaml:"prefix"`
+}
+
+// ClusterMode reports whether the config asks for cluster mode.
+func (c *Config) ClusterMode() bool { return len(c.Cluster.Etcd.Endpoints) > 0 }
 
 // Listen holds the agent's own listeners.
 type Listen struct {
@@ -174,8 +199,9 @@ func Default(dataDir string) *Config {
 			VMIOWeight:          DefaultVMIOWeight,
 			VMTasksMax:          DefaultVMTasksMax,
 		},
-		Usage: Usage{Interval: 10 * time.Second},
-		Log:   Log{Level: "info", Format: "auto"},
+		Usage:   Usage{Interval: 10 * time.Second},
+		Log:     Log{Level: "info", Format: "auto"},
+		Cluster: Cluster{Etcd: Etcd{Prefix: "/otherix/"}},
 	}
 }
 
@@ -357,10 +383,56 @@ func (c *Config) Validate() error {
 	if c.ControlPlane.URL != "" && c.ControlPlane.TokenFile == "" {
 		bad("control_plane.token_file", "required with control_plane.url")
 	}
+	c.validateCluster(bad)
 	if len(errs) > 0 {
 		return errors.New(strings.Join(errs, "; "))
 	}
 	return nil
+}
+
+// validateCluster checks cluster.etcd.
+func (c *Config) validateCluster(bad func(key, format string, args ...any)) {
+	e := c.Cluster.Etcd
+	if !strings.HasPrefix(e.Prefix, "/") || !strings.HasSuffix(e.Prefix, "/") {
+		bad("cluster.etcd.prefix", "%q must start and end with /", e.Prefix)
+	}
+	if !c.ClusterMode() {
+		if e.CAFile != "" || e.CertFile != "" || e.KeyFile != "" {
+			bad("cluster.etcd.endpoints", "required with cluster.etcd's files")
+		}
+		return
+	}
+	if c.Standalone {
+		bad("standalone", "cluster mode serves the API on every host: remove standalone or cluster.etcd")
+	}
+	if c.ControlPlane.URL != "" {
+		bad("cluster.etcd", "a cluster agent is its own control plane: remove control_plane.url or cluster.etcd")
+	}
+	for i, ep := range e.Endpoints {
+		key := fmt.Sprintf("cluster.etcd.endpoints[%d]", i)
+		u, err := url.Parse(ep)
+		if err != nil || u.Host == "" || u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.User != nil {
+			bad(key, "%q is not a client URL (https://host:port)", ep)
+			continue
+		}
+		switch u.Scheme {
+		case "https":
+		case "http":
+			if ip := net.ParseIP(u.Hostname()); u.Hostname() != "localhost" && (ip == nil || !ip.IsLoopback()) {
+				bad(key, "%q: plain http only on loopback (the cluster's state holds task specs): use https", ep)
+			}
+		default:
+			bad(key, "%q: use https (or http on loopback)", ep)
+		}
+	}
+	if (e.CertFile == "") != (e.KeyFile == "") {
+		bad("cluster.etcd.cert_file", "cert_file and key_file go together")
+	}
+	for key, p := range map[string]string{"cluster.etcd.ca_file": e.CAFile, "cluster.etcd.cert_file": e.CertFile, "cluster.etcd.key_file": e.KeyFile} {
+		if p != "" && !filepath.IsAbs(p) {
+			bad(key, "%q must be an absolute path", p)
+		}
+	}
 }
 
 // Redacted returns the config as YAML with secrets replaced. The config

@@ -38,6 +38,26 @@ limits:
 	}
 }
 
+func TestParseCluster(t *testing.T) {
+	c, err := Parse([]byte(`
+cluster:
+  etcd:
+    endpoints: [https://etcd1.example:2379, https://etcd2.example:2379, http://127.0.0.1:2379]
+    ca_file: /etc/otherix/etcd-ca.pem
+    cert_file: /etc/otherix/etcd-client.pem
+    key_file: /etc/otherix/etcd-client.key
+`), "agent.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.ClusterMode() || len(c.Cluster.Etcd.Endpoints) != 3 || c.Cluster.Etcd.Prefix != "/otherix/" || c.Cluster.Etcd.KeyFile != "/etc/otherix/etcd-client.key" {
+		t.Fatalf("parsed: %+v", c.Cluster)
+	}
+	if d, _ := Parse(nil, "empty.yaml"); d.ClusterMode() {
+		t.Error("cluster mode by default")
+	}
+}
+
 func TestParseErrorsNameKeyAndLine(t *testing.T) {
 	for _, tc := range []struct{ in, want string }{
 		{"node_name: a\nbogus: 1\n", "line 2: unknown key bogus"},
@@ -54,6 +74,12 @@ func TestParseErrorsNameKeyAndLine(t *testing.T) {
 		{"limits:\n  concurrent_creates: 0\n", "limits.concurrent_creates"},
 		{"log:\n  level: loud\n", "log.level"},
 		{"control_plane:\n  url: https://cp\n", "control_plane.token_file"},
+		{"cluster:\n  etcd:\n    endpoints: [http://10.0.0.1:2379]\n", "cluster.etcd.endpoints[0]: \"http://10.0.0.1:2379\": plain http only on loopback"},
+		{"cluster:\n  etcd:\n    endpoints: [etcd1:2379]\n", "cluster.etcd.endpoints[0]"},
+		{"cluster:\n  etcd:\n    endpoints: [https://e1:2379]\n    cert_file: /etc/otherix/etcd.pem\n", "cert_file and key_file go together"},
+		{"cluster:\n  etcd:\n    ca_file: /etc/otherix/ca.pem\n", "cluster.etcd.endpoints: required"},
+		{"cluster:\n  etcd:\n    endpoints: [https://e1:2379]\n    prefix: otherix\n", "cluster.etcd.prefix"},
+		{"standalone: true\ncluster:\n  etcd:\n    endpoints: [https://e1:2379]\n", "standalone: cluster mode serves the API"},
 	} {
 		_, err := Parse([]byte(tc.in), "agent.yaml")
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
