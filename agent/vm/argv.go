@@ -67,11 +67,15 @@ func (k FileKind) OpenFlags() int {
 	return os.O_RDONLY
 }
 
+// BalloonID is the id of every VM's virtio balloon: its QOM path is
+// /machine/peripheral/<BalloonID>.
+const BalloonID = "balloon0"
+
 // HotplugPorts is how many disks can be attached while a VM runs.
 const HotplugPorts = 4
 
 // HostDeviceLayout places passed-through devices: their root ports from
-// slot 0x1a (0x18 is free, 0x19 holds the hot-plug ports, 0x1f is the
+// slot 0x1a (0x18 holds the balloon, 0x19 the hot-plug ports, 0x1f is the
 // ICH9's), the USB controller at slot 0x03.
 func HostDeviceLayout(arch string) hostdev.Layout {
 	return hostdev.Layout{Arch: arch, PortSlot: 0x1a, PortSlots: 4, Chassis: 0x40, XHCISlot: 0x03}
@@ -311,6 +315,10 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 	add("-chardev", fmt.Sprintf("socket,id=qga0,fd=%d,server=on,wait=off", qgaFD))
 	add("-device", "virtio-serial-pci,id=vser0,bus="+bus+",addr=0xe")
 	add("-device", "virtserialport,id=qgaport,chardev=qga0,name=org.qemu.guest_agent.0")
+	// A balloon, never inflated by the agent: through it the guest reports
+	// its memory (QMP query-balloon, and qom-get guest-stats once the
+	// usage collector turned stats polling on).
+	add("-device", "virtio-balloon-pci,id="+BalloonID+",bus="+bus+",addr=0x18")
 	// The -add-fd options go first so every /dev/fdset/N exists before the
 	// option that opens it.
 	return append(fds.args, a...), fds.files, nil
