@@ -23,6 +23,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/protocol/cptest"
 	"github.com/otherix/otherix-agent/agent/runner"
+	"github.com/otherix/otherix-agent/agent/usage"
 )
 
 // TestUsageKnownWork boots the real guest, has it write writeMiB MiB to
@@ -117,8 +118,17 @@ func TestUsageKnownWork(t *testing.T) {
 	if after.CPUPercent <= 0 || after.MemoryRSSBytes < 64<<20 {
 		t.Errorf("cpu_percent %.1f, rss %d", after.CPUPercent, after.MemoryRSSBytes)
 	}
-	t.Logf("known work: wrote %d MiB, busy 4 s: disk_write_bytes +%d, cpu_seconds +%.2f (cpu_percent %.1f over the last interval), rss %d MiB",
-		writeMiB, after.DiskWriteBytes-before.DiskWriteBytes, burn, after.CPUPercent, after.MemoryRSSBytes>>20)
+	// The balloon: the guest's memory, and its own statistics once its
+	// driver answered the polling the first sample turned on.
+	if gm := after.GuestMemory; gm == nil || gm.ActualBytes != 256<<20 {
+		t.Errorf("guest memory %+v, want actual_bytes %d", gm, 256<<20)
+	}
+	if err := waitGuestStats(ctx, col, id); err != nil {
+		t.Error(err)
+	}
+	after, _ = col.Get(id)
+	t.Logf("known work: wrote %d MiB, busy 4 s: disk_write_bytes +%d, cpu_seconds +%.2f (cpu_percent %.1f over the last interval), rss %d MiB, guest memory %+v",
+		writeMiB, after.DiskWriteBytes-before.DiskWriteBytes, burn, after.CPUPercent, after.MemoryRSSBytes>>20, *after.GuestMemory)
 
 	// The same sample everywhere.
 	want := after.Summary()
@@ -160,6 +170,7 @@ func TestUsageKnownWork(t *testing.T) {
 		"otherix_agent_vm_disk_written_bytes_total": float64(want.DiskWriteBytes),
 		"otherix_agent_vm_disk_write_ops_total":     float64(after.DiskWriteOps),
 		"otherix_agent_vm_usage_timestamp_seconds":  float64(want.SampledAt.UnixNano()) / 1e9,
+		"otherix_agent_vm_guest_memory_bytes":       float64(after.GuestMemory.ActualBytes),
 	} {
 		got, ok := series[name]
 		if !ok || !near(got, val) {
@@ -180,6 +191,26 @@ func TestUsageKnownWork(t *testing.T) {
 	}
 	if s := scrapeVM(t, msrv.URL, "busy", id); len(s) != 0 {
 		t.Errorf("series of a stopped VM: %v", s)
+	}
+}
+
+// waitGuestStats samples until the guest's balloon driver reported its
+// memory: a total within its 256 MiB and some of it free.
+func waitGuestStats(ctx context.Context, col *usage.Collector, id string) error {
+	for {
+		u, ok := col.Get(id)
+		if gm := u.GuestMemory; ok && gm != nil && gm.TotalBytes > 0 {
+			if gm.TotalBytes > 256<<20 || gm.FreeBytes <= 0 || gm.FreeBytes > gm.TotalBytes {
+				return fmt.Errorf("guest statistics %+v", *gm)
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the guest never reported its memory: %+v", u.GuestMemory)
+		case <-time.After(500 * time.Millisecond):
+		}
+		col.Collect(ctx)
 	}
 }
 

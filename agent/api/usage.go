@@ -41,6 +41,13 @@ type GuestMemory struct {
 	// ActualBytes is the memory the guest has (its size minus what the
 	// balloon holds).
 	ActualBytes int64 `json:"actual_bytes"`
+	// The guest's own view, from its balloon driver's statistics (absent
+	// until the guest reported them): its total memory, the memory it
+	// does not use at all, and what it could use without swapping
+	// (free plus reclaimable caches).
+	TotalBytes     int64 `json:"total_bytes,omitempty"`
+	FreeBytes      int64 `json:"free_bytes,omitempty"`
+	AvailableBytes int64 `json:"available_bytes,omitempty"`
 }
 
 // DiskUsage is one disk's IO.

@@ -81,6 +81,9 @@ type sample struct {
 	// noBalloon: query-balloon said the VM has none; not asked again for
 	// this QEMU process.
 	noBalloon bool
+	// polling: the balloon's guest statistics polling was turned on in
+	// this QEMU process.
+	polling bool
 }
 
 // New returns a collector reading src.
@@ -192,11 +195,17 @@ func (c *Collector) sampleVM(ctx context.Context, v VM) {
 		c.o.Logger.Debug("usage: query-blockstats", zap.String("vm", v.Name), zap.Error(err))
 	}
 	noBalloon := prev != nil && prev.noBalloon
+	polling := prev != nil && prev.polling
 	if !noBalloon {
 		gm, err := c.balloon(ctx, v.Name)
 		switch {
 		case err == nil:
 			u.GuestMemory = gm
+			if !polling {
+				polling = c.startGuestStats(ctx, v.Name)
+			} else {
+				c.guestStats(ctx, v.Name, gm)
+			}
 		case isNoBalloon(err):
 			noBalloon = true
 		default:
@@ -205,7 +214,7 @@ func (c *Collector) sampleVM(ctx context.Context, v VM) {
 	}
 	c.netStats(v.NICs, &u)
 	c.mu.Lock()
-	c.last[v.UUID] = &sample{name: v.Name, usage: u, noBalloon: noBalloon}
+	c.last[v.UUID] = &sample{name: v.Name, usage: u, noBalloon: noBalloon, polling: polling}
 	c.mu.Unlock()
 }
 
@@ -257,6 +266,44 @@ func (c *Collector) balloon(ctx context.Context, name string) (*api.GuestMemory,
 		return nil, err
 	}
 	return &api.GuestMemory{ActualBytes: reply.Actual}, nil
+}
+
+// balloonPath is the QOM path of the engine's balloon (vm.BalloonID).
+const balloonPath = "/machine/peripheral/balloon0"
+
+// startGuestStats asks the balloon driver to report the guest's memory
+// statistics every interval (whole seconds, at least one); the next
+// samples read them. It reports whether polling is on.
+func (c *Collector) startGuestStats(ctx context.Context, name string) bool {
+	ctx, cancel := context.WithTimeout(ctx, c.o.QMPTimeout)
+	defer cancel()
+	secs := max(int(c.o.Interval/time.Second), 1)
+	err := c.src.QMP(ctx, name, "qom-set", map[string]any{"path": balloonPath, "property": "guest-stats-polling-interval", "value": secs}, nil)
+	if err != nil {
+		c.o.Logger.Debug("usage: balloon stats polling", zap.String("vm", name), zap.Error(err))
+		return false
+	}
+	return true
+}
+
+// guestStats adds the guest's last reported statistics to gm. A value
+// the guest does not report is -1 (or absent) and left out.
+func (c *Collector) guestStats(ctx context.Context, name string, gm *api.GuestMemory) {
+	ctx, cancel := context.WithTimeout(ctx, c.o.QMPTimeout)
+	defer cancel()
+	var reply struct {
+		Stats      map[string]int64 `json:"stats"`
+		LastUpdate int64            `json:"last-update"`
+	}
+	if err := c.src.QMP(ctx, name, "qom-get", map[string]any{"path": balloonPath, "property": "guest-stats"}, &reply); err != nil {
+		c.o.Logger.Debug("usage: balloon guest stats", zap.String("vm", name), zap.Error(err))
+		return
+	}
+	if reply.LastUpdate == 0 {
+		return // the guest has not reported yet
+	}
+	pos := func(k string) int64 { return max(reply.Stats[k], 0) }
+	gm.TotalBytes, gm.FreeBytes, gm.AvailableBytes = pos("stat-total-memory"), pos("stat-free-memory"), pos("stat-available-memory")
 }
 
 // isNoBalloon reports QEMU's answer for a VM without a balloon device.

@@ -49,6 +49,9 @@ func (s *source) QMP(ctx context.Context, name, cmd string, args, out any) error
 	if err := s.errs[cmd]; err != nil {
 		return err
 	}
+	if out == nil {
+		return nil
+	}
 	return json.Unmarshal([]byte(s.replies[cmd]), out)
 }
 
@@ -147,4 +150,51 @@ func TestCollector(t *testing.T) {
 	if _, ok := c.Get("u1"); ok || len(c.All()) != 0 {
 		t.Errorf("a VM that no longer runs keeps its sample: %+v", c.All())
 	}
+}
+
+// TestCollectorBalloon: with a balloon, the first sample turns the
+// guest's statistics polling on (at the interval, in whole seconds) and
+// later ones read them; values the guest does not report (-1) are left
+// out.
+func TestCollectorBalloon(t *testing.T) {
+	proc := t.TempDir()
+	writeTree(t, proc, map[string]string{"7/stat": "7 (q) S 1 1 1 0 -1 0 0 0 0 0 1 1 0 0 20 0 9 0 1 1 1\n", "7/statm": "1 1 0 0 0 0 0\n"})
+	src := &source{
+		vms: []VM{{Name: "b", UUID: "u2", PID: 7}},
+		replies: map[string]string{
+			"query-blockstats": `[]`,
+			"query-balloon":    `{"actual": 268435456}`,
+			"qom-set":          `{}`,
+			"qom-get":          `{"stats": {"stat-total-memory": 250000000, "stat-free-memory": 200000000, "stat-available-memory": -1}, "last-update": 1765000000}`,
+		},
+		calls: map[string]int{},
+	}
+	var set any
+	c := New(recorder{src, &set}, Options{ProcRoot: proc, SysRoot: t.TempDir(), Interval: 2500 * time.Millisecond})
+	c.Collect(context.Background())
+	u, _ := c.Get("u2")
+	if u.GuestMemory == nil || *u.GuestMemory != (api.GuestMemory{ActualBytes: 256 << 20}) || src.calls["qom-set"] != 1 || src.calls["qom-get"] != 0 {
+		t.Fatalf("first sample: %+v, calls %v", u.GuestMemory, src.calls)
+	}
+	if b, _ := json.Marshal(set); string(b) != `{"path":"/machine/peripheral/balloon0","property":"guest-stats-polling-interval","value":2}` {
+		t.Errorf("qom-set %s", b)
+	}
+	c.Collect(context.Background())
+	u, _ = c.Get("u2")
+	if *u.GuestMemory != (api.GuestMemory{ActualBytes: 256 << 20, TotalBytes: 250000000, FreeBytes: 200000000}) || src.calls["qom-set"] != 1 {
+		t.Errorf("second sample: %+v, calls %v", u.GuestMemory, src.calls)
+	}
+}
+
+// recorder records the arguments of qom-set.
+type recorder struct {
+	*source
+	set *any
+}
+
+func (r recorder) QMP(ctx context.Context, name, cmd string, args, out any) error {
+	if cmd == "qom-set" {
+		*r.set = args
+	}
+	return r.source.QMP(ctx, name, cmd, args, out)
 }
