@@ -27,6 +27,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/netdev/netdevtest"
 	"github.com/otherix/otherix-agent/agent/testguest"
+	"github.com/otherix/otherix-agent/agent/tpm"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
 	"github.com/otherix/otherix-agent/internal/leakcheck"
@@ -393,10 +394,8 @@ func TestTPM(t *testing.T) {
 		t.Fatal(err)
 	}
 	hh.h = h
-	// swtpm runs as the QEMU user and needs to search the directories
-	// above its state; the test's temp root is 0700 (production's
-	// /var/lib is 0755).
-	os.Chmod(filepath.Dir(hh.cfg.DataDir), 0o711)
+	// The data dir is under the test's temp root, private (0700): swtpm,
+	// as the VM's uid, reaches its state through descriptors.
 	ctx := context.Background()
 	ud := "#cloud-config\n#otherix-run: /etc/otherix/tpm2 nvread 0x01500001 8 || { /etc/otherix/tpm2 nvdefine 0x01500001 8 && /etc/otherix/tpm2 nvwrite 0x01500001 6f74686572697821; }\n"
 	image := "file://" + filepath.Join(testguest.PlatformDir(t, "amd64", testguest.VariantDefault), "guest.qcow2")
@@ -443,24 +442,8 @@ func TestTPM(t *testing.T) {
 	}
 }
 
-// swtpmPIDs lists swtpm processes whose command line names state.
-func swtpmPIDs(state string) []int {
-	var out []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if strings.Contains(string(b), "swtpm") && strings.Contains(string(b), state) {
-			if st, _ := os.ReadFile("/proc/" + e.Name() + "/stat"); !strings.Contains(string(st), ") Z ") {
-				out = append(out, pid)
-			}
-		}
-	}
-	return out
-}
+// swtpmPIDs lists the swtpm processes serving state.
+func swtpmPIDs(state string) []int { return tpm.PIDs(state) }
 
 func waitNoSWTPM(t *testing.T, state string) {
 	t.Helper()

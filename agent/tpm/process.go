@@ -14,6 +14,7 @@ import (
 	"strings"
 
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -183,33 +184,35 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 	}
 	logStart, _ := logf.Seek(0, io.SeekEnd)
 
-	// swtpm writes its pid to the pid file (fd 5) once its options are
-	// accepted and then closes it; inotify tells when (IN_CLOSE_WRITE
-	// comes when the last descriptor closes: swtpm's, or its exit).
+	// swtpm writes its pid to the pid file once its options are accepted
+	// and then closes it; inotify tells when (IN_CLOSE_WRITE). The file
+	// is made empty here, owned by swtpm's user, and closed before the
+	// watch starts.
 	pidPath := PIDPath(cfg.RunDir)
 	pidFile, err := os.OpenFile(pidPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
 		os.Remove(sock)
 		return nil, errcode.Wrap(errcode.Internal, err, "tpm: pid file")
 	}
-	// swtpm reopens its fd=N files through /proc/self/fd/N, which checks
-	// the file's own permissions: an unprivileged swtpm must own them.
 	if cfg.Owner != nil {
-		if err := pidFile.Chown(int(cfg.Owner.UID), int(cfg.Owner.GID)); err != nil {
-			pidFile.Close()
-			os.Remove(sock)
-			return nil, errcode.Wrap(errcode.Internal, err, "tpm: chown pid file")
-		}
+		err = pidFile.Chown(int(cfg.Owner.UID), int(cfg.Owner.GID))
 	}
-	ifd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
+	if cerr := pidFile.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: pid file")
+	}
+	// The watch is on the directory: swtpm may replace the file.
+	ifd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
 	if err == nil {
-		_, err = unix.InotifyAddWatch(ifd, pidPath, unix.IN_CLOSE_WRITE)
+		_, err = unix.InotifyAddWatch(ifd, cfg.RunDir, unix.IN_CLOSE_WRITE|unix.IN_MOVED_TO)
 		if err != nil {
 			unix.Close(ifd)
 		}
 	}
 	if err != nil {
-		pidFile.Close()
 		os.Remove(sock)
 		return nil, errcode.Wrap(errcode.Internal, err, "tpm: inotify")
 	}
@@ -226,32 +229,44 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 	}
 	path, err := lookPath(bin, env)
 	if err != nil {
-		pidFile.Close()
 		os.Remove(sock)
 		return nil, errcode.Wrap(errcode.Internal, err, "tpm: find swtpm")
 	}
 	var cred *syscall.Credential
+	who := "the agent's user"
 	if o := cfg.Owner; o != nil {
 		cred = &syscall.Credential{Uid: o.UID, Gid: o.GID, Groups: []uint32{}}
+		who = fmt.Sprintf("uid %d", o.UID)
 	}
+	dirs, err := openDirs(cfg.StateDir, cfg.RunDir)
+	if err != nil {
+		os.Remove(sock)
+		return nil, err
+	}
+	defer func() {
+		for _, d := range dirs {
+			d.Close()
+		}
+	}()
 	sp, err := proc.Start(proc.Cmd{
 		Path: path,
 		Args: []string{"socket", "--tpm2",
-			"--tpmstate", stateArg(cfg.StateDir),
+			"--tpmstate", stateArg,
 			"--ctrl", "type=unixio,fd=3",
 			"--terminate",
 			"--log", "fd=4,level=1",
-			"--pid", "fd=5"},
-		Env:        env,
-		Dir:        cfg.StateDir,
+			"--pid", pidArg},
+		Env: env,
+		// Nothing by path: the working directory is /, the state dir is
+		// fd 5, the pid file's dir fd 6.
+		Dir:        "/",
 		Output:     logf,
-		Files:      []*os.File{lnFile, logf, pidFile},
+		Files:      []*os.File{lnFile, logf, dirs[0], dirs[1]},
 		Credential: cred,
 	})
-	pidFile.Close()
 	if err != nil {
 		os.Remove(sock)
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: exec %s", path)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: the VM's TPM emulator swtpm (%s) could not be started as %s", path, who)
 	}
 	p := &Process{p: sp, sock: sock, pidPath: pidPath}
 
@@ -260,42 +275,73 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		<-sp.Done()
 		os.Remove(sock)
 		os.Remove(pidPath)
-		e := errcode.Wrap(errcode.Internal, err, "tpm: swtpm did not start")
+		e := errcode.Wrap(errcode.Internal, err, "tpm: the VM's TPM emulator swtpm (%s, as %s) did not start", path, who)
 		if tail := proc.Tail(logPath, logStart, 2048); tail != "" {
 			e.Message += "; swtpm said: " + tail
 		}
 		return nil, e
 	}
 	ready := make(chan error, 1)
-	go func() {
-		// One event: the watch has a single file and a single event kind.
-		buf := make([]byte, unix.SizeofInotifyEvent+unix.NAME_MAX+1)
-		if _, err := inotify.Read(buf); err != nil {
-			ready <- err
-			return
-		}
-		b, err := os.ReadFile(pidPath)
-		switch {
-		case err != nil:
-			ready <- err
-		case len(b) == 0:
-			ready <- errors.New("it exited before accepting its options")
-		case strings.TrimSpace(string(b)) != strconv.Itoa(sp.PID()):
-			ready <- fmt.Errorf("it wrote pid %q, want %d", b, sp.PID())
-		default:
-			ready <- nil
-		}
-	}()
+	go func() { ready <- waitPIDFile(inotify, pidPath, sp.PID()) }()
 	select {
 	case err := <-ready:
 		if err != nil {
 			return fail(err)
 		}
+	case <-sp.Done():
+		return fail(errors.New("it exited before accepting its options"))
 	case <-ctx.Done():
-		// The reader returns once the killed swtpm's descriptor closes.
-		return fail(ctx.Err())
+		return fail(ctx.Err()) // closing inotify (deferred) ends the reader
 	}
 	return p, nil
+}
+
+// waitPIDFile reads inotify events of the pid file's directory until the
+// pid file is written and closed with a pid in it, and checks that it is
+// pid.
+func waitPIDFile(inotify *os.File, pidPath string, pid int) error {
+	name := filepath.Base(pidPath)
+	buf := make([]byte, 16*(unix.SizeofInotifyEvent+unix.NAME_MAX+1))
+	for {
+		n, err := inotify.Read(buf)
+		if err != nil {
+			return err
+		}
+		for off := 0; off+unix.SizeofInotifyEvent <= n; {
+			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+			nameBytes := buf[off+unix.SizeofInotifyEvent : off+unix.SizeofInotifyEvent+int(ev.Len)]
+			off += unix.SizeofInotifyEvent + int(ev.Len)
+			if string(bytes.TrimRight(nameBytes, "\x00")) != name {
+				continue
+			}
+			b, err := os.ReadFile(pidPath)
+			switch {
+			case err != nil:
+				return err
+			case len(bytes.TrimSpace(b)) == 0:
+				continue // opened and closed before the write
+			case strings.TrimSpace(string(b)) != strconv.Itoa(pid):
+				return fmt.Errorf("it wrote pid %q, want %d", b, pid)
+			}
+			return nil
+		}
+	}
+}
+
+// openDirs opens directories for swtpm to inherit.
+func openDirs(paths ...string) ([]*os.File, error) {
+	var out []*os.File
+	for _, p := range paths {
+		d, err := os.OpenFile(p, os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW, 0)
+		if err != nil {
+			for _, o := range out {
+				o.Close()
+			}
+			return nil, errcode.Wrap(errcode.Internal, err, "tpm: open %s", p)
+		}
+		out = append(out, d)
+	}
+	return out, nil
 }
 
 func prepareState(cfg Config) error {
@@ -389,7 +435,7 @@ func (p *Process) isReleased() bool { return p.p.Released() }
 // is taken only if it is a live swtpm whose command line names stateDir
 // and which listens on sock, so a reused pid is never adopted.
 func FindRunning(stateDir, sock string) *Process {
-	want := stateArg(stateDir)
+	want := filepath.Clean(stateDir)
 	pidPath := filepath.Join(filepath.Dir(sock), PIDName)
 	var cands []int
 	if b, err := os.ReadFile(pidPath); err == nil {
@@ -414,7 +460,7 @@ func FindRunning(stateDir, sock string) *Process {
 // RemoveState deletes a VM's TPM state. It refuses (conflict) while a
 // swtpm runs on it.
 func RemoveState(stateDir string) error {
-	if pids := scanSWTPM(stateArg(stateDir)); len(pids) > 0 {
+	if pids := PIDs(stateDir); len(pids) > 0 {
 		return errcode.New(errcode.Conflict, "tpm: swtpm (pid %d) still runs on %s", pids[0], stateDir)
 	}
 	if err := os.RemoveAll(stateDir); err != nil {
@@ -423,7 +469,11 @@ func RemoveState(stateDir string) error {
 	return nil
 }
 
-// scanSWTPM returns the live swtpm processes whose --tpmstate is want.
+// PIDs returns the live swtpm processes serving stateDir.
+func PIDs(stateDir string) []int { return scanSWTPM(filepath.Clean(stateDir)) }
+
+// scanSWTPM returns the live swtpm processes whose state is the directory
+// want (clean).
 func scanSWTPM(want string) []int {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
@@ -456,7 +506,9 @@ func isLive(pid int) bool {
 	return i >= 0 && i+2 < len(stat) && stat[i+2] != 'Z' && stat[i+2] != 'X'
 }
 
-// hasStateArg reports whether pid is swtpm with "--tpmstate want".
+// hasStateArg reports whether pid is swtpm whose state is the directory
+// want: "--tpmstate" stateArg with its fd 6 on want, or (started by an
+// older agent) "--tpmstate dir=want,mode=0600".
 func hasStateArg(pid int, want string) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	if err != nil {
@@ -467,8 +519,22 @@ func hasStateArg(pid int, want string) bool {
 		return false
 	}
 	for i := 1; i+1 < len(args); i++ {
-		if args[i] == "--tpmstate" && args[i+1] == want {
+		if args[i] != "--tpmstate" {
+			continue
+		}
+		switch args[i+1] {
+		case pathStateArg(want):
 			return true
+		case stateArg:
+			link, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/fd/" + strconv.Itoa(stateFD))
+			if err != nil {
+				return false
+			}
+			if link == want {
+				return true
+			}
+			real, err := filepath.EvalSymlinks(want) // the link is the resolved path
+			return err == nil && link == real
 		}
 	}
 	return false

@@ -3,8 +3,15 @@
 //
 // swtpm runs as
 //
-//	swtpm socket --tpm2 --tpmstate dir=<StateDir>,mode=0600
-//	      --ctrl type=unixio,fd=3 --terminate --pid fd=5 --log fd=4,level=1
+//	swtpm socket --tpm2 --tpmstate dir=/proc/self/fd/5,mode=0600
+//	      --ctrl type=unixio,fd=3 --terminate
+//	      --pid file=/proc/self/fd/6/swtpm.pid --log fd=4,level=1
+//
+// swtpm reaches its state directory (fd 5) and the directory of its pid
+// file (RunDir, fd 6) through descriptors the agent opened, never by path:
+// as the VM's own uid it could not search the directories above data_dir
+// when one of them is private (a 0700 home or temporary directory). (With
+// --pid fd=N, swtpm reopens the file by its path and fails there.)
 //
 // The control socket (<RunDir>/swtpm.sock) is bound and listening before
 // swtpm starts (fd 3), so QEMU can connect as soon as [Start] returns;
@@ -109,10 +116,22 @@ func checkPath(what, p string) error {
 	return nil
 }
 
-// stateArg is swtpm's --tpmstate value; it also identifies the process
-// (see FindRunning). swtpm's option parser has no escape for a comma, so
-// Config.validate refuses state dirs holding one.
-func stateArg(stateDir string) string {
+// stateFD is the descriptor of the state directory in swtpm.
+const stateFD = 5
+
+// stateArg is swtpm's --tpmstate value: the state directory through its
+// descriptor. The directory itself identifies the process (see
+// FindRunning: the descriptor's link names it).
+const stateArg = "dir=/proc/self/fd/5,mode=0600"
+
+// pidArg is swtpm's --pid value: its pid file in RunDir (fd 6).
+const pidArg = "file=/proc/self/fd/6/" + PIDName
+
+// pathStateArg is the --tpmstate value of a swtpm started by an agent
+// that passed the path (before stateArg); such a swtpm is still adopted.
+// swtpm's option parser has no escape for a comma, so Config.validate
+// refuses state dirs holding one.
+func pathStateArg(stateDir string) string {
 	return "dir=" + filepath.Clean(stateDir) + ",mode=0600"
 }
 

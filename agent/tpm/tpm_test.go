@@ -5,6 +5,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -297,14 +299,36 @@ func TestOwner(t *testing.T) {
 		t.Fatal("needs root to run swtpm as another user")
 	}
 	t.Parallel()
-	_, run := vmDirs(t)
-	// swtpm must reach its state dir: every folder above it must be
-	// searchable by the user it runs as (t.TempDir's are 0700 root).
-	state := filepath.Join(run, "tpm")
-	if err := os.Chmod(run, 0o755); err != nil {
+	// The folders above the state dir are private (0700 root, as
+	// t.TempDir's are, or a data_dir under /root): swtpm, running as
+	// another user, reaches its state through the descriptor it inherits.
+	private := t.TempDir()
+	if err := os.Chmod(private, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	p := startSWTPM(t, Config{StateDir: state, RunDir: run, Owner: &Owner{UID: 65534, GID: 65534}})
+	state := filepath.Join(private, "vm", "tpm")
+	p := startSWTPM(t, Config{StateDir: state, RunDir: state, Owner: &Owner{UID: 65534, GID: 65534}})
+	found := FindRunning(state, SocketPath(state))
+	if found == nil || found.PID() != p.PID() {
+		t.Fatalf("FindRunning = %v, want pid %d", found, p.PID())
+	}
+	found.Release()
+	// swtpm works: a control command answers and its state is written.
+	c, err := net.Dial("unix", SocketPath(state))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var reply [4]byte
+	if _, err := c.Write([]byte{0, 0, 0, 2, 0, 0, 0, 0}); err != nil { // CMD_INIT
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, reply[:]); err != nil || reply != [4]byte{} {
+		t.Fatalf("CMD_INIT answered %x, %v; want result 0", reply, err)
+	}
+	if _, err := os.Stat(filepath.Join(state, "tpm2-00.permall")); err != nil {
+		t.Errorf("swtpm wrote no state: %v", err)
+	}
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.PID()))
 	if err != nil {
 		t.Fatal(err)

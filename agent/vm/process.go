@@ -285,7 +285,11 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	if err != nil {
 		deleteLinks(links)
 		m.stopTPM()
-		return fail(errcode.QEMUStartFailed, err, "exec "+bin)
+		who := "the agent's user"
+		if cred != nil {
+			who = fmt.Sprintf("uid %d", cred.Uid)
+		}
+		return fail(errcode.QEMUStartFailed, err, fmt.Sprintf("start qemu (%s) as %s", bin, who))
 	}
 	p := newProcess(m, sp)
 	p.links = links
