@@ -31,6 +31,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
 )
 
@@ -48,6 +49,7 @@ type Store struct {
 	prefix    string
 	maxTasks  int
 	opTimeout time.Duration
+	nodeTTL   int64 // seconds
 
 	mu      sync.Mutex
 	changed chan struct{}
@@ -65,7 +67,13 @@ type Options struct {
 	MaxTasks int
 	// OpTimeout bounds one operation; default DefaultOpTimeout.
 	OpTimeout time.Duration
+	// NodeTTL is how long a node stays alive after its last heartbeat
+	// (an etcd lease); default DefaultNodeTTL.
+	NodeTTL time.Duration
 }
+
+// DefaultNodeTTL is three heartbeats at cpserver's default interval.
+const DefaultNodeTTL = 3 * cpserver.DefaultHeartbeatInterval
 
 // New returns a store on cli (which the caller closes after the store)
 // and starts watching it for Changed. It does not need etcd up: without
@@ -83,8 +91,11 @@ func New(cli *clientv3.Client, o Options) *Store {
 	if o.OpTimeout <= 0 {
 		o.OpTimeout = DefaultOpTimeout
 	}
+	if o.NodeTTL < time.Second {
+		o.NodeTTL = DefaultNodeTTL
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Store{cli: cli, prefix: o.Prefix, maxTasks: o.MaxTasks, opTimeout: o.OpTimeout,
+	s := &Store{cli: cli, prefix: o.Prefix, maxTasks: o.MaxTasks, opTimeout: o.OpTimeout, nodeTTL: int64(o.NodeTTL / time.Second),
 		changed: make(chan struct{}), stop: cancel, done: make(chan struct{})}
 	// Changes from now on wake Changed's waiters, even those made before
 	// the watch is established.
@@ -447,7 +458,12 @@ func (s *Store) DeleteVM(ctx context.Context, uuid string) error {
 	return wrap(ctx, err)
 }
 
-// PutNode implements cpserver.Store.
+func (s *Store) aliveKey(name string) string { return s.prefix + "alive/" + name }
+
+// PutNode implements cpserver.Store. A node's heartbeat also keeps its
+// liveness key alive/<name> (an etcd lease of NodeTTL): when heartbeats
+// stop, etcd deletes the key and the node reads as lost. A node's
+// registration (no heartbeat yet, no state) does not make it alive.
 func (s *Store) PutNode(ctx context.Context, n cpserver.Node) error {
 	b, err := json.Marshal(n)
 	if err != nil {
@@ -455,23 +471,51 @@ func (s *Store) PutNode(ctx context.Context, n cpserver.Node) error {
 	}
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	_, err = s.cli.Put(ctx, s.nodeKey(n.Name), string(b))
+	resp, err := s.cli.Txn(ctx).Then(clientv3.OpPut(s.nodeKey(n.Name), string(b)), clientv3.OpGet(s.aliveKey(n.Name))).Commit()
+	if err != nil || n.State == "" {
+		return wrap(ctx, err)
+	}
+	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 && kvs[0].Lease != 0 {
+		if _, err := s.cli.KeepAliveOnce(ctx, clientv3.LeaseID(kvs[0].Lease)); err == nil {
+			return nil
+		} else if unavailable(ctx, err) {
+			return wrap(ctx, err)
+		}
+		// Expired meanwhile: a new lease.
+	}
+	g, err := s.cli.Grant(ctx, s.nodeTTL)
+	if err != nil {
+		return wrap(ctx, err)
+	}
+	_, err = s.cli.Put(ctx, s.aliveKey(n.Name), "1", clientv3.WithLease(g.ID))
 	return wrap(ctx, err)
 }
 
-// Nodes implements cpserver.Store.
+// Nodes implements cpserver.Store: a node whose liveness key is gone is
+// api.NodeLost.
 func (s *Store) Nodes(ctx context.Context) ([]cpserver.Node, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	resp, err := s.cli.Get(ctx, s.prefix+"nodes/", clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+	resp, err := s.cli.Txn(ctx).Then(
+		clientv3.OpGet(s.prefix+"nodes/", clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend)),
+		clientv3.OpGet(s.prefix+"alive/", clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+	).Commit()
 	if err != nil {
 		return nil, wrap(ctx, err)
 	}
-	out := make([]cpserver.Node, 0, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
+	alive := map[string]bool{}
+	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+		alive[strings.TrimPrefix(string(kv.Key), s.prefix+"alive/")] = true
+	}
+	kvs := resp.Responses[0].GetResponseRange().Kvs
+	out := make([]cpserver.Node, 0, len(kvs))
+	for _, kv := range kvs {
 		var n cpserver.Node
 		if err := json.Unmarshal(kv.Value, &n); err != nil {
 			return nil, fmt.Errorf("node %s: %w", kv.Key, err)
+		}
+		if n.State != "" && !alive[n.Name] {
+			n.State = api.NodeLost
 		}
 		out = append(out, n)
 	}

@@ -257,3 +257,48 @@ func TestPrune(t *testing.T) {
 		t.Errorf("oldest terminal task kept: %v", err)
 	}
 }
+
+// TestNodeLost: a node whose heartbeats stop reads as lost once its
+// etcd liveness lease ends (no clock compared), and ready again at its
+// next heartbeat.
+func TestNodeLost(t *testing.T) {
+	c := etcdtest.Start(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	srv := &cpserver.Server{Store: newStore(t, c, etcdstore.Options{NodeTTL: 2 * time.Second})}
+	if _, err := srv.Register(ctx, protocol.RegisterRequest{Node: protocol.NodeInfo{Name: "n1", CPUs: 4}}); err != nil {
+		t.Fatal(err)
+	}
+	state := func() string {
+		nodes, err := srv.Nodes(ctx)
+		if err != nil || len(nodes) != 1 {
+			t.Fatalf("nodes %+v %v", nodes, err)
+		}
+		return nodes[0].State
+	}
+	beat := func() {
+		if _, err := srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n1", State: protocol.NodeReady}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	beat()
+	beat() // the second keeps the same lease alive
+	if s := state(); s != protocol.NodeReady {
+		t.Fatalf("after a heartbeat: %q", s)
+	}
+	start := time.Now()
+	for state() != api.NodeLost {
+		if ctx.Err() != nil {
+			t.Fatal("never lost")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("lost %v after the last heartbeat (ttl 2s)", time.Since(start).Round(100*time.Millisecond))
+	beat()
+	if s := state(); s != protocol.NodeReady {
+		t.Fatalf("back: %q", s)
+	}
+	if nodes, _ := srv.Nodes(ctx); nodes[0].Info == nil || nodes[0].Info.CPUs != 4 {
+		t.Errorf("registration lost: %+v", nodes[0])
+	}
+}

@@ -30,7 +30,7 @@ func (s *Store) notify() {
 // member gone) wakes every waiter, who reads again, and is made anew.
 func (s *Store) watch(ctx context.Context) {
 	defer close(s.done)
-	nodes := s.prefix + "nodes/"
+	nodes, alive := s.prefix+"nodes/", s.prefix+"alive/"
 	rev := s.startRev
 	for ctx.Err() == nil {
 		opts := []clientv3.OpOption{clientv3.WithPrefix()}
@@ -48,7 +48,8 @@ func (s *Store) watch(ctx context.Context) {
 			wake := false
 			for _, ev := range resp.Events {
 				rev = ev.Kv.ModRevision
-				wake = wake || !strings.HasPrefix(string(ev.Kv.Key), nodes)
+				k := string(ev.Kv.Key)
+				wake = wake || !strings.HasPrefix(k, nodes) && !strings.HasPrefix(k, alive)
 			}
 			if wake {
 				s.notify()
