@@ -101,6 +101,8 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/images", a.images)
 	mux.HandleFunc("POST /v1/images", a.pullImage)
 	mux.HandleFunc("DELETE /v1/images/{digest}", a.deleteImage)
+	mux.HandleFunc("GET /v1/nodes", a.nodes)
+	mux.HandleFunc("GET /v1/nodes/{name}", a.node)
 	mux.HandleFunc("GET /v1/node", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.host.Node(r.Context()))
 	})
@@ -120,7 +122,7 @@ func StatusOf(code errcode.Code) int {
 		return http.StatusUnauthorized
 	case errcode.RateLimited:
 		return http.StatusTooManyRequests
-	case errcode.NetworkUnavailable:
+	case errcode.NetworkUnavailable, errcode.ClusterUnavailable:
 		return http.StatusServiceUnavailable
 	case errcode.DiskFull:
 		return http.StatusInsufficientStorage
@@ -176,6 +178,10 @@ func (a *API) queue(w http.ResponseWriter, typ, vmName, vmUUID string, spec any)
 		// The code is conflict until errcode has one for this
 		// (rate_limited); the status tells clients to come back.
 		writeJSON(w, http.StatusTooManyRequests, api.ErrorEnvelope{Error: api.Error{Code: string(errcode.RateLimited), Message: err.Error()}})
+		return t, false
+	case isUnavailable(err):
+		w.Header().Set("Retry-After", strconv.Itoa(cpserver.RetryAfterSeconds))
+		writeErr(w, storeErr(err))
 		return t, false
 	case err != nil:
 		writeErr(w, errcode.Wrap(errcode.Internal, err, "queue task"))

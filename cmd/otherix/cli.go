@@ -177,6 +177,7 @@ func (c *cli) commands() []command {
 		command{"volume list", "[--pool P] [-o table|json]", "list a pool's volumes", c.volumeList, false},
 		command{"volume delete", "NAME [--pool P]", "delete a volume no VM uses", c.volumeDelete, false},
 	)
+	cmds = append(cmds, c.nodeCommands()...)
 	cmds = append(cmds, command{"firmware list", "[--arch amd64|arm64] [-o table|json]", "list the firmware catalogue per arch", c.firmwareList, false})
 	return append(cmds, command{"version", "", "print the version", c.version, true})
 }
@@ -231,6 +232,12 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 	if rest[0] == "volume" {
 		if len(rest) < 2 {
 			return &usageError{msg: "volume needs a subcommand", synopsis: "otherix volume create|list|delete ..."}
+		}
+		words = 2
+	}
+	if rest[0] == "node" || rest[0] == "pool" {
+		if len(rest) < 2 {
+			return &usageError{msg: rest[0] + " needs a subcommand", synopsis: "otherix node list|get ..., otherix pool list"}
 		}
 		words = 2
 	}
