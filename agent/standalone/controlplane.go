@@ -37,7 +37,10 @@ const heartbeatInterval = 5 * time.Second
 // as it is, never deleted.
 type ControlPlane struct {
 	srv   *cpserver.Server
-	store *cpserver.FileStore
+	store *cpserver.FileStore // nil in cluster mode
+	// node stamps the tasks this replica queues (cluster mode): they
+	// run on this host.
+	node string
 }
 
 // NewControlPlane loads (or creates) the state file.
@@ -55,6 +58,20 @@ func NewControlPlane(path, token string, log *zap.Logger) (*ControlPlane, error)
 	return &ControlPlane{srv: srv, store: store}, nil
 }
 
+// NewClusterControlPlane is a replica of cluster mode's control plane
+// (docs/cluster.md): its state lives in store (etcd), shared by every
+// host's replica. The tasks it queues run on node, this host; a VM a
+// heartbeat reports belongs to the node that reported it.
+func NewClusterControlPlane(store cpserver.Store, node, token string, log *zap.Logger) *ControlPlane {
+	srv := &cpserver.Server{
+		Store: store, Token: token, Log: log,
+		LeaseTTL: cpserver.DefaultLeaseTTL, MaxWait: cpserver.DefaultMaxWait, HeartbeatInterval: cpserver.DefaultHeartbeatInterval,
+		MaxPendingTasks: DefaultMaxPendingTasks, MaxPendingCreates: DefaultMaxPendingCreates,
+		DesiredFollowsTasks: true, AdoptUnknownVMs: true, NodeScoped: true,
+	}
+	return &ControlPlane{srv: srv, node: node}
+}
+
 // SetLimits bounds the unfinished tasks (pending or running) and the
 // unfinished vm.create tasks among them: over either, Enqueue refuses the
 // task and the API answers 429. Zero means no limit. Call it before
@@ -68,7 +85,13 @@ func (cp *ControlPlane) Server() *cpserver.Server { return cp.srv }
 
 // SealSpecs makes task specs (user-data, VNC passwords) sealed at rest
 // with box from now on, and opens those a previous run sealed.
+// In cluster mode specs are kept as they are: no key is shared between
+// hosts, so etcd's own protection (TLS, client certificates, its disk)
+// guards them, and a task's spec is dropped once it ends.
 func (cp *ControlPlane) SealSpecs(box *secrets.Box) error {
+	if cp.store == nil {
+		return nil
+	}
 	return cp.store.SetSealer(box)
 }
 
@@ -83,8 +106,15 @@ func (cp *ControlPlane) Enqueue(typ, vmName, vmUUID string, spec any) (api.Task,
 		}
 		raw = b
 	}
-	t, err := cp.srv.Enqueue(context.Background(), cpserver.Task{
-		Task: api.Task{Type: typ, VMName: vmName, VMUUID: vmUUID}, Spec: raw})
+	ctx := context.Background()
+	node := cp.node
+	if node != "" {
+		if n := cp.srv.NodeOf(ctx, vmUUID); n != "" {
+			node = n // the VM's node runs its tasks
+		}
+	}
+	t, err := cp.srv.Enqueue(ctx, cpserver.Task{
+		Task: api.Task{Type: typ, VMName: vmName, VMUUID: vmUUID}, Spec: raw, Node: node})
 	return t.Task, err
 }
 

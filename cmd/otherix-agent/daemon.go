@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -25,6 +26,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/journal"
 	"github.com/otherix/otherix-agent/agent/metrics"
 	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver/etcdstore"
 	"github.com/otherix/otherix-agent/agent/runner"
 	"github.com/otherix/otherix-agent/agent/standalone"
 	"github.com/otherix/otherix-agent/systemd"
@@ -57,13 +59,16 @@ func newLogger(cfg *config.Config, stderr io.Writer) (*zap.Logger, zap.AtomicLev
 }
 
 func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr io.Writer) error {
+	if o.standalone && cfg.ClusterMode() {
+		return errors.New("--standalone: cluster.etcd is set: a cluster agent serves the API on its own (drop --standalone)")
+	}
 	o.standalone = o.standalone || cfg.Standalone
 	if o.standalone && cfg.ControlPlane.URL != "" {
 		return errors.New("--standalone: a standalone agent is its own control plane: remove control_plane.url from the config")
 	}
 	log, level := newLogger(cfg, stderr)
 	defer log.Sync()
-	log.Info("otherix-agent starting", zap.String("version", versionString()), zap.Bool("standalone", o.standalone),
+	log.Info("otherix-agent starting", zap.String("version", versionString()), zap.Bool("standalone", o.standalone), zap.Bool("cluster", cfg.ClusterMode()),
 		zap.String("data_dir", cfg.DataDir), zap.String("node", cfg.NodeName))
 	agent.Version = versionString()
 
@@ -115,8 +120,8 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 	}
 	defer j.Close()
 	stagger := time.Duration(0) // the runner's default: a fleet does not stampede
-	if o.standalone {
-		stagger = -1 // one node: nothing to spread
+	if o.standalone || cfg.ClusterMode() {
+		stagger = -1 // the control plane is in process: nothing to spread
 	}
 	r := runner.New(client, j, host, host, runner.Config{
 		NodeName:          cfg.NodeName,
@@ -191,7 +196,7 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 // plane, or in standalone mode to an in-process one served over loopback
 // together with the /v1 API.
 func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host *agent.Host, log *zap.Logger, m *metrics.Metrics) (*protocol.Client, *http.Server, error) {
-	if !o.standalone {
+	if !o.standalone && !cfg.ClusterMode() {
 		if cfg.ControlPlane.URL == "" {
 			return nil, nil, errors.New("no control plane configured: set control_plane.url in the config, or run with --standalone")
 		}
@@ -224,7 +229,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	if err != nil {
 		return nil, nil, err
 	}
-	cp, err := standalone.NewControlPlane(filepath.Join(cfg.DataDir, "standalone.json"), token, log.Named("controlplane"))
+	cp, closeStore, err := newControlPlane(cfg, token, log.Named("controlplane"))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -246,14 +251,17 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		local.Shutdown(sctx)
+		closeStore()
 	})
 	fail := func(err error) (*protocol.Client, *http.Server, error) {
 		srv.Close()
 		local.Close()
+		closeStore()
 		return nil, nil, err
 	}
 	ln, err := net.Listen("tcp", cfg.Listen.API)
 	if err != nil {
+		closeStore()
 		return nil, nil, fmt.Errorf("listen %s: %w", cfg.Listen.API, err)
 	}
 	go srv.Serve(standalone.LimitListener(ln, limits.MaxConns, sec.TLS))
@@ -289,6 +297,30 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 		return fail(err)
 	}
 	return c, srv, nil
+}
+
+// newControlPlane is the in-process control plane: over the state file
+// (standalone), or a replica over etcd (cluster mode). closeStore ends
+// its store's connection.
+func newControlPlane(cfg *config.Config, token string, log *zap.Logger) (cp *standalone.ControlPlane, closeStore func(), err error) {
+	if !cfg.ClusterMode() {
+		cp, err := standalone.NewControlPlane(filepath.Join(cfg.DataDir, "standalone.json"), token, log)
+		return cp, func() {}, err
+	}
+	e := cfg.Cluster.Etcd
+	cli, err := etcdstore.Dial(etcdstore.DialConfig{Endpoints: e.Endpoints, CAFile: e.CAFile, CertFile: e.CertFile, KeyFile: e.KeyFile, Log: log.Named("etcd")})
+	if err != nil {
+		return nil, nil, err
+	}
+	store := etcdstore.New(cli, etcdstore.Options{Prefix: e.Prefix})
+	log.Info("cluster mode", zap.Strings("etcd", e.Endpoints), zap.String("prefix", e.Prefix))
+	var once sync.Once
+	return standalone.NewClusterControlPlane(store, cfg.NodeName, token, log), func() {
+		once.Do(func() {
+			store.Close()
+			cli.Close()
+		})
+	}, nil
 }
 
 // ensureToken returns the standalone control plane's token, creating a

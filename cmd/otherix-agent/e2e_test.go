@@ -57,6 +57,7 @@ type standaloneAgent struct {
 	log     *syncBuffer
 	image   string            // URL of the guest image
 	ns      *netdevtest.Netns // when set, the agent and the CLI run in it
+	cluster bool              // cluster.etcd in its config: no --standalone
 }
 
 // startAgent writes a config and starts otherix-agent --standalone.
@@ -110,9 +111,13 @@ func (a *standaloneAgent) start() {
 	a.t.Helper()
 	os.Remove(filepath.Join(a.dir, "standalone.addr"))
 	a.log = &syncBuffer{}
-	a.cmd = exec.Command(filepath.Join(binDir, "otherix-agent"), "--standalone", "--config", a.cfgPath)
+	args := []string{"--standalone", "--config", a.cfgPath}
+	if a.cluster {
+		args = args[1:]
+	}
+	a.cmd = exec.Command(filepath.Join(binDir, "otherix-agent"), args...)
 	if a.ns != nil {
-		a.cmd = a.ns.Command(context.Background(), filepath.Join(binDir, "otherix-agent"), "--standalone", "--config", a.cfgPath)
+		a.cmd = a.ns.Command(context.Background(), filepath.Join(binDir, "otherix-agent"), args...)
 	}
 	a.cmd.Stderr = a.log
 	if err := a.cmd.Start(); err != nil {

@@ -44,7 +44,7 @@ func (s *Server) Enqueue(ctx context.Context, t Task) (Task, error) {
 		if phase != "" {
 			vm := VM{UUID: t.VMUUID, Name: t.VMName, Phase: phase, Node: t.Node}
 			if vm.Node == "" {
-				vm.Node = s.nodeOf(ctx, t.VMUUID) // a task without a node keeps the VM's
+				vm.Node = s.NodeOf(ctx, t.VMUUID) // a task without a node keeps the VM's
 			}
 			if err := s.Store.PutVM(ctx, vm); err != nil {
 				return Task{}, err
@@ -54,8 +54,9 @@ func (s *Server) Enqueue(ctx context.Context, t Task) (Task, error) {
 	return t, nil
 }
 
-// nodeOf returns the node of a VM of the desired map ("" when unknown).
-func (s *Server) nodeOf(ctx context.Context, uuid string) string {
+// NodeOf returns the node of a VM of the desired map ("" when unknown).
+func (s *Server) NodeOf(ctx context.Context, uuid string) string {
+	s.init()
 	vms, _, err := s.Store.VMs(ctx)
 	if err != nil {
 		return ""
