@@ -51,23 +51,30 @@ func (h *Host) recordIn(t *vm.Txn, fn func(*vm.Record)) {
 	}
 }
 
+// ValidateUpdate checks an update's values without touching anything: the
+// API answers a bad one at once rather than after queueing its task.
+func (h *Host) ValidateUpdate(u api.UpdateVM) error {
+	if u.VCPUs != nil && (*u.VCPUs < vm.MinVCPUs || *u.VCPUs > vm.MaxVCPUs) {
+		return errcode.New(errcode.ValidationFailed, "vcpus %d out of range %d..%d", *u.VCPUs, vm.MinVCPUs, vm.MaxVCPUs)
+	}
+	if u.RestartPolicy != nil && !api.ValidRestartPolicy(*u.RestartPolicy) {
+		return errcode.New(errcode.ValidationFailed, "restart_policy %q: use on-failure, always or never", *u.RestartPolicy)
+	}
+	if u.MemoryMB != nil && (*u.MemoryMB < vm.MinMemoryMB || *u.MemoryMB > vm.MaxMemoryMB) {
+		return errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", *u.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
+	}
+	if u.CPULimit != nil {
+		return vm.ValidateCPULimit(*u.CPULimit)
+	}
+	return nil
+}
+
 // Update changes a VM's CPU, memory, autostart or restart policy (seed 003's
 // InstanceUpdateRequest). CPU and memory of a running VM apply at its next
 // start; the view shows them as pending_changes.
 func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM, error) {
-	if u.VCPUs != nil && (*u.VCPUs < vm.MinVCPUs || *u.VCPUs > vm.MaxVCPUs) {
-		return api.VM{}, errcode.New(errcode.ValidationFailed, "vcpus %d out of range %d..%d", *u.VCPUs, vm.MinVCPUs, vm.MaxVCPUs)
-	}
-	if u.RestartPolicy != nil && !api.ValidRestartPolicy(*u.RestartPolicy) {
-		return api.VM{}, errcode.New(errcode.ValidationFailed, "restart_policy %q: use on-failure, always or never", *u.RestartPolicy)
-	}
-	if u.MemoryMB != nil && (*u.MemoryMB < vm.MinMemoryMB || *u.MemoryMB > vm.MaxMemoryMB) {
-		return api.VM{}, errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", *u.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
-	}
-	if u.CPULimit != nil {
-		if err := vm.ValidateCPULimit(*u.CPULimit); err != nil {
-			return api.VM{}, err
-		}
+	if err := h.ValidateUpdate(u); err != nil {
+		return api.VM{}, err
 	}
 	if u.VCPUs != nil || u.MemoryMB != nil || u.CPULimit != nil {
 		if _, err := h.engine.Update(ctx, name, func(s *vm.Spec) {

@@ -45,6 +45,8 @@ type Host interface {
 	Pool(name string) (string, error)
 	// ValidateCreate checks a create and fills in its defaults.
 	ValidateCreate(c *api.CreateVM) error
+	// ValidateUpdate checks an update's values.
+	ValidateUpdate(u api.UpdateVM) error
 	// OpenConsole opens a VM's console log (os.ErrNotExist in the chain
 	// when the VM never ran).
 	OpenConsole(name string) (*os.File, error)

@@ -42,7 +42,11 @@ func (a *API) patch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var u api.UpdateVM
-	if _, err := decodeBody(w, r, maxSmallBody, &u, false); err != nil {
+	_, err := decodeBody(w, r, maxSmallBody, &u, false)
+	if err == nil {
+		err = a.host.ValidateUpdate(u) // at once, not after a queue
+	}
+	if err != nil {
 		writeErr(w, err)
 		return
 	}
