@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -75,4 +76,56 @@ func fill(t *testing.T, dir string) string {
 		}
 	}
 	return path
+}
+
+// TestPoolFullPausesGuest: a guest writing to its disk on a pool that
+// fills up is paused by QEMU; the agent shows paused with the reason
+// through the API, and `vm resume` continues it once space is freed,
+// whereupon the guest's write completes.
+func TestPoolFullPausesGuest(t *testing.T) {
+	t.Parallel()
+	pool := t.TempDir()
+	if err := unix.Mount("tmpfs", pool, "tmpfs", 0, "size=96m,mode=0700"); err != nil {
+		t.Fatalf("mount a tmpfs pool: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(pool, unix.MNT_DETACH) })
+	a := startAgent(t, fmt.Sprintf("pools:\n  default: {path: %s}\ndefault_pool: default\nlimits:\n  min_free_bytes: 1048576\n", pool))
+	ud := filepath.Join(t.TempDir(), "user-data.yaml")
+	// 48 MiB written 64 MiB into the root disk, past the image's blocks.
+	os.WriteFile(ud, []byte("#cloud-config\n#otherix-run: dd if=/dev/zero of=/dev/vda bs=1M seek=64 count=48 conv=fsync\n"), 0o600)
+	// The write starts after "ready"; the filler leaves it 24 MiB before.
+	a.ok("vm", "create", "fills", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256",
+		"--disk-gib", "1", "--user-data", ud, "--wait")
+	var st unix.Statfs_t
+	if err := unix.Statfs(pool, &st); err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(pool, "filler")
+	if err := os.WriteFile(filler, make([]byte, int64(st.Bavail)*st.Bsize-24<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	con := a.console("fills")
+
+	deadline := time.Now().Add(3 * time.Minute)
+	var v api.VM
+	for v = a.getVM("fills"); v.Status != api.StatusPaused; v = a.getVM("fills") {
+		if time.Now().After(deadline) {
+			t.Fatalf("fills: %s (%s), want paused\n%s", v.Status, v.StatusReason, con.Text())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !strings.HasPrefix(v.StatusReason, "io_error: no space left on device (disk disk0 ") {
+		t.Errorf("status_reason %q", v.StatusReason)
+	}
+	if r := a.ok("vm", "get", "fills"); !strings.Contains(r.stdout, "no space left on device") {
+		t.Errorf("vm get does not show the reason:\n%s", r.stdout)
+	}
+	os.Remove(filler)
+	a.ok("vm", "resume", "fills")
+	if line := waitConsole(t, con, "OTHERIX-GUEST run-exit 1 "); !strings.HasSuffix(strings.TrimSpace(line), " 0") {
+		t.Fatalf("the guest's write failed after resume: %s", line)
+	}
+	if v := a.getVM("fills"); v.Status != api.StatusRunning || v.StatusReason != "" {
+		t.Fatalf("after resume: %s (%s)", v.Status, v.StatusReason)
+	}
 }
