@@ -67,7 +67,7 @@ WANT_MODULES=(button evdev scsi_mod
 declare -A MODULE_ARGS=([scsi_mod]="scan=manual")
 
 # Kernel command line, for every boot loader.
-cmdline() { echo "console=$CONSOLE quiet loglevel=3 mitigations=off"; }
+cmdline() { echo "console=$CONSOLE quiet loglevel=3 mitigations=off no_timer_check"; }
 
 arch_config() {
 	case $ARCH in
