@@ -149,6 +149,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		PowerdownInterval: o.PowerdownInterval,
 		Env:               o.Env,
 		Placer:            o.Placer,
+		ExitCause:         exitCause(o.Placer),
 		Dial: func(ctx context.Context, path string) (vm.Monitor, error) {
 			return qmp.Dial(ctx, path, qmp.WithLogger(log.Named("qmp")), qmp.WithObserver(o.Metrics.QMPObserver()))
 		},
@@ -208,6 +209,15 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	}
 	log.Info("host ready", zap.String("accel", eng.Accel()), zap.String("placement", eng.Placement()), zap.Int("vms", len(eng.List())))
 	return h, nil
+}
+
+// exitCause is the placer's explanation of QEMU exits, when it has one
+// (ScopePlacer: the memory cap's OOM kills).
+func exitCause(p vm.Placer) func(vm.View) string {
+	if ec, ok := p.(interface{ ExitCause(vm.View) string }); ok {
+		return ec.ExitCause
+	}
+	return nil
 }
 
 // Close detaches from VMs (they keep running) and closes the cache.

@@ -18,6 +18,9 @@ type ScopePlacer struct {
 	// Limits are the config's limits.vm_* (the zero value: no memory
 	// cap, systemd's default IO weight, no tasks limit).
 	Limits config.Limits
+	// OOM, when set, follows each scope's OOM kills: a QEMU killed at its
+	// memory cap crashes with an out-of-memory reason (ExitCause).
+	OOM *OOMTracker
 }
 
 // Place implements vm.Placer.
@@ -26,11 +29,30 @@ func (s ScopePlacer) Place(ctx context.Context, v vm.View) error {
 	u.Name = systemd.ScopeName(vm.ShortID(v.Spec.UUID))
 	u.Description = fmt.Sprintf("otherix VM %s (%s)", v.Spec.Name, v.Spec.UUID)
 	u.PIDs = []int{v.PID}
-	return s.P.Place(ctx, u)
+	if err := s.P.Place(ctx, u); err != nil {
+		return err
+	}
+	if s.OOM != nil && s.P.Kind() == systemd.KindScope {
+		// Without its counters a kill is reported as a plain SIGKILL.
+		_ = s.OOM.Track(v, u.MemoryMaxBytes)
+	}
+	return nil
+}
+
+// ExitCause explains a QEMU exit caused by the VM's memory cap (see
+// vm.Config.ExitCause).
+func (s ScopePlacer) ExitCause(v vm.View) string {
+	if s.OOM == nil {
+		return ""
+	}
+	return s.OOM.Cause(v)
 }
 
 // Remove implements vm.Placer.
 func (s ScopePlacer) Remove(ctx context.Context, v vm.View) error {
+	if s.OOM != nil {
+		s.OOM.Forget(v)
+	}
 	return s.P.Remove(ctx, systemd.ScopeName(vm.ShortID(v.Spec.UUID)))
 }
 

@@ -96,6 +96,11 @@ type Config struct {
 	// RunStateIOError (a disk error reported to the guest). A VM's event
 	// history records these. It must not block.
 	OnRunState func(v View, event, reason string)
+	// ExitCause, when set, is asked why a VM's QEMU exited, before the
+	// exit is recorded (with the VM's view, its PID still set); a
+	// non-empty answer (e.g. the memory cap's OOM kill) is added to the
+	// crash reason. It must answer quickly.
+	ExitCause func(View) string
 	// OnChange, when set, is called after every persisted status change.
 	// It must not block.
 	OnChange func(View)

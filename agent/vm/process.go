@@ -117,11 +117,15 @@ func (p *process) watch() {
 		p.mon.Close()
 	}
 
+	cause := ""
+	if f := m.e.cfg.ExitCause; f != nil {
+		cause = f(m.view())
+	}
 	m.mu.Lock()
 	if m.proc == p {
 		m.proc = nil
 		m.st.PID = 0
-		m.setStatusLocked(p.exitStatus())
+		m.setStatusLocked(p.exitStatus(cause))
 	}
 	v := m.viewLocked()
 	m.mu.Unlock()
@@ -158,8 +162,9 @@ func (p *process) watch() {
 
 // exitStatus is the status and reason an exited QEMU leaves its VM in:
 // stopped when an op asked for the exit or the guest powered off, else
-// crashed, with how QEMU ended (p.sp.Exit()).
-func (p *process) exitStatus() (status, reason string) {
+// crashed, with how QEMU ended (p.sp.Exit()) and cause, when the
+// placement knows one (Config.ExitCause).
+func (p *process) exitStatus(cause string) (status, reason string) {
 	p.mu.Lock()
 	expect, why := p.expect, p.expectReason
 	p.mu.Unlock()
@@ -169,7 +174,11 @@ func (p *process) exitStatus() (status, reason string) {
 	case p.guestShutdown.Load():
 		return "stopped", "guest powered off"
 	}
-	return "crashed", "qemu " + p.sp.Exit().String()
+	reason = "qemu " + p.sp.Exit().String()
+	if cause != "" {
+		reason += ": " + cause
+	}
+	return "crashed", reason
 }
 
 func (p *process) detach() {

@@ -82,7 +82,7 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 	m := metrics.New(metrics.Options{})
 	host, err := agent.NewHost(ctx, cfg, agent.Options{
 		Logger:  log,
-		Placer:  agent.ScopePlacer{P: placer, Limits: cfg.Limits},
+		Placer:  agent.ScopePlacer{P: placer, Limits: cfg.Limits, OOM: &agent.OOMTracker{}},
 		Env:     systemd.ChildEnv(),
 		Metrics: m,
 		OnChange: func(v api.VM) {
