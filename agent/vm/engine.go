@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/guestagent"
 	"github.com/otherix/otherix-agent/qmp"
 )
 
@@ -121,6 +122,9 @@ type View struct {
 	QGASocket   string // the guest agent's socket while QEMU runs
 	// Next is the spec the VM gets at its next start, when it differs.
 	Next *Spec
+	// Guest is what the guest agent last reported of the running guest's
+	// interfaces (Engine.SetGuestInterfaces); nil when QEMU does not run.
+	Guest []guestagent.Interface
 }
 
 // Engine owns the VMs of this host.
@@ -318,6 +322,16 @@ func (e *Engine) newMachine(spec Spec) *machine {
 	}
 }
 
+func (e *Engine) lookupUUID(uuid string) (*machine, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	m := e.uuid[uuid]
+	if m == nil {
+		return nil, errcode.New(errcode.NotFound, "vm %s not found", uuid)
+	}
+	return m, nil
+}
+
 // Get returns a VM's view.
 func (e *Engine) Get(name string) (View, error) {
 	m, err := e.lookup(name)
@@ -329,11 +343,9 @@ func (e *Engine) Get(name string) (View, error) {
 
 // GetByUUID returns a VM's view by uuid.
 func (e *Engine) GetByUUID(uuid string) (View, error) {
-	e.mu.Lock()
-	m := e.uuid[uuid]
-	e.mu.Unlock()
-	if m == nil {
-		return View{}, errcode.New(errcode.NotFound, "vm %s not found", uuid)
+	m, err := e.lookupUUID(uuid)
+	if err != nil {
+		return View{}, err
 	}
 	return m.view(), nil
 }

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 
 	"github.com/otherix/otherix-agent/agent/atomicfile"
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/guestagent"
 	"github.com/otherix/otherix-agent/agent/tpm"
 )
 
@@ -67,7 +70,12 @@ func (m *machine) view() View {
 }
 
 func (m *machine) viewLocked() View {
+	var guest []guestagent.Interface
+	if m.proc != nil {
+		guest = slices.Clone(m.proc.guest)
+	}
 	return View{
+		Guest:       guest,
 		Spec:        m.st.Spec,
 		Status:      m.st.Status,
 		Reason:      m.st.Reason,
@@ -332,10 +340,17 @@ func (m *machine) delete(ctx context.Context) error {
 }
 
 // detach closes the QMP connection and stops watching, leaving QEMU running.
+// What is attached to QEMU (runtime.go) is closed: the agent's own
+// followers of it stop with the agent.
 func (m *machine) detach() {
 	m.mu.Lock()
 	p := m.proc
+	var attached []io.Closer
+	if p != nil {
+		attached = p.takeAttachedLocked()
+	}
 	m.mu.Unlock()
+	closeAll(attached)
 	if p != nil {
 		p.detach()
 	}

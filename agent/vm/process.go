@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/guestagent"
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
@@ -47,6 +49,10 @@ type process struct {
 	guestShutdown atomic.Bool
 	links         []string     // macvtap links to delete when QEMU exits
 	tpm           *tpm.Process // the VM's swtpm, when it has a TPM
+
+	// Runtime state (runtime.go), guarded by m.mu.
+	guest    []guestagent.Interface
+	attached map[string]io.Closer
 }
 
 func newProcess(m *machine, sp *proc.Process) *process {
@@ -127,8 +133,10 @@ func (p *process) watch() {
 		m.st.PID = 0
 		m.setStatusLocked(p.exitStatus(cause))
 	}
+	attached := p.takeAttachedLocked()
 	v := m.viewLocked()
 	m.mu.Unlock()
+	closeAll(attached)
 
 	os.Remove(filepath.Join(m.run, "qmp.sock"))
 	os.Remove(filepath.Join(m.run, "qga.sock"))
