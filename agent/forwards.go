@@ -36,9 +36,7 @@ func (h *Host) AddForward(ctx context.Context, name string, d api.Device) (api.V
 		if err != nil {
 			return err
 		}
-		h.net.mu.Lock()
-		p := h.net.proxies[v.Spec.UUID]
-		h.net.mu.Unlock()
+		p := h.proxyOf(v.Spec.UUID)
 		if p != nil {
 			if err := p.Add(ctx, rules[0]); err != nil {
 				return err
@@ -91,9 +89,7 @@ func (h *Host) RemoveForward(ctx context.Context, name string, d api.Device) (ap
 		if !found {
 			return errcode.New(errcode.NotFound, "vm %q has no forward of host port %d/%s", name, r.HostPort, r.Proto)
 		}
-		h.net.mu.Lock()
-		p := h.net.proxies[v.Spec.UUID]
-		h.net.mu.Unlock()
+		p := h.proxyOf(v.Spec.UUID)
 		if p != nil {
 			p.Remove(r)
 		}

@@ -3,9 +3,7 @@ package agent
 import (
 	"context"
 	"net/netip"
-	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -18,36 +16,35 @@ import (
 	"github.com/otherix/otherix-agent/agent/vm"
 )
 
-// netState is the per-VM runtime network state the host keeps: guest IPs
-// from the guest agent and the agent-side proxy of bridged VMs' forwards.
-type netState struct {
-	mu      sync.Mutex
-	ips     map[string][]string // vm uuid -> addresses
-	ifaces  map[string][]guestagent.Interface
-	pollers map[string]context.CancelFunc
-	proxies map[string]*portfwd.Proxy
-}
+// The guest's addresses and the forwards proxy of a bridged VM are
+// runtime state of its running QEMU, kept by the engine with it
+// (vm.Engine.Attach, SetGuestInterfaces) and dropped when QEMU exits.
 
-func newNetState() *netState {
-	return &netState{ips: map[string][]string{}, ifaces: map[string][]guestagent.Interface{},
-		pollers: map[string]context.CancelFunc{}, proxies: map[string]*portfwd.Proxy{}}
-}
+// Keys of what the host attaches to a running QEMU.
+const (
+	attachGuestAgent = "guest-agent" // the poller of the guest agent
+	attachProxy      = "proxy"       // the forwards proxy of a bridged VM
+)
+
+// closerFunc makes a function an io.Closer.
+type closerFunc func()
+
+func (f closerFunc) Close() error { f(); return nil }
 
 // onGuestAgent starts or stops following a VM's guest agent.
 func (h *Host) onGuestAgent(v vm.View, up bool) {
-	ns := h.net
-	ns.mu.Lock()
-	if cancel := ns.pollers[v.Spec.UUID]; cancel != nil {
-		cancel()
-		delete(ns.pollers, v.Spec.UUID)
+	id := v.Spec.UUID
+	if old := h.engine.Detach(id, attachGuestAgent); old != nil {
+		old.Close()
 	}
 	if !up {
-		ns.mu.Unlock()
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	ns.pollers[v.Spec.UUID] = cancel
-	ns.mu.Unlock()
+	if !h.engine.Attach(id, attachGuestAgent, closerFunc(cancel)) {
+		cancel() // QEMU is gone, or another poller won
+		return
+	}
 	go h.pollGuestAgent(ctx, v)
 }
 
@@ -74,20 +71,12 @@ func (h *Host) pollGuestAgent(ctx context.Context, v vm.View) {
 			t.Reset(2 * time.Second)
 			continue
 		}
-		var ips []string
-		for _, i := range ifs {
-			for _, a := range i.Addrs {
-				ips = append(ips, a.Addr().String())
-			}
+		changed, err := h.engine.SetGuestInterfaces(v.Spec.UUID, ifs)
+		if err != nil {
+			return // the VM is gone
 		}
-		sort.Strings(ips)
-		h.net.mu.Lock()
-		changed := strings.Join(h.net.ips[v.Spec.UUID], ",") != strings.Join(ips, ",")
-		h.net.ips[v.Spec.UUID] = ips
-		h.net.ifaces[v.Spec.UUID] = ifs
-		h.net.mu.Unlock()
 		if changed {
-			log.Info("guest addresses", zap.Strings("ip_addresses", ips))
+			log.Info("guest addresses", zap.Strings("ip_addresses", vm.GuestIPs(ifs)))
 			if h.onChange != nil {
 				if nv, err := h.engine.GetByUUID(v.Spec.UUID); err == nil {
 					h.onChange(h.toAPI(nv))
@@ -100,11 +89,13 @@ func (h *Host) pollGuestAgent(ctx context.Context, v vm.View) {
 
 // guestIPv4 is the first IPv4 the guest agent reported on a bridged or
 // macvlan NIC of the VM: where the proxy sends forwards.
-func (h *Host) guestIPv4(id string, nics []vm.NIC) (netip.Addr, error) {
-	h.net.mu.Lock()
-	defer h.net.mu.Unlock()
-	for _, i := range h.net.ifaces[id] {
-		for _, n := range nics {
+func (h *Host) guestIPv4(id string) (netip.Addr, error) {
+	v, err := h.engine.GetByUUID(id)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, i := range v.Guest {
+		for _, n := range v.Spec.NICs {
 			if n.Type != vm.NICUser && strings.EqualFold(i.MAC, n.MAC) {
 				for _, a := range i.Addrs {
 					if a.Addr().Is4() {
@@ -117,61 +108,39 @@ func (h *Host) guestIPv4(id string, nics []vm.NIC) (netip.Addr, error) {
 	return netip.Addr{}, errcode.New(errcode.NetworkUnavailable, "the guest agent has not reported an address yet")
 }
 
+// proxyOf is the forwards proxy of a VM's running QEMU, or nil.
+func (h *Host) proxyOf(id string) *portfwd.Proxy {
+	p, _ := h.engine.Attached(id, attachProxy).(*portfwd.Proxy)
+	return p
+}
+
 // syncNetState follows status changes: a running VM with forwards on a
-// bridged NIC gets its proxy; a VM that stops loses proxy, IPs and poller.
+// bridged NIC gets its proxy (the engine closes it when QEMU exits).
 func (h *Host) syncNetState(v vm.View) {
-	m := v.Record
 	id := v.Spec.UUID
 	running := v.Status == api.StatusRunning || v.Status == api.StatusPaused
-	ns := h.net
-	ns.mu.Lock()
-	p := ns.proxies[id]
-	if !running {
-		delete(ns.proxies, id)
-		delete(ns.ips, id)
-		delete(ns.ifaces, id)
-		if cancel := ns.pollers[id]; cancel != nil {
-			cancel()
-			delete(ns.pollers, id)
-		}
-		ns.mu.Unlock()
-		if p != nil {
-			p.Close()
-		}
+	if !running || len(v.Record.Forwards) == 0 || h.proxyOf(id) != nil {
 		return
 	}
-	if p != nil || len(m.Forwards) == 0 {
-		ns.mu.Unlock()
+	p := portfwd.NewProxy(func(ctx context.Context) (netip.Addr, error) { return h.guestIPv4(id) }, portfwd.ProxyOptions{Log: h.log.Named("proxy")})
+	if !h.engine.Attach(id, attachProxy, p) {
+		p.Close() // QEMU is gone, or another status change made it
 		return
 	}
-	nics := v.Spec.NICs
-	p = portfwd.NewProxy(func(ctx context.Context) (netip.Addr, error) { return h.guestIPv4(id, nics) }, portfwd.ProxyOptions{Log: h.log.Named("proxy")})
-	ns.proxies[id] = p
-	ns.mu.Unlock()
-	if err := p.Add(context.Background(), m.Forwards...); err != nil {
+	if err := p.Add(context.Background(), v.Record.Forwards...); err != nil {
 		h.log.Warn("port forwards", zap.String("vm", v.Spec.Name), zap.Error(err))
 	}
 }
 
-// ips returns the guest addresses known for a VM.
-func (h *Host) ips(id string) []string {
-	h.net.mu.Lock()
-	defer h.net.mu.Unlock()
-	return append([]string(nil), h.net.ips[id]...)
-}
-
 // nicViews describes a VM's NICs.
 func (h *Host) nicViews(v vm.View) []api.NICView {
-	h.net.mu.Lock()
-	ifs := h.net.ifaces[v.Spec.UUID]
-	h.net.mu.Unlock()
 	var out []api.NICView
 	for i, n := range v.Spec.NICs {
 		nv := api.NICView{Network: n.Network, Type: n.Type, MAC: n.MAC}
 		if n.Type != vm.NICUser {
 			nv.Link, _ = netdev.LinkName(n.Type, vm.ShortID(v.Spec.UUID), i)
 		}
-		for _, gi := range ifs {
+		for _, gi := range v.Guest {
 			if strings.EqualFold(gi.MAC, n.MAC) {
 				for _, a := range gi.Addrs {
 					nv.IPs = append(nv.IPs, a.Addr().String())

@@ -54,7 +54,6 @@ type Host struct {
 	onChange    func(api.VM)
 
 	macs      netdev.Registry // MACs of every NIC on this host
-	net       *netState
 	firmwares *firmware.Catalog
 	box       *secrets.Box // seals VNC passwords at rest
 	vncPorts  vnc.Ports
@@ -91,7 +90,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	if log == nil {
 		log = zap.NewNop()
 	}
-	h := &Host{cfg: cfg, log: log, pending: map[string]*api.VM{}, onChange: o.OnChange, net: newNetState()}
+	h := &Host{cfg: cfg, log: log, pending: map[string]*api.VM{}, onChange: o.OnChange}
 	h.creates = make(chan struct{}, cfg.Limits.ConcurrentCreates)
 
 	var pools []imagecache.PoolConfig

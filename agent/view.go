@@ -28,7 +28,7 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		ImageSHA256:  m.ImageSHA256,
 		DiskGiB:      m.DiskGiB,
 		QEMUPID:      v.PID,
-		IPAddresses:  h.ips(v.Spec.UUID),
+		IPAddresses:  vm.GuestIPs(v.Guest),
 		NICs:         h.nicViews(v),
 		Forwards:     forwardViews(v, m),
 		Devices:      m.Devices,
