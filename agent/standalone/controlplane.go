@@ -95,6 +95,12 @@ func (cp *ControlPlane) SealSpecs(box *secrets.Box) error {
 	return cp.store.SetSealer(box)
 }
 
+// volatileTypes are the task types the API waits on (sync ops): their
+// record need not survive a crash of the process, whose caller then sees
+// its request fail anyway, so queueing one writes nothing to disk (the
+// agent's journal still keeps its effect exactly once).
+var volatileTypes = map[string]bool{api.TaskReset: true, api.TaskPause: true, api.TaskResume: true}
+
 // Enqueue adds a task for a VM and wakes a waiting lease. A full queue
 // is a *cpserver.TooManyTasksError.
 func (cp *ControlPlane) Enqueue(typ, vmName, vmUUID string, spec any) (api.Task, error) {
@@ -114,7 +120,7 @@ func (cp *ControlPlane) Enqueue(typ, vmName, vmUUID string, spec any) (api.Task,
 		}
 	}
 	t, err := cp.srv.Enqueue(ctx, cpserver.Task{
-		Task: api.Task{Type: typ, VMName: vmName, VMUUID: vmUUID}, Spec: raw, Node: node})
+		Task: api.Task{Type: typ, VMName: vmName, VMUUID: vmUUID}, Spec: raw, Node: node, Volatile: volatileTypes[typ]})
 	return t.Task, err
 }
 
@@ -132,9 +138,9 @@ func (cp *ControlPlane) Wait(ctx context.Context, id string) (api.Task, error) {
 
 // Busy reports an unfinished task of vmName, if any.
 func (cp *ControlPlane) Busy(vmName string) (api.Task, bool) {
-	tasks, _ := cp.srv.Tasks(context.Background())
+	tasks, _ := cp.srv.Unfinished(context.Background())
 	for _, t := range tasks {
-		if t.VMName == vmName && !t.Terminal() {
+		if t.VMName == vmName {
 			return t.Task, true
 		}
 	}

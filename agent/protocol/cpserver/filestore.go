@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/atomicfile"
 	"github.com/otherix/otherix-agent/agent/errcode"
 )
@@ -22,8 +24,12 @@ type Sealer interface {
 }
 
 // FileStore is a MemStore kept in one 0600 JSON file (tasks, desired map),
-// replaced durably on every change. Nodes are kept in memory only: they
-// are the agents' to tell again.
+// replaced durably on every change that must survive a crash: a task
+// queued, cancelled or ended, a desired phase. Leases and progress are
+// not written: after a restart a task that was leased is offered again
+// (the agent's journal keeps its effect exactly once). Volatile tasks are
+// never written. Nodes are kept in memory only: the agents tell them
+// again.
 type FileStore struct {
 	mem  *MemStore
 	path string
@@ -126,7 +132,14 @@ func (fs *FileStore) writeLocked(extra *Task) error {
 	st := fileState{Desired: map[string]string{}, Names: map[string]string{}}
 	tasks, _ := fs.mem.Tasks(ctx)
 	for _, t := range tasks {
+		if t.Volatile {
+			continue
+		}
 		ft := fileTask{Task: t}
+		if t.Status == api.TaskRunning {
+			// Leases are not kept: offered again after a restart.
+			ft.Status, ft.LeaseID, ft.LeaseExpiry, ft.Redeliver = api.TaskPending, "", time.Time{}, 0
+		}
 		if sealed, ok := fs.sealed[t.ID]; ok && !t.Terminal() {
 			ft.SpecSealed = sealed // never opened: kept as it was
 		} else if fs.sealer != nil && len(t.Spec) > 0 {
@@ -177,6 +190,9 @@ func (fs *FileStore) AddTask(ctx context.Context, t Task) error {
 	if _, err := fs.mem.Task(ctx, t.ID); err == nil {
 		return ErrExists
 	}
+	if t.Volatile {
+		return fs.mem.AddTask(ctx, t)
+	}
 	if err := fs.writeLocked(&t); err != nil {
 		return err
 	}
@@ -191,12 +207,27 @@ func (fs *FileStore) AddTask(ctx context.Context, t Task) error {
 func (fs *FileStore) UpdateTask(ctx context.Context, id string, fn func(*Task) error) (Task, error) {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
-	t, err := fs.mem.UpdateTask(ctx, id, fn)
+	var before Task
+	t, err := fs.mem.UpdateTask(ctx, id, func(t *Task) error {
+		before = *t
+		return fn(t)
+	})
 	if err != nil {
 		return t, err
 	}
-	fs.saveLocked()
+	if durableChange(&before, &t) {
+		fs.saveLocked()
+	}
 	return t, nil
+}
+
+// durableChange reports whether an update changed what the file keeps of
+// a task: it ended (or was queued again), or was asked to cancel.
+func durableChange(before, after *Task) bool {
+	if after.Volatile {
+		return false
+	}
+	return before.Terminal() != after.Terminal() || before.Cancel != after.Cancel
 }
 
 // Task implements Store.
@@ -204,6 +235,9 @@ func (fs *FileStore) Task(ctx context.Context, id string) (Task, error) { return
 
 // Tasks implements Store.
 func (fs *FileStore) Tasks(ctx context.Context) ([]Task, error) { return fs.mem.Tasks(ctx) }
+
+// Unfinished implements Store.
+func (fs *FileStore) Unfinished(ctx context.Context) ([]Task, error) { return fs.mem.Unfinished(ctx) }
 
 // VMs implements Store.
 func (fs *FileStore) VMs(ctx context.Context) ([]VM, bool, error) { return fs.mem.VMs(ctx) }

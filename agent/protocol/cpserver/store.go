@@ -90,6 +90,8 @@ type Store interface {
 	Task(ctx context.Context, id string) (Task, error)
 	// Tasks returns the kept tasks, oldest first.
 	Tasks(ctx context.Context) ([]Task, error)
+	// Unfinished returns the tasks not yet terminal, oldest first.
+	Unfinished(ctx context.Context) ([]Task, error)
 
 	// VMs returns the desired map. known is false while the store has
 	// never held one ("no opinion").
@@ -118,6 +120,7 @@ type MemStore struct {
 	mu      sync.Mutex
 	tasks   map[string]*Task
 	order   []string
+	open    []string      // ids of the tasks not terminal, oldest first
 	vms     map[string]VM // nil: no opinion yet
 	nodes   map[string]Node
 	changed chan struct{}
@@ -150,6 +153,9 @@ func (m *MemStore) AddTask(_ context.Context, t Task) error {
 	}
 	m.tasks[t.ID] = cloneTask(&t)
 	m.order = append(m.order, t.ID)
+	if !t.Terminal() {
+		m.open = append(m.open, t.ID)
+	}
 	m.pruneLocked()
 	m.notify()
 	return nil
@@ -188,6 +194,18 @@ func (m *MemStore) UpdateTask(_ context.Context, id string, fn func(*Task) error
 	}
 	c.ID = id
 	m.tasks[id] = c
+	switch {
+	case t.Terminal() && !c.Terminal():
+		// Queued again (a test's re-enqueue): back in queue order.
+		m.open = m.open[:0]
+		for _, oid := range m.order {
+			if !m.tasks[oid].Terminal() {
+				m.open = append(m.open, oid)
+			}
+		}
+	case !t.Terminal() && c.Terminal():
+		m.open = slices.DeleteFunc(m.open, func(oid string) bool { return oid == id })
+	}
 	m.notify()
 	return *cloneTask(c), nil
 }
@@ -209,6 +227,17 @@ func (m *MemStore) Tasks(context.Context) ([]Task, error) {
 	defer m.mu.Unlock()
 	out := make([]Task, 0, len(m.order))
 	for _, id := range m.order {
+		out = append(out, *cloneTask(m.tasks[id]))
+	}
+	return out, nil
+}
+
+// Unfinished implements Store.
+func (m *MemStore) Unfinished(context.Context) ([]Task, error) {
+	m.lock()
+	defer m.mu.Unlock()
+	out := make([]Task, 0, len(m.open))
+	for _, id := range m.open {
 		out = append(out, *cloneTask(m.tasks[id]))
 	}
 	return out, nil

@@ -74,17 +74,14 @@ func (s *Server) admit(ctx context.Context, typ string) error {
 	if s.MaxPendingTasks <= 0 && s.MaxPendingCreates <= 0 {
 		return nil
 	}
-	all, err := s.Store.Tasks(ctx)
+	open, err := s.Store.Unfinished(ctx)
 	if err != nil {
 		return err
 	}
-	tasks, creates := 0, 0
-	for _, t := range all {
-		if !t.Terminal() {
-			tasks++
-			if t.Type == api.TaskCreate {
-				creates++
-			}
+	tasks, creates := len(open), 0
+	for _, t := range open {
+		if t.Type == api.TaskCreate {
+			creates++
 		}
 	}
 	if s.MaxPendingTasks > 0 && tasks >= s.MaxPendingTasks {
@@ -106,6 +103,12 @@ func (s *Server) Task(ctx context.Context, id string) (Task, error) {
 func (s *Server) Tasks(ctx context.Context) ([]Task, error) {
 	s.init()
 	return s.Store.Tasks(ctx)
+}
+
+// Unfinished returns the tasks not yet terminal, oldest first.
+func (s *Server) Unfinished(ctx context.Context) ([]Task, error) {
+	s.init()
+	return s.Store.Unfinished(ctx)
 }
 
 // Wait blocks until the task is terminal or ctx ends.
@@ -162,7 +165,7 @@ func (s *Server) Lease(ctx context.Context, req protocol.LeaseRequest) (protocol
 func (s *Server) offer(ctx context.Context, node string, max int) ([]protocol.Task, error) {
 	s.leaseMu.Lock()
 	defer s.leaseMu.Unlock()
-	all, err := s.Store.Tasks(ctx)
+	all, err := s.Store.Unfinished(ctx)
 	if err != nil {
 		return nil, err
 	}
