@@ -51,7 +51,13 @@ func (h *Host) Execute(ctx context.Context, t protocol.Task, progress func(api.P
 		return protocol.Result{}, h.Delete(ctx, name)
 	}
 	desired, err := h.executeVM(ctx, t, name)
-	h.updateRecord(name, func(m *vm.Record) {
+	// The last task alone is not worth a disk write (a pause, a reset):
+	// a crash may lose it. A desired phase is written.
+	update := h.engine.UpdateRecordVolatile
+	if desired != "" {
+		update = h.engine.UpdateRecord
+	}
+	h.updateRecordWith(update, name, func(m *vm.Record) {
 		if desired != "" && err == nil {
 			m.DesiredPhase = desired
 		}

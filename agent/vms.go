@@ -38,7 +38,13 @@ func (h *Host) Delete(ctx context.Context, name string) error {
 // updateRecord changes a VM's record (not atomically with an op: see
 // vm.Engine.Do), logging a failure to persist it.
 func (h *Host) updateRecord(name string, fn func(*vm.Record)) {
-	if err := h.engine.UpdateRecord(name, fn); err != nil && errcode.Of(err) != errcode.NotFound {
+	h.updateRecordWith(h.engine.UpdateRecord, name, fn)
+}
+
+// updateRecordWith is updateRecord through update: the engine's durable
+// UpdateRecord, or UpdateRecordVolatile for what a crash may lose.
+func (h *Host) updateRecordWith(update func(string, func(*vm.Record)) error, name string, fn func(*vm.Record)) {
+	if err := update(name, fn); err != nil && errcode.Of(err) != errcode.NotFound {
 		h.log.Warn("persist vm record", zap.String("vm", name), zap.Error(err))
 	}
 }

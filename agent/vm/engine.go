@@ -409,6 +409,23 @@ func (e *Engine) UpdateRecord(name string, fn func(*Record)) error {
 	return m.updateRecord(fn)
 }
 
+// UpdateRecordVolatile is UpdateRecord without a write: the change is kept
+// in memory and reaches vm.json with the VM's next persisted change. For
+// what a crash may lose, e.g. the last task of a pause (a sync op then
+// writes nothing to vm.json).
+func (e *Engine) UpdateRecordVolatile(name string, fn func(*Record)) error {
+	m, err := e.lookup(name)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := m.st.Record.clone()
+	fn(&r)
+	m.st.Record = r
+	return nil
+}
+
 // Close detaches from every VM (closes QMP connections) and leaves QEMU
 // processes running. The agent shutting down never stops VMs.
 func (e *Engine) Close() {
