@@ -2,11 +2,19 @@
 // and its outcome, so that a task delivered again (the protocol delivers
 // at least once) is never executed again: its stored outcome is re-sent.
 //
-// Each task is one small JSON file, written to a temporary file, fsync'd,
-// renamed into place and made durable with an fsync of the directory; the
-// files and the directory are private (0600/0700) and the directory is
-// locked against a second agent. An entry goes started → finished → acked;
-// Compact drops acked entries after a retention period.
+// Each task is one small JSON file; the files and the directory are
+// private (0600/0700) and the directory is locked against a second agent.
+// An entry goes started → finished → acked; Compact drops acked entries
+// after a retention period.
+//
+// Durability is spent where exactly-once effect needs it. Start returns
+// only once the started record is on disk (one file created, fsync'd, its
+// directory fsync'd), so a task's effect never happens unrecorded. The
+// outcome (Finish) and the acknowledgement (Ack) are recorded in memory at
+// once and written durably in the background, in order (a temporary file,
+// fsync, rename, directory fsync), so the completion need not wait for the
+// disk. A crash before that write keeps the task's started record intact,
+// and the restart policy decides (docs/protocol.md).
 package journal
 
 import (
@@ -18,6 +26,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -99,6 +108,17 @@ type Journal struct {
 	mu      sync.Mutex
 	entries map[string]Entry
 	closed  bool
+	// Background writes: the latest entry of each task to write, in the
+	// order first queued. wmu is held while a file is written or
+	// removed, so that a removal never races a pending write.
+	wmu     sync.Mutex
+	pending map[string]Entry
+	queue   []string
+	writing bool
+	kick    chan struct{}
+	drained chan struct{} // closed and replaced when the queue empties
+	stop    chan struct{}
+	stopped chan struct{}
 }
 
 const (
@@ -138,11 +158,14 @@ func Open(dir string, opts Options) (*Journal, error) {
 		}
 		return nil, fmt.Errorf("journal %s: lock: %w", dir, err)
 	}
-	j := &Journal{dir: dir, opts: opts, log: log, lock: lock, entries: map[string]Entry{}}
+	j := &Journal{dir: dir, opts: opts, log: log, lock: lock, entries: map[string]Entry{},
+		pending: map[string]Entry{}, kick: make(chan struct{}, 1), drained: make(chan struct{}),
+		stop: make(chan struct{}), stopped: make(chan struct{})}
 	if err := j.load(); err != nil {
 		lock.Close()
 		return nil, err
 	}
+	go j.writer()
 	return j, nil
 }
 
@@ -226,25 +249,55 @@ func (j *Journal) Len() int {
 	return len(j.entries)
 }
 
-// Start durably records that e's task is about to be executed. It fails
-// with ErrFinished when the task already has an outcome: a finished task
-// must never run again. A started entry is overwritten (a re-run).
+// Start durably records that e's task is about to be executed: it returns
+// once the record is on disk. It fails with ErrFinished when the task
+// already has an outcome: a finished task must never run again. A started
+// entry is overwritten (a re-run). The caller runs one Start at a time
+// per task.
 func (j *Journal) Start(e Entry) error {
 	if e.TaskID == "" {
 		return errors.New("journal: empty task id")
 	}
 	j.mu.Lock()
-	defer j.mu.Unlock()
-	if old, ok := j.entries[e.TaskID]; ok && old.State == Finished {
+	old, had := j.entries[e.TaskID]
+	closed := j.closed
+	j.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	if had && old.State == Finished {
 		return fmt.Errorf("journal: start %s: %w", e.TaskID, ErrFinished)
 	}
 	e.State, e.Outcome, e.FinishedAt, e.AckedAt = Started, nil, time.Time{}, time.Time{}
-	return j.put(e)
+	data, err := json.Marshal(e)
+	if err != nil {
+		return fmt.Errorf("journal: encode %s: %w", e.TaskID, err)
+	}
+	// A new task's file is created in place: one fsync of the file and
+	// one of the directory. A torn file can only come from a crash before
+	// the fsync returned, i.e. before the task ran; it is set aside at
+	// the next Open. A re-run replaces the file atomically.
+	if had {
+		err = writeFile(j.dir, fileName(e.TaskID), data)
+	} else {
+		err = createFile(j.dir, fileName(e.TaskID), data)
+	}
+	if err != nil {
+		return fmt.Errorf("journal: write %s: %w", e.TaskID, err)
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return ErrClosed
+	}
+	j.entries[e.TaskID] = e
+	return nil
 }
 
-// Finish durably records a task's outcome. e carries the task's fields
-// (used when the task has no entry yet, e.g. one cancelled before it
-// started) and its Outcome and FinishedAt.
+// Finish records a task's outcome, in memory at once and on disk in the
+// background (Flush waits for it). e carries the task's fields (used when
+// the task has no entry yet, e.g. one cancelled before it started) and its
+// Outcome and FinishedAt.
 func (j *Journal) Finish(e Entry) error {
 	if e.TaskID == "" || e.Outcome == nil {
 		return errors.New("journal: finish needs a task id and an outcome")
@@ -260,10 +313,11 @@ func (j *Journal) Finish(e Entry) error {
 		}
 	}
 	e.State, e.AckedAt = Finished, time.Time{}
-	return j.put(e)
+	return j.putLater(e)
 }
 
-// Ack records that the control plane acknowledged a task's outcome.
+// Ack records that the control plane acknowledged a task's outcome, in
+// memory at once and on disk in the background.
 func (j *Journal) Ack(taskID string, at time.Time) error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
@@ -275,11 +329,13 @@ func (j *Journal) Ack(taskID string, at time.Time) error {
 		return fmt.Errorf("journal: ack %s: task is %s, not finished", taskID, e.State)
 	}
 	e.AckedAt = at
-	return j.put(e)
+	return j.putLater(e)
 }
 
 // Remove forgets a task, e.g. one handed back unfinished for redelivery.
 func (j *Journal) Remove(taskID string) error {
+	j.wmu.Lock()
+	defer j.wmu.Unlock()
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.closed {
@@ -298,6 +354,8 @@ func (j *Journal) Remove(taskID string) error {
 // entries older than that (their task was never delivered again), and the
 // oldest acked entries beyond MaxAcked. Unacked outcomes are kept.
 func (j *Journal) Compact(now time.Time) (int, error) {
+	j.wmu.Lock()
+	defer j.wmu.Unlock()
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.closed {
@@ -336,37 +394,140 @@ func (j *Journal) Compact(now time.Time) (int, error) {
 	return removed, nil
 }
 
-// Close releases the directory lock. Later calls fail with ErrClosed.
+// Close writes what is pending and releases the directory lock. Later
+// calls fail with ErrClosed.
 func (j *Journal) Close() error {
 	j.mu.Lock()
-	defer j.mu.Unlock()
 	if j.closed {
+		j.mu.Unlock()
 		return nil
 	}
 	j.closed = true
+	j.mu.Unlock()
+	close(j.stop)
+	<-j.stopped
 	return j.lock.Close()
 }
 
-// put writes e durably and then records it in memory; mu held.
-func (j *Journal) put(e Entry) error {
+// Flush waits until every outcome and acknowledgement recorded so far is
+// on disk.
+func (j *Journal) Flush() {
+	j.mu.Lock()
+	if len(j.queue) == 0 && !j.writing {
+		j.mu.Unlock()
+		return
+	}
+	ch := j.drained
+	j.mu.Unlock()
+	<-ch
+}
+
+// putLater records e in memory and queues its durable write; mu held.
+func (j *Journal) putLater(e Entry) error {
 	if j.closed {
 		return ErrClosed
 	}
-	data, err := json.Marshal(e)
-	if err != nil {
-		return fmt.Errorf("journal: encode %s: %w", e.TaskID, err)
-	}
-	name := fileName(e.TaskID)
-	if err := writeFile(j.dir, name, data); err != nil {
-		return fmt.Errorf("journal: write %s: %w", e.TaskID, err)
-	}
 	j.entries[e.TaskID] = e
+	if _, ok := j.pending[e.TaskID]; !ok {
+		j.queue = append(j.queue, e.TaskID)
+	}
+	j.pending[e.TaskID] = e
+	select {
+	case j.kick <- struct{}{}:
+	default:
+	}
 	return nil
 }
 
-// remove deletes an entry's file (directory fsync left to the caller
-// when batching); mu held.
+// writeDelay is how long the writer lets records gather before it writes
+// them: an outcome and its acknowledgement, a few milliseconds apart, then
+// cost one write, and a burst of tasks one directory fsync.
+const writeDelay = 20 * time.Millisecond
+
+// writer writes queued entries until Close; it drains the queue before it
+// returns.
+func (j *Journal) writer() {
+	defer close(j.stopped)
+	for {
+		select {
+		case <-j.kick:
+		case <-j.stop:
+			j.writeQueued()
+			return
+		}
+		t := time.NewTimer(writeDelay)
+		select {
+		case <-t.C:
+		case <-j.stop:
+			t.Stop()
+		}
+		j.writeQueued()
+	}
+}
+
+// writeQueued writes queued entries in batches until the queue is empty.
+func (j *Journal) writeQueued() {
+	for {
+		j.wmu.Lock()
+		j.mu.Lock()
+		if len(j.queue) == 0 {
+			j.writing = false
+			close(j.drained)
+			j.drained = make(chan struct{})
+			j.mu.Unlock()
+			j.wmu.Unlock()
+			return
+		}
+		batch := make([]Entry, 0, len(j.queue))
+		for _, id := range j.queue {
+			batch = append(batch, j.pending[id])
+		}
+		j.queue = nil
+		clear(j.pending)
+		j.writing = true
+		j.mu.Unlock()
+		j.writeBatch(batch)
+		j.wmu.Unlock()
+	}
+}
+
+// writeBatch replaces each entry's file durably: every temporary file
+// written and fsync'd, then renamed, then one fsync of the directory.
+func (j *Journal) writeBatch(batch []Entry) {
+	type done struct{ tmp, name string }
+	var ready []done
+	for _, e := range batch {
+		data, err := json.Marshal(e)
+		var tmp string
+		if err == nil {
+			tmp, err = writeTemp(j.dir, fileName(e.TaskID), data)
+		}
+		if err != nil {
+			j.log.Error("journal: write entry", zap.String("task", e.TaskID), zap.String("state", string(e.State)), zap.Error(err))
+			continue
+		}
+		ready = append(ready, done{tmp, fileName(e.TaskID)})
+	}
+	for _, d := range ready {
+		if err := os.Rename(d.tmp, filepath.Join(j.dir, d.name)); err != nil {
+			j.log.Error("journal: write entry", zap.String("file", d.name), zap.Error(err))
+			os.Remove(d.tmp)
+		}
+	}
+	if len(ready) > 0 {
+		if err := syncDir(j.dir); err != nil {
+			j.log.Error("journal: fsync directory", zap.Error(err))
+		}
+	}
+}
+
+// remove deletes an entry's file and forgets any pending write of it
+// (directory fsync left to the caller when batching); wmu and mu held.
 func (j *Journal) remove(id string) error {
+	if _, ok := j.pending[id]; ok {
+		delete(j.pending, id)
+		j.queue = slices.DeleteFunc(j.queue, func(q string) bool { return q == id })
+	}
 	if err := os.Remove(filepath.Join(j.dir, fileName(id))); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("journal: remove %s: %w", id, err)
 	}
@@ -375,10 +536,24 @@ func (j *Journal) remove(id string) error {
 }
 
 // writeFile replaces dir/name atomically and durably with data, mode 0600.
-func writeFile(dir, name string, data []byte) (err error) {
-	f, err := os.CreateTemp(dir, name+tmpSuffix+"-*")
+func writeFile(dir, name string, data []byte) error {
+	tmp, err := writeTemp(dir, name, data)
 	if err != nil {
 		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir(dir)
+}
+
+// writeTemp writes data to a new temporary file beside dir/name, mode
+// 0600, fsync'd, and returns its path.
+func writeTemp(dir, name string, data []byte) (path string, err error) {
+	f, err := os.CreateTemp(dir, name+tmpSuffix+"-*")
+	if err != nil {
+		return "", err
 	}
 	tmp := f.Name()
 	defer func() {
@@ -388,8 +563,35 @@ func writeFile(dir, name string, data []byte) (err error) {
 		}
 	}()
 	if err = f.Chmod(0o600); err != nil {
+		return "", err
+	}
+	if _, err = f.Write(data); err != nil {
+		return "", err
+	}
+	if err = f.Sync(); err != nil {
+		return "", err
+	}
+	return tmp, f.Close()
+}
+
+// createFile creates dir/name (which must not exist) with data, mode
+// 0600, and makes it durable: fsync of the file, then of the directory.
+// A failed write removes the file.
+func createFile(dir, name string, data []byte) (err error) {
+	p := filepath.Join(dir, name)
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if errors.Is(err, os.ErrExist) {
+		return writeFile(dir, name, data)
+	}
+	if err != nil {
 		return err
 	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(p)
+		}
+	}()
 	if _, err = f.Write(data); err != nil {
 		return err
 	}
@@ -397,9 +599,6 @@ func writeFile(dir, name string, data []byte) (err error) {
 		return err
 	}
 	if err = f.Close(); err != nil {
-		return err
-	}
-	if err = os.Rename(tmp, filepath.Join(dir, name)); err != nil {
 		return err
 	}
 	return syncDir(dir)

@@ -1,6 +1,7 @@
 package journal_test
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -209,5 +210,73 @@ func TestCompact(t *testing.T) {
 	j = open(t, dir, journal.Options{})
 	if j.Len() != 5 {
 		t.Errorf("after reopen %d entries, want 5", j.Len())
+	}
+}
+
+// TestDurabilitySplit: a started record is on disk when Start returns; an
+// outcome and its acknowledgement are in memory at once and on disk after
+// Flush; a removal while a write is pending leaves no file behind.
+func TestDurabilitySplit(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "journal")
+	j := open(t, dir, journal.Options{})
+	readState := func(id string) string {
+		b, err := os.ReadFile(filepath.Join(dir, "task-"+id+".json"))
+		if err != nil {
+			return "absent"
+		}
+		var e journal.Entry
+		if err := json.Unmarshal(b, &e); err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+		if e.Acked() {
+			return "acked"
+		}
+		return string(e.State)
+	}
+	if err := j.Start(entry("d1")); err != nil {
+		t.Fatal(err)
+	}
+	if got := readState("d1"); got != "started" {
+		t.Fatalf("after Start: %s on disk", got)
+	}
+	e := entry("d1")
+	e.Outcome, e.FinishedAt = success(), t0
+	if err := j.Finish(e); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := j.Get("d1"); got.State != journal.Finished {
+		t.Fatalf("after Finish: %s in memory", got.State)
+	}
+	if err := j.Ack("d1", t0); err != nil {
+		t.Fatal(err)
+	}
+	j.Flush()
+	if got := readState("d1"); got != "acked" {
+		t.Fatalf("after Flush: %s on disk", got)
+	}
+	// A re-run of a started task replaces its record.
+	if err := j.Start(entry("d2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(entry("d2")); err != nil {
+		t.Fatal(err)
+	}
+	e = entry("d2")
+	e.Outcome, e.FinishedAt = success(), t0
+	j.Finish(e)
+	if err := j.Remove("d2"); err != nil {
+		t.Fatal(err)
+	}
+	j.Flush()
+	if got := readState("d2"); got != "absent" {
+		t.Fatalf("removed entry: %s on disk", got)
+	}
+	// Close writes what is pending.
+	e = entry("d3")
+	e.Outcome, e.FinishedAt = success(), t0
+	j.Finish(e)
+	j.Close()
+	if got := readState("d3"); got != "finished" {
+		t.Fatalf("after Close: %s on disk", got)
 	}
 }
