@@ -47,7 +47,7 @@ func buildAndRun(m *testing.M) int {
 }
 
 type standaloneAgent struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string // data dir
 	cfgPath string
 	cmd     *exec.Cmd
@@ -61,26 +61,26 @@ type standaloneAgent struct {
 }
 
 // startAgent writes a config and starts otherix-agent --standalone.
-func startAgent(t *testing.T, extraYAML string) *standaloneAgent {
+func startAgent(t testing.TB, extraYAML string) *standaloneAgent {
 	t.Helper()
 	return startAgentIn(t, nil, extraYAML)
 }
 
 // startAgentIn starts the agent in a network namespace (nil: the host's).
-func startAgentIn(t *testing.T, ns *netdevtest.Netns, extraYAML string) *standaloneAgent {
+func startAgentIn(t testing.TB, ns *netdevtest.Netns, extraYAML string) *standaloneAgent {
 	t.Helper()
 	return startAgentSocket(t, ns, extraYAML, false)
 }
 
 // startAgentSocket is startAgentIn, serving the API on a unix socket too
 // (a.socket) when socket is set.
-func startAgentSocket(t *testing.T, ns *netdevtest.Netns, extraYAML string, socket bool) *standaloneAgent {
+func startAgentSocket(t testing.TB, ns *netdevtest.Netns, extraYAML string, socket bool) *standaloneAgent {
 	t.Helper()
 	return startAgentData(t, ns, t.TempDir(), extraYAML, socket)
 }
 
 // startAgentData is startAgentSocket with the data dir given.
-func startAgentData(t *testing.T, ns *netdevtest.Netns, dataDir, extraYAML string, socket bool) *standaloneAgent {
+func startAgentData(t testing.TB, ns *netdevtest.Netns, dataDir, extraYAML string, socket bool) *standaloneAgent {
 	t.Helper()
 	run, err := os.MkdirTemp("/tmp", "oxe")
 	if err != nil {
@@ -262,7 +262,7 @@ func (a *standaloneAgent) console(name string) *testguest.Console {
 	return testguest.OpenConsole(filepath.Join(a.dir, "vms", v.UUID, "console.log"))
 }
 
-func waitConsole(t *testing.T, c *testguest.Console, substr string) string {
+func waitConsole(t testing.TB, c *testguest.Console, substr string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()

@@ -1,0 +1,159 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/otherix/otherix-agent/qmp"
+)
+
+// BenchmarkSyncOps measures pause, resume and reset through the real
+// agent's API (the standalone binary, a real test guest: enqueue, lease,
+// journal, engine, QMP, completion, answer) beside, in the same run and
+// interleaved with them, the raw QMP round trip of the same command on a
+// bare QEMU and one fsync on the journal's file system. The goal (issue
+// 17): an op's p50 within raw QMP + one fsync + 2 ms.
+//
+//	go test -run '^$' -bench SyncOps -benchtime 200x ./cmd/otherix-agent/
+func BenchmarkSyncOps(b *testing.B) {
+	a := startAgent(b, "")
+	r := a.cli("", "vm", "create", "bench-1", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--wait")
+	if r.code != 0 {
+		b.Fatalf("create: %s %s\n%s", r.stdout, r.stderr, tail(a.logText(), 3000))
+	}
+	bare := startBareQEMU(b)
+	fsyncDir := filepath.Join(a.dir, "journal")
+	client := &http.Client{}
+	api := func(op string) time.Duration {
+		req, _ := http.NewRequest(http.MethodPost, a.url+"/v1/vms/bench-1/"+op, nil)
+		req.Header.Set("Authorization", "Bearer "+a.token)
+		t0 := time.Now()
+		resp, err := client.Do(req)
+		d := time.Since(t0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			b.Fatalf("%s: %s\n%s", op, resp.Status, tail(a.logText(), 2000))
+		}
+		return d
+	}
+	ctx := context.Background()
+	raw := func(cmd string) time.Duration {
+		t0 := time.Now()
+		if err := bare.Execute(ctx, cmd, nil, nil); err != nil {
+			b.Fatal(err)
+		}
+		return time.Since(t0)
+	}
+	fsync := func() time.Duration {
+		f, err := os.CreateTemp(fsyncDir, "fsync-bench-*")
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer os.Remove(f.Name())
+		defer f.Close()
+		f.Write(make([]byte, 256))
+		t0 := time.Now()
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+		return time.Since(t0)
+	}
+	ops := []struct{ api, qmp string }{{"pause", "stop"}, {"resume", "cont"}, {"reset", "system_reset"}}
+	apiT := map[string][]time.Duration{}
+	rawT := map[string][]time.Duration{}
+	var fsyncT []time.Duration
+	api("reset") // warm the connection and the path
+	b.ResetTimer()
+	for range b.N {
+		for _, op := range ops {
+			apiT[op.api] = append(apiT[op.api], api(op.api))
+			rawT[op.api] = append(rawT[op.api], raw(op.qmp))
+		}
+		fsyncT = append(fsyncT, fsync())
+	}
+	b.StopTimer()
+	fs50, fs99 := pct(fsyncT, 50), pct(fsyncT, 99)
+	var out strings.Builder
+	fmt.Fprintf(&out, "\nsync ops, %d rounds, interleaved (ms)\n", b.N)
+	fmt.Fprintf(&out, "%-7s %8s %8s %9s %9s %10s %10s %9s\n", "op", "API p50", "API p99", "QMP p50", "QMP p99", "fsync p50", "target p50", "overhead")
+	for _, op := range ops {
+		a50, a99 := pct(apiT[op.api], 50), pct(apiT[op.api], 99)
+		q50, q99 := pct(rawT[op.api], 50), pct(rawT[op.api], 99)
+		target := q50 + fs50 + 2*time.Millisecond
+		fmt.Fprintf(&out, "%-7s %8s %8s %9s %9s %10s %10s %9s\n", op.api, ms(a50), ms(a99), ms(q50), ms(q99), ms(fs50), ms(target), ms(a50-q50-fs50))
+		b.ReportMetric(float64(a50)/1e6, op.api+"-p50-ms")
+		b.ReportMetric(float64(a99)/1e6, op.api+"-p99-ms")
+		b.ReportMetric(float64(q50)/1e6, op.qmp+"-qmp-p50-ms")
+	}
+	fmt.Fprintf(&out, "fsync of the journal's file system: p50 %s, p99 %s\n", ms(fs50), ms(fs99))
+	b.ReportMetric(float64(fs50)/1e6, "fsync-p50-ms")
+	fmt.Print(out.String())
+}
+
+func pct(ds []time.Duration, p int) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	i := (len(s)*p + 99) / 100
+	return s[min(max(i-1, 0), len(s)-1)]
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.2f", float64(d)/1e6) }
+
+// startBareQEMU starts a QEMU with no agent around it (the same machine
+// type, TCG, its vCPU running firmware) and returns a QMP client to it.
+func startBareQEMU(tb testing.TB) *qmp.Client {
+	tb.Helper()
+	dir, err := os.MkdirTemp("/tmp", "oxq")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(dir) })
+	path := filepath.Join(dir, "qmp.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	f, err := ln.File()
+	ln.Close()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	cmd := exec.Command("qemu-system-x86_64", "-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "256",
+		"-chardev", "socket,id=qmp,fd=3,server=on,wait=off", "-mon", "chardev=qmp,mode=control")
+	cmd.ExtraFiles = []*os.File{f}
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(ctx, path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	return c
+}
