@@ -2,6 +2,7 @@ package imagecache
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -13,7 +14,10 @@ import (
 // without hits the entry last committed from the same URL. Concurrent
 // calls for the same request share one download; when ctx ends the call
 // returns at once, and the download goes on for the other callers (it is
-// cancelled, keeping a resumable partial, when none is left).
+// cancelled, keeping a resumable partial, when none is left). When ctx's
+// cause asks for it (DiscardDownload, e.g. a task cancelled by its
+// control plane rather than an agent shutting down), the last caller to
+// leave has the partial download thrown away instead: nothing is left.
 func (c *Cache) Ensure(ctx context.Context, poolName string, req Request, p Progress) (Entry, error) {
 	pl, err := c.pool(poolName)
 	if err != nil {
@@ -70,10 +74,24 @@ func (c *Cache) Ensure(ctx context.Context, poolName string, req Request, p Prog
 			return e, nil
 		case <-ctx.Done():
 			f.unsubscribe(id)
-			c.leave(f)
+			c.leave(f, discardWanted(ctx))
 			return Entry{}, cancelled(ctx)
 		}
 	}
+}
+
+// Discarder is implemented by a context cancellation cause whose
+// DiscardDownload says whether a download abandoned for it is thrown
+// away rather than kept for a resume.
+type Discarder interface{ DiscardDownload() bool }
+
+// errDiscard is the cause a flight is cancelled with when its partial
+// download must not be kept.
+var errDiscard = errors.New("download abandoned for good")
+
+func discardWanted(ctx context.Context) bool {
+	var d Discarder
+	return errors.As(context.Cause(ctx), &d) && d.DiscardDownload()
 }
 
 // lookup finds r in p's cache, recording the use.
@@ -106,7 +124,7 @@ type flightKey struct{ pool, url, sha, format string }
 // Cache.mu; entry and err are written before done is closed.
 type flight struct {
 	ctx    context.Context
-	cancel context.CancelFunc
+	cancel context.CancelCauseFunc
 	done   chan struct{}
 
 	waiters   int
@@ -125,13 +143,13 @@ type flight struct {
 // startFlight starts the download of r; c.mu held.
 func (c *Cache) startFlight(key flightKey, p *pool, r request) *flight {
 	f := &flight{done: make(chan struct{}), subs: make(map[int]Progress)}
-	f.ctx, f.cancel = context.WithCancel(c.ctx)
+	f.ctx, f.cancel = context.WithCancelCause(c.ctx)
 	c.flights[key] = f
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
 		e, err := c.ingest(f.ctx, p, r, f.report)
-		f.cancel()
+		f.cancel(nil)
 		c.mu.Lock()
 		if c.flights[key] == f {
 			delete(c.flights, key)
@@ -143,14 +161,19 @@ func (c *Cache) startFlight(key flightKey, p *pool, r request) *flight {
 	return f
 }
 
-// leave drops a waiter; the last one cancels the download. c.mu not held.
-func (c *Cache) leave(f *flight) {
+// leave drops a waiter; the last one cancels the download, keeping its
+// partial for a resume unless discard. c.mu not held.
+func (c *Cache) leave(f *flight, discard bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	f.waiters--
 	if f.waiters == 0 {
 		f.abandoned = true
-		f.cancel()
+		var cause error
+		if discard {
+			cause = errDiscard
+		}
+		f.cancel(cause)
 	}
 }
 

@@ -54,6 +54,11 @@ func (c *Cache) ingest(ctx context.Context, p *pool, r request, report Progress)
 	defer func() { c.opts.Observer.ObserveImageIngest(p.name, st.off-resumedAt, time.Since(start), err) }()
 	if err := c.download(ctx, p, st, r, report, log); err != nil {
 		if ctx.Err() != nil {
+			if errors.Is(context.Cause(ctx), errDiscard) {
+				st.discard()
+				log.Info("download cancelled; partial discarded", zap.Int64("bytes", st.off))
+				return Entry{}, cancelled(ctx)
+			}
 			if st.suspend(r) {
 				log.Info("download interrupted; kept for resume", zap.Int64("bytes", st.off))
 			}

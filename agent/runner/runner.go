@@ -50,11 +50,22 @@ type Inventory interface {
 	VMs(ctx context.Context) []api.VM           // current VM views
 }
 
-// Causes of an execution context's cancellation.
+// Causes of an execution context's cancellation. ErrCancelled asks
+// work it stops to leave nothing behind (DiscardDownload: a partial image
+// download is thrown away); ErrShutdown keeps what can be resumed.
 var (
-	ErrCancelled = errors.New("task cancelled by the control plane")
-	ErrShutdown  = errors.New("agent shutting down")
+	ErrCancelled error = cancelledError{}
+	ErrShutdown        = errors.New("agent shutting down")
 )
+
+// cancelledError is ErrCancelled.
+type cancelledError struct{}
+
+func (cancelledError) Error() string { return "task cancelled by the control plane" }
+
+// DiscardDownload tells the image cache to throw away a download the
+// cancelled task was the last to wait for (imagecache.Discarder).
+func (cancelledError) DiscardDownload() bool { return true }
 
 // Config tunes a Runner. Zero values take the defaults shown.
 type Config struct {

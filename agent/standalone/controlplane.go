@@ -136,6 +136,14 @@ func (cp *ControlPlane) Wait(ctx context.Context, id string) (api.Task, error) {
 	return t.Task, err
 }
 
+// Cancel cancels a task not yet past its point of no return
+// (cpserver.Cancellable); else the error wraps cpserver.ErrNotCancellable,
+// or cpserver.ErrNotFound.
+func (cp *ControlPlane) Cancel(ctx context.Context, id string) (api.Task, error) {
+	t, err := cp.srv.CancelTask(ctx, id)
+	return t.Task, err
+}
+
 // Busy reports an unfinished task of vmName, if any.
 func (cp *ControlPlane) Busy(vmName string) (api.Task, bool) {
 	tasks, _ := cp.srv.Unfinished(context.Background())

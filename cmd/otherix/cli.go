@@ -172,6 +172,7 @@ func (c *cli) commands() []command {
 		{"create", "-f FILE [--wait] [--wait-timeout 5m]", "create a VM from a YAML manifest (- for stdin)", c.createManifest, false},
 	}
 	cmds = append(cmds, c.imageCommands()...)
+	cmds = append(cmds, c.taskCommands()...)
 	cmds = append(cmds,
 		command{"volume create", "NAME --size-gib N [--pool P]", "create an empty qcow2 volume in a pool", c.volumeCreate, false},
 		command{"volume list", "[--pool P] [-o table|json]", "list a pool's volumes", c.volumeList, false},
@@ -250,6 +251,12 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 	if rest[0] == "image" {
 		if len(rest) < 2 {
 			return &usageError{msg: "image needs a subcommand", synopsis: "otherix image list|pull ... (see otherix help)"}
+		}
+		words = 2
+	}
+	if rest[0] == "task" {
+		if len(rest) < 2 {
+			return &usageError{msg: "task needs a subcommand", synopsis: "otherix task list|get|cancel ... (see otherix help)"}
 		}
 		words = 2
 	}

@@ -152,7 +152,41 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	mux.HandleFunc("GET /v1/vms/{name}/console", f.console)
 	mux.HandleFunc("GET /v1/vms/{name}/stats", f.stats)
 	mux.HandleFunc("GET /v1/tasks/{id}", f.task)
+	mux.HandleFunc("GET /v1/tasks", f.taskList)
+	mux.HandleFunc("POST /v1/tasks/{id}/cancel", f.cancelTask)
 	mux.ServeHTTP(w, r)
+}
+
+// taskList answers GET /v1/tasks?vm=: the tasks, newest first.
+func (f *fakeAPI) taskList(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := []api.Task{}
+	for _, ft := range f.tasks {
+		if vm := r.URL.Query().Get("vm"); vm == "" || ft.task.VMName == vm {
+			out = append(out, ft.task)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID > out[j].ID })
+	fakeJSON(w, http.StatusOK, map[string]any{"tasks": out})
+}
+
+// cancelTask answers POST /v1/tasks/{id}/cancel: a pending task ends
+// cancelled, any other is a conflict.
+func (f *fakeAPI) cancelTask(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	ft, ok := f.tasks[r.PathValue("id")]
+	switch {
+	case !ok:
+		fakeErr(w, http.StatusNotFound, "not_found", "task not found")
+	case ft.task.Status != api.TaskPending:
+		fakeErr(w, http.StatusConflict, "conflict", "cannot cancel: task is "+ft.task.Status)
+	default:
+		ft.task.Status = api.TaskCancelled
+		ft.task.Error = &api.Error{Code: "cancelled", Message: "cancelled before it was delivered"}
+		fakeJSON(w, http.StatusOK, ft.task)
+	}
 }
 
 func fakeJSON(w http.ResponseWriter, status int, v any) {

@@ -14,6 +14,8 @@
 //	otherix firmware list [--arch A] [-o table|json]
 //	otherix image list [--pool P] [-o table|json]
 //	otherix image pull URL --pool P [--sha256 H] [--no-wait] [--wait-timeout 30m]
+//	otherix task list [--vm NAME] [--limit N] [-o table|json]
+//	otherix task get|cancel ID [-o text|json]
 //	otherix version
 //
 // Flags may come before or after the VM name. The server is --server URL,

@@ -202,7 +202,7 @@ func writeErr(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, ErrNotFound):
 		WriteError(w, http.StatusNotFound, "not_found", err.Error())
-	case errors.Is(err, ErrLeaseLost):
+	case errors.Is(err, ErrLeaseLost), errors.Is(err, ErrNotCancellable):
 		WriteError(w, http.StatusConflict, "conflict", err.Error())
 	case errors.Is(err, ErrBadStatus):
 		WriteError(w, http.StatusBadRequest, "validation_failed", err.Error())

@@ -1,0 +1,62 @@
+package cpserver_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
+)
+
+// TestCancelTask: the point of no return. A pending task ends cancelled
+// at once; a leased create is cancellable until it reports a phase past
+// its download; a leased task of another type, or an ended one, is not.
+func TestCancelTask(t *testing.T) {
+	ctx := context.Background()
+	s := &cpserver.Server{DesiredFollowsTasks: true}
+	enqueue := func(id, typ string) {
+		if _, err := s.Enqueue(ctx, cpserver.Task{Task: api.Task{ID: id, Type: typ, VMName: "v-" + id, VMUUID: "u-" + id}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	enqueue("create", api.TaskCreate)
+	enqueue("start", api.TaskStart)
+	enqueue("late", api.TaskCreate)
+	leased, err := s.Lease(ctx, protocol.LeaseRequest{Max: 3})
+	if err != nil || len(leased.Tasks) != 3 {
+		t.Fatalf("lease: %+v %v", leased, err)
+	}
+	lease := map[string]string{}
+	for _, l := range leased.Tasks {
+		lease[l.ID] = l.LeaseID
+	}
+	if _, err := s.Progress(ctx, "late", protocol.ProgressRequest{LeaseID: lease["late"], Progress: &api.Progress{Phase: "boot"}}); err != nil {
+		t.Fatal(err)
+	}
+	enqueue("pending", api.TaskCreate)
+
+	got, err := s.CancelTask(ctx, "pending")
+	if err != nil || got.Status != api.TaskCancelled {
+		t.Fatalf("pending: %+v %v", got, err)
+	}
+	if _, ok := s.UUIDOf(ctx, "v-pending"); ok {
+		t.Error("a cancelled pending create is still desired")
+	}
+	if _, err := s.Progress(ctx, "create", protocol.ProgressRequest{LeaseID: lease["create"], Progress: &api.Progress{Phase: "download", Done: 1, Total: 9}}); err != nil {
+		t.Fatal(err)
+	}
+	got, err = s.CancelTask(ctx, "create")
+	if err != nil || got.Status != api.TaskRunning || !got.Cancel {
+		t.Fatalf("a downloading create: %+v %v", got, err)
+	}
+	if p, _ := s.Progress(ctx, "create", protocol.ProgressRequest{LeaseID: lease["create"]}); !p.Cancelled {
+		t.Error("the agent is not told to cancel the downloading create")
+	}
+	for _, id := range []string{"start", "late", "pending"} {
+		if _, err := s.CancelTask(ctx, id); !errors.Is(err, cpserver.ErrNotCancellable) {
+			t.Errorf("%s: %v, want ErrNotCancellable", id, err)
+		}
+	}
+}
