@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -124,8 +126,85 @@ func TestClusterThreeAgents(t *testing.T) {
 		return n["node-c"].State == api.NodeLost && n["node-a"].State == api.NodeReady && n["node-b"].State == api.NodeReady
 	})
 	t.Logf("node-c lost %v after its agent died", time.Since(start).Round(time.Second))
-	b.ok("vm", "stop", "cl-1", "--force", "--wait")
+
+	// Quorum lost: the VM runs on under the same QEMU, the API answers
+	// 503 cluster_unavailable; back, the cluster serves again.
+	pid := b.getVM("cl-1").QEMUPID
+	killed := c.KillQuorum()
+	waitNoLeader(t, c)
+	if r := b.cli("", "vm", "stop", "cl-1"); r.code == 0 || !strings.Contains(r.stderr, "cluster_unavailable") {
+		t.Errorf("vm stop without quorum: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if r := a.cli("", "node", "list"); r.code == 0 || !strings.Contains(r.stderr, "cluster_unavailable") {
+		t.Errorf("node list without quorum: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if v := b.getVM("cl-1"); v.Status != api.StatusRunning || v.QEMUPID != pid {
+		t.Errorf("cl-1 without quorum: %+v (pid was %d)", v, pid)
+	}
+	for _, mb := range killed {
+		if err := mb.Restart(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := c.WaitHealthy(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r = b.ok("vm", "stop", "cl-1", "--force")
+	m := regexp.MustCompile(`task=(\S+)`).FindStringSubmatch(r.stdout)
+	if m == nil {
+		t.Fatalf("vm stop printed no task: %q", r.stdout)
+	}
+	// Its result reaches the store through any replica's view.
+	if task := waitTask(t, a, m[1], 90*time.Second); task.Status != api.TaskSuccess {
+		t.Fatalf("stop after quorum is back: %+v", task)
+	}
 	if v := b.getVM("cl-1"); v.Status != api.StatusStopped {
-		t.Fatalf("cl-1 after stop: %+v", v)
+		t.Fatalf("cl-1 after the stop: %+v", v)
+	}
+	waitNodes(t, a, 60*time.Second, "node-a and node-b ready again", func(n map[string]api.Node) bool {
+		return n["node-a"].State == api.NodeReady && n["node-b"].State == api.NodeReady
+	})
+}
+
+// waitNoLeader waits until every running member knows it has no leader.
+func waitNoLeader(t *testing.T, c *etcdtest.Cluster) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, m := range c.Members {
+		for m.Running() {
+			if has, err := m.HasLeader(ctx); err != nil || !has {
+				break
+			}
+			if ctx.Err() != nil {
+				t.Fatal("a member cut from quorum still has a leader")
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+}
+
+// waitTask polls GET /v1/tasks/{id} through a until the task ends.
+func waitTask(t *testing.T, a *standaloneAgent, id string, d time.Duration) api.Task {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		req, _ := http.NewRequest("GET", a.url+"/v1/tasks/"+id, nil)
+		req.Header.Set("Authorization", "Bearer "+a.token)
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			var tk api.Task
+			ok := resp.StatusCode == 200 && json.NewDecoder(resp.Body).Decode(&tk) == nil
+			resp.Body.Close()
+			if ok && (tk.Status == api.TaskSuccess || tk.Status == api.TaskFailed || tk.Status == api.TaskCancelled) {
+				return tk
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("task %s did not end:\n%s", id, tail(a.logText(), 3000))
+		}
+		time.Sleep(300 * time.Millisecond)
 	}
 }
