@@ -2,7 +2,9 @@ package cpserver_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"net/http/httptest"
 	"testing"
 
 	"github.com/otherix/otherix-agent/agent/api"
@@ -57,6 +59,28 @@ func TestCancelTask(t *testing.T) {
 	for _, id := range []string{"start", "late", "pending"} {
 		if _, err := s.CancelTask(ctx, id); !errors.Is(err, cpserver.ErrNotCancellable) {
 			t.Errorf("%s: %v, want ErrNotCancellable", id, err)
+		}
+	}
+}
+
+// TestNoRouteEnvelope: a path the protocol does not have is 404 and a
+// wrong method 405 with Allow, both in the error envelope.
+func TestNoRouteEnvelope(t *testing.T) {
+	s := &cpserver.Server{}
+	for _, tc := range []struct {
+		method, path string
+		status       int
+		code, allow  string
+	}{
+		{"POST", "/v1/agent/nothing", 404, "not_found", ""},
+		{"GET", protocol.PathLease, 405, "validation_failed", "POST"},
+	} {
+		rec := httptest.NewRecorder()
+		s.ServeHTTP(rec, httptest.NewRequest(tc.method, tc.path, nil))
+		var env api.ErrorEnvelope
+		if err := json.Unmarshal(rec.Body.Bytes(), &env); err != nil || rec.Code != tc.status || env.Error.Code != tc.code ||
+			rec.Header().Get("Allow") != tc.allow || rec.Header().Get("Content-Type") != "application/json" {
+			t.Errorf("%s %s: %d %q Allow %q: %s", tc.method, tc.path, rec.Code, env.Error.Code, rec.Header().Get("Allow"), rec.Body)
 		}
 	}
 }
