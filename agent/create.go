@@ -207,6 +207,11 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	u.success()
 	v := b.view
 	b.log.Info("vm created", zap.Int("qemu_pid", v.PID))
+	taskID := ""
+	if task != nil {
+		taskID = task.ID
+	}
+	h.event(v, api.EventCreated, "", taskID)
 	return h.toAPI(v), nil
 }
 

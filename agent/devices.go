@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -236,6 +237,7 @@ func (h *Host) AttachDisk(ctx context.Context, name string, d api.Device) (api.V
 	}); err != nil {
 		return api.VM{}, err
 	}
+	h.eventByName(name, api.EventDiskAttached, d.Source, "")
 	return h.VM(name)
 }
 
@@ -267,6 +269,7 @@ func (h *Host) DetachDisk(ctx context.Context, name string, d api.Device) (api.V
 	}); err != nil {
 		return api.VM{}, err
 	}
+	h.eventByName(name, api.EventDiskDetached, d.Source, "")
 	return h.VM(name)
 }
 
@@ -300,6 +303,11 @@ func (h *Host) ChangeMedium(ctx context.Context, name string, index int, d api.D
 	}); err != nil {
 		return api.VM{}, err
 	}
+	msg := fmt.Sprintf("cd-rom %d: %s", index, d.Source)
+	if d.Source == "" {
+		msg = fmt.Sprintf("cd-rom %d: ejected", index)
+	}
+	h.eventByName(name, api.EventMediumChanged, msg, "")
 	return h.VM(name)
 }
 

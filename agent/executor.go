@@ -67,6 +67,13 @@ func (h *Host) Execute(ctx context.Context, t protocol.Task, progress func(api.P
 		}
 		m.LastTask = &api.TaskRef{ID: t.ID, Type: t.Type, Status: st}
 	})
+	if typ, ok := taskEvent(t.Type, err); ok {
+		msg := ""
+		if err != nil {
+			msg = errcode.MessageOf(err)
+		}
+		h.eventByName(name, typ, msg, t.ID)
+	}
 	if err != nil {
 		return protocol.Result{}, err
 	}

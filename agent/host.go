@@ -22,6 +22,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/events"
 	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/metrics"
@@ -59,6 +60,7 @@ type Host struct {
 	vncPorts  vnc.Ports
 	hostdevs  *hostdev.Host    // passthrough: the host's sysfs and the devices VMs hold
 	usage     *usage.Collector // nil when usage.interval is 0
+	events    *events.Store    // every VM's history
 
 	// Facts of the host found once at start (every heartbeat reports
 	// them; the binaries change only with a restart).
@@ -124,6 +126,12 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		return nil, err
 	}
 	h.box = box
+	evs, err := events.Open(filepath.Join(cfg.DataDir, "events"), events.Options{Observe: o.Metrics.ObserveVMEvent})
+	if err != nil {
+		cache.Close()
+		return nil, err
+	}
+	h.events = evs
 	cred, uids, err := qemuIdentity(cfg.QEMU)
 	if err != nil {
 		cache.Close()

@@ -32,6 +32,10 @@ func (h *Host) Delete(ctx context.Context, name string) error {
 	for _, p := range m.CDROMPins {
 		h.unpinCDROM(name, cdromOwner(v.Spec.UUID), p)
 	}
+	h.event(v, api.EventDeleted, "", "")
+	if err := h.events.Remove(v.Spec.UUID); err != nil {
+		h.log.Warn("remove vm history", zap.String("vm", name), zap.Error(err))
+	}
 	return nil
 }
 

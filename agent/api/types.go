@@ -323,6 +323,46 @@ type VM struct {
 	Usage *UsageSummary `json:"usage,omitempty"`
 }
 
+// VM event types: the facts of a VM's life, newest last in its history.
+const (
+	EventCreated       = "created"
+	EventStarted       = "started"        // by a task
+	EventStopped       = "stopped"        // by a task (stop or poweroff)
+	EventGuestShutdown = "guest_shutdown" // the guest powered itself off
+	EventGuestReboot   = "guest_reboot"   // the guest rebooted itself (same QEMU)
+	EventCrashed       = "crashed"        // QEMU ended without a guest shutdown, or the guest panicked
+	EventRestarted     = "restarted"      // started again by the restart policy
+	EventCrashLoop     = "crash_loop"     // too many crashes: restarts held
+	EventStopTimeout   = "stop_timeout"   // the guest ignored the power button
+	EventRebooted      = "rebooted"       // by a task (new QEMU)
+	EventReset         = "reset"          // by a task
+	EventPaused        = "paused"
+	EventResumed       = "resumed"
+	EventMediumChanged = "medium_changed"
+	EventDiskAttached  = "disk_attached"
+	EventDiskDetached  = "disk_detached"
+	EventHostRebooted  = "host_rebooted" // QEMU gone with the host's boot
+	EventAutostarted   = "autostarted"   // started after a host boot
+	EventDeleted       = "deleted"
+)
+
+// VMEvent is one entry of a VM's history (GET /v1/vms/{name}/events) and
+// of a heartbeat's events. Seq numbers every event of the host, growing.
+type VMEvent struct {
+	Seq     int64     `json:"seq"`
+	Time    time.Time `json:"time"`
+	VMName  string    `json:"vm_name"`
+	VMUUID  string    `json:"vm_uuid"`
+	Type    string    `json:"type"`
+	Message string    `json:"message,omitempty"`
+	TaskID  string    `json:"task_id,omitempty"`
+}
+
+// VMEventList is the answer of GET /v1/vms/{name}/events, oldest first.
+type VMEventList struct {
+	Events []VMEvent `json:"events"`
+}
+
 // Progress of a long task (e.g. image download bytes).
 type Progress struct {
 	Phase string `json:"phase,omitempty"` // e.g. "download", "boot"

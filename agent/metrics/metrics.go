@@ -28,6 +28,7 @@
 //	control_plane_connected                             gauge, at scrape
 //	control_plane_heartbeat_age_seconds                 gauge, at scrape
 //	guest_agent_up{vm}                                  gauge
+//	vm_events_total{type}                               counter
 //	vm_usage_timestamp_seconds{vm,uuid}                 gauge, at scrape (per running VM, below)
 //	vm_cpu_seconds_total{vm,uuid}                       counter
 //	vm_cpu_usage_ratio{vm,uuid}                         gauge
@@ -97,6 +98,7 @@ type Metrics struct {
 	cpDur    *prometheus.HistogramVec
 	cpErrs   *prometheus.CounterVec
 	guestAgt *prometheus.GaugeVec
+	vmEvents *prometheus.CounterVec
 
 	src   *sources
 	usage *vmUsage
@@ -171,8 +173,12 @@ func New(o Options) *Metrics {
 			Namespace: namespace, Name: "guest_agent_up",
 			Help: "1 when the VM's guest agent answers, 0 when it does not.",
 		}, []string{"vm"}),
-		src:   newSources(),
 		usage: newVMUsage(),
+		vmEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "vm_events_total",
+			Help: "VM events recorded in VM histories, by type (created, started, guest_shutdown, crashed, restarted, ...).",
+		}, []string{"type"}),
+		src: newSources(),
 	}
 	build := prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: namespace, Name: "build_info",
@@ -181,7 +187,7 @@ func New(o Options) *Metrics {
 	})
 	build.Set(1)
 	m.reg.MustRegister(build, m.tasks, m.taskDur, m.lookups, m.inBytes, m.ingests, m.inDur,
-		m.evicts, m.evBytes, m.qmpDur, m.qmpErrs, m.cpDur, m.cpErrs, m.guestAgt, m.src, m.usage)
+		m.evicts, m.evBytes, m.qmpDur, m.qmpErrs, m.cpDur, m.cpErrs, m.guestAgt, m.vmEvents, m.src, m.usage)
 	if !o.NoRuntime {
 		m.reg.MustRegister(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), collectors.NewGoCollector())
 	}
@@ -253,6 +259,26 @@ func (m *Metrics) Serve(ctx context.Context, ln net.Listener) error {
 		err = e
 	}
 	return err
+}
+
+// ObserveVMEvent counts one VM event by type (api.Event* constants;
+// anything else is counted as "other").
+func (m *Metrics) ObserveVMEvent(typ string) {
+	if m == nil {
+		return
+	}
+	if !knownEvents[typ] {
+		typ = other
+	}
+	m.vmEvents.WithLabelValues(typ).Inc()
+}
+
+var knownEvents = map[string]bool{
+	api.EventCreated: true, api.EventStarted: true, api.EventStopped: true, api.EventGuestShutdown: true,
+	api.EventGuestReboot: true, api.EventCrashed: true, api.EventRestarted: true, api.EventCrashLoop: true,
+	api.EventStopTimeout: true, api.EventRebooted: true, api.EventReset: true, api.EventPaused: true,
+	api.EventResumed: true, api.EventMediumChanged: true, api.EventDiskAttached: true, api.EventDiskDetached: true,
+	api.EventHostRebooted: true, api.EventAutostarted: true, api.EventDeleted: true,
 }
 
 // ObserveTask records a finished task: its type (api.Task* constants;

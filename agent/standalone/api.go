@@ -52,6 +52,8 @@ type Host interface {
 	OpenConsole(name string) (*os.File, error)
 	// Stats is a VM's last usage sample.
 	Stats(name string) (api.VMStats, error)
+	// Events is a VM's history, oldest first.
+	Events(name string) ([]api.VMEvent, error)
 }
 
 // API serves seed 004's /v1/vms surface over the control plane.
@@ -95,6 +97,7 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/vms/{name}/resume", a.sync(api.TaskResume))
 	mux.HandleFunc("GET /v1/vms/{name}/console", a.console)
 	mux.HandleFunc("GET /v1/vms/{name}/stats", a.stats)
+	mux.HandleFunc("GET /v1/vms/{name}/events", a.events)
 	mux.HandleFunc("GET /v1/vms/{name}/screenshot", a.screenshot)
 	mux.HandleFunc("GET /v1/tasks", a.tasks)
 	mux.HandleFunc("GET /v1/tasks/{id}", a.task)
@@ -287,6 +290,20 @@ func (a *API) stats(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, st)
+}
+
+// events answers a VM's history, oldest first.
+func (a *API) events(w http.ResponseWriter, r *http.Request) {
+	name, ok := a.vmName(w, r)
+	if !ok {
+		return
+	}
+	evs, err := a.host.Events(name)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, api.VMEventList{Events: evs})
 }
 
 // target resolves the VM an op names: it must exist on this host.

@@ -164,6 +164,7 @@ func (c *cli) commands() []command {
 		{"vm console", "NAME [--tail N]", "print the serial console log", c.vmConsole, false},
 		{"vm stats", "NAME [-o text|json]", "show what the VM uses: CPU, memory, disk and network", c.vmStats, false},
 		{"vm top", "[--interval 2s] [-o table|json]", "the host's VMs by CPU, refreshed on a terminal (one snapshot when piped)", c.vmTop, false},
+		{"vm events", "NAME [-o table|json]", "print the VM's history: starts, stops, guest shutdowns, crashes, restarts", c.vmEvents, false},
 		{"vm screenshot", "NAME FILE.png", "save a PNG of the VM's display (vnc_enabled VMs)", c.vmScreenshot, false},
 		{"vm attach-disk", "NAME SOURCE [--readonly] [--storage-pool P]", "attach a volume or allowed path (at once when the VM runs)", c.vmDisk(true), false},
 		{"vm detach-disk", "NAME SOURCE [--storage-pool P]", "detach a disk (at once when it was attached while running)", c.vmDisk(false), false},

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -233,6 +234,42 @@ func (c *cli) writeText(vm *api.VM) {
 		}
 		fmt.Fprintf(c.stdout, "%s: %s\n", l[0], v)
 	}
+}
+
+// vmEvents is "otherix vm events NAME": the VM's history, oldest first.
+func (c *cli) vmEvents(ctx context.Context, fs *flag.FlagSet, args []string) error {
+	out, check := outputFlag(fs, "table", "json")
+	name, err := c.name(fs, args)
+	if err != nil {
+		return err
+	}
+	if err := check(); err != nil {
+		return err
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	evs, raw, err := cl.Events(ctx, name)
+	if err != nil {
+		return err
+	}
+	if *out == "json" {
+		return c.writeRaw(raw)
+	}
+	tw := tabwriter.NewWriter(c.stdout, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tTYPE\tMESSAGE\tTASK")
+	for _, e := range evs {
+		msg, task := e.Message, e.TaskID
+		if msg == "" {
+			msg = "-"
+		}
+		if task == "" {
+			task = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.Time.UTC().Format(time.RFC3339), e.Type, msg, task)
+	}
+	return tw.Flush()
 }
 
 // vmConsole is "otherix vm console NAME".

@@ -9,6 +9,7 @@
 //	otherix vm console NAME [--tail N]
 //	otherix vm stats NAME [-o text|json]
 //	otherix vm top [--interval 2s] [-o table|json]
+//	otherix vm events NAME [-o table|json]
 //	otherix create -f manifest.yaml [--wait]
 //	otherix vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P]
 //	otherix firmware list [--arch A] [-o table|json]

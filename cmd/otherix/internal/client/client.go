@@ -136,6 +136,16 @@ func (c *Client) GetVM(ctx context.Context, name string) (*api.VM, []byte, error
 	return &vm, raw, nil
 }
 
+// Events returns a VM's history, oldest first, and the raw answer.
+func (c *Client) Events(ctx context.Context, name string) ([]api.VMEvent, []byte, error) {
+	var l api.VMEventList
+	raw, err := c.doJSON(ctx, http.MethodGet, vmPath(name, "events"), nil, nil, &l)
+	if err != nil {
+		return nil, nil, err
+	}
+	return l.Events, raw, nil
+}
+
 // Async ops: the server answers 202 with a task.
 const (
 	OpStart    = "start"

@@ -1,0 +1,81 @@
+package agent
+
+import (
+	"go.uber.org/zap"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/agent/vm"
+)
+
+// event records one fact of a VM's life in its history. An event store
+// that cannot persist keeps the event in memory; the agent goes on.
+func (h *Host) event(v vm.View, typ, msg, taskID string) {
+	if h.events == nil {
+		return
+	}
+	e, err := h.events.Add(api.VMEvent{VMName: v.Spec.Name, VMUUID: v.Spec.UUID, Type: typ, Message: msg, TaskID: taskID})
+	if err != nil {
+		h.log.Warn("persist vm event", zap.String("vm", v.Spec.Name), zap.String("type", typ), zap.Error(err))
+	}
+	h.log.Info("vm event", zap.String("vm", v.Spec.Name), zap.String("vm_uuid", v.Spec.UUID), zap.String("type", typ),
+		zap.String("message", msg), zap.Int64("seq", e.Seq))
+}
+
+// eventByName records an event of a VM known by name.
+func (h *Host) eventByName(name, typ, msg, taskID string) {
+	if v, err := h.engine.Get(name); err == nil {
+		h.event(v, typ, msg, taskID)
+	}
+}
+
+// Events returns a VM's history, oldest first.
+func (h *Host) Events(name string) ([]api.VMEvent, error) {
+	v, err := h.engine.Get(name)
+	if err != nil {
+		h.mu.Lock()
+		_, creating := h.pending[name]
+		h.mu.Unlock()
+		if creating {
+			return []api.VMEvent{}, nil
+		}
+		return nil, err
+	}
+	return h.events.List(v.Spec.UUID), nil
+}
+
+// PendingEvents returns up to n events the control plane has not
+// acknowledged, oldest first (runner.EventSource).
+func (h *Host) PendingEvents(n int) []api.VMEvent { return h.events.Pending(n) }
+
+// AckEvents records that the control plane has every event up to seq.
+func (h *Host) AckEvents(seq int64) {
+	if err := h.events.Ack(seq); err != nil {
+		h.log.Warn("persist acknowledged events", zap.Error(err))
+	}
+}
+
+// taskEvent is the event a finished task leaves in its VM's history.
+func taskEvent(typ string, err error) (string, bool) {
+	if err != nil {
+		if errcode.Of(err) == errcode.StopTimeout {
+			return api.EventStopTimeout, true
+		}
+		return "", false
+	}
+	switch typ {
+	case api.TaskStart:
+		return api.EventStarted, true
+	case api.TaskStop, api.TaskPoweroff:
+		return api.EventStopped, true
+	case api.TaskReboot:
+		return api.EventRebooted, true
+	case api.TaskReset:
+		return api.EventReset, true
+	case api.TaskPause:
+		return api.EventPaused, true
+	case api.TaskResume:
+		return api.EventResumed, true
+	}
+	return "", false
+}
