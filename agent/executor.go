@@ -103,7 +103,14 @@ func (h *Host) executeVM(ctx context.Context, t protocol.Task, name string) (des
 	apply := func(_ api.VM, err error) error { return err }
 	switch t.Type {
 	case api.TaskStart:
-		return api.PhaseRunning, run(h.engine.Start(ctx, name))
+		before, _ := h.engine.Get(name)
+		if _, err := h.engine.Start(ctx, name); err != nil {
+			return api.PhaseRunning, err
+		}
+		var s api.StartSpec
+		_ = specOf(t, &s) // a bad spec only loses the restart's count
+		h.started(name, before, s, t.ID)
+		return api.PhaseRunning, nil
 	case api.TaskStop:
 		var s api.StopSpec
 		if err := specOf(t, &s); err != nil {

@@ -64,8 +64,6 @@ func taskEvent(typ string, err error) (string, bool) {
 		return "", false
 	}
 	switch typ {
-	case api.TaskStart:
-		return api.EventStarted, true
 	case api.TaskStop, api.TaskPoweroff:
 		return api.EventStopped, true
 	case api.TaskReboot:

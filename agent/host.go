@@ -61,6 +61,7 @@ type Host struct {
 	hostdevs  *hostdev.Host    // passthrough: the host's sysfs and the devices VMs hold
 	usage     *usage.Collector // nil when usage.interval is 0
 	events    *events.Store    // every VM's history
+	life      lifecycle        // status changes no task ordered
 
 	// Facts of the host found once at start (every heartbeat reports
 	// them; the binaries change only with a restart).
@@ -165,6 +166,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		AfterStart:   h.afterStart,
 		OnChange: func(v vm.View) {
 			h.syncNetState(v)
+			h.followStatus(v)
 			if h.onChange != nil {
 				h.onChange(h.toAPI(v))
 			}

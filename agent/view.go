@@ -15,7 +15,7 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		Name:         v.Spec.Name,
 		UUID:         v.Spec.UUID,
 		Status:       v.Status,
-		StatusReason: v.Reason,
+		StatusReason: statusReason(v, m),
 		DesiredPhase: m.DesiredPhase,
 		Arch:         v.Spec.Arch,
 		VCPUs:        v.Spec.VCPUs,

@@ -259,6 +259,14 @@ type NICView struct {
 	IPs     []string `json:"ip_addresses,omitempty"`
 }
 
+// StartSpec is the spec of a vm.start task (optional). Restart marks a
+// start by the VM's restart policy (the agent's reconcile), counted in
+// restart_count; a start without it is a start by request, which clears
+// the count and a crash loop.
+type StartSpec struct {
+	Restart bool `json:"restart,omitempty"`
+}
+
 // StopSpec is the spec of a vm.stop task.
 type StopSpec struct {
 	Force bool `json:"force,omitempty"`

@@ -43,7 +43,19 @@ type Config struct {
 	Devices      Devices            `yaml:"devices"`
 	Limits       Limits             `yaml:"limits"`
 	Usage        Usage              `yaml:"usage"`
+	Restart      Restart            `yaml:"restart"`
 	Log          Log                `yaml:"log"`
+}
+
+// Restart tunes restart policies: restarts of a VM back off from
+// BackoffBase doubling up to BackoffMax, and reset once it has run for
+// Stable; CrashLoopCount crashes within CrashLoopWindow stop them.
+type Restart struct {
+	BackoffBase     time.Duration `yaml:"backoff_base"`
+	BackoffMax      time.Duration `yaml:"backoff_max"`
+	Stable          time.Duration `yaml:"stable"`
+	CrashLoopCount  int           `yaml:"crash_loop_count"`
+	CrashLoopWindow time.Duration `yaml:"crash_loop_window"`
 }
 
 // Pool is a storage pool: a directory holding an image cache and VM disks.
@@ -202,6 +214,8 @@ func Default(dataDir string) *Config {
 		Usage:   Usage{Interval: 10 * time.Second},
 		Log:     Log{Level: "info", Format: "auto"},
 		Cluster: Cluster{Etcd: Etcd{Prefix: "/otherix/"}},
+		Restart: Restart{BackoffBase: 10 * time.Second, BackoffMax: 10 * time.Minute, Stable: 5 * time.Minute,
+			CrashLoopCount: 5, CrashLoopWindow: 10 * time.Minute},
 	}
 }
 
@@ -348,6 +362,21 @@ func (c *Config) Validate() error {
 	}
 	if c.Limits.ConcurrentCreates < 1 {
 		bad("limits.concurrent_creates", "must be at least 1")
+	}
+	for _, k := range []struct {
+		key string
+		d   time.Duration
+	}{{"restart.backoff_base", c.Restart.BackoffBase}, {"restart.backoff_max", c.Restart.BackoffMax},
+		{"restart.stable", c.Restart.Stable}, {"restart.crash_loop_window", c.Restart.CrashLoopWindow}} {
+		if k.d <= 0 {
+			bad(k.key, "must be positive")
+		}
+	}
+	if c.Restart.BackoffMax < c.Restart.BackoffBase {
+		bad("restart.backoff_max", "must be at least restart.backoff_base")
+	}
+	if c.Restart.CrashLoopCount < 1 {
+		bad("restart.crash_loop_count", "must be at least 1")
 	}
 	if c.Limits.ConcurrentDownloads < 1 {
 		bad("limits.concurrent_downloads", "must be at least 1")

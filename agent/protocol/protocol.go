@@ -176,7 +176,14 @@ type HeartbeatRequest struct {
 	// Orphans lists the uuids of VMs on this host that the control
 	// plane's last answer did not know. The agent never deletes them.
 	Orphans []string `json:"orphans,omitempty"`
+	// Events are VM events the control plane has not acknowledged yet,
+	// oldest first (at most MaxHeartbeatEvents): a 2xx answer
+	// acknowledges every one of them.
+	Events []api.VMEvent `json:"events,omitempty"`
 }
+
+// MaxHeartbeatEvents bounds the events of one heartbeat.
+const MaxHeartbeatEvents = 100
 
 // VMStatus is one VM in a heartbeat: the part of api.VM that changes.
 type VMStatus struct {
@@ -191,6 +198,15 @@ type VMStatus struct {
 	LastTask     *api.TaskRef `json:"last_task,omitempty"`
 	// Usage is the VM's last usage sample while QEMU runs, for placement.
 	Usage *api.UsageSummary `json:"usage,omitempty"`
+	// DesiredPhase is the agent's record of the VM's desired phase: it
+	// turns to stopped on a fact the control plane did not order (the
+	// guest powered itself off, a host boot of a VM without autostart).
+	// The control plane records it as the VM's desired phase.
+	DesiredPhase string `json:"desired_phase,omitempty"`
+	// RestartCount counts restarts by the VM's restart policy since its
+	// last start by request; CrashLoop says the policy gave up.
+	RestartCount int  `json:"restart_count,omitempty"`
+	CrashLoop    bool `json:"crash_loop,omitempty"`
 }
 
 // StatusOf projects a VM view onto its heartbeat status.
@@ -206,6 +222,9 @@ func StatusOf(vm api.VM) VMStatus {
 		IPAddresses:  vm.IPAddresses,
 		LastTask:     vm.LastTask,
 		Usage:        vm.Usage,
+		DesiredPhase: vm.DesiredPhase,
+		RestartCount: vm.RestartCount,
+		CrashLoop:    vm.CrashLoop,
 	}
 }
 

@@ -80,6 +80,10 @@ func (r *Runner) heartbeatOnce(ctx context.Context) ([]api.VM, []byte, error) {
 		req.VMs[i] = protocol.StatusOf(vm)
 	}
 	req.Orphans = orphanUUIDs(desired, vms)
+	evs, _ := r.inv.(EventSource)
+	if evs != nil {
+		req.Events = evs.PendingEvents(protocol.MaxHeartbeatEvents)
+	}
 
 	resp, err := r.client.Heartbeat(ctx, req)
 	if err != nil {
@@ -97,6 +101,9 @@ func (r *Runner) heartbeatOnce(ctx context.Context) ([]api.VM, []byte, error) {
 	}
 	r.mu.Unlock()
 	r.setInterval(resp.IntervalSeconds)
+	if n := len(req.Events); n > 0 {
+		evs.AckEvents(req.Events[n-1].Seq)
+	}
 	return vms, nodeJSON, nil
 }
 
@@ -106,6 +113,8 @@ func (r *Runner) reconcile(desired map[string]string, vms []api.VM) {
 	if desired == nil {
 		return // the control plane has no opinion
 	}
+	r.reconMu.Lock()
+	defer r.reconMu.Unlock()
 	r.mu.Lock()
 	if r.draining {
 		r.mu.Unlock()
@@ -128,11 +137,40 @@ func (r *Runner) reconcile(desired map[string]string, vms []api.VM) {
 	for _, uuid := range d.missing {
 		r.log.Debug("VM desired here is not on this host", zap.String("vm_uuid", uuid))
 	}
+	for _, vm := range d.held {
+		r.log.Debug("VM desired running is "+vm.Status+"; not started: "+policyHolds(vm), zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
+	}
 	for _, vm := range held {
 		r.log.Debug("VM desired running; restart held back by backoff", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
 	}
 	for _, vm := range start {
 		r.log.Info("VM desired running is "+vm.Status+"; starting it", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
 		r.enqueue(r.reconcileTask(vm))
+	}
+}
+
+// Kick asks for a reconcile now, with the last desired map: a VM that
+// crashed is restarted by its policy without waiting for the next
+// heartbeat. It never blocks.
+func (r *Runner) Kick() {
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// reconcileLoop reconciles on a Kick until ctx ends. Restarts held back
+// by their backoff wait for a later heartbeat or Kick.
+func (r *Runner) reconcileLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.kick:
+		}
+		r.mu.Lock()
+		desired := r.desired
+		r.mu.Unlock()
+		r.reconcile(desired, r.inv.VMs(ctx))
 	}
 }

@@ -12,6 +12,7 @@ import (
 // leave alone.
 type diff struct {
 	start   []api.VM // desired running, stopped or crashed: start it
+	held    []api.VM // desired running, stopped or crashed, left so by its restart policy
 	orphans []api.VM // unknown to the control plane: report, never delete
 	drift   []api.VM // desired stopped yet running or paused: report only
 	busy    []api.VM // a task for it is queued or running: leave it to that
@@ -33,7 +34,11 @@ func diffVMs(desired map[string]string, vms []api.VM, busy func(api.VM) bool) di
 		case busy(vm):
 			d.busy = append(d.busy, vm)
 		case phase == api.PhaseRunning && (vm.Status == api.StatusStopped || vm.Status == api.StatusCrashed):
-			d.start = append(d.start, vm)
+			if policyHolds(vm) != "" {
+				d.held = append(d.held, vm)
+			} else {
+				d.start = append(d.start, vm)
+			}
 		case phase == api.PhaseStopped && (vm.Status == api.StatusRunning || vm.Status == api.StatusPaused):
 			d.drift = append(d.drift, vm)
 		default:
@@ -48,6 +53,30 @@ func diffVMs(desired map[string]string, vms []api.VM, busy func(api.VM) bool) di
 	sort.Strings(d.missing)
 	return d
 }
+
+// policyHolds says why a VM the control plane wants running, and that is
+// stopped or crashed, is not started ("" when it is): the agent's own
+// record of its desired phase (a guest that powered itself off, a host
+// boot without autostart: facts newer than the control plane's map), a
+// restart policy of never, or a crash loop.
+func policyHolds(vm api.VM) string {
+	switch {
+	case vm.DesiredPhase == api.PhaseStopped:
+		return "its desired phase on this host is stopped (" + vm.StatusReason + ")"
+	case vm.Status == api.StatusStopped && vm.StatusReason == guestPoweredOff && vm.RestartPolicy != api.RestartAlways:
+		// The agent turns the desired phase to stopped just after the
+		// status: a view taken in between says so by its reason.
+		return "the guest powered itself off"
+	case vm.RestartPolicy == api.RestartNever:
+		return "its restart policy is never"
+	case vm.Status == api.StatusCrashed && vm.CrashLoop:
+		return "it is in a crash loop"
+	}
+	return ""
+}
+
+// guestPoweredOff is the status reason of a VM whose guest powered off.
+const guestPoweredOff = "guest powered off"
 
 // orphanUUIDs lists the uuids of VMs the desired map does not know; nil
 // when the control plane gave no map.

@@ -94,3 +94,34 @@ func TestRestartBackoff(t *testing.T) {
 		t.Errorf("state kept for a VM desired stopped: %v", rc.state)
 	}
 }
+
+// The restart policy and the agent's own desired phase decide which VMs
+// the control plane wants running are started.
+func TestDiffVMsRestartPolicy(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		vm    api.VM
+		start bool
+	}{
+		{"crashed, on-failure", api.VM{Status: api.StatusCrashed, RestartPolicy: api.RestartOnFailure}, true},
+		{"crashed, always", api.VM{Status: api.StatusCrashed, RestartPolicy: api.RestartAlways}, true},
+		{"crashed, no policy recorded (on-failure)", api.VM{Status: api.StatusCrashed}, true},
+		{"crashed, never", api.VM{Status: api.StatusCrashed, RestartPolicy: api.RestartNever}, false},
+		{"crashed, crash loop", api.VM{Status: api.StatusCrashed, RestartPolicy: api.RestartOnFailure, CrashLoop: true}, false},
+		{"guest shut down, on-failure (agent's desired phase stopped)", api.VM{Status: api.StatusStopped, RestartPolicy: api.RestartOnFailure, DesiredPhase: api.PhaseStopped}, false},
+		{"guest shut down, always (desired phase still running)", api.VM{Status: api.StatusStopped, RestartPolicy: api.RestartAlways, DesiredPhase: api.PhaseRunning}, true},
+		{"host booted without autostart", api.VM{Status: api.StatusStopped, RestartPolicy: api.RestartAlways, DesiredPhase: api.PhaseStopped}, false},
+		{"stopped, never", api.VM{Status: api.StatusStopped, RestartPolicy: api.RestartNever, DesiredPhase: api.PhaseRunning}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.vm.UUID = "u"
+			d := diffVMs(map[string]string{"u": api.PhaseRunning}, []api.VM{tc.vm}, func(api.VM) bool { return false })
+			if got := len(d.start) == 1; got != tc.start {
+				t.Errorf("started = %v, want %v (held: %q)", got, tc.start, policyHolds(tc.vm))
+			}
+			if !tc.start && len(d.held) != 1 {
+				t.Errorf("held = %v, want the vm", names(d.held))
+			}
+		})
+	}
+}

@@ -50,6 +50,13 @@ type Inventory interface {
 	VMs(ctx context.Context) []api.VM           // current VM views
 }
 
+// EventSource is what an Inventory may also be: a store of VM events that
+// heartbeats carry to the control plane until it acknowledges them.
+type EventSource interface {
+	PendingEvents(n int) []api.VMEvent
+	AckEvents(seq int64)
+}
+
 // Causes of an execution context's cancellation. ErrCancelled asks
 // work it stops to leave nothing behind (DiscardDownload: a partial image
 // download is thrown away); ErrShutdown keeps what can be resumed.
@@ -166,6 +173,8 @@ type Runner struct {
 	workCtx   context.Context // set by Run: outlives ctx by the drain
 	outbox    *outbox
 	recon     *reconciler
+	reconMu   sync.Mutex    // one reconcile at a time (heartbeat, Kick)
+	kick      chan struct{} // Kick: reconcile now
 
 	mu        sync.Mutex
 	tasks     map[string]*execution // accepted, not finished
@@ -207,6 +216,7 @@ func New(client *protocol.Client, j *journal.Journal, ex Executor, inv Inventory
 		interval:  cfg.HeartbeatInterval,
 	}
 	r.outbox = newOutbox()
+	r.kick = make(chan struct{}, 1)
 	r.recon = &reconciler{base: cfg.RestartBase, max: cfg.RestartMax, stable: cfg.RestartStable, state: map[string]*restartState{}}
 	return r
 }
@@ -242,8 +252,9 @@ func (r *Runner) Run(ctx context.Context) error {
 	if registered {
 		sender.Add(1)
 		go func() { defer sender.Done(); r.sendLoop(workCtx) }()
-		loops.Add(2)
+		loops.Add(3)
 		go func() { defer loops.Done(); r.heartbeatLoop(ctx) }()
+		go func() { defer loops.Done(); r.reconcileLoop(ctx) }()
 		go func() { defer loops.Done(); r.leaseLoop(ctx) }()
 	}
 	<-ctx.Done()

@@ -507,7 +507,8 @@ func (r *Runner) reconcileTask(vm api.VM) *execution {
 	r.reconSeq++
 	id := fmt.Sprintf("reconcile-%d-%s", r.reconSeq, vm.UUID)
 	r.mu.Unlock()
-	t := protocol.Task{ID: id, Type: api.TaskStart, VMName: vm.Name, VMUUID: vm.UUID, Attempt: 1}
+	spec, _ := json.Marshal(api.StartSpec{Restart: true})
+	t := protocol.Task{ID: id, Type: api.TaskStart, VMName: vm.Name, VMUUID: vm.UUID, Attempt: 1, Spec: spec}
 	return &execution{
 		key:      vmKey(vm.UUID, vm.Name),
 		internal: true,

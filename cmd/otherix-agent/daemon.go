@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -79,6 +80,7 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		}
 	}
 	placer := systemd.DetectPlacer(ctx, log.Named("systemd"))
+	var kick atomic.Pointer[runner.Runner]
 	m := metrics.New(metrics.Options{})
 	host, err := agent.NewHost(ctx, cfg, agent.Options{
 		Logger:  log,
@@ -88,6 +90,11 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		OnChange: func(v api.VM) {
 			if v.Status == api.StatusDeleted {
 				m.ForgetVM(v.Name)
+			}
+			if v.Status == api.StatusCrashed || v.Status == api.StatusStopped {
+				if r := kick.Load(); r != nil {
+					r.Kick() // the restart policy acts now, not at the next heartbeat
+				}
 			}
 		},
 	})
@@ -129,7 +136,11 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		Logger:            log.Named("runner"),
 		InitialStagger:    stagger,
 		ObserveTask:       m.ObserveTask,
+		RestartBase:       cfg.Restart.BackoffBase,
+		RestartMax:        cfg.Restart.BackoffMax,
+		RestartStable:     cfg.Restart.Stable,
 	})
+	kick.Store(r)
 	m.SetControlPlane(r.Connected, r.LastHeartbeat)
 
 	runErr := make(chan error, 1)
