@@ -292,6 +292,9 @@ func (s *Server) Heartbeat(ctx context.Context, req protocol.HeartbeatRequest) (
 			return protocol.HeartbeatResponse{}, err
 		}
 	}
+	if vms, err = s.recordStopped(ctx, req, vms); err != nil {
+		return protocol.HeartbeatResponse{}, err
+	}
 	resp := protocol.HeartbeatResponse{IntervalSeconds: s.interval()}
 	if known {
 		resp.Desired = map[string]string{}
@@ -302,6 +305,46 @@ func (s *Server) Heartbeat(ctx context.Context, req protocol.HeartbeatRequest) (
 		}
 	}
 	return resp, nil
+}
+
+// recordStopped records as desired stopped the VMs the agent reports
+// desired stopped on a fact of its own (the guest powered itself off, a
+// host boot without autostart): the agent will not start them, and the
+// desired map must say so. A VM with an unfinished task is left to the
+// task (a vm.start queued after the fact wins).
+func (s *Server) recordStopped(ctx context.Context, req protocol.HeartbeatRequest, vms []VM) ([]VM, error) {
+	var busy map[string]bool
+	for _, st := range req.VMs {
+		if st.DesiredPhase != api.PhaseStopped {
+			continue
+		}
+		for i, v := range vms {
+			if v.UUID != st.UUID || v.Phase != api.PhaseRunning {
+				continue
+			}
+			if busy == nil {
+				tasks, err := s.Store.Tasks(ctx)
+				if err != nil {
+					return nil, err
+				}
+				busy = map[string]bool{}
+				for _, t := range tasks {
+					if !t.Terminal() {
+						busy[t.VMUUID] = true
+					}
+				}
+			}
+			if busy[v.UUID] {
+				continue
+			}
+			v.Phase = api.PhaseStopped
+			if err := s.Store.PutVM(ctx, v); err != nil {
+				return nil, err
+			}
+			vms[i] = v
+		}
+	}
+	return vms, nil
 }
 
 // adopt puts the heartbeat's VMs the desired map lacks into it.
