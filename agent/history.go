@@ -55,6 +55,17 @@ func (h *Host) AckEvents(seq int64) {
 	}
 }
 
+// onRunState records a run-state change QEMU made on its own (engine
+// OnRunState): paused (an I/O error, a guest panic), resumed, or a disk
+// error reported to the guest.
+func (h *Host) onRunState(v vm.View, event, reason string) {
+	typ := map[string]string{vm.RunStatePaused: api.EventPaused, vm.RunStateResumed: api.EventResumed, vm.RunStateIOError: api.EventIOError}[event]
+	if typ == "" {
+		return
+	}
+	h.event(v, typ, reason, "")
+}
+
 // taskEvent is the event a finished task leaves in its VM's history.
 func taskEvent(typ string, err error) (string, bool) {
 	if err != nil {

@@ -163,6 +163,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		},
 		Logger:       log.Named("vm"),
 		OnGuestAgent: h.onGuestAgent,
+		OnRunState:   h.onRunState,
 		AfterStart:   h.afterStart,
 		OnChange: func(v vm.View) {
 			h.syncNetState(v)

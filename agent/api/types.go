@@ -344,8 +344,9 @@ const (
 	EventStopTimeout   = "stop_timeout"   // the guest ignored the power button
 	EventRebooted      = "rebooted"       // by a task (new QEMU)
 	EventReset         = "reset"          // by a task
-	EventPaused        = "paused"
-	EventResumed       = "resumed"
+	EventPaused        = "paused"         // by a task, or by QEMU (message: why)
+	EventResumed       = "resumed"        // by a task, or by QEMU
+	EventIOError       = "io_error"       // a disk error reported to the guest
 	EventMediumChanged = "medium_changed"
 	EventDiskAttached  = "disk_attached"
 	EventDiskDetached  = "disk_detached"

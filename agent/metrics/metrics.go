@@ -277,7 +277,7 @@ var knownEvents = map[string]bool{
 	api.EventCreated: true, api.EventStarted: true, api.EventStopped: true, api.EventGuestShutdown: true,
 	api.EventGuestReboot: true, api.EventCrashed: true, api.EventRestarted: true, api.EventCrashLoop: true,
 	api.EventStopTimeout: true, api.EventRebooted: true, api.EventReset: true, api.EventPaused: true,
-	api.EventResumed: true, api.EventMediumChanged: true, api.EventDiskAttached: true, api.EventDiskDetached: true,
+	api.EventResumed: true, api.EventIOError: true, api.EventMediumChanged: true, api.EventDiskAttached: true, api.EventDiskDetached: true,
 	api.EventHostRebooted: true, api.EventAutostarted: true, api.EventDeleted: true,
 }
 
