@@ -145,7 +145,12 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	if h.hostdevs.Registry == nil {
 		h.hostdevs.Registry = &hostdev.Registry{}
 	}
+	boot, booted, err := bootChanged(cfg.DataDir, o.BootIDPath)
+	if err != nil {
+		log.Warn("host boot id", zap.Error(err))
+	}
 	eng, err := vm.New(vm.Config{
+		HostBooted:        booted,
 		HostDevices:       h.hostdevs,
 		Credential:        cred,
 		UIDs:              uids,
@@ -214,8 +219,11 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		return nil, err
 	}
 	h.firmwares = fw
-	if err := h.autostart(ctx, o.BootIDPath); err != nil {
-		log.Warn("autostart", zap.Error(err))
+	if booted {
+		h.afterBoot(ctx)
+		if err := os.WriteFile(filepath.Join(cfg.DataDir, "boot_id"), []byte(boot+"\n"), 0o600); err != nil {
+			log.Warn("record host boot id", zap.Error(err))
+		}
 	}
 	log.Info("host ready", zap.String("accel", eng.Accel()), zap.String("placement", eng.Placement()), zap.Int("vms", len(eng.List())))
 	return h, nil
@@ -364,29 +372,42 @@ func (h *Host) vmDir(pool, uuid string) (string, error) {
 	return p, nil
 }
 
-// autostart starts, after a host boot (a boot id other than the one
-// recorded), every VM with autostart on whose desired phase is running,
-// a few at a time, before the agent declares itself ready. A mere agent
-// restart changes nothing: those VMs still run and were re-adopted.
-func (h *Host) autostart(ctx context.Context, bootIDPath string) error {
+// bootChanged reads the host's boot id (bootIDPath, default
+// /proc/sys/kernel/random/boot_id) and reports whether it differs from
+// the one recorded in <dataDir>/boot_id: the host booted since.
+func bootChanged(dataDir, bootIDPath string) (boot string, booted bool, err error) {
 	if bootIDPath == "" {
 		bootIDPath = "/proc/sys/kernel/random/boot_id"
 	}
 	b, err := os.ReadFile(bootIDPath)
 	if err != nil {
-		return err
+		return "", false, err
 	}
-	boot := strings.TrimSpace(string(b))
-	record := filepath.Join(h.cfg.DataDir, "boot_id")
-	last, err := os.ReadFile(record)
-	if err == nil && strings.TrimSpace(string(last)) == boot {
-		return nil
-	}
+	boot = strings.TrimSpace(string(b))
+	last, err := os.ReadFile(filepath.Join(dataDir, "boot_id"))
+	return boot, err != nil || strings.TrimSpace(string(last)) != boot, nil
+}
+
+// afterBoot runs once after a host boot, before the agent declares itself
+// ready: every VM desired running that the boot stopped is started when
+// it has autostart on, a few at a time, and otherwise left stopped with
+// its desired phase stopped (the control plane learns it from the
+// heartbeat), so nothing starts it until a start by request. A mere
+// agent restart does none of this: running VMs were re-adopted.
+func (h *Host) afterBoot(ctx context.Context) {
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, h.cfg.Limits.ConcurrentCreates)
 	for _, v := range h.engine.List() {
 		m := v.Record
-		if !m.Autostart || m.DesiredPhase != api.PhaseRunning || (v.Status != api.StatusStopped && v.Status != api.StatusCrashed) {
+		if v.Reason == vm.ReasonHostRebooted {
+			h.event(v, api.EventHostRebooted, "", "")
+		}
+		if m.DesiredPhase != api.PhaseRunning || (v.Status != api.StatusStopped && v.Status != api.StatusCrashed) {
+			continue
+		}
+		if !m.Autostart {
+			h.updateRecord(v.Spec.Name, func(m *vm.Record) { m.DesiredPhase = api.PhaseStopped })
+			h.log.Info("host booted: autostart is off, vm left stopped", zap.String("vm", v.Spec.Name))
 			continue
 		}
 		wg.Add(1)
@@ -395,13 +416,13 @@ func (h *Host) autostart(ctx context.Context, bootIDPath string) error {
 			defer func() { <-sem; wg.Done() }()
 			if _, err := h.engine.Start(ctx, name); err != nil {
 				h.log.Warn("autostart failed", zap.String("vm", name), zap.Error(err))
-			} else {
-				h.log.Info("autostarted after host boot", zap.String("vm", name))
+				return
 			}
+			h.log.Info("autostarted after host boot", zap.String("vm", name))
+			h.eventByName(name, api.EventAutostarted, "", "")
 		}(v.Spec.Name)
 	}
 	wg.Wait()
-	return os.WriteFile(record, []byte(boot+"\n"), 0o600)
 }
 
 // Firmwares lists the firmware catalogue.

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -238,33 +239,20 @@ func TestAutostartAfterHostBoot(t *testing.T) {
 	if _, err := hh.h.Update(ctx, "auto", api.UpdateVM{VCPUs: &[]int{129}[0]}); errcode.Of(err) != errcode.ValidationFailed {
 		t.Fatalf("vcpus 129: %v", err)
 	}
-	// The "host" goes down: QEMUs die with it, the agent with them.
+	// The "host" goes down: the agent first (its VMs keep running), then
+	// every QEMU with the host.
+	var pids []int
 	for _, v := range hh.h.Engine().List() {
-		syscall.Kill(v.PID, syscall.SIGKILL)
-	}
-	for _, name := range []string{"auto", "manual"} {
-		for {
-			if v, _ := hh.h.VM(name); v.Status == api.StatusCrashed {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		pids = append(pids, v.PID)
 	}
 	hh.h.Close()
-
-	// A plain agent restart (same boot id): nothing is started.
-	h2, err := NewHost(ctx, hh.cfg, Options{Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
+	for _, pid := range pids {
+		syscall.Kill(pid, syscall.SIGKILL)
 	}
-	for _, v := range h2.VMs(ctx) {
-		if v.Status != api.StatusCrashed {
-			t.Fatalf("restart without host boot started %s: %s", v.Name, v.Status)
-		}
-	}
-	h2.Close()
+	waitGone(t, pids)
 
-	// A host boot: a new boot id.
+	// The host boots: a new boot id. auto starts; manual is stopped (not
+	// crashed, not an error) with its desired phase stopped.
 	bootID := filepath.Join(t.TempDir(), "boot_id")
 	os.WriteFile(bootID, []byte(uuid.NewString()+"\n"), 0o644)
 	h3, err := NewHost(ctx, hh.cfg, Options{Logger: zap.NewNop(), BootIDPath: bootID})
@@ -273,21 +261,70 @@ func TestAutostartAfterHostBoot(t *testing.T) {
 	}
 	hh.h = h3
 	t.Cleanup(func() {
-		for _, v := range h3.Engine().List() {
+		for _, v := range hh.h.Engine().List() {
 			if v.PID > 0 {
 				syscall.Kill(v.PID, syscall.SIGKILL)
 			}
 		}
-		h3.Close()
+		hh.h.Close()
 	})
 	auto, _ := h3.VM("auto")
 	manual, _ := h3.VM("manual")
-	if auto.Status != api.StatusRunning || manual.Status != api.StatusCrashed {
-		t.Fatalf("after host boot: auto %s, manual %s", auto.Status, manual.Status)
+	if auto.Status != api.StatusRunning || manual.Status != api.StatusStopped || manual.StatusReason != vm.ReasonHostRebooted || manual.DesiredPhase != api.PhaseStopped {
+		t.Fatalf("after host boot: auto %s; manual %s (%s), desired %s", auto.Status, manual.Status, manual.StatusReason, manual.DesiredPhase)
 	}
 	// The pending changes applied at that start.
-	if auto.VCPUs != 2 || auto.MemoryMB != 384 || auto.PendingChanges != nil || auto.InstanceStatus != "RUNNING" || manual.InstanceStatus != "ERROR" {
+	if auto.VCPUs != 2 || auto.MemoryMB != 384 || auto.PendingChanges != nil || auto.InstanceStatus != "RUNNING" || manual.InstanceStatus != "STOPPED" {
 		t.Fatalf("after start: %+v", auto)
+	}
+	for name, want := range map[string][]string{"auto": {api.EventHostRebooted, api.EventAutostarted}, "manual": {api.EventHostRebooted}} {
+		evs, _ := h3.Events(name)
+		var got []string
+		for _, e := range evs {
+			if e.Type == api.EventHostRebooted || e.Type == api.EventAutostarted {
+				got = append(got, e.Type)
+			}
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: boot events %v, want %v", name, got, want)
+		}
+	}
+
+	// A plain agent restart (the same boot id) while auto's QEMU died:
+	// nothing is started, auto is crashed (the restart policy's business,
+	// through the runner), manual stays stopped.
+	pid := auto.QEMUPID
+	h3.Close()
+	syscall.Kill(pid, syscall.SIGKILL)
+	waitGone(t, []int{pid})
+	h4, err := NewHost(ctx, hh.cfg, Options{Logger: zap.NewNop(), BootIDPath: bootID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hh.h = h4
+	auto, _ = h4.VM("auto")
+	manual, _ = h4.VM("manual")
+	if auto.Status != api.StatusCrashed || manual.Status != api.StatusStopped {
+		t.Fatalf("after a plain agent restart: auto %s, manual %s", auto.Status, manual.Status)
+	}
+}
+
+// waitGone waits until no process of pids exists (reaped by its parent).
+func waitGone(t *testing.T, pids []int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for _, pid := range pids {
+		for syscall.Kill(pid, 0) == nil {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+				if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); strings.Contains(string(b), ") Z ") {
+					break
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("pid %d still there", pid)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
 }
 

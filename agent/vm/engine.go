@@ -102,11 +102,19 @@ type Config struct {
 	// non-empty answer (e.g. the memory cap's OOM kill) is added to the
 	// crash reason. It must answer quickly.
 	ExitCause func(View) string
+	// HostBooted tells Recover that the host booted since the VMs' state
+	// was written: a VM whose QEMU is gone then went with the host and is
+	// stopped (ReasonHostRebooted), not crashed.
+	HostBooted bool
 	// OnChange, when set, is called after every persisted status change.
 	// It must not block.
 	OnChange func(View)
 	Logger   *zap.Logger
 }
+
+// ReasonHostRebooted is the status reason of a VM whose QEMU went with a
+// host reboot (Config.HostBooted).
+const ReasonHostRebooted = "host rebooted"
 
 // View is a snapshot of one VM.
 type View struct {

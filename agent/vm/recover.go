@@ -107,7 +107,11 @@ func (m *machine) adopt(ctx context.Context) {
 		case "stopping":
 			m.setGone("stopped", "qemu exited while the agent was down")
 		default:
-			m.setGone("crashed", "qemu exited while the agent was down")
+			if m.e.cfg.HostBooted {
+				m.setGone("stopped", ReasonHostRebooted)
+			} else {
+				m.setGone("crashed", "qemu exited while the agent was down")
+			}
 		}
 		return
 	}
