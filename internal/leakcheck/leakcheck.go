@@ -7,8 +7,10 @@
 //
 //	func TestMain(m *testing.M) { os.Exit(leakcheck.Main(m)) }
 //
-// Main runs the package's tests in a child process that leads a session of
-// its own (the test binary again, with the same arguments). Every process
+// Main runs the package's tests in a grandchild process (the test binary
+// again, with the same arguments) under a child that leads a session of
+// its own and only waits (a test that opens a pty must not make it the
+// session's controlling terminal: its hangup would end the run). Every process
 // the tests start inherits that session, also when it changes its process
 // group (QEMU, swtpm) or outlives its parent (a QEMU left by a killed
 // agent), so when the child ends, however it ends (tests done, t.Fatal, a
@@ -25,7 +27,6 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -49,27 +50,62 @@ func Main(m *testing.M) int { return Run(m.Run) }
 // Run is Main for a TestMain with work of its own around m.Run: run (the
 // setup, m.Run and the teardown) runs in the guarded child only.
 func Run(run func() int) int {
-	if os.Getenv(childEnv) == "1" {
+	switch os.Getenv(childEnv) {
+	case "1":
 		return run()
+	case "leader":
+		// The session's leader only waits for the tests: a session
+		// leader that opens a terminal (a test's pty) gets it as its
+		// controlling terminal, and SIGHUP when it closes. Caught, not
+		// ignored: the tests start with the default disposition.
+		signal.Notify(make(chan os.Signal, 1), syscall.SIGHUP)
+		code, err := runChild(os.Args, "1", false)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "leakcheck: the tests ended: %v\n", err)
+		}
+		return code
 	}
 	return supervise(os.Args, os.Stderr)
 }
 
-// supervise runs argv as a session leader with childEnv set, forwards the
-// signals that end a test run to it, and checks its session once it ends.
+// supervise runs argv under a session leader (argv again, in its leader
+// role), and checks the session once it ends.
 func supervise(argv []string, report io.Writer) int {
-	// Pdeathsig follows the thread that forked: keep this one.
-	runtime.LockOSThread()
+	code, pid, err := runChildPID(argv, "leader", true)
+	if err != nil {
+		fmt.Fprintf(report, "leakcheck: the tests ended: %v\n", err)
+	}
+	if left := Leftovers(pid, grace); len(left) > 0 {
+		fmt.Fprintf(report, "leakcheck: %d process(es) started by the tests outlived them (killed now):\n", len(left))
+		for _, p := range left {
+			fmt.Fprintf(report, "  pid %d: %s\n", p.PID, p.Cmdline)
+			syscall.Kill(p.PID, syscall.SIGKILL)
+		}
+		if code == 0 {
+			code = 1
+		}
+	}
+	return code
+}
+
+// runChild runs argv with childEnv set to role, forwarding the signals that
+// end a test run, and returns its exit code; err says how it ended when
+// it did not exit by itself.
+func runChild(argv []string, role string, setsid bool) (int, error) {
+	code, _, err := runChildPID(argv, role, setsid)
+	return code, err
+}
+
+func runChildPID(argv []string, role string, setsid bool) (code, pid int, _ error) {
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), childEnv+"=1")
+	cmd.Env = append(os.Environ(), childEnv+"="+role)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: setsid}
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
 	defer signal.Stop(sigs)
 	if err := cmd.Start(); err != nil {
-		fmt.Fprintf(report, "leakcheck: start the tests: %v\n", err)
-		return 2
+		return 2, 0, fmt.Errorf("start: %w", err)
 	}
 	done := make(chan struct{})
 	go func() {
@@ -84,24 +120,14 @@ func supervise(argv []string, report io.Writer) int {
 	}()
 	err := cmd.Wait()
 	close(done)
-	code := 0
-	if err != nil {
-		code = 1
-		if ee, ok := err.(*exec.ExitError); ok && ee.ExitCode() > 0 {
-			code = ee.ExitCode()
-		}
+	if err == nil {
+		return 0, cmd.Process.Pid, nil
 	}
-	if left := Leftovers(cmd.Process.Pid, grace); len(left) > 0 {
-		fmt.Fprintf(report, "leakcheck: %d process(es) started by the tests outlived them (killed now):\n", len(left))
-		for _, p := range left {
-			fmt.Fprintf(report, "  pid %d: %s\n", p.PID, p.Cmdline)
-			syscall.Kill(p.PID, syscall.SIGKILL)
-		}
-		if code == 0 {
-			code = 1
-		}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) && ee.ExitCode() > 0 {
+		return ee.ExitCode(), cmd.Process.Pid, nil
 	}
-	return code
+	return 1, cmd.Process.Pid, err
 }
 
 // Proc is a live process.

@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestMain(m *testing.M) { os.Exit(Main(m)) }
@@ -39,6 +41,27 @@ func TestHelper(t *testing.T) {
 		}
 		os.WriteFile(os.Getenv("LEAKCHECK_PIDFILE"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o600)
 		panic("a test panicked with its process running")
+	case "pty":
+		// A test that opens a terminal (a fake device, a console) must
+		// not end the run when the terminal hangs up.
+		ptmx, err := os.OpenFile("/dev/ptmx", os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.IoctlSetPointerInt(int(ptmx.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+			t.Fatal(err)
+		}
+		n, err := unix.IoctlGetInt(int(ptmx.Fd()), unix.TIOCGPTN)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pts, err := os.OpenFile("/dev/pts/"+strconv.Itoa(n), os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ptmx.Close()
+		time.Sleep(200 * time.Millisecond)
+		pts.Close()
 	case "clean":
 		cmd := exec.Command("sleep", "300")
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -56,7 +79,7 @@ func TestGuard(t *testing.T) {
 	for _, tc := range []struct {
 		scenario string
 		leaks    bool
-	}{{"leak", true}, {"orphan", true}, {"panic", true}, {"clean", false}} {
+	}{{"leak", true}, {"orphan", true}, {"panic", true}, {"clean", false}, {"pty", false}} {
 		t.Run(tc.scenario, func(t *testing.T) {
 			pidfile := t.TempDir() + "/pid"
 			cmd := exec.Command(os.Args[0], "-test.run=^TestHelper$", "-test.count=1")
