@@ -6,6 +6,9 @@ want=(qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils ovmf swtpm swt
       genisoimage cpio xz-utils curl ca-certificates)
 if [ "${1:-}" = "--test" ]; then
   want+=(systemd systemd-container debootstrap iproute2 dnsmasq-base util-linux libarchive-tools etcd-server)
+  # The Debian test image (testdata/debian/build.sh): debootstrap above,
+  # mkfs.ext4 -d for its root file system.
+  want+=(e2fsprogs)
 fi
 missing=()
 for p in "${want[@]}"; do

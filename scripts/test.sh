@@ -16,6 +16,12 @@ go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
 echo "== test guest"
 testdata/guest/build.sh >/dev/null
+# The Debian image only for the package whose test boots it (a cold build
+# is minutes of debootstrap; then it is cached).
+if [ $# -eq 0 ] || printf '%s\n' "$@" | grep -qE '^\./\.\.\.$|cmd/otherix-agent'; then
+  echo "== Debian test image"
+  testdata/debian/build.sh >/dev/null
+fi
 
 pkgs=("$@")
 [ ${#pkgs[@]} -gt 0 ] || pkgs=(./...)
