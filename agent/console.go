@@ -59,6 +59,35 @@ func (h *Host) ConsoleTail(name string, n int64) (api.ConsoleTail, error) {
 	return api.ConsoleTail{Data: strings.ToValidUTF8(string(b[:k]), "\uFFFD"), Offset: off, Size: fi.Size()}, nil
 }
 
+// setVNCPassword gives a vnc_enabled VM's console a new password: sealed
+// in its record for every later start, and set over QMP at once when QEMU
+// runs.
+func (h *Host) setVNCPassword(ctx context.Context, name, pw string) error {
+	v, err := h.engine.Get(name)
+	if err != nil {
+		return err
+	}
+	if v.Spec.VNC == nil {
+		return errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false): no VNC password to change", name)
+	}
+	sealed, err := h.box.Seal(pw, v.Spec.UUID)
+	if err != nil {
+		return errcode.Wrap(errcode.Internal, err, "seal vnc password")
+	}
+	if err := h.engine.UpdateRecord(name, func(r *vm.Record) { r.VNCPassword = sealed }); err != nil {
+		return err
+	}
+	if v.PID == 0 {
+		return nil // the next start sets it
+	}
+	exec := func(ctx context.Context, cmd string, args any) error { return h.engine.QMP(ctx, name, cmd, args, nil) }
+	err = vnc.SetPassword(ctx, exec, pw)
+	if err != nil && errcode.Of(err) != errcode.Conflict { // conflict: it stopped meanwhile
+		return errcode.Wrap(errcode.Internal, err, "vnc password of the running vm")
+	}
+	return nil
+}
+
 // afterStart runs once QMP answers after each start: it sets the VNC
 // password (unsealed from the VM's state), so QEMU never has it on its
 // command line and every login fails until then.

@@ -25,6 +25,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/protocol/cptest"
 	"github.com/otherix/otherix-agent/agent/runner"
+	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
 )
 
 // taskFunc queues one task and waits for its completion.
@@ -207,9 +208,23 @@ func TestEveryChangeIsATask(t *testing.T) {
 		t.Fatalf("console tail of %d bytes, over the cap", n)
 	}
 
-	// vm.update: CPU and memory of a running VM apply at its next start.
-	vcpus, mem, auto := 2, 384, false
-	c = ok(run("t-update", api.TaskUpdate, id, api.UpdateVM{VCPUs: &vcpus, MemoryMB: &mem, Autostart: &auto}))
+	// vm.update: CPU and memory of a running VM apply at its next start,
+	// a VNC password at once (the old one stops working), and it is in no
+	// answer.
+	vcpus, mem, auto, pw := 2, 384, false, "Nw9!pass"
+	c = ok(run("t-update", api.TaskUpdate, id, api.UpdateVM{VCPUs: &vcpus, MemoryMB: &mem, Autostart: &auto, VNCPassword: &pw}))
+	if b, _ := json.Marshal(c); strings.Contains(string(b), pw) {
+		t.Fatal("the vm.update completion holds the VNC password")
+	}
+	vncAddr := fmt.Sprintf("127.0.0.1:%d", c.VM.VNCPort)
+	if rc, err := rfbtest.Dial(context.Background(), vncAddr, pw); err != nil {
+		t.Fatalf("vnc login with the new password: %v", err)
+	} else {
+		rc.Close()
+	}
+	if _, err := rfbtest.Dial(context.Background(), vncAddr, "pw"); err == nil {
+		t.Fatal("the old VNC password still logs in")
+	}
 	if c.VM.PendingChanges == nil || c.VM.PendingChanges.VCPUs != 2 || c.VM.PendingChanges.MemoryMB != 384 || c.VM.Autostart {
 		t.Fatalf("update: %+v %+v", c.VM, c.VM.PendingChanges)
 	}

@@ -8,6 +8,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/agent/vnc"
 )
 
 // Delete removes a VM and every file of it and unpins its images: the
@@ -73,18 +74,29 @@ func (h *Host) ValidateUpdate(u api.UpdateVM) error {
 	if u.MemoryMB != nil && (*u.MemoryMB < vm.MinMemoryMB || *u.MemoryMB > vm.MaxMemoryMB) {
 		return errcode.New(errcode.ValidationFailed, "memory_mb %d out of range %d..%d", *u.MemoryMB, vm.MinMemoryMB, vm.MaxMemoryMB)
 	}
+	if u.VNCPassword != nil {
+		if err := vnc.Validate(true, nil, *u.VNCPassword); err != nil {
+			return err
+		}
+	}
 	if u.CPULimit != nil {
 		return vm.ValidateCPULimit(*u.CPULimit)
 	}
 	return nil
 }
 
-// Update changes a VM's CPU, memory, autostart or restart policy (seed 003's
-// InstanceUpdateRequest). CPU and memory of a running VM apply at its next
-// start; the view shows them as pending_changes.
+// Update changes a VM's CPU, memory, autostart, restart policy or VNC
+// password (seed 003's InstanceUpdateRequest). CPU and memory of a running
+// VM apply at its next start (the view shows them as pending_changes), a
+// VNC password at once.
 func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM, error) {
 	if err := h.ValidateUpdate(u); err != nil {
 		return api.VM{}, err
+	}
+	if u.VNCPassword != nil {
+		if err := h.setVNCPassword(ctx, name, *u.VNCPassword); err != nil {
+			return api.VM{}, err
+		}
 	}
 	if u.VCPUs != nil || u.MemoryMB != nil || u.CPULimit != nil {
 		if _, err := h.engine.Update(ctx, name, func(s *vm.Spec) {

@@ -448,6 +448,9 @@ type UpdateVM struct {
 	RestartPolicy *string `json:"restart_policy,omitempty"`
 	// CPULimit in CPUs; 0 removes the cap.
 	CPULimit *float64 `json:"cpu_limit,omitempty"`
+	// VNCPassword is a new password of a vnc_enabled VM's console (at
+	// most 8 characters, a secret), set at once when the VM runs.
+	VNCPassword *string `json:"vnc_password,omitempty"`
 }
 
 // ValidRestartPolicy reports whether p is a restart policy ("" is not).

@@ -33,6 +33,8 @@ func TestBadRequests(t *testing.T) {
 		{"vcpus 129", "POST", "/v1/vms", create + `,"vcpus":129}`, 400, "validation_failed", ""},
 		{"cpu_limit 500", "POST", "/v1/vms", create + `,"cpu_limit":500}`, 400, "validation_failed", ""},
 		{"cpu_limit negative", "PATCH", "/v1/vms/" + targetVM, `{"cpu_limit":-1}`, 400, "validation_failed", ""},
+		{"vnc password too long", "PATCH", "/v1/vms/" + targetVM, `{"vnc_password":"123456789"}`, 400, "validation_failed", ""},
+		{"vnc password empty", "PATCH", "/v1/vms/" + targetVM, `{"vnc_password":""}`, 400, "validation_failed", ""},
 		{"stats", "GET", "/v1/vms/" + targetVM + "/stats", "", 200, "", ""},
 		{"stats of no vm", "GET", "/v1/vms/nope/stats", "", 404, "not_found", ""},
 		{"cursor traversal", "GET", "/v1/vms?cursor=..%2Fetc", "", 400, "validation_failed", ""},
