@@ -43,6 +43,18 @@ func SampleVMs(n int) []api.VM {
 		if status == api.StatusRunning {
 			vm.QEMUPID = 20000 + i*17
 			vm.IPAddresses = []string{fmt.Sprintf("10.20.%d.%d", i/250, 10+i%250)}
+			// Usage as sampled: figures of every magnitude, none alike.
+			k := int64(i*7919 + 104729)
+			vm.Usage = &api.UsageSummary{
+				SampledAt:      created.Add(30*24*time.Hour + time.Duration(k%9973)*time.Millisecond),
+				CPUSeconds:     float64(k*37%1000000) / 100,
+				CPUPercent:     float64(k%20011) / 100,
+				MemoryRSSBytes: 1<<30 + k*4096%(1<<30),
+				DiskReadBytes:  k * 524287 % (1 << 40),
+				DiskWriteBytes: k * 131071 % (1 << 38),
+				NetRxBytes:     k * 65521 % (1 << 36),
+				NetTxBytes:     k * 8191 % (1 << 34),
+			}
 		}
 		vms[i] = vm
 	}
