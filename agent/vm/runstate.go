@@ -149,7 +149,7 @@ func (p *process) onStop() {
 	if !ok {
 		return
 	}
-	if p.setQEMURunState("paused", reason) && reason != "" {
+	if changed, _ := p.setQEMURunState("paused", reason); changed && reason != "" {
 		m := p.m
 		m.log.Warn("qemu paused the guest", zap.String("reason", reason))
 		if f := m.e.cfg.OnRunState; f != nil {
@@ -158,33 +158,38 @@ func (p *process) onStop() {
 	}
 }
 
-// onResume follows a RESUME event.
+// onResume follows a RESUME event. Only the end of a pause QEMU made on
+// its own is a run-state event: a resume op's is the op's.
 func (p *process) onResume() {
-	if p.setQEMURunState("running", "") {
+	if changed, was := p.setQEMURunState("running", ""); changed && was != "" {
 		if f := p.m.e.cfg.OnRunState; f != nil {
-			f(p.m.view(), RunStateResumed, "")
+			f(p.m.view(), RunStateResumed, "after "+was)
 		}
 	}
 }
 
 // setQEMURunState records a run state QEMU reported, for the current
 // process of a VM that runs or is paused (never over stopping, starting).
-// It reports whether the status or the reason changed. Like setRunState,
-// it is not persisted: re-adoption asks QEMU.
-func (p *process) setQEMURunState(status, reason string) bool {
+// It reports whether the status or the reason changed, and the reason it
+// had unless an op is in progress. Like setRunState, it is not persisted:
+// re-adoption asks QEMU.
+func (p *process) setQEMURunState(status, reason string) (changed bool, was string) {
 	m := p.m
 	m.mu.Lock()
 	if m.proc != p || (m.st.Status != "running" && m.st.Status != "paused") ||
 		(m.st.Status == status && m.st.Reason == reason) {
 		m.mu.Unlock()
-		return false
+		return false, ""
+	}
+	if m.busy == "" { // else an op (pause, resume, stop) made the change
+		was = m.st.Reason
 	}
 	m.st.Status, m.st.Reason = status, reason
 	m.st.UpdatedAt = time.Now().UTC()
 	v := m.viewLocked()
 	m.mu.Unlock()
 	m.notify(v)
-	return true
+	return true, was
 }
 
 // ioErrorReason asks QEMU which disk stopped a guest found paused on an

@@ -120,6 +120,9 @@ func TestPoolFullPausesGuest(t *testing.T) {
 	if r := a.ok("vm", "get", "fills"); !strings.Contains(r.stdout, "no space left on device") {
 		t.Errorf("vm get does not show the reason:\n%s", r.stdout)
 	}
+	if r := a.ok("vm", "events", "fills"); !regexpLine(r.stdout, `paused\s.*io_error: no space left on device`) {
+		t.Errorf("vm events has no pause with the reason:\n%s", r.stdout)
+	}
 	os.Remove(filler)
 	a.ok("vm", "resume", "fills")
 	if line := waitConsole(t, con, "OTHERIX-GUEST run-exit 1 "); !strings.HasSuffix(strings.TrimSpace(line), " 0") {
@@ -127,5 +130,8 @@ func TestPoolFullPausesGuest(t *testing.T) {
 	}
 	if v := a.getVM("fills"); v.Status != api.StatusRunning || v.StatusReason != "" {
 		t.Fatalf("after resume: %s (%s)", v.Status, v.StatusReason)
+	}
+	if r := a.ok("vm", "events", "fills"); !regexpLine(r.stdout, `resumed`) {
+		t.Errorf("vm events has no resume:\n%s", r.stdout)
 	}
 }
