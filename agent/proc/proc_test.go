@@ -6,7 +6,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -30,6 +32,10 @@ func helper(mode string) int {
 		return 3
 	case "sleep":
 		time.Sleep(time.Minute)
+		return 0
+	case "nap": // sleeps NAP_MS milliseconds
+		ms, _ := strconv.Atoi(os.Getenv("NAP_MS"))
+		time.Sleep(time.Duration(ms) * time.Millisecond)
 		return 0
 	case "env": // writes its environment and process group to fd 3
 		f := os.NewFile(3, "out")
@@ -261,5 +267,45 @@ func TestTail(t *testing.T) {
 	}
 	if got := Tail(path+".missing", 0, 10); got != "" {
 		t.Errorf("Tail of a missing file = %q", got)
+	}
+}
+
+// TestDoneMeansGone: with many processes started, killed and exiting at
+// once (descriptor numbers reused between them), Done closes for each
+// exactly when its own process is gone, never before.
+func TestDoneMeansGone(t *testing.T) {
+	var wg sync.WaitGroup
+	errs := make(chan error, 40)
+	for i := range 40 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p, err := Start(helperCmd("nap", "NAP_MS="+strconv.Itoa(50+(i*37)%400)))
+			if err != nil {
+				errs <- err
+				return
+			}
+			if i%3 == 0 {
+				time.Sleep(time.Duration(i) * time.Millisecond)
+				p.Kill()
+			}
+			select {
+			case <-p.Done():
+			case <-time.After(30 * time.Second):
+				errs <- fmt.Errorf("pid %d: no exit", p.PID())
+				return
+			}
+			if err := unix.Kill(p.PID(), 0); err == nil {
+				errs <- fmt.Errorf("pid %d: Done closed while it lives", p.PID())
+			}
+			if e := p.Exit(); e.Code != 0 && e.Signal != syscall.SIGKILL {
+				errs <- fmt.Errorf("pid %d: %s", p.PID(), e)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }
