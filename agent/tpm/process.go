@@ -148,75 +148,24 @@ func Start(ctx context.Context, cfg Config) (*Process, error) {
 		return nil, err
 	}
 
-	// The control socket, bound and listening before swtpm starts.
-	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: remove stale socket")
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	lnFile, err := listenControl(sock)
 	if err != nil {
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: listen")
-	}
-	ln.SetUnlinkOnClose(false)
-	lnFile, err := ln.File()
-	ln.Close()
-	if err != nil {
-		os.Remove(sock)
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: listener file")
+		return nil, err
 	}
 	defer lnFile.Close()
-	if err := os.Chmod(sock, 0o600); err != nil {
-		os.Remove(sock)
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: chmod socket")
-	}
-
 	logPath := cfg.logPath()
-	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	logf, logStart, err := openLog(logPath, cfg.Owner)
 	if err != nil {
 		os.Remove(sock)
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: log")
+		return nil, err
 	}
 	defer logf.Close()
-	if cfg.Owner != nil {
-		if err := logf.Chown(int(cfg.Owner.UID), int(cfg.Owner.GID)); err != nil {
-			os.Remove(sock)
-			return nil, errcode.Wrap(errcode.Internal, err, "tpm: chown log")
-		}
-	}
-	logStart, _ := logf.Seek(0, io.SeekEnd)
-
-	// swtpm writes its pid to the pid file once its options are accepted
-	// and then closes it; inotify tells when (IN_CLOSE_WRITE). The file
-	// is made empty here, owned by swtpm's user, and closed before the
-	// watch starts.
 	pidPath := PIDPath(cfg.RunDir)
-	pidFile, err := os.OpenFile(pidPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	inotify, err := watchPIDFile(pidPath, cfg.Owner)
 	if err != nil {
 		os.Remove(sock)
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: pid file")
+		return nil, err
 	}
-	if cfg.Owner != nil {
-		err = pidFile.Chown(int(cfg.Owner.UID), int(cfg.Owner.GID))
-	}
-	if cerr := pidFile.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(sock)
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: pid file")
-	}
-	// The watch is on the directory: swtpm may replace the file.
-	ifd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
-	if err == nil {
-		_, err = unix.InotifyAddWatch(ifd, cfg.RunDir, unix.IN_CLOSE_WRITE|unix.IN_MOVED_TO)
-		if err != nil {
-			unix.Close(ifd)
-		}
-	}
-	if err != nil {
-		os.Remove(sock)
-		return nil, errcode.Wrap(errcode.Internal, err, "tpm: inotify")
-	}
-	inotify := os.NewFile(uintptr(ifd), "inotify")
 	defer inotify.Close()
 
 	bin := cfg.Binary
@@ -342,6 +291,79 @@ func openDirs(paths ...string) ([]*os.File, error) {
 		out = append(out, d)
 	}
 	return out, nil
+}
+
+// listenControl binds swtpm's control socket and returns the listening
+// descriptor swtpm inherits: it listens before swtpm starts.
+func listenControl(sock string) (*os.File, error) {
+	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: remove stale socket")
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: listen")
+	}
+	ln.SetUnlinkOnClose(false)
+	lnFile, err := ln.File()
+	ln.Close()
+	if err != nil {
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: listener file")
+	}
+	if err := os.Chmod(sock, 0o600); err != nil {
+		lnFile.Close()
+		os.Remove(sock)
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: chmod socket")
+	}
+	return lnFile, nil
+}
+
+// openLog opens swtpm's log for appending, owned by swtpm's user, and
+// returns where this start's lines begin.
+func openLog(path string, owner *Owner) (*os.File, int64, error) {
+	logf, err := os.OpenFile(path, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		return nil, 0, errcode.Wrap(errcode.Internal, err, "tpm: log")
+	}
+	if owner != nil {
+		if err := logf.Chown(int(owner.UID), int(owner.GID)); err != nil {
+			logf.Close()
+			return nil, 0, errcode.Wrap(errcode.Internal, err, "tpm: chown log")
+		}
+	}
+	start, _ := logf.Seek(0, io.SeekEnd)
+	return logf, start, nil
+}
+
+// watchPIDFile makes the pid file empty, owned by swtpm's user, and
+// returns an inotify watch of its directory (swtpm may replace the
+// file): swtpm writes its pid there once its options are accepted and
+// then closes it (IN_CLOSE_WRITE), which waitPIDFile waits for.
+func watchPIDFile(pidPath string, owner *Owner) (*os.File, error) {
+	pidFile, err := os.OpenFile(pidPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: pid file")
+	}
+	if owner != nil {
+		err = pidFile.Chown(int(owner.UID), int(owner.GID))
+	}
+	if cerr := pidFile.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: pid file")
+	}
+	ifd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err == nil {
+		_, err = unix.InotifyAddWatch(ifd, filepath.Dir(pidPath), unix.IN_CLOSE_WRITE|unix.IN_MOVED_TO)
+		if err != nil {
+			unix.Close(ifd)
+		}
+	}
+	if err != nil {
+		return nil, errcode.Wrap(errcode.Internal, err, "tpm: inotify")
+	}
+	return os.NewFile(uintptr(ifd), "inotify"), nil
 }
 
 func prepareState(cfg Config) error {
