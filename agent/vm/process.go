@@ -411,7 +411,12 @@ func (m *machine) openFiles(ctx context.Context, specs []FileSpec, nics []NIC) (
 			}
 			files = append(files, a.File)
 		case FileDevice, FileDeviceWrite:
-			f, err := os.OpenFile(s.Path, s.Kind.OpenFlags()|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0)
+			// O_NOCTTY: a device that is a terminal (a TPM behind a pty)
+			// must not become the controlling terminal of the agent's
+			// session, or QEMU, in a background group of it, is stopped
+			// (SIGTTIN) when it reads the device, and the agent gets
+			// SIGHUP when it hangs up.
+			f, err := os.OpenFile(s.Path, s.Kind.OpenFlags()|syscall.O_CLOEXEC|syscall.O_NOFOLLOW|syscall.O_NOCTTY, 0)
 			if err != nil {
 				return files, links, hostdev.OpenError(s.Path, err)
 			}
