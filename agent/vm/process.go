@@ -201,23 +201,10 @@ func (p *process) detach() {
 
 // launch starts QEMU for the VM and waits until QMP answers.
 func (m *machine) launch(ctx context.Context) (err error) {
-	m.mu.Lock()
-	m.st.Hot, m.st.MediumSeq = nil, 0 // hot-plugged disks are boot disks now
-	if m.st.Next != nil {
-		m.st.Spec, m.st.Next = *m.st.Next, nil
-		if err := m.persistLocked(); err != nil {
-			m.mu.Unlock()
-			return errcode.Wrap(errcode.Internal, err, "persist pending changes")
-		}
+	spec, prevStatus, err := m.takeNextSpec()
+	if err != nil {
+		return err
 	}
-	spec := m.st.Spec
-	if m.st.PID != 0 && isOurQEMU(m.st.PID, spec.UUID) {
-		m.mu.Unlock()
-		return errcode.New(errcode.Conflict, "vm %q still has a qemu process (pid %d) the agent cannot control", spec.Name, m.st.PID)
-	}
-	prevStatus := m.st.Status
-	m.mu.Unlock()
-
 	paths := m.paths()
 	if err := m.ensureUID(); err != nil {
 		return err
@@ -244,16 +231,9 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	if err := os.MkdirAll(m.run, 0o700); err != nil {
 		return errcode.Wrap(errcode.Internal, err, "runtime dir")
 	}
-	// QEMU's stderr: one file per start, the previous one kept as
-	// qemu.log.1 (QEMU writes little there: warnings and the reason it
-	// could not start, which start errors quote).
-	logPath := filepath.Join(m.dir, "qemu.log")
-	if fi, err := os.Stat(logPath); err == nil && fi.Size() > 0 {
-		os.Rename(logPath, logPath+".1")
-	}
-	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	logf, logPath, err := m.openQEMULog()
 	if err != nil {
-		return errcode.Wrap(errcode.Internal, err, "qemu log")
+		return err
 	}
 	m.setStatus("starting", "")
 	fail := func(code errcode.Code, err error, what string) error {
@@ -282,42 +262,16 @@ func (m *machine) launch(ctx context.Context) (err error) {
 		}
 		return fail(errcode.QEMUStartFailed, err, "open vm files")
 	}
-
-	bin := m.e.cfg.Binaries[spec.Arch]
-	// In a process group of its own (proc.Start): a signal to the agent's
-	// group (Ctrl-C, the service manager) never reaches QEMU. Credential
-	// drops root: QEMU runs as the unprivileged QEMU user with no
-	// supplementary groups and no capabilities, holding only the
-	// descriptors the agent opened for it.
-	pc := proc.Cmd{Path: bin, Args: args, Env: m.e.cfg.Env, Output: logf, Files: files, Credential: cred}
+	pc := proc.Cmd{Path: m.e.cfg.Binaries[spec.Arch], Args: args, Env: m.e.cfg.Env, Output: logf, Files: files, Credential: cred}
 	if hostPlan != nil && len(hostPlan.VFIO) > 0 {
 		memlock := hostdev.MemlockBytes(spec.MemoryMB)
 		pc.Launch = func(start func() error) error { return startMemlock(memlock, start) }
 	}
-	sp, err := proc.Start(pc)
-	logf.Close()
-	for _, f := range files {
-		f.Close() // QEMU has its copies; a listening socket stays bound
-	}
+	p, what, err := m.spawn(pc, links)
 	if err != nil {
-		deleteLinks(links)
-		m.stopTPM()
-		who := "the agent's user"
-		if cred != nil {
-			who = fmt.Sprintf("uid %d", cred.Uid)
-		}
-		return fail(errcode.QEMUStartFailed, err, fmt.Sprintf("start qemu (%s) as %s", bin, who))
+		return fail(errcode.QEMUStartFailed, err, what)
 	}
-	p := newProcess(m, sp)
-	p.links = links
-	m.mu.Lock()
-	p.tpm, m.pendingTPM = m.pendingTPM, nil
-	m.mu.Unlock()
-	log := m.log.With(zap.Int("qemu_pid", p.pid))
-	log.Info("qemu launched", zap.String("binary", bin))
-	writePIDFile(filepath.Join(m.run, "qemu.pid"), p.pid)
-
-	abort := func(code errcode.Code, err error, what string) error {
+	if code, what, err := m.connect(ctx, p, paths.QMPSocket); err != nil {
 		p.sigkill()
 		<-p.exited()
 		if p.tpm != nil {
@@ -328,11 +282,87 @@ func (m *machine) launch(ctx context.Context) (err error) {
 		}
 		return fail(code, err, what)
 	}
+	m.running(ctx, p)
+	return nil
+}
+
+// takeNextSpec makes the pending changes (Next) the spec QEMU starts
+// with, and hot-plugged disks boot disks. It refuses a VM whose earlier
+// QEMU still runs out of the engine's hands. prevStatus is the status a
+// failed start returns the VM to.
+func (m *machine) takeNextSpec() (spec Spec, prevStatus string, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.st.Hot, m.st.MediumSeq = nil, 0 // hot-plugged disks are boot disks now
+	if m.st.Next != nil {
+		m.st.Spec, m.st.Next = *m.st.Next, nil
+		if err := m.persistLocked(); err != nil {
+			return Spec{}, "", errcode.Wrap(errcode.Internal, err, "persist pending changes")
+		}
+	}
+	spec = m.st.Spec
+	if m.st.PID != 0 && isOurQEMU(m.st.PID, spec.UUID) {
+		return Spec{}, "", errcode.New(errcode.Conflict, "vm %q still has a qemu process (pid %d) the agent cannot control", spec.Name, m.st.PID)
+	}
+	return spec, m.st.Status, nil
+}
+
+// openQEMULog opens QEMU's stderr: one file per start, the previous one
+// kept as qemu.log.1 (QEMU writes little there: warnings and the reason
+// it could not start, which start errors quote).
+func (m *machine) openQEMULog() (*os.File, string, error) {
+	logPath := filepath.Join(m.dir, "qemu.log")
+	if fi, err := os.Stat(logPath); err == nil && fi.Size() > 0 {
+		os.Rename(logPath, logPath+".1")
+	}
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return nil, "", errcode.Wrap(errcode.Internal, err, "qemu log")
+	}
+	return logf, logPath, nil
+}
+
+// spawn starts QEMU under the supervisor and closes the agent's copies of
+// its log and files. In a process group of its own (proc.Start): a signal
+// to the agent's group (Ctrl-C, the service manager) never reaches QEMU.
+// The credential drops root: QEMU runs as the unprivileged QEMU user with
+// no supplementary groups and no capabilities, holding only the
+// descriptors the agent opened for it. On error the links and the swtpm
+// made for it are gone, and what says what could not start as whom.
+func (m *machine) spawn(pc proc.Cmd, links []string) (p *process, what string, err error) {
+	sp, err := proc.Start(pc)
+	pc.Output.Close()
+	for _, f := range pc.Files {
+		f.Close() // QEMU has its copies; a listening socket stays bound
+	}
+	if err != nil {
+		deleteLinks(links)
+		m.stopTPM()
+		who := "the agent's user"
+		if pc.Credential != nil {
+			who = fmt.Sprintf("uid %d", pc.Credential.Uid)
+		}
+		return nil, fmt.Sprintf("start qemu (%s) as %s", pc.Path, who), err
+	}
+	p = newProcess(m, sp)
+	p.links = links
+	m.mu.Lock()
+	p.tpm, m.pendingTPM = m.pendingTPM, nil
+	m.mu.Unlock()
+	m.log.Info("qemu launched", zap.Int("qemu_pid", p.pid), zap.String("binary", pc.Path))
+	writePIDFile(filepath.Join(m.run, "qemu.pid"), p.pid)
+	return p, "", nil
+}
+
+// connect waits, within the start timeout, until QEMU's QMP answers,
+// follows its events and runs the AfterStart hook. On error it says
+// with which code and what failed; QEMU is the caller's to end.
+func (m *machine) connect(ctx context.Context, p *process, sock string) (errcode.Code, string, error) {
 	startCtx, cancel := context.WithTimeout(ctx, m.e.cfg.StartTimeout)
 	defer cancel()
-	mon, err := m.dialUntil(startCtx, p, paths.QMPSocket)
+	mon, err := m.dialUntil(startCtx, p, sock)
 	if err != nil {
-		return abort(errcode.QEMUStartFailed, err, "qemu did not come up")
+		return errcode.QEMUStartFailed, "qemu did not come up", err
 	}
 	p.mon = mon
 	evs, _ := mon.Subscribe(64)
@@ -341,7 +371,7 @@ func (m *machine) launch(ctx context.Context) (err error) {
 		Status string `json:"status"`
 	}
 	if err := mon.Execute(startCtx, "query-status", nil, &st); err != nil {
-		return abort(errcode.QEMUStartFailed, err, "query-status")
+		return errcode.QEMUStartFailed, "query-status", err
 	}
 	if f := m.e.cfg.AfterStart; f != nil {
 		m.mu.Lock()
@@ -350,10 +380,15 @@ func (m *machine) launch(ctx context.Context) (err error) {
 		v.PID = p.pid
 		exec := func(ctx context.Context, cmd string, args any) error { return mon.Execute(ctx, cmd, args, nil) }
 		if err := f(startCtx, v, exec); err != nil {
-			return abort(errcode.Of(err), err, "after start")
+			return errcode.Of(err), "after start", err
 		}
 	}
+	return "", "", nil
+}
 
+// running records a started QEMU as the VM's, follows its exit (and its
+// swtpm's) and places it.
+func (m *machine) running(ctx context.Context, p *process) {
 	m.mu.Lock()
 	m.proc = p
 	m.st.PID = p.pid
@@ -366,10 +401,9 @@ func (m *machine) launch(ctx context.Context) (err error) {
 		go p.watchTPM()
 	}
 	if err := m.e.cfg.Placer.Place(ctx, v); err != nil {
-		log.Warn("place qemu", zap.String("placer", m.e.cfg.Placer.Kind()), zap.Error(err))
+		m.log.Warn("place qemu", zap.Int("qemu_pid", p.pid), zap.String("placer", m.e.cfg.Placer.Kind()), zap.Error(err))
 	}
 	m.notify(v)
-	return nil
 }
 
 // openFiles opens what QEMU inherits, in fd order, making each NIC's tap
