@@ -5,7 +5,14 @@
 // runners against an in-memory control plane on loopback and prints a
 // markdown table, scaled to a -fleet of hosts.
 //
+// With -cluster N,M,... it measures instead the control plane itself with
+// N simulated agents, on the standalone file store and on etcd (three
+// replicas on a three-member etcd from Debian's etcd-server), side by
+// side: requests and heartbeats per second, heartbeat latency and etcd
+// writes per agent per minute (docs/cluster.md, "Capacity").
+//
 //	go run ./agent/runner/capacity -duration 2m
+//	go run ./agent/runner/capacity -cluster 100,1000 -duration 1m
 package main
 
 import (
@@ -19,6 +26,8 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
@@ -33,7 +42,25 @@ func main() {
 	nvms := flag.Int("vms", 100, "VMs on the host")
 	fleet := flag.Int("fleet", 10000, "hosts the control plane serves")
 	interval := flag.Duration("interval", 10*time.Second, "heartbeat interval the control plane asks for")
+	cluster := flag.String("cluster", "", "comma-separated fleet sizes N: measure the control plane with N simulated agents on the file and the etcd store")
+	clusterVMs := flag.Int("cluster-vms", 5, "VMs each simulated agent reports (-cluster)")
 	flag.Parse()
+	if *cluster != "" {
+		var ns []int
+		for _, f := range strings.Split(*cluster, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n < 1 {
+				fmt.Fprintf(os.Stderr, "capacity: -cluster %q: want sizes like 100,1000\n", *cluster)
+				os.Exit(2)
+			}
+			ns = append(ns, n)
+		}
+		if err := clusterBench(ns, *duration, *interval, *clusterVMs); err != nil {
+			fmt.Fprintln(os.Stderr, "capacity:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(*duration, *nvms, *fleet, *interval); err != nil {
 		fmt.Fprintln(os.Stderr, "capacity:", err)
 		os.Exit(1)

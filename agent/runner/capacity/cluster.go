@@ -1,0 +1,244 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/google/uuid"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver/etcdstore"
+	"github.com/otherix/otherix-agent/internal/etcdtest"
+)
+
+// clusterBench drives n simulated agents (the protocol's client: register,
+// a heartbeat every interval with vms VMs, a 30 s long-poll lease) against
+// the control plane on the standalone file store (one server) and on
+// etcd (three replicas on a three-member etcd, the agents spread over
+// them), and prints requests per second, heartbeat latency and etcd
+// writes per agent per minute.
+func clusterBench(ns []int, duration, interval time.Duration, vms int) error {
+	tmp, err := os.MkdirTemp("", "capacity-cluster-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	etcd, err := etcdtest.New(filepath.Join(tmp, "etcd"), 3)
+	if err != nil {
+		return err
+	}
+	defer etcd.Stop()
+	// Interrupted, the members go too (they are this process's children).
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		if _, ok := <-sigs; ok {
+			etcd.Stop()
+			os.Exit(1)
+		}
+	}()
+	tok := filepath.Join(tmp, "token")
+	if err := os.WriteFile(tok, []byte("capacity"), 0o600); err != nil {
+		return err
+	}
+	fmt.Printf("\n## Control plane with N simulated agents, measured over %v each (heartbeat every %v with %d VMs, lease long poll 30 s)\n\n", duration, interval, vms)
+	fmt.Println("| store | N | req/s | heartbeat/s | heartbeat p50 | heartbeat p99 | errors | etcd writes/agent/min |")
+	fmt.Println("|---|---|---|---|---|---|---|---|")
+	for _, n := range ns {
+		for _, kind := range []string{"standalone (file)", "cluster (etcd, 3 replicas)"} {
+			row, err := benchOne(kind, n, duration, interval, vms, tmp, tok, etcd)
+			if err != nil {
+				return fmt.Errorf("%s, N=%d: %w", kind, n, err)
+			}
+			fmt.Println(row)
+		}
+	}
+	return nil
+}
+
+// counting counts the requests a handler serves.
+type counting struct {
+	h http.Handler
+	n *atomic.Int64
+}
+
+func (c counting) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	c.n.Add(1)
+	c.h.ServeHTTP(w, r)
+}
+
+func benchOne(kind string, n int, duration, interval time.Duration, vms int, tmp, tok string, etcd *etcdtest.Cluster) (string, error) {
+	var reqs atomic.Int64
+	var urls []string
+	var cleanup []func()
+	defer func() {
+		for _, f := range slices.Backward(cleanup) {
+			f()
+		}
+	}()
+	var cli *clientv3.Client
+	prefix := fmt.Sprintf("/capacity/%d/", n)
+	if kind == "standalone (file)" {
+		fs, err := cpserver.NewFileStore(filepath.Join(tmp, fmt.Sprintf("state-%d.json", n)), nil)
+		if err != nil {
+			return "", err
+		}
+		// The same server as on etcd; only the store differs.
+		srv := &cpserver.Server{Store: fs, Token: "capacity", HeartbeatInterval: interval, DesiredFollowsTasks: true, AdoptUnknownVMs: true, NodeScoped: true}
+		ts := httptest.NewServer(counting{srv, &reqs})
+		cleanup = append(cleanup, closeServer(ts))
+		urls = append(urls, ts.URL)
+	} else {
+		var err error
+		cli, err = etcdstore.Dial(etcdstore.DialConfig{Endpoints: etcd.Endpoints()})
+		if err != nil {
+			return "", err
+		}
+		cleanup = append(cleanup, func() { cli.Close() })
+		for range 3 {
+			st := etcdstore.New(cli, etcdstore.Options{Prefix: prefix, NodeTTL: 3 * interval})
+			cleanup = append(cleanup, func() { st.Close() })
+			srv := &cpserver.Server{Store: st, Token: "capacity", HeartbeatInterval: interval, DesiredFollowsTasks: true, AdoptUnknownVMs: true, NodeScoped: true}
+			ts := httptest.NewServer(counting{srv, &reqs})
+			cleanup = append(cleanup, closeServer(ts))
+			urls = append(urls, ts.URL)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	cleanup = append(cleanup, func() { cancel(); wg.Wait() })
+	var mu sync.Mutex
+	var lat []time.Duration
+	var errs, beats atomic.Int64
+	measuring := atomic.Bool{}
+	ready := make(chan struct{}, n)
+	var first sync.WaitGroup // every agent's first heartbeat answered
+	first.Add(n)
+	for i := range n {
+		c, err := protocol.NewClient(protocol.ClientConfig{BaseURL: urls[i%len(urls)], Node: fmt.Sprintf("hv-%04d", i), TokenFile: tok, AgentVersion: "capacity", AllowInsecureHTTP: true})
+		if err != nil {
+			return "", err
+		}
+		node := fmt.Sprintf("hv-%04d", i)
+		statuses := make([]protocol.VMStatus, vms)
+		for j := range statuses {
+			statuses[j] = protocol.VMStatus{Name: fmt.Sprintf("%s-vm%d", node, j), UUID: uuid.NewString(), Status: api.StatusRunning}
+		}
+		wg.Go(func() {
+			if _, err := c.Register(ctx, protocol.NodeInfo{Name: node, Arch: "amd64", CPUs: 64, MemoryMB: 512 << 10}); err != nil {
+				errs.Add(1)
+			}
+			ready <- struct{}{}
+			wg.Go(func() {
+				for ctx.Err() == nil {
+					if _, err := c.Lease(ctx, 30*time.Second, 1); err != nil && ctx.Err() == nil {
+						errs.Add(1)
+						time.Sleep(time.Second)
+					}
+				}
+			})
+			// Spread the fleet over the interval, as the agent's
+			// stagger does.
+			t := time.NewTimer(rand.N(interval))
+			defer t.Stop()
+			for seq := uint64(1); ; seq++ {
+				select {
+				case <-ctx.Done():
+					if seq == 1 {
+						first.Done()
+					}
+					return
+				case <-t.C:
+				}
+				t.Reset(interval)
+				start := time.Now()
+				_, err := c.Heartbeat(ctx, protocol.HeartbeatRequest{ProtocolVersion: protocol.Version, Node: node, Seq: seq, State: protocol.NodeReady, VMs: statuses})
+				if seq == 1 {
+					first.Done()
+				}
+				if !measuring.Load() {
+					continue
+				}
+				if err != nil {
+					if ctx.Err() == nil && errs.Add(1) == 1 {
+						fmt.Fprintf(os.Stderr, "capacity: %s, N=%d: first heartbeat error: %v\n", kind, n, err)
+					}
+					continue
+				}
+				beats.Add(1)
+				mu.Lock()
+				lat = append(lat, time.Since(start))
+				mu.Unlock()
+			}
+		})
+	}
+	for range n {
+		<-ready
+	}
+	// Warm-up: every agent's first heartbeat (and the adoption of its
+	// VMs) answered before the window.
+	warm := time.Now()
+	first.Wait()
+	fmt.Fprintf(os.Stderr, "capacity: %s, N=%d: first heartbeats of all agents answered in %v\n", kind, n, time.Since(warm).Round(time.Second))
+	rev := func() int64 {
+		if cli == nil {
+			return 0
+		}
+		resp, err := cli.Get(ctx, "/capacity-rev")
+		if err != nil {
+			return 0
+		}
+		return resp.Header.Revision
+	}
+	rev0, req0 := rev(), reqs.Load()
+	errs.Store(0)
+	measuring.Store(true)
+	begin := time.Now()
+	time.Sleep(duration)
+	elapsed := time.Since(begin)
+	measuring.Store(false)
+	rev1, req1 := rev(), reqs.Load()
+	mu.Lock()
+	slices.Sort(lat)
+	p50, p99 := pct(lat, 0.50), pct(lat, 0.99)
+	mu.Unlock()
+	writes := "-"
+	if cli != nil {
+		writes = fmt.Sprintf("%.1f", float64(rev1-rev0)/float64(n)/elapsed.Minutes())
+	}
+	return fmt.Sprintf("| %s | %d | %.1f | %.1f | %v | %v | %d | %s |", kind, n,
+		float64(req1-req0)/elapsed.Seconds(), float64(beats.Load())/elapsed.Seconds(),
+		p50.Round(100*time.Microsecond), p99.Round(100*time.Microsecond), errs.Load(), writes), nil
+}
+
+// closeServer ends a test server with long polls still open: it drops
+// the connections and does not wait for handlers still queued on a
+// loaded store (the next row must not wait on this one's backlog).
+func closeServer(ts *httptest.Server) func() {
+	return func() {
+		ts.CloseClientConnections()
+		go ts.Close()
+	}
+}
+
+func pct(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[min(len(sorted)-1, int(float64(len(sorted))*p))]
+}
