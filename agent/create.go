@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"github.com/otherix/otherix-agent/agent/crashpoint"
 	"os"
 	"path/filepath"
 	"strings"
@@ -211,7 +212,8 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	if task != nil {
 		taskID = task.ID
 	}
-	h.event(v, api.EventCreated, "", taskID)
+	h.event(v, api.EventCreated, "", taskID) // the create's commit point (createdBy)
+	crashpoint.Hit("create.done")
 	return h.toAPI(v), nil
 }
 

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"github.com/otherix/otherix-agent/agent/crashpoint"
 	"os"
 	"path/filepath"
 
@@ -81,6 +82,7 @@ func (b *build) run(ctx context.Context, steps []createStep) error {
 			b.log.Debug("create step failed", zap.String("step", s.name))
 			return err
 		}
+		crashpoint.Hit("create." + s.name)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/otherix/otherix-agent/agent/crashpoint"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -229,10 +230,19 @@ func (h *Host) AttachDisk(ctx context.Context, name string, d api.Device) (api.V
 	}
 	d.DevType = api.DevDisk
 	if _, err := h.engine.Do(ctx, name, "disk_attach", func(t *vm.Txn) error {
-		if err := t.AttachDisk(ctx, disk); err != nil {
-			return err
+		// An attach the agent was killed in the middle of (the disk in
+		// the VM, not yet in its devices) is finished, not done twice.
+		if !slices.ContainsFunc(t.View().Spec.Disks, func(x vm.Disk) bool { return x.Path == disk.Path }) {
+			if err := t.AttachDisk(ctx, disk); err != nil {
+				return err
+			}
 		}
-		h.recordIn(t, func(m *vm.Record) { m.Devices = append(m.Devices, d) })
+		crashpoint.Hit("attach.plugged")
+		h.recordIn(t, func(m *vm.Record) {
+			if !slices.ContainsFunc(m.Devices, func(x api.Device) bool { return x.DevType == api.DevDisk && x.Source == d.Source }) {
+				m.Devices = append(m.Devices, d)
+			}
+		})
 		return nil
 	}); err != nil {
 		return api.VM{}, err

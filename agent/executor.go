@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"github.com/otherix/otherix-agent/agent/crashpoint"
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/errcode"
@@ -51,6 +52,7 @@ func (h *Host) Execute(ctx context.Context, t protocol.Task, progress func(api.P
 		return protocol.Result{}, h.Delete(ctx, name)
 	}
 	desired, err := h.executeVM(ctx, t, name)
+	crashpoint.Hit(t.Type + ".done") // done, not yet recorded as done
 	// The last task alone is not worth a disk write (a pause, a reset):
 	// a crash may lose it. A desired phase is written.
 	update := h.engine.UpdateRecordVolatile

@@ -219,6 +219,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		return nil, err
 	}
 	h.firmwares = fw
+	h.sweep() // what a create or delete cut by an agent kill left behind
 	if booted {
 		h.afterBoot(ctx)
 		if err := os.WriteFile(filepath.Join(cfg.DataDir, "boot_id"), []byte(boot+"\n"), 0o600); err != nil {

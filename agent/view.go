@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"strings"
+	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/portfwd"
@@ -34,6 +35,7 @@ func (h *Host) toAPI(v vm.View) api.VM {
 		Devices:      m.Devices,
 		CloudInit:    m.CloudInit,
 		CreatedAt:    v.CreatedAt,
+		StartedAt:    startedAt(v),
 		LastTask:     m.LastTask,
 
 		InstanceStatus: api.InstanceStatus(v.Status),
@@ -131,4 +133,12 @@ func vncPort(v vm.View) int {
 		return v.Spec.VNC.Port
 	}
 	return 0
+}
+
+// startedAt is when the VM's QEMU started, zero while it has none.
+func startedAt(v vm.View) time.Time {
+	if v.PID == 0 {
+		return time.Time{}
+	}
+	return v.StartedAt
 }

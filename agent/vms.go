@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"github.com/otherix/otherix-agent/agent/crashpoint"
 
 	"go.uber.org/zap"
 
@@ -21,6 +22,7 @@ func (h *Host) Delete(ctx context.Context, name string) error {
 	}); err != nil {
 		return err
 	}
+	crashpoint.Hit("delete.unpinning")
 	// The VM is gone: no op can change its record any more.
 	m := v.Record
 	h.macs.Release(v.Spec.UUID)

@@ -325,6 +325,8 @@ type VM struct {
 	// medium changes.
 	Devices   []Device  `json:"devices,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
+	// StartedAt is when its QEMU started (absent while it has none).
+	StartedAt time.Time `json:"started_at,omitzero"`
 	LastTask  *TaskRef  `json:"last_task,omitempty"`
 	// Usage is the last usage sample while QEMU runs (the details:
 	// GET /v1/vms/{name}/stats).

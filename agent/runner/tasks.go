@@ -109,8 +109,27 @@ func rerunTarget(taskType string) (status string, ok bool) {
 	case api.TaskUpdate, api.TaskChangeMedium, api.TaskEjectMedium, api.TaskImagePull,
 		api.TaskScreenshot, api.TaskConsoleTail:
 		return "", true
+	case api.TaskCreate, api.TaskReboot, api.TaskAttachDisk, api.TaskDetachDisk:
+		// Converge by what they leave (converged); a create cut half-way
+		// was rolled back at start (RollBacker).
+		return "", true
+	case api.TaskReset:
+		// No trace tells whether the reset button was pressed: pressed
+		// again, the guest restarts once more from its firmware, the state
+		// a reset leaves either way.
+		return "", true
 	}
 	return "", false
+}
+
+// RollBacker is what an Executor may also be: at start, before any task
+// runs, RollBack undoes what a task the journal shows started and not
+// finished left half-done (a create's half-made VM), so that its rerun
+// on redelivery has the effect of one run; Created reports the VM a
+// create made when it reached its commit point.
+type RollBacker interface {
+	RollBack(ctx context.Context, t protocol.Task) error
+	Created(uuid, taskID string) (api.VM, bool)
 }
 
 // errInterrupted is the outcome of a task interrupted by an agent restart
@@ -129,6 +148,14 @@ func (r *Runner) recover() {
 			r.outbox.add(e, e.LeaseID, e.Attempt)
 		case e.State == journal.Started:
 			if _, ok := rerunTarget(e.Type); ok {
+				if rb, ok := r.ex.(RollBacker); ok {
+					ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+					err := rb.RollBack(ctx, protocol.Task{ID: e.TaskID, Type: e.Type, VMName: e.VMName, VMUUID: e.VMUUID})
+					cancel()
+					if err != nil {
+						r.log.Error("roll back a task interrupted by restart", zap.String("task", e.TaskID), zap.String("op", e.Type), zap.Error(err))
+					}
+				}
 				r.log.Info("task interrupted by restart; will re-run on redelivery", zap.String("task", e.TaskID), zap.String("op", e.Type), zap.String("vm_uuid", e.VMUUID))
 				continue
 			}
@@ -305,17 +332,47 @@ func (r *Runner) run(e *execution) {
 
 // converged reports whether a re-run task's target state already holds.
 func (r *Runner) converged(ctx context.Context, t protocol.Task) (*api.VM, bool) {
+	if t.Type == api.TaskCreate {
+		if rb, ok := r.ex.(RollBacker); ok {
+			if vm, ok := rb.Created(t.VMUUID, t.ID); ok {
+				return &vm, true
+			}
+		}
+		return nil, false
+	}
 	target, _ := rerunTarget(t.Type)
 	for _, vm := range r.inv.VMs(ctx) {
 		if vm.UUID != t.VMUUID && (t.VMUUID != "" || vm.Name != t.VMName) {
 			continue
 		}
-		if target != "" && vm.Status == target {
+		if r.convergedVM(t, vm) || (target != "" && vm.Status == target) {
 			return &vm, true
 		}
 		return nil, false
 	}
 	return nil, t.Type == api.TaskDelete // gone: deleted
+}
+
+// convergedVM reports whether vm shows the effect of a task that a
+// previous agent process started: a reboot's new QEMU (started after the
+// task first started), an attached or detached disk.
+func (r *Runner) convergedVM(t protocol.Task, vm api.VM) bool {
+	switch t.Type {
+	case api.TaskReboot:
+		je, ok := r.j.Get(t.ID)
+		return ok && vm.Status == api.StatusRunning && !vm.StartedAt.IsZero() && vm.StartedAt.After(je.StartedAt)
+	case api.TaskAttachDisk, api.TaskDetachDisk:
+		var d api.Device
+		if len(t.Spec) == 0 || json.Unmarshal(t.Spec, &d) != nil {
+			return false
+		}
+		has := false
+		for _, x := range vm.Devices {
+			has = has || (x.DevType == api.DevDisk && x.Source == d.Source && (d.StoragePool == "" || x.StoragePool == d.StoragePool))
+		}
+		return has == (t.Type == api.TaskAttachDisk)
+	}
+	return false
 }
 
 // outcomeOf turns an executor's result into an outcome.

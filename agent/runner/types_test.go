@@ -14,7 +14,9 @@ import (
 
 // The restart policy of the change types: those whose second run would
 // fail on (or double) their first effect are failed as interrupted without
-// running; those that set absolute values or read run again.
+// running; those that set absolute values, converge (a disk attach: done
+// when the VM has the disk, finished when it is in the VM and not yet in
+// its devices) or read run again.
 func TestRestartPolicyOfChanges(t *testing.T) {
 	h := newHarness(t, runner.Config{}, vm("a", "ua", api.StatusRunning), vm("b", "ub", api.StatusRunning))
 	j, err := journal.Open(h.dir, journal.Options{})
@@ -26,7 +28,7 @@ func TestRestartPolicyOfChanges(t *testing.T) {
 		spec                any
 		rerun               bool
 	}{
-		{"t-attach", api.TaskAttachDisk, "a", "ua", api.Device{DevType: api.DevDisk, Source: "v"}, false},
+		{"t-attach", api.TaskAttachDisk, "a", "ua", api.Device{DevType: api.DevDisk, Source: "v"}, true},
 		{"t-fwd", api.TaskAddForward, "a", "ua", api.Device{DevType: api.DevProxy, SourcePort: 8080, DestPort: 80}, false},
 		{"t-update", api.TaskUpdate, "b", "ub", api.UpdateVM{Autostart: new(bool)}, true},
 		{"t-medium", api.TaskChangeMedium, "b", "ub", api.MediumSpec{Index: 1, Source: "/isos/a.iso"}, true},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/otherix/otherix-agent/agent/crashpoint"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -493,6 +494,7 @@ func (e *Engine) Reboot(ctx context.Context, name string) (View, error) {
 		if err := m.stop(ctx); err != nil {
 			return err
 		}
+		crashpoint.Hit("reboot.stopped")
 		return m.start(ctx)
 	})
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/otherix/otherix-agent/agent/crashpoint"
 	"io"
 	"os"
 	"path/filepath"
@@ -185,6 +186,7 @@ func (m *machine) stop(ctx context.Context) error {
 		}
 	}
 	press()
+	crashpoint.Hit("stop.pressed")
 	for {
 		select {
 		case <-p.reaped:
@@ -316,6 +318,7 @@ func (m *machine) delete(ctx context.Context) error {
 			return err
 		}
 	}
+	crashpoint.Hit("delete.killed")
 	m.setStatus("deleting", "")
 	var errs []error
 	for _, path := range m.st.Spec.OwnedPaths {

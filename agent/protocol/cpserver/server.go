@@ -264,11 +264,40 @@ func (s *Server) Register(ctx context.Context, req protocol.RegisterRequest) (pr
 	if err := s.Store.PutNode(ctx, Node{Name: req.Node.Name, Info: &info}); err != nil {
 		return protocol.RegisterResponse{}, err
 	}
+	if err := s.releaseLeases(ctx, req.Node.Name); err != nil {
+		return protocol.RegisterResponse{}, err
+	}
 	id := req.Node.Name
 	if s.NodeID != nil {
 		id = s.NodeID(req.Node.Name)
 	}
 	return protocol.RegisterResponse{ProtocolVersion: protocol.Version, NodeID: id, IntervalSeconds: s.interval()}, nil
+}
+
+// releaseLeases makes the tasks leased to a node that registers again
+// (its agent restarted) leasable at once: whatever it held is in its
+// journal, which decides on redelivery (done, rolled back and run again,
+// or converged), so nothing waits for the leases to expire.
+func (s *Server) releaseLeases(ctx context.Context, node string) error {
+	tasks, err := s.Store.Tasks(ctx)
+	if err != nil {
+		return err
+	}
+	now := time.Now().UTC()
+	for _, t := range tasks {
+		if t.Terminal() || t.Status != api.TaskRunning || (t.Node != "" && t.Node != node) || !t.LeaseExpiry.After(now) {
+			continue
+		}
+		if _, err := s.Store.UpdateTask(ctx, t.ID, func(x *Task) error {
+			if x.Status == api.TaskRunning && x.LeaseExpiry.After(now) {
+				x.LeaseExpiry = now
+			}
+			return nil
+		}); err != nil && !errors.Is(err, ErrNotFound) {
+			return err
+		}
+	}
+	return nil
 }
 
 // Heartbeat records a node's heartbeat and answers its desired map.
