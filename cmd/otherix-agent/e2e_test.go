@@ -57,6 +57,7 @@ type standaloneAgent struct {
 	log     *syncBuffer
 	image   string            // URL of the guest image
 	ns      *netdevtest.Netns // when set, the agent and the CLI run in it
+	env     []string          // extra environment of the agent process
 	cluster bool              // cluster.etcd in its config: no --standalone
 }
 
@@ -120,6 +121,9 @@ func (a *standaloneAgent) start() {
 		a.cmd = a.ns.Command(context.Background(), filepath.Join(binDir, "otherix-agent"), args...)
 	}
 	a.cmd.Stderr = a.log
+	if len(a.env) > 0 {
+		a.cmd.Env = append(os.Environ(), a.env...)
+	}
 	if err := a.cmd.Start(); err != nil {
 		a.t.Fatal(err)
 	}
