@@ -36,8 +36,9 @@ import (
 	"github.com/otherix/otherix-agent/qmp"
 )
 
-// Version is the agent's version, set by cmd from build info.
-var Version = "dev"
+// Version is the agent's version token (agent_version), set by cmd from
+// build info (internal/buildinfo).
+var Version = "v0.0.0-unknown"
 
 // Host runs tasks against this node.
 type Host struct {

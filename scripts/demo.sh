@@ -12,7 +12,7 @@ say "installing missing Debian packages (qemu-system-x86, qemu-utils, guest buil
 
 say "building otherix-agent and otherix into ./bin"
 mkdir -p bin
-go build -o bin/ ./cmd/otherix-agent ./cmd/otherix ./scripts/fileserve
+go build -buildvcs=auto -o bin/ ./cmd/otherix-agent ./cmd/otherix ./scripts/fileserve
 
 say "building the test guest from Debian packages (cached)"
 img=$(testdata/guest/build.sh | tail -1)

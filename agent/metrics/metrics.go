@@ -50,7 +50,6 @@ import (
 	"net"
 	"net/http"
 	"runtime"
-	"runtime/debug"
 	"strings"
 	"time"
 
@@ -60,6 +59,7 @@ import (
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/imagecache"
+	"github.com/otherix/otherix-agent/internal/buildinfo"
 )
 
 const namespace = "otherix_agent"
@@ -194,22 +194,10 @@ func New(o Options) *Metrics {
 	return m
 }
 
-// buildVersion reads the module version and VCS revision of the binary.
+// buildVersion reads the version token and VCS revision of the binary.
 func buildVersion() (version, revision string) {
-	version, revision = "(devel)", "unknown"
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return
-	}
-	if bi.Main.Version != "" {
-		version = bi.Main.Version
-	}
-	for _, s := range bi.Settings {
-		if s.Key == "vcs.revision" {
-			revision = s.Value
-		}
-	}
-	return
+	in := buildinfo.Read()
+	return in.Version, in.Revision
 }
 
 // Registry returns the registry (for tests and extra collectors). Nil on a

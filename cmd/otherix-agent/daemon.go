@@ -30,6 +30,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/protocol/cpserver/etcdstore"
 	"github.com/otherix/otherix-agent/agent/runner"
 	"github.com/otherix/otherix-agent/agent/standalone"
+	"github.com/otherix/otherix-agent/internal/buildinfo"
 	"github.com/otherix/otherix-agent/systemd"
 )
 
@@ -71,7 +72,7 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 	defer log.Sync()
 	log.Info("otherix-agent starting", zap.String("version", versionString()), zap.Bool("standalone", o.standalone), zap.Bool("cluster", cfg.ClusterMode()),
 		zap.String("data_dir", cfg.DataDir), zap.String("node", cfg.NodeName))
-	agent.Version = versionString()
+	agent.Version = buildinfo.Read().Version // a token: agent_version, User-Agent
 
 	notifier := systemd.NewNotifier(log.Named("systemd"))
 	for _, d := range []string{cfg.DataDir, cfg.RunDir} {

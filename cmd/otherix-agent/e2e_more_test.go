@@ -1,6 +1,7 @@
 package main
 
 import (
+	debugbuildinfo "debug/buildinfo"
 	"encoding/json"
 	"net/http"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/internal/buildinfo"
 )
 
 func matchRE(re, s string) (bool, error) { return regexp.MatchString(re, s) }
@@ -269,10 +271,21 @@ func TestLoopbackNeedsToken(t *testing.T) {
 // TestVersions: both binaries say their module version and VCS revision.
 func TestVersions(t *testing.T) {
 	t.Parallel()
+	// --version prints the token internal/buildinfo makes from the build
+	// info stamped into the binary (in a git clone, -buildvcs=auto: a
+	// pseudo-version from the commit), a semantic version with no space.
+	semver := regexp.MustCompile(`^v[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$`)
 	for _, args := range [][]string{{"otherix-agent", "--version"}, {"otherix-agent", "version"}, {"otherix", "--version"}, {"otherix", "version"}} {
-		out, err := exec.Command(filepath.Join(binDir, args[0]), args[1:]...).CombinedOutput()
-		if err != nil || !strings.Contains(string(out), "revision") {
-			t.Errorf("%v: %v %q", args, err, out)
+		bin := filepath.Join(binDir, args[0])
+		bi, err := debugbuildinfo.ReadFile(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := buildinfo.FromBuildInfo(bi)
+		out, err := exec.Command(bin, args[1:]...).CombinedOutput()
+		f := strings.Fields(string(out))
+		if err != nil || len(f) < 4 || f[0] != args[0] || f[1] != want.Version || !semver.MatchString(f[1]) || f[2] != "revision" || f[3] != want.Revision {
+			t.Errorf("%v: %v %q, want version %s revision %s", args, err, out, want.Version, want.Revision)
 		}
 	}
 }

@@ -37,7 +37,7 @@ func buildAndRun(m *testing.M) int {
 		panic(err)
 	}
 	defer os.RemoveAll(dir)
-	out, err := exec.Command("go", "build", "-o", dir+"/", "github.com/otherix/otherix-agent/cmd/otherix-agent", "github.com/otherix/otherix-agent/cmd/otherix").CombinedOutput()
+	out, err := exec.Command("go", "build", "-buildvcs=auto", "-o", dir+"/", "github.com/otherix/otherix-agent/cmd/otherix-agent", "github.com/otherix/otherix-agent/cmd/otherix").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
 		return 1

@@ -10,10 +10,10 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime/debug"
 	"syscall"
 
 	"github.com/otherix/otherix-agent/agent/config"
+	"github.com/otherix/otherix-agent/internal/buildinfo"
 )
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
@@ -166,24 +166,5 @@ func configCmd(args []string, stdout, stderr io.Writer) int {
 	return 2
 }
 
-func versionString() string {
-	v, rev, when := "(devel)", "unknown", ""
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		if bi.Main.Version != "" {
-			v = bi.Main.Version
-		}
-		for _, s := range bi.Settings {
-			switch s.Key {
-			case "vcs.revision":
-				rev = s.Value
-			case "vcs.time":
-				when = s.Value
-			}
-		}
-	}
-	s := fmt.Sprintf("otherix-agent %s revision %s", v, rev)
-	if when != "" {
-		s += " built " + when
-	}
-	return s
-}
+// versionString is the --version line, from the binary's build info.
+func versionString() string { return buildinfo.Read().String("otherix-agent") }

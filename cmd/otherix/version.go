@@ -4,40 +4,15 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"runtime/debug"
+
+	"github.com/otherix/otherix-agent/internal/buildinfo"
 )
 
-// moduleVersion is the main module's version: a tag such as v0.3.0 for
-// 'go install ...@v0.3.0' builds, "(devel)" for builds from a checkout.
-func moduleVersion() string {
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
-		return bi.Main.Version
-	}
-	return "(unknown)"
-}
+// moduleVersion is the binary's version token (internal/buildinfo).
+func moduleVersion() string { return buildinfo.Read().Version }
 
-// versionString is "otherix VERSION revision=REV[ modified] GOVERSION",
-// from the build info the go command stamps into the binary.
-func versionString() string {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return "otherix (unknown)"
-	}
-	rev, modified := "unknown", false
-	for _, s := range bi.Settings {
-		switch s.Key {
-		case "vcs.revision":
-			rev = s.Value
-		case "vcs.modified":
-			modified = s.Value == "true"
-		}
-	}
-	s := fmt.Sprintf("otherix %s revision=%s", moduleVersion(), rev)
-	if modified {
-		s += " modified"
-	}
-	return s + " " + bi.GoVersion
-}
+// versionString is the --version line, from the binary's build info.
+func versionString() string { return buildinfo.Read().String("otherix") }
 
 // version is "otherix version" (and "otherix --version").
 func (c *cli) version(ctx context.Context, fs *flag.FlagSet, args []string) error {
