@@ -111,6 +111,7 @@ type Server struct {
 	progress      []ProgressReport
 	completions   []Completion
 	counts        map[string]int
+	userAgent     string // of the last request
 	wireBytes     map[string]int64
 	gzipped       map[string]int
 }
@@ -190,6 +191,7 @@ func (s *Server) handle(name string) http.HandlerFunc {
 		raw, err := io.ReadAll(r.Body)
 		s.lock()
 		s.counts[name]++
+		s.userAgent = r.Header.Get("User-Agent")
 		s.wireBytes[name] += int64(len(raw))
 		gz := r.Header.Get("Content-Encoding") == "gzip"
 		if gz {
@@ -428,6 +430,13 @@ func (s *Server) Count(endpoint string) int {
 	s.lock()
 	defer s.mu.Unlock()
 	return s.counts[endpoint]
+}
+
+// UserAgent returns the User-Agent of the last request.
+func (s *Server) UserAgent() string {
+	s.lock()
+	defer s.mu.Unlock()
+	return s.userAgent
 }
 
 // TotalCount returns how many requests reached the server.
