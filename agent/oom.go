@@ -2,6 +2,7 @@ package agent
 
 import (
 	"fmt"
+	"path/filepath"
 	"sync"
 
 	"github.com/otherix/otherix-agent/agent/vm"
@@ -29,9 +30,11 @@ type oomEntry struct {
 }
 
 // Track starts following the memory cgroup v.PID is in now, whose cap is
-// capBytes (0: unknown). A process with no memory cgroup of its own is
-// not followed.
-func (t *OOMTracker) Track(v vm.View, capBytes uint64) error {
+// capBytes (0: unknown), when it is the VM's own: named own (the scope's
+// name). A QEMU left in a shared memory cgroup (cgroup v1 without a
+// writable memory controller: systemd could not make the scope's) is not
+// followed, or an OOM kill of anything there would be blamed on it.
+func (t *OOMTracker) Track(v vm.View, own string, capBytes uint64) error {
 	proc, root := t.ProcRoot, t.CgroupRoot
 	if proc == "" {
 		proc = "/proc"
@@ -42,6 +45,9 @@ func (t *OOMTracker) Track(v vm.View, capBytes uint64) error {
 	cg, err := systemd.MemoryCgroupOf(proc, root, v.PID)
 	if err != nil {
 		return err
+	}
+	if filepath.Base(cg.Dir) != own {
+		return fmt.Errorf("vm %s: qemu is in the memory cgroup %s, not its own %s", v.Spec.Name, cg.Dir, own)
 	}
 	w := systemd.WatchOOM(cg)
 	e := &oomEntry{pid: v.PID, watch: w, base: w.Kills(), capBytes: capBytes}

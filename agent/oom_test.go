@@ -52,7 +52,7 @@ func (p *cgroupPlacer) Place(ctx context.Context, v vm.View) error {
 	p.mu.Lock()
 	p.dir[v.Spec.Name] = dir
 	p.mu.Unlock()
-	return p.oom.Track(v, 0)
+	return p.oom.Track(v, filepath.Base(dir), 0)
 }
 
 func (p *cgroupPlacer) Remove(ctx context.Context, v vm.View) error {
@@ -197,5 +197,38 @@ func TestOOMKilledAtCap(t *testing.T) {
 	}
 	if _, err := os.Stat(fmt.Sprintf("/proc/%d", calm.PID)); err != nil {
 		t.Errorf("calm's qemu: %v", err)
+	}
+}
+
+// TestOOMTrackerOwnCgroup: only a VM's own memory cgroup is followed; a
+// kill there after placement explains that QEMU's exit, with the cap.
+func TestOOMTrackerOwnCgroup(t *testing.T) {
+	proc, root := t.TempDir(), t.TempDir()
+	scope := filepath.Join(root, "otherix.slice", "otherix-vm-0123456789ab.scope")
+	os.MkdirAll(filepath.Join(proc, "10"), 0o755)
+	os.MkdirAll(scope, 0o755)
+	os.WriteFile(filepath.Join(proc, "10", "cgroup"), []byte("0::/otherix.slice/otherix-vm-0123456789ab.scope\n"), 0o644)
+	events := filepath.Join(scope, "memory.events")
+	os.WriteFile(events, []byte("oom 2\noom_kill 2\n"), 0o644) // kills before placement do not count
+	tr := &OOMTracker{ProcRoot: proc, CgroupRoot: root}
+	v := vm.View{Spec: vm.Spec{Name: "web-1", UUID: "01234567-89ab-4cde-8f01-23456789abcd"}, PID: 10}
+	if err := tr.Track(v, "otherix-vm-other.scope", 0); err == nil {
+		t.Fatal("a cgroup not the VM's own was followed")
+	}
+	if err := tr.Track(v, "otherix-vm-0123456789ab.scope", 768<<20); err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Forget(v)
+	if c := tr.Cause(v); c != "" {
+		t.Errorf("cause before any kill: %q", c)
+	}
+	os.WriteFile(events, []byte("oom 3\noom_kill 3\n"), 0o644)
+	if c := tr.Cause(v); c != "out of memory: the kernel's OOM killer ended it at its memory cap (768 MiB)" {
+		t.Errorf("cause: %q", c)
+	}
+	other := v
+	other.PID = 11
+	if c := tr.Cause(other); c != "" {
+		t.Errorf("another QEMU of the VM got the cause %q", c)
 	}
 }

@@ -34,7 +34,7 @@ func (s ScopePlacer) Place(ctx context.Context, v vm.View) error {
 	}
 	if s.OOM != nil && s.P.Kind() == systemd.KindScope {
 		// Without its counters a kill is reported as a plain SIGKILL.
-		_ = s.OOM.Track(v, u.MemoryMaxBytes)
+		_ = s.OOM.Track(v, u.Name, u.MemoryMaxBytes)
 	}
 	return nil
 }
