@@ -88,15 +88,16 @@ func TestUsageSameFigures(t *testing.T) {
 		break
 	}
 	a.ok("vm", "delete", "u-1", "--force", "--wait")
-	if s := scrape(t, a.url); len(vmSeries(s)) != 0 {
-		t.Errorf("series left after delete: %v", vmSeries(s))
+	if s := scrape(t, a.url); len(seriesOf(s, "u-1")) != 0 {
+		t.Errorf("series left after delete: %v", seriesOf(s, "u-1"))
 	}
 }
 
-func vmSeries(s map[string]float64) []string {
+// seriesOf lists the series labelled with the VM name.
+func seriesOf(s map[string]float64, name string) []string {
 	var out []string
 	for k := range s {
-		if strings.HasPrefix(k, "otherix_agent_vm_") {
+		if strings.Contains(k, `vm="`+name+`"`) {
 			out = append(out, k)
 		}
 	}
