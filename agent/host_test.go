@@ -48,7 +48,14 @@ func newHost(t *testing.T) *hostHarness {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(run) })
-	data := t.TempDir()
+	// Not t.TempDir: after the cleanup below kills QEMU, the engine
+	// records the exit (vm.json, the event history) while the directory
+	// is being removed.
+	data, err := os.MkdirTemp("", "oxd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { removeAllSettled(t, data) })
 	cfg := config.Default(data)
 	cfg.NodeName = "node-1"
 	cfg.RunDir = run
@@ -74,6 +81,23 @@ func newHost(t *testing.T) *hostHarness {
 		h.Close()
 	})
 	return &hostHarness{t: t, h: h, cfg: cfg, image: srv.URL + "/guest.qcow2"}
+}
+
+// removeAllSettled removes dir, again while writes that were in flight
+// when it started (an exit being recorded) recreate entries, for up to 5 s.
+func removeAllSettled(t *testing.T, dir string) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := os.RemoveAll(dir)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("remove %s: %v", dir, err)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func (hh *hostHarness) console(name string) *testguest.Console {
