@@ -197,6 +197,11 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 				log.Warn("vnc port held twice", zap.String("vm", v.Spec.Name), zap.Error(err))
 			}
 		}
+		if v.Next != nil && v.Next.VNC != nil { // pending: held for the next start
+			if err := h.vncPorts.Add(v.Spec.UUID, v.Next.VNC.Port); err != nil {
+				log.Warn("vnc port held twice", zap.String("vm", v.Spec.Name), zap.Error(err))
+			}
+		}
 		for i, n := range v.Spec.NICs {
 			if _, err := h.macs.Assign(v.Spec.UUID, i, n.MAC); err != nil {
 				log.Warn("duplicate MAC among existing VMs", zap.String("vm", v.Spec.Name), zap.String("mac", n.MAC), zap.Error(err))

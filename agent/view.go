@@ -69,6 +69,12 @@ func pending(v vm.View) *api.PendingChanges {
 	if v.Next.CPULimit != v.Spec.CPULimit {
 		p.CPULimit = v.Next.CPULimit
 	}
+	if on := v.Next.VNC != nil; on != (v.Spec.VNC != nil) {
+		p.VNCEnabled = &on
+	}
+	if n := v.Next.VNC; n != nil && (v.Spec.VNC == nil || n.Port != v.Spec.VNC.Port) {
+		p.VNCPort = n.Port
+	}
 	if *p == (api.PendingChanges{}) {
 		return nil
 	}

@@ -81,6 +81,12 @@ func (h *Host) ValidateUpdate(u api.UpdateVM) error {
 			return err
 		}
 	}
+	if err := vnc.Validate(false, u.VNCPort, ""); err != nil {
+		return err
+	}
+	if u.VNCEnabled != nil && !*u.VNCEnabled && (u.VNCPort != nil || u.VNCPassword != nil) {
+		return errcode.New(errcode.ValidationFailed, "vnc_port and vnc_password need vnc_enabled true, not false")
+	}
 	if u.CPULimit != nil {
 		return vm.ValidateCPULimit(*u.CPULimit)
 	}
@@ -88,15 +94,19 @@ func (h *Host) ValidateUpdate(u api.UpdateVM) error {
 }
 
 // Update changes a VM's CPU, memory, autostart, restart policy or VNC
-// password (seed 003's InstanceUpdateRequest). CPU and memory of a running
-// VM apply at its next start (the view shows them as pending_changes), a
-// VNC password at once.
+// console (seed 003's InstanceUpdateRequest). CPU, memory and the console
+// turned on, off or moved apply to a running VM at its next start (the
+// view shows them as pending_changes), a VNC password at once.
 func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM, error) {
 	if err := h.ValidateUpdate(u); err != nil {
 		return api.VM{}, err
 	}
-	if u.VNCPassword != nil {
-		if err := h.setVNCPassword(ctx, name, *u.VNCPassword); err != nil {
+	if u.VNCEnabled != nil || u.VNCPort != nil {
+		if err := h.updateVNC(ctx, name, u); err != nil {
+			return api.VM{}, err
+		}
+	} else if u.VNCPassword != nil {
+		if err := h.setVNCPassword(ctx, name, *u.VNCPassword, nil); err != nil {
 			return api.VM{}, err
 		}
 	}

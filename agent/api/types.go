@@ -439,6 +439,10 @@ type PendingChanges struct {
 	VCPUs    int     `json:"vcpus,omitempty"`
 	MemoryMB int     `json:"memory_mb,omitempty"`
 	CPULimit float64 `json:"cpu_limit,omitempty"`
+	// VNCEnabled is the console's state at the next start when it
+	// changes; VNCPort its port then, when it changes.
+	VNCEnabled *bool `json:"vnc_enabled,omitempty"`
+	VNCPort    int   `json:"vnc_port,omitempty"`
 }
 
 // UpdateVM is the body of PATCH /v1/vms/{name} (seed 003's
@@ -450,6 +454,15 @@ type UpdateVM struct {
 	RestartPolicy *string `json:"restart_policy,omitempty"`
 	// CPULimit in CPUs; 0 removes the cap.
 	CPULimit *float64 `json:"cpu_limit,omitempty"`
+	// VNCEnabled turns the VNC console (and its display adapter) on or
+	// off: on a running VM at its next start (pending_changes), as QEMU
+	// cannot add or remove a display at run time. Turning it on needs
+	// VNCPassword.
+	VNCEnabled *bool `json:"vnc_enabled,omitempty"`
+	// VNCPort moves the console to this port (5900..65535; port_in_use
+	// when taken). Absent or null: the VM keeps its port, and one turned
+	// on gets the next free one from 5900 (seed 000).
+	VNCPort *int `json:"vnc_port,omitempty"`
 	// VNCPassword is a new password of a vnc_enabled VM's console (at
 	// most 8 characters, a secret), set at once when the VM runs.
 	VNCPassword *string `json:"vnc_password,omitempty"`

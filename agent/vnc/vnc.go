@@ -40,6 +40,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -263,6 +264,63 @@ func (p *Ports) Hold(vm string, port int) error {
 	}
 	p.held[port] = vm
 	return nil
+}
+
+// Add holds port for vm besides the ports it holds: a pending display's
+// port while vm's QEMU still listens on its current one. port_in_use if
+// another VM holds it.
+func (p *Ports) Add(vm string, port int) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if o := p.held[port]; o != "" && o != vm {
+		return errcode.New(errcode.PortInUse, "vnc port %d is VM %s's", port, o)
+	}
+	if p.held == nil {
+		p.held = map[int]string{}
+	}
+	p.held[port] = vm
+	return nil
+}
+
+// PickAdd is Add of the first port from from that no VM holds and that
+// can be bound now.
+func (p *Ports) PickAdd(listen string, from int, vm string) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	port, err := pick(listen, from, func(port int) bool { return p.held[port] != "" })
+	if err != nil {
+		return 0, err
+	}
+	if p.held == nil {
+		p.held = map[int]string{}
+	}
+	p.held[port] = vm
+	return port, nil
+}
+
+// Keep releases every port vm holds but those in keep.
+func (p *Ports) Keep(vm string, keep ...int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for port, o := range p.held {
+		if o == vm && !slices.Contains(keep, port) {
+			delete(p.held, port)
+		}
+	}
+}
+
+// Held returns the ports vm holds, in order.
+func (p *Ports) Held(vm string) []int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []int
+	for port, o := range p.held {
+		if o == vm {
+			out = append(out, port)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Release frees vm's port.
