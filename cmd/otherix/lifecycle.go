@@ -6,6 +6,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -216,11 +218,13 @@ func taskError(t *api.Task) string {
 	return t.Error.Code + ": " + t.Error.Message
 }
 
-const vmSetSynopsis = "otherix vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy on-failure|always|never]"
+const vmSetSynopsis = "otherix vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy on-failure|always|never] [--vnc-enabled=BOOL] [--vnc-port P] [--vnc-password-file FILE|-]"
 
-// vmSet is "vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P]":
-// seed 003's update. CPU and memory of a running VM apply at its next
-// start; the output says so.
+// vmSet is "vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P] [--vnc-enabled=BOOL] [--vnc-port P] [--vnc-password-file FILE]":
+// seed 003's update. CPU, memory and the VNC console of a running VM
+// change at its next start; the output says so. The VNC password is read
+// from a file or stdin, never from the command line (a secret would show
+// in ps and the shell's history).
 func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "text", "json")
 	vcpus := fs.Int("vcpus", 0, "vCPU count (1..128)")
@@ -228,6 +232,9 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 	cpuLimit := fs.Float64("cpu-limit", 0, "cap the VM's CPU time at this many CPUs (0: no cap)")
 	auto := fs.String("autostart", "", "start the VM after a host boot: true or false")
 	policy := fs.String("restart-policy", "", "on-failure, always or never")
+	vncOn := fs.String("vnc-enabled", "", "turn the VNC console on or off: true or false (on needs --vnc-password-file)")
+	vncPort := fs.Int("vnc-port", 0, "move the VNC console to this port (5900..65535)")
+	vncPwFile := fs.String("vnc-password-file", "", "read the VNC password (at most 8 characters) from this `file`, or - for stdin")
 	name, err := c.name(fs, args)
 	if err != nil {
 		return err
@@ -244,8 +251,24 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 			u.MemoryMB = mem
 		case "cpu-limit":
 			u.CPULimit = cpuLimit
+		case "vnc-port":
+			u.VNCPort = vncPort
 		}
 	})
+	if *vncOn != "" {
+		b, err := strconv.ParseBool(*vncOn)
+		if err != nil {
+			return &usageError{msg: "--vnc-enabled takes true or false", synopsis: vmSetSynopsis}
+		}
+		u.VNCEnabled = &b
+	}
+	if *vncPwFile != "" {
+		pw, err := c.readSecret(*vncPwFile)
+		if err != nil {
+			return err
+		}
+		u.VNCPassword = &pw
+	}
 	if *auto != "" {
 		b, err := strconv.ParseBool(*auto)
 		if err != nil {
@@ -257,7 +280,7 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 		u.RestartPolicy = policy
 	}
 	if u == (api.UpdateVM{}) {
-		return &usageError{msg: "vm set needs --vcpus, --memory-mb, --cpu-limit, --autostart or --restart-policy", synopsis: vmSetSynopsis}
+		return &usageError{msg: "vm set needs --vcpus, --memory-mb, --cpu-limit, --autostart, --restart-policy, --vnc-enabled, --vnc-port or --vnc-password-file", synopsis: vmSetSynopsis}
 	}
 	cl, err := c.client()
 	if err != nil {
@@ -274,12 +297,42 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 	if vm.CPULimit > 0 {
 		line += fmt.Sprintf(" cpu_limit=%g", vm.CPULimit)
 	}
+	line += fmt.Sprintf(" vnc_enabled=%t", vm.VNCEnabled)
+	if vm.VNCEnabled {
+		line += fmt.Sprintf(" vnc_port=%d", vm.VNCPort)
+	}
 	if p := vm.PendingChanges; p != nil {
 		line += fmt.Sprintf(" pending_changes(next start): vcpus=%d memory_mb=%d", p.VCPUs, p.MemoryMB)
 		if p.CPULimit > 0 {
 			line += fmt.Sprintf(" cpu_limit=%g", p.CPULimit)
 		}
+		if p.VNCEnabled != nil {
+			line += fmt.Sprintf(" vnc_enabled=%t", *p.VNCEnabled)
+		}
+		if p.VNCPort > 0 {
+			line += fmt.Sprintf(" vnc_port=%d", p.VNCPort)
+		}
 	}
 	fmt.Fprintln(c.stdout, line)
 	return nil
+}
+
+// readSecret reads a secret from path (- for stdin): its first line,
+// without the line ending, so "echo pw > file" works.
+func (c *cli) readSecret(path string) (string, error) {
+	var r io.Reader = c.stdin
+	if path != "-" {
+		f, err := os.Open(path)
+		if err != nil {
+			return "", err
+		}
+		defer f.Close()
+		r = f
+	}
+	b, err := io.ReadAll(io.LimitReader(r, 4096))
+	if err != nil {
+		return "", err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	return strings.TrimSuffix(line, "\r"), nil
 }

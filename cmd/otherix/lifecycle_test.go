@@ -2,6 +2,8 @@ package main
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -165,5 +167,39 @@ func TestPollIntervalEnv(t *testing.T) {
 	// Without --wait the variable is not read.
 	if r := h.run("", "vm", "start", "web-1"); r.code != 0 {
 		t.Errorf("start without --wait: exit %d: %s", r.code, r.stderr)
+	}
+}
+
+// TestVMSetVNC: vm set sends vnc_enabled, vnc_port and a password read
+// from a file or stdin (its first line), never echoing the password.
+func TestVMSetVNC(t *testing.T) {
+	const pw = "s3cr!t"
+	file := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(file, []byte(pw+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		stdin string
+		args  []string
+		body  string
+	}{
+		{"", []string{"--vnc-enabled=true", "--vnc-port", "5905", "--vnc-password-file", file}, `{"vnc_enabled":true,"vnc_port":5905,"vnc_password":"s3cr!t"}`},
+		{pw + "\r\n", []string{"--vnc-password-file", "-"}, `{"vnc_password":"s3cr!t"}`},
+		{"", []string{"--vnc-enabled=false"}, `{"vnc_enabled":false}`},
+	} {
+		h := newHarness(t)
+		h.api.AddVM(api.VM{Name: "web-1", Status: "running", VNCEnabled: true, VNCPort: 5901})
+		r := h.run(tc.stdin, append([]string{"vm", "set", "web-1"}, tc.args...)...)
+		if r.code != 0 || strings.Contains(r.stdout+r.stderr, pw) || !strings.Contains(r.stdout, "vnc_enabled=true vnc_port=5901") {
+			t.Errorf("%v: code %d stdout %q stderr %q", tc.args, r.code, r.stdout, r.stderr)
+		}
+		reqs := h.api.Requests(false)
+		if len(reqs) != 1 || reqs[0].Method != "PATCH" || string(reqs[0].Body) != tc.body {
+			t.Errorf("%v: requests %+v, want a PATCH with %s", tc.args, reqs, tc.body)
+		}
+	}
+	h := newHarness(t)
+	if r := h.run("", "vm", "set", "web-1", "--vnc-enabled=maybe"); r.code == 0 || !strings.Contains(r.stderr, "--vnc-enabled takes true or false") {
+		t.Errorf("bad --vnc-enabled: %+v", r)
 	}
 }
