@@ -59,7 +59,8 @@ func (h *Host) AckEvents(seq int64) {
 // OnRunState): paused (an I/O error, a guest panic), resumed, or a disk
 // error reported to the guest.
 func (h *Host) onRunState(v vm.View, event, reason string) {
-	typ := map[string]string{vm.RunStatePaused: api.EventPaused, vm.RunStateResumed: api.EventResumed, vm.RunStateIOError: api.EventIOError}[event]
+	typ := map[string]string{vm.RunStatePaused: api.EventPaused, vm.RunStateResumed: api.EventResumed, vm.RunStateIOError: api.EventIOError,
+		vm.RunStateGuestReboot: api.EventGuestReboot}[event]
 	if typ == "" {
 		return
 	}

@@ -319,6 +319,11 @@ func BuildArgs(s *Spec, p Paths, plat Platform) ([]string, []FileSpec, error) {
 	// its memory (QMP query-balloon, and qom-get guest-stats once the
 	// usage collector turned stats polling on).
 	add("-device", "virtio-balloon-pci,id="+BalloonID+",bus="+bus+",addr=0x18")
+	// pvpanic: a guest kernel that panics tells QEMU (GUEST_PANICKED),
+	// which then exits (its default panic action): the VM is crashed with
+	// a guest-panic reason, not a silent hang. Last, so its automatic slot
+	// is one no device above asked for.
+	add("-device", "pvpanic-pci,bus="+bus)
 	// The -add-fd options go first so every /dev/fdset/N exists before the
 	// option that opens it.
 	return append(fds.args, a...), fds.files, nil

@@ -173,6 +173,7 @@ func (m *machine) stop(ctx context.Context) error {
 	}
 	m.setStatus("stopping", "")
 	p.expectExit("stopped")
+	p.graceful.Store(true)
 
 	timeout := time.NewTimer(m.e.cfg.StopTimeout)
 	defer timeout.Stop()
@@ -190,6 +191,11 @@ func (m *machine) stop(ctx context.Context) error {
 	for {
 		select {
 		case <-p.reaped:
+			if v := m.view(); v.Status == "crashed" {
+				// QEMU was killed (or the guest panicked) while the guest
+				// was shutting down: the stop did not power it off.
+				return errcode.New(errcode.Internal, "vm %q did not power off: %s", v.Spec.Name, v.Reason)
+			}
 			return nil
 		case <-tick.C:
 			press()
@@ -207,6 +213,7 @@ func (m *machine) abortStop(p *process, err error) error {
 		<-p.reaped // it exited just now after all
 		return nil
 	}
+	p.graceful.Store(false)
 	m.mu.Lock()
 	if m.proc == p {
 		m.setStatusLocked("running", err.Error())

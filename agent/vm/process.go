@@ -47,6 +47,8 @@ type process struct {
 	ioErrLogged time.Time // when an error reported to the guest was last logged
 
 	guestShutdown atomic.Bool
+	guestPanic    atomic.Bool  // GUEST_PANICKED, or SHUTDOWN for a guest panic
+	graceful      atomic.Bool  // a graceful stop expects the exit
 	links         []string     // macvtap links to delete when QEMU exits
 	tpm           *tpm.Process // the VM's swtpm, when it has a TPM
 
@@ -93,8 +95,18 @@ func (p *process) events(ch <-chan qmp.Event) {
 	for ev := range ch {
 		switch ev.Name {
 		case "SHUTDOWN":
-			if g, _ := ev.Data["guest"].(bool); g {
+			g, _ := ev.Data["guest"].(bool)
+			switch reason, _ := ev.Data["reason"].(string); {
+			case reason == "guest-panic":
+				p.guestPanic.Store(true)
+			case g && reason != "guest-reset":
 				p.guestShutdown.Store(true)
+			}
+		case "GUEST_PANICKED":
+			p.guestPanic.Store(true)
+		case "RESET":
+			if g, _ := ev.Data["guest"].(bool); g && p.m.e.cfg.OnRunState != nil {
+				p.m.e.cfg.OnRunState(p.m.view(), RunStateGuestReboot, "")
 			}
 		case "BLOCK_IO_ERROR":
 			p.onBlockIOError(ev.Data)
@@ -176,13 +188,19 @@ func (p *process) exitStatus(cause string) (status, reason string) {
 	p.mu.Lock()
 	expect, why := p.expect, p.expectReason
 	p.mu.Unlock()
+	exit := p.sp.Exit()
 	switch {
+	case p.guestPanic.Load():
+		return "crashed", "guest kernel panicked (pvpanic)"
+	case expect && p.graceful.Load() && exit.Signaled() && !p.guestShutdown.Load():
+		// Killed while the guest was shutting down: not a clean power-off.
+		return "crashed", "qemu " + exit.String() + " during a graceful stop"
 	case expect:
 		return "stopped", why
 	case p.guestShutdown.Load():
 		return "stopped", "guest powered off"
 	}
-	reason = "qemu " + p.sp.Exit().String()
+	reason = "qemu " + exit.String()
 	if cause != "" {
 		reason += ": " + cause
 	}

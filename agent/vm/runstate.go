@@ -23,10 +23,13 @@ const ErrorPolicy = ",werror=enospc,rerror=report"
 
 // RunState events passed to Config.OnRunState.
 const (
-	RunStatePaused   = "paused"   // QEMU paused the guest (an I/O error, a guest panic...)
-	RunStateResumed  = "resumed"  // the guest runs again
-	RunStateIOError  = "io_error" // a disk error was reported to the guest
-	ioErrorRateLimit = 10 * time.Second
+	RunStatePaused  = "paused"   // QEMU paused the guest (an I/O error, a guest panic...)
+	RunStateResumed = "resumed"  // the guest runs again
+	RunStateIOError = "io_error" // a disk error was reported to the guest
+	// RunStateGuestReboot: the guest rebooted itself (QMP RESET from the
+	// guest); the same QEMU runs on.
+	RunStateGuestReboot = "guest_reboot"
+	ioErrorRateLimit    = 10 * time.Second
 )
 
 // ioError is a disk request QEMU could not complete (BLOCK_IO_ERROR).

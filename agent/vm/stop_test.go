@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -36,4 +37,59 @@ func TestStopRepressesPowerButton(t *testing.T) {
 		t.Errorf("console: %d presses ignored (want 2), powering off %v\n%s", ignored, strings.Contains(text, "OTHERIX-GUEST powering off"), text)
 	}
 	t.Logf("stopped after the 3rd press, %v after the stop began", took.Round(time.Millisecond))
+}
+
+// TestKilledDuringGracefulStop: a QEMU killed while a graceful stop waits
+// for the guest is a crash, said so by the stop's error and the reason,
+// not a clean power-off.
+func TestKilledDuringGracefulStop(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	h := newHarness(t, func(c *Config) { c.StopTimeout = 60 * time.Second })
+	v := h.define("killed-stop", "#cloud-config\n#otherix-guest: ignore-acpi\n{}\n")
+	con := h.console(v)
+	v, err := h.e.Start(ctx, "killed-stop")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, con, "OTHERIX-GUEST ready", bootWait)
+	errc := make(chan error, 1)
+	go func() { _, err := h.e.Stop(ctx, "killed-stop"); errc <- err }()
+	waitFor(t, con, "OTHERIX-GUEST ignoring power button", 30*time.Second)
+	syscall.Kill(v.PID, syscall.SIGKILL)
+	err = <-errc
+	after, _ := h.e.Get("killed-stop")
+	if err == nil || after.Status != "crashed" || !strings.Contains(after.Reason, "SIGKILL during a graceful stop") {
+		t.Fatalf("stop of a killed qemu: err %v, status %s, reason %q", err, after.Status, after.Reason)
+	}
+}
+
+// TestGuestPanic: a guest kernel panic reaches QEMU through pvpanic
+// (GUEST_PANICKED), QEMU exits, and the VM is crashed with a guest-panic
+// reason, not stopped as if the guest had powered off.
+func TestGuestPanic(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	h := newHarness(t, nil)
+	v := h.define("panicky", "#cloud-config\n#otherix-run: sleep 1; echo c >/proc/sysrq-trigger\n{}\n")
+	if _, err := h.e.Start(ctx, "panicky"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(bootWait)
+	for {
+		v, _ = h.e.Get("panicky")
+		if v.Status == "crashed" || v.Status == "stopped" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest did not panic: %s\n%s", v.Status, h.console(v).Text())
+		}
+		select {
+		case <-h.changes:
+		case <-time.After(time.Second):
+		}
+	}
+	if v.Status != "crashed" || v.Reason != "guest kernel panicked (pvpanic)" {
+		t.Fatalf("after a guest panic: status %s, reason %q", v.Status, v.Reason)
+	}
 }
