@@ -11,11 +11,26 @@ import (
 	"github.com/otherix/otherix-agent/agent/vm"
 )
 
+// knownTypes are the task types Execute runs.
+var knownTypes = map[string]bool{
+	api.TaskCreate: true, api.TaskStart: true, api.TaskStop: true, api.TaskPoweroff: true, api.TaskReboot: true,
+	api.TaskReset: true, api.TaskPause: true, api.TaskResume: true, api.TaskDelete: true, api.TaskImagePull: true,
+	api.TaskUpdate: true, api.TaskAttachDisk: true, api.TaskDetachDisk: true, api.TaskChangeMedium: true,
+	api.TaskEjectMedium: true, api.TaskAddForward: true, api.TaskRemoveForward: true, api.TaskScreenshot: true,
+	api.TaskConsoleTail: true, api.TaskCreateVolume: true, api.TaskDeleteVolume: true, api.TaskDeleteImage: true,
+}
+
 // Execute runs one control-plane task against this host (runner.Executor).
 // Every change to a VM, a volume or the image cache arrives here, from a
 // control plane or the standalone API alike; docs/protocol.md lists the
 // types, their specs and results.
 func (h *Host) Execute(ctx context.Context, t protocol.Task, progress func(api.Progress)) (protocol.Result, error) {
+	// A type this agent does not know fails validation_failed whatever
+	// its VM: a newer control plane tells "agent too old" from "VM
+	// missing" (not_found).
+	if !knownTypes[t.Type] {
+		return protocol.Result{}, errcode.New(errcode.ValidationFailed, "unknown task type %q", t.Type)
+	}
 	switch t.Type {
 	case api.TaskCreate:
 		var c api.CreateVM

@@ -27,6 +27,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/netdev/netdevtest"
+	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/agent/tpm"
 	"github.com/otherix/otherix-agent/agent/vm"
@@ -870,4 +871,17 @@ func procUID(t *testing.T, pid int) uint32 {
 	}
 	t.Fatalf("no Uid in /proc/%d/status", pid)
 	return 0
+}
+
+// TestUnknownTaskType: a task of a type this agent does not know fails
+// validation_failed, for a VM the host lacks too (not not_found): a newer
+// control plane tells "agent too old" from "VM missing".
+func TestUnknownTaskType(t *testing.T) {
+	h := newHost(t)
+	for _, vm := range []string{"", "no-such-vm"} {
+		_, err := h.h.Execute(context.Background(), protocol.Task{ID: "t", Type: "vm.frobnicate", VMName: vm, VMUUID: vm}, nil)
+		if errcode.Of(err) != errcode.ValidationFailed {
+			t.Errorf("vm %q: %v (code %s), want validation_failed", vm, err, errcode.Of(err))
+		}
+	}
 }
