@@ -96,6 +96,9 @@ func (m *machine) viewLocked() View {
 func (m *machine) updateRecord(fn func(*Record)) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.st.Status == "deleting" || m.st.Status == "deleted" {
+		return errcode.New(errcode.NotFound, "vm %q is being deleted", m.name)
+	}
 	old := m.st.Record
 	r := old.clone()
 	fn(&r)
