@@ -35,6 +35,8 @@ type machine struct {
 	proc *process // the running QEMU, nil when none
 
 	pendingTPM *tpm.Process // a swtpm started for a launch in progress
+
+	watchers sync.WaitGroup // watch goroutines of its QEMUs
 }
 
 func (m *machine) paths() Paths {
@@ -367,6 +369,9 @@ func (m *machine) detach() {
 	if p != nil {
 		p.detach()
 	}
+	// A watch already recording an exit finishes first: nothing of the
+	// VM is written, and no exit reported, after Close.
+	m.watchers.Wait()
 }
 
 func (m *machine) String() string { return fmt.Sprintf("vm %s", m.st.Spec.Name) }

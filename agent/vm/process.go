@@ -125,6 +125,7 @@ func (p *process) events(ch <-chan qmp.Event) {
 
 // watch records the exit of QEMU in the VM's state.
 func (p *process) watch() {
+	defer p.m.watchers.Done()
 	select {
 	case <-p.exited():
 	case <-p.detached:
@@ -414,6 +415,7 @@ func (m *machine) running(ctx context.Context, p *process) {
 	m.setStatusLocked("running", "")
 	v := m.viewLocked()
 	m.mu.Unlock()
+	m.watchers.Add(1)
 	go p.watch()
 	if p.tpm != nil {
 		go p.watchTPM()

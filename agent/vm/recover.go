@@ -159,6 +159,7 @@ func (m *machine) adopt(ctx context.Context) {
 	m.setStatusLocked(status, reason)
 	v := m.viewLocked()
 	m.mu.Unlock()
+	m.watchers.Add(1)
 	go p.watch()
 	if st := v.Spec.TPM; st != nil {
 		if tp := tpm.FindRunning(st.State, tpm.SocketPath(st.State)); tp != nil {
