@@ -96,9 +96,9 @@ func (r *Runner) heartbeatOnce(ctx context.Context) ([]api.VM, []byte, error) {
 	r.mu.Lock()
 	r.lastHB = now
 	r.connected = true
-	if resp.Desired != nil {
-		r.desired = resp.Desired
-	}
+	// An absent map is "no opinion": no reconcile, no orphans, until a
+	// map comes again.
+	r.desired = resp.Desired
 	r.mu.Unlock()
 	r.setInterval(resp.IntervalSeconds)
 	if n := len(req.Events); n > 0 {

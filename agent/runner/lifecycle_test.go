@@ -80,6 +80,19 @@ func TestReconcile(t *testing.T) {
 	if vm, ok := h.inv.get("uo"); !ok || vm.Status != api.StatusRunning {
 		t.Errorf("orphan now %+v", vm)
 	}
+
+	// An answer without a desired map is "no opinion": no orphans.
+	h.cp.NoOpinion()
+	for range 2 { // one heartbeat answered without a map, one after it
+		n := h.cp.Count(cptest.Heartbeat)
+		clk.waitTimers(t, h.ctx, 1)
+		clk.advanceToNext()
+		h.waitCP("a heartbeat", func() bool { return h.cp.Count(cptest.Heartbeat) > n })
+	}
+	hbs = h.cp.Heartbeats()
+	if last := hbs[len(hbs)-1]; len(last.Orphans) != 0 {
+		t.Errorf("orphans after a heartbeat answer without desired: %v", last.Orphans)
+	}
 	if vm, _ := h.inv.get("ua"); vm.Status != api.StatusRunning {
 		t.Errorf("VM a is %s", vm.Status)
 	}

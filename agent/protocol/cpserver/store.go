@@ -263,6 +263,14 @@ func (m *MemStore) VMs(context.Context) ([]VM, bool, error) {
 	return out, m.vms != nil, nil
 }
 
+// ForgetDesired drops the desired map: the store has no opinion again.
+func (m *MemStore) ForgetDesired() {
+	m.lock()
+	defer m.mu.Unlock()
+	m.vms = nil
+	m.notify()
+}
+
 // PutVM implements Store.
 func (m *MemStore) PutVM(_ context.Context, vm VM) error {
 	m.lock()

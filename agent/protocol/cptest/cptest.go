@@ -99,6 +99,7 @@ type Server struct {
 
 	once sync.Once
 	cp   *cpserver.Server
+	mem  *cpserver.MemStore
 	mux  *http.ServeMux
 
 	mu            sync.Mutex
@@ -121,7 +122,9 @@ const maxWait = 60 * time.Second
 
 func (s *Server) init() {
 	s.once.Do(func() {
+		s.mem = &cpserver.MemStore{}
 		s.cp = &cpserver.Server{
+			Store:             s.mem,
 			Token:             s.Token,
 			LeaseTTL:          s.LeaseTTL,
 			MaxWait:           maxWait,
@@ -388,6 +391,14 @@ func (s *Server) SetDesired(vmUUID, phase string) {
 	s.init()
 	defer s.changedNow()
 	s.cp.SetDesired(context.Background(), cpserver.VM{UUID: vmUUID, Phase: phase})
+}
+
+// NoOpinion drops the desired map: heartbeat answers carry none again
+// ("no opinion").
+func (s *Server) NoOpinion() {
+	s.init()
+	defer s.changedNow()
+	s.mem.ForgetDesired()
 }
 
 // SetToken rotates the bearer token while serving: from now on only the
