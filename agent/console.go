@@ -9,9 +9,9 @@ import (
 	"strings"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // OpenConsole opens a VM's serial console log for reading; a VM that never

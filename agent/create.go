@@ -12,11 +12,11 @@ import (
 	"github.com/google/uuid"
 	"github.com/otherix/otherix-agent/agent/api"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/cloudinit"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // rootBuses maps seed 000's bus names to the engine's.

@@ -16,8 +16,8 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Each step of a create is tested on its own here: what it makes, what

@@ -14,9 +14,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/imagecache"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // diskDevice resolves a seed-000 DISK device to an engine disk: source

@@ -6,9 +6,9 @@ import (
 	"github.com/otherix/otherix-agent/agent/crashpoint"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // knownTypes are the task types Execute runs.

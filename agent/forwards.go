@@ -4,9 +4,9 @@ import (
 	"context"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // ruleOf turns a PROXY device into a forward rule on the configured

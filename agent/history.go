@@ -4,8 +4,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // event records one fact of a VM's life in its history. An event store

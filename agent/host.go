@@ -21,7 +21,6 @@ import (
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/config"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/events"
 	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/hostdev"
@@ -33,6 +32,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/imagecache"
+	"github.com/otherix/otherix-agent/internal/errcode"
 	"github.com/otherix/otherix-agent/qmp"
 )
 

@@ -11,10 +11,10 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/hostdev/sysfstest"
 	"github.com/otherix/otherix-agent/agent/testguest"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // TestHostDevices: seed-000 PCI, GPU, USB and TPM devices at create, on a

@@ -5,8 +5,8 @@ import (
 	"strings"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/imagecache"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // imageOf is the API view of a cache entry.

@@ -7,9 +7,9 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/otherix/otherix-agent/agent/config"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/cloudinit"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // networkNS derives stable network uuids from names.

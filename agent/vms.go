@@ -7,9 +7,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Delete removes a VM and every file of it and unpins its images: the

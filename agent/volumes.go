@@ -11,8 +11,8 @@ import (
 	"strings"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Volumes are agent-managed qcow2 disks in a pool:

@@ -10,7 +10,7 @@ import (
 
 	"github.com/kdomanski/iso9660"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // VolumeLabel is the volume identifier NoCloud looks for. cloud-init

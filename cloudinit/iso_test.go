@@ -18,7 +18,7 @@ import (
 	"github.com/kdomanski/iso9660"
 	"gopkg.in/yaml.v3"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/golden")

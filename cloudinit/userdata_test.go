@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 const mimeUserData = "Content-Type: multipart/mixed; boundary=\"===XX==\"\r\n" +

@@ -16,7 +16,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // PoolConfig names a storage pool and its directory.

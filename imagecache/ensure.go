@@ -6,7 +6,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Ensure returns the pool's entry for req, downloading and committing the

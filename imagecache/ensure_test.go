@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 func TestEnsureDownloadsOnceThenHits(t *testing.T) {

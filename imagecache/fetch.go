@@ -15,7 +15,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Request asks for an image. SHA256 (hex, optionally "sha256:"-prefixed)

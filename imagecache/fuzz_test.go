@@ -4,7 +4,7 @@ import (
 	"encoding/json"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 func TestParseImageInfo(t *testing.T) {

@@ -19,7 +19,7 @@ import (
 
 	"go.uber.org/zap/zaptest"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // testOptions are small and fast: no retry backoff, small buffers and

@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // proxy is a forward HTTP proxy on loopback, named by HTTP_PROXY for this

@@ -7,7 +7,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // TestPin: an entry pinned with Pin (no overlay) survives eviction and a

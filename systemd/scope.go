@@ -11,7 +11,7 @@ import (
 	godbus "github.com/godbus/dbus/v5"
 	"go.uber.org/zap"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // D-Bus error names systemd returns.

@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/atomicfile"
+	"github.com/otherix/otherix-agent/internal/atomicfile"
 )
 
 // Defaults of Options.

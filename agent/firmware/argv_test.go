@@ -11,7 +11,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // TestArgv pins every host entry's argv fragments (golden): what the

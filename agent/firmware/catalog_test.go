@@ -15,8 +15,8 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/testguest"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files under testdata/")

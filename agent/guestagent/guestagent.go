@@ -49,7 +49,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // DefaultTimeout bounds a call whose context has no deadline.

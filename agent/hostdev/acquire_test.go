@@ -8,8 +8,8 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev/sysfstest"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 var nobody = &Owner{UID: 65534, GID: 65534}

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Layout is where the plan's devices go in the guest.

@@ -76,7 +76,7 @@ import (
 	"regexp"
 	"strings"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // GPU types (seed 000 gpu_type).

@@ -8,8 +8,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev/sysfstest"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // realPCI lists this machine's PCI functions, or skips.

@@ -5,7 +5,7 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Registry records which VM holds which host device, so that one device

@@ -8,8 +8,8 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev/sysfstest"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 const (

@@ -8,9 +8,9 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/netdev/netdevtest"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 const shortA = "52a3f01c9d4e"

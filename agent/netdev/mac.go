@@ -8,7 +8,7 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // MACPrefix is the OUI of generated MACs: QEMU's 52:54:00, whose first

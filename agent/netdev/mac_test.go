@@ -5,8 +5,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/netdev"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 const (

@@ -53,7 +53,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // NIC types.

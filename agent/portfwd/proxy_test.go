@@ -12,9 +12,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/netdev/netdevtest"
 	"github.com/otherix/otherix-agent/agent/portfwd"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 var loopback = func(context.Context) (netip.Addr, error) { return netip.MustParseAddr("127.0.0.1"), nil }

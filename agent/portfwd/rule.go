@@ -21,7 +21,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Protocols.

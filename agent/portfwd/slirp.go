@@ -8,7 +8,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // HMPFunc runs one HMP command line and returns its text output. The

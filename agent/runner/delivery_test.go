@@ -8,11 +8,11 @@ import (
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/journal"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/protocol/cptest"
 	"github.com/otherix/otherix-agent/agent/runner"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // A task delivered twice (a duplicate of the same lease while it runs,

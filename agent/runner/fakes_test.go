@@ -16,11 +16,11 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/journal"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/protocol/cptest"
 	"github.com/otherix/otherix-agent/agent/runner"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // fakeClock is a Clock whose time moves only when the test says so. Tests

@@ -6,10 +6,10 @@ import (
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/journal"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/runner"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // The restart policy of the change types: those whose second run would

@@ -15,9 +15,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Bounds of the API's request bodies: a create (user-data is at most

@@ -5,7 +5,7 @@ import (
 	"strconv"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // The API's changes to VMs, volumes and images: each is a task of the

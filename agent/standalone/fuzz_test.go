@@ -19,8 +19,8 @@ import (
 
 	"github.com/otherix/otherix-agent/agent"
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // The fuzzers of the standalone API and of task specs run against a real

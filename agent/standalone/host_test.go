@@ -13,8 +13,8 @@ import (
 
 	"github.com/otherix/otherix-agent/agent"
 	"github.com/otherix/otherix-agent/agent/config"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // targetVM is the stopped VM every test host has: ops on it queue tasks

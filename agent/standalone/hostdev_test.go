@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // TestPassthroughOnThisKernel: POST /v1/vms with PCI devices, checked

@@ -6,8 +6,8 @@ import (
 	"net/http"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Nodes returns the nodes the control plane knows, as the API shows them.

@@ -21,7 +21,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Limits bound what clients can take from the standalone server (the /v1

@@ -7,8 +7,8 @@ import (
 	"strconv"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // taskList is the body of GET /v1/tasks.

@@ -18,8 +18,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/proc"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // DefaultEnv is swtpm's whole environment unless Config.Env is set: it

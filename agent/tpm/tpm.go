@@ -32,7 +32,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // File names under Config.RunDir.

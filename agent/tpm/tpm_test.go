@@ -16,8 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/testguest"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files under testdata/")

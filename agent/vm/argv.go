@@ -6,13 +6,13 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/tpm"
 	"github.com/otherix/otherix-agent/agent/vnc"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Paths are the per-VM files QEMU is given. QEMU opens none of them by

@@ -8,8 +8,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")

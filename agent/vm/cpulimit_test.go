@@ -3,7 +3,7 @@ package vm
 import (
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 func TestValidateCPULimit(t *testing.T) {

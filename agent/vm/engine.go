@@ -17,8 +17,8 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/guestagent"
+	"github.com/otherix/otherix-agent/internal/errcode"
 	"github.com/otherix/otherix-agent/qmp"
 )
 

@@ -18,10 +18,10 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/cloudinit"
+	"github.com/otherix/otherix-agent/internal/errcode"
 	"github.com/otherix/otherix-agent/internal/leakcheck"
 )
 

@@ -4,8 +4,8 @@ import (
 	"context"
 	"fmt"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/portfwd"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // userNIC returns the index of the VM's user-mode (SLIRP) NIC, or -1.

@@ -8,9 +8,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/netdev/netdevtest"
 	"github.com/otherix/otherix-agent/agent/portfwd"
+	"github.com/otherix/otherix-agent/internal/errcode"
 	"github.com/otherix/otherix-agent/qmp"
 )
 

@@ -9,8 +9,8 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/hostdev"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // HostDevices passes host devices through to VMs: package hostdev's *Host.

@@ -15,10 +15,10 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/otherix/otherix-agent/agent/atomicfile"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/guestagent"
 	"github.com/otherix/otherix-agent/agent/tpm"
+	"github.com/otherix/otherix-agent/internal/atomicfile"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // machine is the single owner of one VM.

@@ -13,8 +13,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/portfwd"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // bareEngine is an engine on fresh directories that never starts QEMU.

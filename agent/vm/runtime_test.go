@@ -6,8 +6,8 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/guestagent"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 type countCloser struct{ n atomic.Int32 }

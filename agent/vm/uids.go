@@ -4,7 +4,7 @@ import (
 	"hash/fnv"
 	"syscall"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // UIDRange is a block of user and group ids with no user behind them, one

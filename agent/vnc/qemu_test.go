@@ -18,8 +18,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
+	"github.com/otherix/otherix-agent/internal/errcode"
 	"github.com/otherix/otherix-agent/qmp"
 )
 

@@ -46,7 +46,7 @@ import (
 	"sync"
 	"syscall"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Limits.

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 func ip(n int) *int { return &n }

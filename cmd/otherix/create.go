@@ -15,7 +15,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Seed 004 defaults of vm create.

@@ -12,8 +12,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/atomicfile"
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/atomicfile"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // Sealer seals secrets at rest (agent/secrets.Box): a pending create's

@@ -20,7 +20,7 @@ import (
 	"strings"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // maxJSON bounds a JSON answer the client will read.
