@@ -10,6 +10,7 @@ import (
 
 	"github.com/kdomanski/iso9660"
 
+	"github.com/otherix/otherix-agent/internal/atomicfile"
 	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
@@ -120,14 +121,7 @@ func WriteISO(path string, s Seed) (err error) {
 	return nil
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
+func syncDir(dir string) error { return atomicfile.SyncDir(dir) }
 
 // ioError gives a file system error its code: disk_full when the disk is
 // full, internal otherwise.

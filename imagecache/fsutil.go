@@ -3,10 +3,11 @@ package imagecache
 import (
 	"errors"
 	"os"
-	"path/filepath"
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/otherix/otherix-agent/internal/atomicfile"
 )
 
 // fsSpace returns the size of dir's file system and the bytes available.
@@ -28,41 +29,12 @@ func allocated(fi os.FileInfo) int64 {
 
 // fsyncDir makes a directory's entries (creations, renames, removals)
 // durable.
-func fsyncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
+func fsyncDir(dir string) error { return atomicfile.SyncDir(dir) }
 
-// writeFileSync writes data to path atomically and durably: a temporary
-// file in the same directory, fsync, rename, fsync of the directory.
+// writeFileSync writes data to path atomically and durably (a stray
+// temporary file left by a crash is swept by loadIndex).
 func writeFileSync(path string, data []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return fsyncDir(filepath.Dir(path))
+	return atomicfile.Write(path, data, mode)
 }
 
 // isNoSpace reports whether err means the file system is full.

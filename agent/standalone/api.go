@@ -116,26 +116,8 @@ func (a *API) Handler() http.Handler {
 	return routed(mux)
 }
 
-// StatusOf maps an error code to its HTTP status.
-func StatusOf(code errcode.Code) int {
-	switch code {
-	case errcode.ValidationFailed, errcode.DefaultPoolNotSet, errcode.ImageFormatUnsupported:
-		return http.StatusBadRequest
-	case errcode.NotFound, errcode.NetworkNotFound, errcode.PoolNotFound, errcode.DeviceNotFound:
-		return http.StatusNotFound
-	case errcode.Conflict, errcode.PoolNotOnNode, errcode.PortInUse, errcode.DeviceBusy, errcode.IOMMUUnavailable:
-		return http.StatusConflict
-	case errcode.Unauthorized:
-		return http.StatusUnauthorized
-	case errcode.RateLimited:
-		return http.StatusTooManyRequests
-	case errcode.NetworkUnavailable, errcode.ClusterUnavailable:
-		return http.StatusServiceUnavailable
-	case errcode.DiskFull:
-		return http.StatusInsufficientStorage
-	}
-	return http.StatusInternalServerError
-}
+// StatusOf maps an error code to its HTTP status (errcode's one table).
+func StatusOf(code errcode.Code) int { return errcode.HTTPStatus(code) }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")

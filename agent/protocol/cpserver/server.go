@@ -228,20 +228,25 @@ func writeErr(w http.ResponseWriter, err error) {
 	var busy *TooManyTasksError
 	switch {
 	case errors.Is(err, ErrNotFound):
-		WriteError(w, http.StatusNotFound, "not_found", err.Error())
+		writeCode(w, errcode.NotFound, err)
 	case errors.Is(err, ErrLeaseLost), errors.Is(err, ErrNotCancellable):
-		WriteError(w, http.StatusConflict, "conflict", err.Error())
+		writeCode(w, errcode.Conflict, err)
 	case errors.Is(err, ErrBadStatus):
-		WriteError(w, http.StatusBadRequest, "validation_failed", err.Error())
+		writeCode(w, errcode.ValidationFailed, err)
 	case errors.Is(err, ErrUnavailable):
 		w.Header().Set("Retry-After", strconv.Itoa(RetryAfterSeconds))
-		WriteError(w, http.StatusServiceUnavailable, string(errcode.ClusterUnavailable), err.Error())
+		writeCode(w, errcode.ClusterUnavailable, err)
 	case errors.As(err, &busy):
 		w.Header().Set("Retry-After", strconv.Itoa(RetryAfterSeconds))
-		WriteError(w, http.StatusTooManyRequests, "rate_limited", err.Error())
+		writeCode(w, errcode.RateLimited, err)
 	default:
-		WriteError(w, http.StatusInternalServerError, "internal", err.Error())
+		writeCode(w, errcode.Internal, err)
 	}
+}
+
+// writeCode answers err with code and the status errcode gives it.
+func writeCode(w http.ResponseWriter, code errcode.Code, err error) {
+	WriteError(w, errcode.HTTPStatus(code), string(code), err.Error())
 }
 
 // WriteError answers the protocol's error envelope.

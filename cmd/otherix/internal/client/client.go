@@ -363,16 +363,4 @@ func decodeError(resp *http.Response) *APIError {
 	return &APIError{Status: resp.StatusCode, Code: string(codeOfStatus(resp.StatusCode)), Message: msg}
 }
 
-func codeOfStatus(status int) errcode.Code {
-	switch status {
-	case http.StatusBadRequest:
-		return errcode.ValidationFailed
-	case http.StatusUnauthorized, http.StatusForbidden:
-		return errcode.Unauthorized
-	case http.StatusNotFound:
-		return errcode.NotFound
-	case http.StatusConflict:
-		return errcode.Conflict
-	}
-	return errcode.Internal
-}
+func codeOfStatus(status int) errcode.Code { return errcode.OfHTTPStatus(status) }
