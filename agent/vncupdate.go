@@ -4,9 +4,9 @@ import (
 	"context"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // updateVNC turns a VM's console on or off or moves it (vm.update's

@@ -10,8 +10,8 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/errcode"
 	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
+	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
 // heldVNC lists the VNC ports the host holds for a VM.
