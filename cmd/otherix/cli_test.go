@@ -170,7 +170,7 @@ func TestVersion(t *testing.T) {
 	h := newHarness(t)
 	for _, args := range [][]string{{"version"}, {"--version"}} {
 		r := h.must(args...)
-		if !strings.HasPrefix(r.stdout, "otherix ") || !strings.Contains(r.stdout, " revision=") || !strings.HasSuffix(r.stdout, "\n") {
+		if !strings.HasPrefix(r.stdout, "otherix ") || !strings.Contains(r.stdout, " revision ") || !strings.HasSuffix(r.stdout, "\n") {
 			t.Errorf("%v: stdout %q", args, r.stdout)
 		}
 	}
