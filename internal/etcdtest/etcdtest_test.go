@@ -34,7 +34,10 @@ func TestCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.Members[0].Kill()
-	if err := put("b", "2", 20*time.Second); err != nil {
+	// If the killed member led, the first write may time out while the
+	// two left elect a leader ("request timed out, possibly due to
+	// previous leader failure"): a client tries again, and so does this.
+	if err := putRetrying(put, "b", "2", 20*time.Second); err != nil {
 		t.Fatalf("one member down: %v", err)
 	}
 	c.Members[1].Kill()
@@ -57,5 +60,17 @@ func TestCluster(t *testing.T) {
 	resp, err := cli.Get(ctx, "b")
 	if err != nil || len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != "2" {
 		t.Fatalf("get b: %+v %v", resp, err)
+	}
+}
+
+// putRetrying calls put until it succeeds or within is spent.
+func putRetrying(put func(k, v string, d time.Duration) error, k, v string, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for {
+		err := put(k, v, time.Until(deadline))
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
