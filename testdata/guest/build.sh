@@ -57,12 +57,14 @@ while [[ $# -gt 0 ]]; do
 done
 
 # What the initramfs loads, in this order, each module after its
-# dependencies. Lines starting with @ are steps of /init between modules.
+# dependencies. Lines starting with @ are steps of /init between modules;
+# a module starting with ? is loaded where the kernel has it (Debian's
+# arm64 cloud kernel is built without pvpanic).
 # SCSI: scsi_mod scan=manual, because a full scan of virtio-scsi's 256
 # targets costs about 6 s under TCG; /init scans targets 0-7 itself (@scsi_scan)
 # and only then loads sd_mod and sr_mod, whose probes insmod waits for.
 WANT_MODULES=(button evdev scsi_mod
-	virtio_pci virtio_blk virtio_scsi virtio_net virtio_console virtio_balloon nvme pvpanic_pci
+	virtio_pci virtio_blk virtio_scsi virtio_net virtio_console virtio_balloon nvme ?pvpanic_pci
 	@scsi_scan sd_mod sr_mod isofs)
 declare -A MODULE_ARGS=([scsi_mod]="scan=manual")
 
@@ -285,10 +287,14 @@ module_load_order() {
 }
 
 visit_module() {
-	local moddir=$1 m=$2 dep deps
+	local moddir=$1 m=$2 dep deps optional=
 	if [[ $m == @* ]]; then
 		echo "$m"
 		return 0
+	fi
+	if [[ $m == \?* ]]; then
+		m=${m#?}
+		optional=1
 	fi
 	[[ -z ${MOD_SEEN[$m]:-} ]] || return 0
 	MOD_SEEN[$m]=1
@@ -296,6 +302,7 @@ visit_module() {
 		if grep -qE "/${m//_/[-_]}\.ko" "$moddir/modules.builtin"; then
 			return 0
 		fi
+		[[ -z $optional ]] || return 0
 		die "kernel module $m not found"
 	fi
 	# The .modinfo section holds NUL-terminated "key=value" strings.
