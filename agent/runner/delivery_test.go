@@ -300,3 +300,27 @@ func TestCancellationViaProgressAnswer(t *testing.T) {
 		t.Errorf("cancelled queued task executed %d times", n)
 	}
 }
+
+// A reboot cut between its stop and its start (the VM is stopped) runs
+// only its start half on redelivery: the whole reboot again would answer
+// conflict, a stopped VM cannot be rebooted.
+func TestRebootCutAfterItsStop(t *testing.T) {
+	h := newHarness(t, runner.Config{}, vm("e", "ue", api.StatusStopped))
+	j, err := journal.Open(h.dir, journal.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(journal.Entry{TaskID: "t-half", Type: api.TaskReboot, VMName: "e", VMUUID: "ue", Attempt: 1, LeaseID: "old", StartedAt: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	h.enqueue("t-half", api.TaskReboot, "e", "ue")
+	h.start()
+	if c := h.waitCompletion("t-half"); c.Status != api.TaskSuccess || c.VM == nil || c.VM.Status != api.StatusRunning {
+		t.Fatalf("t-half: %+v", c)
+	}
+	calls := h.ex.callsOf("t-half")
+	if len(calls) != 1 || calls[0].task.Type != api.TaskStart {
+		t.Fatalf("ran %d times as %+v, want once as vm.start", len(calls), calls)
+	}
+}

@@ -308,8 +308,12 @@ func (r *Runner) run(e *execution) {
 		r.finish(e, startedAt, outcomeOf(protocol.Result{}, errcode.Wrap(errcode.Internal, err, "journal"), false))
 		return
 	}
-	e.log.Info("task started", zap.Int("attempt", t.Attempt))
-	res, err := r.ex.Execute(e.ctx, t, e.report)
+	run := t
+	if e.rerun {
+		run = r.remainder(e.ctx, t)
+	}
+	e.log.Info("task started", zap.Int("attempt", t.Attempt), zap.String("runs", run.Type))
+	res, err := r.ex.Execute(e.ctx, run, e.report)
 	cause := context.Cause(e.ctx)
 	if err != nil && errors.Is(cause, ErrShutdown) {
 		r.mu.Lock()
@@ -351,6 +355,26 @@ func (r *Runner) converged(ctx context.Context, t protocol.Task) (*api.VM, bool)
 		return nil, false
 	}
 	return nil, t.Type == api.TaskDelete // gone: deleted
+}
+
+// remainder is what is left to run of a re-run task that has not
+// converged: a reboot cut after its stop half (the VM is stopped) has only
+// its start left, where running the whole reboot again would answer
+// conflict (a stopped VM cannot be rebooted).
+func (r *Runner) remainder(ctx context.Context, t protocol.Task) protocol.Task {
+	if t.Type != api.TaskReboot {
+		return t
+	}
+	for _, vm := range r.inv.VMs(ctx) {
+		if vm.UUID != t.VMUUID && (t.VMUUID != "" || vm.Name != t.VMName) {
+			continue
+		}
+		if vm.Status == api.StatusStopped {
+			t.Type, t.Spec = api.TaskStart, nil
+		}
+		break
+	}
+	return t
 }
 
 // convergedVM reports whether vm shows the effect of a task that a
