@@ -143,7 +143,7 @@ func TestManifestPaginationRestart(t *testing.T) {
 
 	// vm set on a running VM: pending until the next start.
 	r = a.ok("vm", "set", "m-1", "--vcpus", "2", "--memory-mb", "320", "--autostart=false")
-	if !strings.Contains(r.stdout, "vm m-1 vcpus=1 memory_mb=256 autostart=false restart_policy=on-failure pending_changes(next start): vcpus=2 memory_mb=320") {
+	if !strings.Contains(r.stdout, "vm m-1 vcpus=1 memory_mb=256 autostart=false restart_policy=on-failure vnc_enabled=false pending_changes(next start): vcpus=2 memory_mb=320") {
 		t.Fatalf("vm set: %q", r.stdout)
 	}
 	a.fails(1, "validation_failed", "vm", "set", "m-1", "--vcpus", "0")
