@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -117,10 +118,17 @@ user_data: |
 
 	// kill -9 of the macvlan VM's QEMU: the agent deletes its macvtap at
 	// once; then, the VM being desired running, reconcile starts it again.
+	// The first restart follows the crash within milliseconds and makes a
+	// macvtap of the same name, so the old one's end is told by its
+	// ifindex (the kernel never hands a new link an index still in use).
 	mv := a.getVM("mac")
 	macvtap := mv.NICs[0].Link
+	oldIndex := linkIndex(t, ns, macvtap)
+	if oldIndex == 0 {
+		t.Fatalf("macvtap %s missing: %v", macvtap, oxLinks(t, ns))
+	}
 	syscall.Kill(mv.QEMUPID, syscall.SIGKILL)
-	waitLink(t, ns, macvtap, false)
+	waitLinkGone(t, ns, macvtap, oldIndex)
 	mv2 := waitRunning(t, a, "mac", mv.QEMUPID)
 	waitLink(t, ns, macvtap, true)
 
@@ -171,6 +179,40 @@ func waitLink(t *testing.T, ns *netdevtest.Netns, name string, present bool) {
 	for slices.Contains(oxLinks(t, ns), name) != present {
 		if time.Now().After(deadline) {
 			t.Fatalf("link %s present=%v wanted %v: %v", name, !present, present, oxLinks(t, ns))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// linkIndex is the ifindex of the link called name, 0 when there is none.
+func linkIndex(t *testing.T, ns *netdevtest.Netns, name string) int {
+	t.Helper()
+	for _, line := range strings.Split(ns.IP(t, "-o", "link", "show"), "\n") {
+		// "3: name@peer: <...> ..."
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		if n, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@"); n != name {
+			continue
+		}
+		i, err := strconv.Atoi(strings.TrimSuffix(f[0], ":"))
+		if err != nil {
+			t.Fatalf("ip link: %q: %v", line, err)
+		}
+		return i
+	}
+	return 0
+}
+
+// waitLinkGone waits until the link name with ifindex index is gone: no
+// link of that name, or one made since (another index).
+func waitLinkGone(t *testing.T, ns *netdevtest.Netns, name string, index int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for linkIndex(t, ns, name) == index {
+		if time.Now().After(deadline) {
+			t.Fatalf("link %s (ifindex %d) still present: %v", name, index, oxLinks(t, ns))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
