@@ -189,6 +189,14 @@ func TestControlPlaneAgent(t *testing.T) {
 	fwdPort := netdevtest.FreePort(t)
 	var digest string
 	var pid int
+	// The guest's serial console, read from the agent's data dir: the
+	// guest prints its disk list there whenever it changes.
+	var con *testguest.Console
+	t.Cleanup(func() {
+		if con != nil {
+			con.Close()
+		}
+	})
 	running := func(t *testing.T, c cptest.Completion) {
 		if c.VM == nil || c.VM.Status != api.StatusRunning || c.VM.QEMUPID == 0 {
 			t.Fatalf("vm %+v", c.VM)
@@ -210,6 +218,7 @@ func TestControlPlaneAgent(t *testing.T) {
 			VCPUs: 1, MemoryMB: 256, VNCEnabled: true, VNCPassword: "pw-e2e-1"}, check: func(t *testing.T, c cptest.Completion) {
 			running(t, c)
 			pid = c.VM.QEMUPID
+			con = testguest.OpenConsole(filepath.Join(a.dir, "vms", vmUUID, "console.log"))
 		}},
 		{name: "console", typ: api.TaskConsoleTail, vm: true, spec: api.ConsoleTailSpec{Bytes: 4096}, check: func(t *testing.T, c cptest.Completion) {
 			if c.Output == nil || c.Output.Console == nil || c.Output.Console.Offset > c.Output.Console.Size {
@@ -242,11 +251,16 @@ func TestControlPlaneAgent(t *testing.T) {
 			if c.VM == nil || !hasDisk(c.VM, "vol-1") {
 				t.Fatalf("vm devices %+v", c.VM)
 			}
+			// The guest (rebooted by reset just before) binds the
+			// hot-plugged disk: only then may it be unplugged, an unplug
+			// request before the guest has bound the device is ignored.
+			waitGuestDisks(t, con, func(l string) bool { return strings.Contains(l, "vdb:1073741824:") })
 		}},
 		{name: "detach", typ: api.TaskDetachDisk, vm: true, spec: api.Device{Source: "vol-1", StoragePool: "default"}, check: func(t *testing.T, c cptest.Completion) {
 			if c.VM == nil || hasDisk(c.VM, "vol-1") {
 				t.Fatalf("vm devices %+v", c.VM)
 			}
+			waitGuestDisks(t, con, func(l string) bool { return !strings.Contains(l, "vdb:") })
 		}},
 		{name: "eject", typ: api.TaskEjectMedium, vm: true, spec: api.MediumSpec{Index: 0}, check: running},
 		{name: "medium", typ: api.TaskChangeMedium, vm: true, spec: api.MediumSpec{Index: 0, Source: filepath.Join(media, "blank.iso")}, check: running},
@@ -276,7 +290,9 @@ func TestControlPlaneAgent(t *testing.T) {
 		{name: "evict", typ: api.TaskDeleteImage, spec: func() any { return api.ImageRef{Digest: digest} }},
 	}
 
-	run := func(i int, s cpTask) (string, cptest.Completion) {
+	// run is called from the subtests: failures go to the subtest's t,
+	// never to the parent's (FailNow on a parent from a subtest).
+	run := func(t *testing.T, i int, s cpTask) (string, cptest.Completion) {
 		t.Helper()
 		id := fmt.Sprintf("task-%02d-%s", i, s.name)
 		task := protocol.Task{ID: id, Type: s.typ}
@@ -321,7 +337,7 @@ func TestControlPlaneAgent(t *testing.T) {
 				writeToken(t, tokenFile, "token-two-9876543210")
 				cp.SetToken("token-two-9876543210")
 			}
-			id, got := run(i, s)
+			id, got := run(t, i, s)
 			if s.check != nil {
 				s.check(t, got)
 			}
@@ -394,6 +410,27 @@ func complete(t *testing.T, ctx context.Context, cp *cptest.Server, a *standalon
 		t.Errorf("%s: node %q lease %q", id, c.Node, c.LeaseID)
 	}
 	return c
+}
+
+// waitGuestDisks waits for a disk list on the guest's console that ok
+// accepts (lines "OTHERIX-GUEST disks name:size:ro ...", printed at boot
+// and on every change).
+func waitGuestDisks(t *testing.T, con *testguest.Console, ok func(line string) bool) {
+	t.Helper()
+	if con == nil {
+		t.Fatal("no console: the create step did not run")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	for {
+		line, err := con.WaitFor(ctx, "OTHERIX-GUEST disks")
+		if err != nil {
+			t.Fatalf("waiting for the guest's disks: %v\n%s", err, tail(con.Text(), 4000))
+		}
+		if ok(line) {
+			return
+		}
+	}
 }
 
 func stoppedVM(t *testing.T, c cptest.Completion) {
