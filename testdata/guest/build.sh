@@ -64,7 +64,7 @@ done
 # targets costs about 6 s under TCG; /init scans targets 0-7 itself (@scsi_scan)
 # and only then loads sd_mod and sr_mod, whose probes insmod waits for.
 WANT_MODULES=(button evdev scsi_mod
-	virtio_pci virtio_blk virtio_scsi virtio_net virtio_console virtio_balloon nvme ?pvpanic_pci
+	virtio_pci virtio_blk virtio_scsi virtio_net virtio_console virtio_balloon nvme '?pvpanic_pci'
 	@scsi_scan sd_mod sr_mod isofs)
 declare -A MODULE_ARGS=([scsi_mod]="scan=manual")
 
