@@ -82,12 +82,16 @@ func TestReconcile(t *testing.T) {
 	}
 
 	// An answer without a desired map is "no opinion": no orphans.
+	// Every heartbeat counted so far answered, then no opinion.
+	h.waitCP("heartbeats answered", func() bool { return len(h.cp.Heartbeats()) == h.cp.Count(cptest.Heartbeat) })
 	h.cp.NoOpinion()
 	for range 2 { // one heartbeat answered without a map, one after it
-		n := h.cp.Count(cptest.Heartbeat)
+		// Wait on the recorded heartbeats, not the count: a heartbeat
+		// is counted when it arrives and recorded once answered.
+		n := len(h.cp.Heartbeats())
 		clk.waitTimers(t, h.ctx, 1)
 		clk.advanceToNext()
-		h.waitCP("a heartbeat", func() bool { return h.cp.Count(cptest.Heartbeat) > n })
+		h.waitCP("a heartbeat", func() bool { return len(h.cp.Heartbeats()) > n })
 	}
 	hbs = h.cp.Heartbeats()
 	if last := hbs[len(hbs)-1]; len(last.Orphans) != 0 {
