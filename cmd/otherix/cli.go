@@ -366,17 +366,51 @@ func (c *cli) usageErr(fs *flag.FlagSet, format string, args ...any) error {
 
 // name parses args and returns the single NAME argument.
 func (c *cli) name(fs *flag.FlagSet, args []string) (string, error) {
+	return c.one(fs, args, "VM name")
+}
+
+// one parses args and returns the single positional argument, called what
+// ("VM name", "task id") in the usage errors.
+func (c *cli) one(fs *flag.FlagSet, args []string, what string) (string, error) {
 	pos, err := c.parse(fs, args)
 	if err != nil {
 		return "", err
 	}
 	switch {
 	case len(pos) == 0 || pos[0] == "":
-		return "", c.usageErr(fs, "missing VM name")
+		return "", c.usageErr(fs, "missing %s", what)
 	case len(pos) > 1:
-		return "", c.usageErr(fs, "unexpected arguments after the VM name: %s", strings.Join(pos[1:], " "))
+		return "", c.usageErr(fs, "unexpected arguments after the %s: %s", what, strings.Join(pos[1:], " "))
 	}
 	return pos[0], nil
+}
+
+// open is a command's opening: it parses args into fs, takes the one
+// positional argument called what (none when what is ""), runs checks in
+// order (the -o check from outputFlag, flag values) and only then dials
+// the API. It returns the argument and the client.
+func (c *cli) open(fs *flag.FlagSet, args []string, what string, checks ...func() error) (string, *client.Client, error) {
+	var arg string
+	var err error
+	if what == "" {
+		err = c.none(fs, args)
+	} else {
+		arg, err = c.one(fs, args, what)
+	}
+	for _, check := range checks {
+		if err != nil {
+			return "", nil, err
+		}
+		err = check()
+	}
+	if err != nil {
+		return "", nil, err
+	}
+	cl, err := c.client()
+	if err != nil {
+		return "", nil, err
+	}
+	return arg, cl, nil
 }
 
 // none parses args and refuses positional arguments.

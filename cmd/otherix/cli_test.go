@@ -148,6 +148,13 @@ func TestUsage(t *testing.T) {
 		{[]string{"vm", "list", "extra"}, 1, "", "error: unexpected arguments: extra\nusage: otherix vm list ... (see otherix vm list -h)\n"},
 		{[]string{"vm", "list", "-o", "wide"}, 1, "", "error: unknown output format \"wide\": want table, json, yaml\n"},
 		{[]string{"vm", "get", "web-1", "-o", "table"}, 1, "", "error: unknown output format \"table\": want text, json, yaml\n"},
+		{[]string{"task", "get"}, 1, "", "error: missing task id\nusage: otherix task get ... (see otherix task get -h)\n"},
+		{[]string{"task", "cancel", "a", "b"}, 1, "", "error: unexpected arguments after the task id: b\nusage: otherix task cancel ... (see otherix task cancel -h)\n"},
+		// Flag checks run before the client is made: a bad --server loses.
+		{[]string{"vm", "top", "--interval", "10ms", "--server", "ftp://x"}, 1, "", "error: --interval must be at least 100ms\nusage: otherix vm top [--interval D] [-o table|json]\n"},
+		{[]string{"vm", "console", "web-1", "--tail", "-1", "--server", "ftp://x"}, 1, "", "error: --tail must not be negative\n"},
+		{[]string{"vm", "set", "web-1", "--server", "ftp://x"}, 1, "", "error: vm set needs --vcpus, --memory-mb, --cpu-limit, --autostart, --restart-policy, --vnc-enabled, --vnc-port or --vnc-password-file\nusage: " + vmSetSynopsis + "\n"},
+		{[]string{"vm", "get", "web-1", "--server", "ftp://x"}, 1, "", "error: invalid server URL \"ftp://x\": want http://HOST:PORT or unix:///PATH\n"},
 		{[]string{"vm", "list", "--limit", "many"}, 1, "", "error: invalid value \"many\" for flag -limit: parse error\nusage: otherix vm list ... (see otherix vm list -h)\n"},
 		{[]string{"--bogus", "vm", "list"}, 1, "", "error: flag provided but not defined: -bogus\nusage: otherix [--server URL] [--token-file PATH] COMMAND [ARGS] (see otherix help)\n"},
 	} {

@@ -47,13 +47,7 @@ func (c *cli) imageCommands() []command {
 func (c *cli) imageList(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "table", "json")
 	pool := fs.String("pool", "", "only images of this `pool`")
-	if err := c.none(fs, args); err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	_, cl, err := c.open(fs, args, "", check)
 	if err != nil {
 		return err
 	}

@@ -29,13 +29,7 @@ func (c *cli) vmList(ctx context.Context, fs *flag.FlagSet, args []string) error
 	fs.StringVar(&q.Pool, "pool", "", "only VMs on this `pool`")
 	fs.StringVar(&q.Node, "node", "", "only VMs currently on this `node`")
 	fs.StringVar(&q.Status, "status", "", "only VMs with this `status` (running, stopped, ...)")
-	if err := c.none(fs, args); err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	_, cl, err := c.open(fs, args, "", check)
 	if err != nil {
 		return err
 	}
@@ -90,14 +84,7 @@ func (c *cli) writeTable(vms []api.VM, showIDs bool) {
 // vmGet is "otherix vm get NAME".
 func (c *cli) vmGet(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "text", "json", "yaml")
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name", check)
 	if err != nil {
 		return err
 	}
@@ -239,14 +226,7 @@ func (c *cli) writeText(vm *api.VM) {
 // vmEvents is "otherix vm events NAME": the VM's history, oldest first.
 func (c *cli) vmEvents(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "table", "json")
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name", check)
 	if err != nil {
 		return err
 	}
@@ -275,14 +255,12 @@ func (c *cli) vmEvents(ctx context.Context, fs *flag.FlagSet, args []string) err
 // vmConsole is "otherix vm console NAME".
 func (c *cli) vmConsole(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	tail := fs.Int64("tail", 0, "print only the last `N` bytes")
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	if *tail < 0 {
-		return &usageError{msg: "--tail must not be negative"}
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name", func() error {
+		if *tail < 0 {
+			return &usageError{msg: "--tail must not be negative"}
+		}
+		return nil
+	})
 	if err != nil {
 		return err
 	}
@@ -339,13 +317,7 @@ func blockStyle(n *yaml.Node) {
 func (c *cli) firmwareList(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "table", "json")
 	arch := fs.String("arch", "", "only this arch")
-	if err := c.none(fs, args); err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	_, cl, err := c.open(fs, args, "", check)
 	if err != nil {
 		return err
 	}

@@ -50,14 +50,7 @@ func (c *cli) vmAsync(ctx context.Context, fs *flag.FlagSet, args []string, op s
 		fs.BoolVar(&force, "force", false, "do not ask for confirmation")
 	}
 	w := waitFlags(fs)
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	if err := c.checkWait(w); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name", func() error { return c.checkWait(w) })
 	if err != nil {
 		return err
 	}
@@ -112,14 +105,7 @@ func (c *cli) confirmDelete(name string) error {
 // vmSync runs reset, pause and resume and prints the refreshed VM.
 func (c *cli) vmSync(ctx context.Context, fs *flag.FlagSet, args []string, op string) error {
 	out, check := outputFlag(fs, "text", "json")
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name", check)
 	if err != nil {
 		return err
 	}
@@ -235,54 +221,52 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 	vncOn := fs.String("vnc-enabled", "", "turn the VNC console on or off: true or false (on needs --vnc-password-file)")
 	vncPort := fs.Int("vnc-port", 0, "move the VNC console to this port (5900..65535)")
 	vncPwFile := fs.String("vnc-password-file", "", "read the VNC password (at most 8 characters) from this `file`, or - for stdin")
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
+	// update collects the changes the flags ask for; open runs it
+	// after the -o check and before it dials.
 	var u api.UpdateVM
-	fs.Visit(func(f *flag.Flag) {
-		switch f.Name {
-		case "vcpus":
-			u.VCPUs = vcpus
-		case "memory-mb":
-			u.MemoryMB = mem
-		case "cpu-limit":
-			u.CPULimit = cpuLimit
-		case "vnc-port":
-			u.VNCPort = vncPort
+	update := func() error {
+		fs.Visit(func(f *flag.Flag) {
+			switch f.Name {
+			case "vcpus":
+				u.VCPUs = vcpus
+			case "memory-mb":
+				u.MemoryMB = mem
+			case "cpu-limit":
+				u.CPULimit = cpuLimit
+			case "vnc-port":
+				u.VNCPort = vncPort
+			}
+		})
+		if *vncOn != "" {
+			b, err := strconv.ParseBool(*vncOn)
+			if err != nil {
+				return &usageError{msg: "--vnc-enabled takes true or false", synopsis: vmSetSynopsis}
+			}
+			u.VNCEnabled = &b
 		}
-	})
-	if *vncOn != "" {
-		b, err := strconv.ParseBool(*vncOn)
-		if err != nil {
-			return &usageError{msg: "--vnc-enabled takes true or false", synopsis: vmSetSynopsis}
+		if *vncPwFile != "" {
+			pw, err := c.readSecret(*vncPwFile)
+			if err != nil {
+				return err
+			}
+			u.VNCPassword = &pw
 		}
-		u.VNCEnabled = &b
-	}
-	if *vncPwFile != "" {
-		pw, err := c.readSecret(*vncPwFile)
-		if err != nil {
-			return err
+		if *auto != "" {
+			b, err := strconv.ParseBool(*auto)
+			if err != nil {
+				return &usageError{msg: "--autostart takes true or false", synopsis: vmSetSynopsis}
+			}
+			u.Autostart = &b
 		}
-		u.VNCPassword = &pw
-	}
-	if *auto != "" {
-		b, err := strconv.ParseBool(*auto)
-		if err != nil {
-			return &usageError{msg: "--autostart takes true or false", synopsis: vmSetSynopsis}
+		if *policy != "" {
+			u.RestartPolicy = policy
 		}
-		u.Autostart = &b
+		if u == (api.UpdateVM{}) {
+			return &usageError{msg: "vm set needs --vcpus, --memory-mb, --cpu-limit, --autostart, --restart-policy, --vnc-enabled, --vnc-port or --vnc-password-file", synopsis: vmSetSynopsis}
+		}
+		return nil
 	}
-	if *policy != "" {
-		u.RestartPolicy = policy
-	}
-	if u == (api.UpdateVM{}) {
-		return &usageError{msg: "vm set needs --vcpus, --memory-mb, --cpu-limit, --autostart, --restart-policy, --vnc-enabled, --vnc-port or --vnc-password-file", synopsis: vmSetSynopsis}
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name", check, update)
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/cmd/otherix/internal/client"
 )
 
 // nodeCommands are "node list|get" and "pool list": the nodes the control
@@ -23,12 +24,8 @@ func (c *cli) nodeCommands() []command {
 	}
 }
 
-func (c *cli) nodes(ctx context.Context) (api.NodeList, []byte, error) {
+func nodes(ctx context.Context, cl *client.Client) (api.NodeList, []byte, error) {
 	var list api.NodeList
-	cl, err := c.client()
-	if err != nil {
-		return list, nil, err
-	}
 	raw, err := cl.GetJSON(ctx, "/v1/nodes", &list)
 	return list, raw, err
 }
@@ -36,13 +33,11 @@ func (c *cli) nodes(ctx context.Context) (api.NodeList, []byte, error) {
 // nodeList is "node list".
 func (c *cli) nodeList(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "table", "json")
-	if err := c.none(fs, args); err != nil {
+	_, cl, err := c.open(fs, args, "", check)
+	if err != nil {
 		return err
 	}
-	if err := check(); err != nil {
-		return err
-	}
-	list, raw, err := c.nodes(ctx)
+	list, raw, err := nodes(ctx, cl)
 	if err != nil {
 		return err
 	}
@@ -60,14 +55,7 @@ func (c *cli) nodeList(ctx context.Context, fs *flag.FlagSet, args []string) err
 // nodeGet is "node get NAME".
 func (c *cli) nodeGet(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "text", "json")
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name", check)
 	if err != nil {
 		return err
 	}
@@ -98,13 +86,11 @@ func (c *cli) nodeGet(ctx context.Context, fs *flag.FlagSet, args []string) erro
 func (c *cli) poolList(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "table", "json")
 	node := fs.String("node", "", "only this `node`'s pools")
-	if err := c.none(fs, args); err != nil {
+	_, cl, err := c.open(fs, args, "", check)
+	if err != nil {
 		return err
 	}
-	if err := check(); err != nil {
-		return err
-	}
-	list, _, err := c.nodes(ctx)
+	list, _, err := nodes(ctx, cl)
 	if err != nil {
 		return err
 	}

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -30,33 +29,12 @@ func (c *cli) taskCommands() []command {
 	}
 }
 
-// taskID parses args and returns the single task ID argument.
-func (c *cli) taskID(fs *flag.FlagSet, args []string) (string, error) {
-	pos, err := c.parse(fs, args)
-	if err != nil {
-		return "", err
-	}
-	switch {
-	case len(pos) == 0 || pos[0] == "":
-		return "", c.usageErr(fs, "missing task id")
-	case len(pos) > 1:
-		return "", c.usageErr(fs, "unexpected arguments after the task id: %s", strings.Join(pos[1:], " "))
-	}
-	return pos[0], nil
-}
-
 // taskList is "otherix task list".
 func (c *cli) taskList(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "table", "json")
 	vm := fs.String("vm", "", "only the tasks of the VM `NAME`")
 	limit := fs.Int("limit", 0, "at most `N` tasks (server default 100)")
-	if err := c.none(fs, args); err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	_, cl, err := c.open(fs, args, "", check)
 	if err != nil {
 		return err
 	}
@@ -109,14 +87,7 @@ func (c *cli) taskCancel(ctx context.Context, fs *flag.FlagSet, args []string) e
 // taskDo sends method to /v1/tasks/ID+suffix and prints the task.
 func (c *cli) taskDo(ctx context.Context, fs *flag.FlagSet, args []string, method, suffix string) error {
 	out, check := outputFlag(fs, "text", "json")
-	id, err := c.taskID(fs, args)
-	if err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	id, cl, err := c.open(fs, args, "task id", check)
 	if err != nil {
 		return err
 	}

@@ -22,14 +22,7 @@ import (
 // sample, with each disk and NIC.
 func (c *cli) vmStats(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "text", "json")
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name", check)
 	if err != nil {
 		return err
 	}
@@ -92,16 +85,12 @@ type topRow struct {
 func (c *cli) vmTop(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "table", "json")
 	interval := fs.Duration("interval", 2*time.Second, "refresh `interval` on a terminal")
-	if err := c.none(fs, args); err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	if *interval < 100*time.Millisecond {
-		return &usageError{msg: "--interval must be at least 100ms", synopsis: "otherix vm top [--interval D] [-o table|json]"}
-	}
-	cl, err := c.client()
+	_, cl, err := c.open(fs, args, "", check, func() error {
+		if *interval < 100*time.Millisecond {
+			return &usageError{msg: "--interval must be at least 100ms", synopsis: "otherix vm top [--interval D] [-o table|json]"}
+		}
+		return nil
+	})
 	if err != nil {
 		return err
 	}

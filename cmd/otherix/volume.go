@@ -16,11 +16,7 @@ import (
 func (c *cli) volumeCreate(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	size := fs.Int("size-gib", 0, "size in GiB")
 	pool := fs.String("pool", "", "pool (default: the default pool)")
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name")
 	if err != nil {
 		return err
 	}
@@ -36,13 +32,7 @@ func (c *cli) volumeCreate(ctx context.Context, fs *flag.FlagSet, args []string)
 func (c *cli) volumeList(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	out, check := outputFlag(fs, "table", "json")
 	pool := fs.String("pool", "", "pool (default: the default pool)")
-	if err := c.none(fs, args); err != nil {
-		return err
-	}
-	if err := check(); err != nil {
-		return err
-	}
-	cl, err := c.client()
+	_, cl, err := c.open(fs, args, "", check)
 	if err != nil {
 		return err
 	}
@@ -75,11 +65,7 @@ func (c *cli) volumeList(ctx context.Context, fs *flag.FlagSet, args []string) e
 // volumeDelete is "volume delete NAME [--pool P]".
 func (c *cli) volumeDelete(ctx context.Context, fs *flag.FlagSet, args []string) error {
 	pool := fs.String("pool", "", "pool (default: the default pool)")
-	name, err := c.name(fs, args)
-	if err != nil {
-		return err
-	}
-	cl, err := c.client()
+	name, cl, err := c.open(fs, args, "VM name")
 	if err != nil {
 		return err
 	}
