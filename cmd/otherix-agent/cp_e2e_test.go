@@ -321,6 +321,12 @@ func TestControlPlaneAgent(t *testing.T) {
 				if err := cp.WaitFor(ctx, func() bool { return cp.Leased(id) }); err != nil {
 					t.Fatal(err)
 				}
+				// Leased is recorded before the answer is written: stopping
+				// now could drop the answer, and the agent would never get
+				// the task. Stop once the agent has started it.
+				if err := waitLogLine(ctx, a, `"task started"`, `"task":"`+id+`"`); err != nil {
+					t.Fatalf("the agent never started %s: %v", id, err)
+				}
 				c.stop()
 				// The create finishes meanwhile: the agent tries to deliver
 				// its outcome and cannot.
@@ -392,6 +398,34 @@ func waitLogCtx(ctx context.Context, a *standaloneAgent, substr string) error {
 		}
 	}
 	return nil
+}
+
+// waitLogLine waits until one line of the agent's log has every one of
+// subs.
+func waitLogLine(ctx context.Context, a *standaloneAgent, subs ...string) error {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		for _, line := range strings.Split(a.logText(), "\n") {
+			if containsAll(line, subs) {
+				return nil
+			}
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func containsAll(s string, subs []string) bool {
+	for _, sub := range subs {
+		if !strings.Contains(s, sub) {
+			return false
+		}
+	}
+	return true
 }
 
 // complete waits for a task's first completion and wants it successful.
