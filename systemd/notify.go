@@ -3,22 +3,29 @@
 // placement of QEMU processes in transient scopes so that VMs outlive the
 // agent, and the minimal environment given to child processes.
 //
+// The sd_notify wire and WATCHDOG_USEC go through go-systemd's daemon
+// package; this package adds what the agent needs around it: one reading
+// of the environment at start (then cleared, so no child inherits it),
+// ordered sends, STATUS lines that cannot inject an assignment, and the
+// health-gated watchdog loop.
+//
 // Everything degrades to a silent no-op when the agent does not run under
 // systemd (no NOTIFY_SOCKET, PID 1 not systemd).
 package systemd
 
 import (
 	"fmt"
-	"net"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 )
+
+// notifySocketEnv is where systemd puts its notification socket.
+const notifySocketEnv = "NOTIFY_SOCKET"
 
 // Notifier sends sd_notify messages to the service manager. Its zero value
 // and a Notifier made without NOTIFY_SOCKET are silent no-ops. It is safe
@@ -41,11 +48,9 @@ func NewNotifier(log *zap.Logger) *Notifier {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	n := &Notifier{log: log, socket: os.Getenv("NOTIFY_SOCKET")}
-	n.watchdog = watchdogFromEnv(log, os.Getenv("WATCHDOG_USEC"), os.Getenv("WATCHDOG_PID"), os.Getpid())
-	for _, k := range []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} {
-		_ = os.Unsetenv(k) // only fails for an invalid key
-	}
+	n := &Notifier{log: log, socket: os.Getenv(notifySocketEnv)}
+	_ = os.Unsetenv(notifySocketEnv) // only fails for an invalid key
+	n.watchdog = watchdogFromEnv(log)
 	if n.socket == "" {
 		log.Debug("systemd notify disabled: NOTIFY_SOCKET not set")
 	}
@@ -59,9 +64,9 @@ func (n *Notifier) Enabled() bool { return n != nil && n.socket != "" }
 // can serve. status, when not empty, is sent with it as the STATUS= line.
 func (n *Notifier) Ready(status string) error {
 	if status == "" {
-		return n.send("READY=1")
+		return n.send(daemon.SdNotifyReady)
 	}
-	return n.send("READY=1\nSTATUS=" + oneLine(status))
+	return n.send(daemon.SdNotifyReady + "\nSTATUS=" + oneLine(status))
 }
 
 // Status sets the free-form line shown by `systemctl status` (for example
@@ -69,22 +74,21 @@ func (n *Notifier) Ready(status string) error {
 func (n *Notifier) Status(s string) error { return n.send("STATUS=" + oneLine(s)) }
 
 // Stopping tells systemd the agent has begun shutting down.
-func (n *Notifier) Stopping() error { return n.send("STOPPING=1") }
+func (n *Notifier) Stopping() error { return n.send(daemon.SdNotifyStopping) }
 
 // Reloading tells systemd the agent is reloading its configuration; call
 // Ready when the reload is done. MONOTONIC_USEC is included because systemd
 // 253 and later require it for Type=notify-reload.
 func (n *Notifier) Reloading() error {
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-		return n.send("RELOADING=1")
+	msg := daemon.SdNotifyReloading
+	if ts := strings.TrimSuffix(daemon.SdNotifyMonotonicUsec(), "\n"); ts != "" {
+		msg += "\n" + ts
 	}
-	usec := ts.Nano() / int64(time.Microsecond)
-	return n.send("RELOADING=1\nMONOTONIC_USEC=" + strconv.FormatInt(usec, 10))
+	return n.send(msg)
 }
 
 // Watchdog sends one WATCHDOG=1 keep-alive ping.
-func (n *Notifier) Watchdog() error { return n.send("WATCHDOG=1") }
+func (n *Notifier) Watchdog() error { return n.send(daemon.SdNotifyWatchdog) }
 
 func (n *Notifier) send(msg string) error {
 	if !n.Enabled() {
@@ -92,17 +96,24 @@ func (n *Notifier) send(msg string) error {
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	// A datagram socket per message: systemd may re-create its socket
-	// (daemon-reexec), and a socket connected to the old one would fail.
-	// An address starting with '@' is in the abstract namespace, which the
-	// net package handles.
-	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: n.socket, Net: "unixgram"})
-	if err != nil {
-		return fmt.Errorf("sd_notify: connect %s: %w", n.socket, err)
+	// daemon.SdNotify takes the socket from the environment, which
+	// NewNotifier cleared: put it back for this one send, and let
+	// SdNotify take it out again (unsetEnvironment) before it even dials.
+	// It is in the environment only between these two calls; a child
+	// forked in that window could inherit it, but QEMU gets an explicit
+	// environment (ChildEnv) and the unit's NotifyAccess=main makes
+	// systemd ignore any other process anyway. SdNotify dials a datagram
+	// socket per message, so a systemd that re-created its socket
+	// (daemon-reexec) is still reached.
+	if err := os.Setenv(notifySocketEnv, n.socket); err != nil {
+		return fmt.Errorf("sd_notify: %w", err)
 	}
-	defer conn.Close()
-	if _, err := conn.Write([]byte(msg)); err != nil {
-		return fmt.Errorf("sd_notify: send: %w", err)
+	sent, err := daemon.SdNotify(true, msg)
+	switch {
+	case err != nil:
+		return fmt.Errorf("sd_notify %s: %w", n.socket, err)
+	case !sent:
+		return fmt.Errorf("sd_notify %s: not sent", n.socket)
 	}
 	return nil
 }

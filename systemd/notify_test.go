@@ -117,14 +117,34 @@ func TestNotifyMessages(t *testing.T) {
 	}
 }
 
+// NewNotifier takes systemd's variables out of the environment, and no
+// send (through go-systemd's daemon.SdNotify, which reads the socket from
+// the environment) leaves NOTIFY_SOCKET behind, whether it reached the
+// socket or failed.
 func TestNewNotifierClearsEnvironment(t *testing.T) {
 	sock := listenNotify(t)
-	sock.notifier("200000")
-	for _, k := range []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} {
-		if v, ok := os.LookupEnv(k); ok {
-			t.Errorf("%s=%q still in the environment after NewNotifier", k, v)
+	n := sock.notifier("200000")
+	cleared := func(when string) {
+		t.Helper()
+		for _, k := range []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} {
+			if v, ok := os.LookupEnv(k); ok {
+				t.Errorf("%s: %s=%q still in the environment", when, k, v)
+			}
 		}
 	}
+	cleared("after NewNotifier")
+	for _, send := range []func() error{func() error { return n.Ready("x") }, n.Watchdog, n.Stopping} {
+		if err := send(); err != nil {
+			t.Fatal(err)
+		}
+		sock.next()
+		cleared("after a send")
+	}
+	sock.conn.Close() // nothing listens any more: the send fails
+	if err := n.Watchdog(); err == nil {
+		t.Error("a send to a closed socket reported no error")
+	}
+	cleared("after a failed send")
 }
 
 func TestNotifierWithoutSocketIsSilentNoop(t *testing.T) {
@@ -174,6 +194,10 @@ func TestWatchdogInterval(t *testing.T) {
 		{"abc", self, 0, false},
 		{"200000", "abc", 0, false},
 		{"18446744073709551615", self, 0, false}, // infinity
+		{"9223372036854775807", self, 0, false},  // ×1000 overflows to a negative duration
+		{"18446744073709552", self, 0, false},    // ×1000 wraps to 384ns: no ping storm
+		{"+200000", self, 0, false},              // not what systemd writes
+		{"000200000", self, 100 * time.Millisecond, true},
 	}
 	sock := listenNotify(t)
 	for _, tt := range tests {

@@ -2,39 +2,39 @@ package systemd
 
 import (
 	"context"
+	"os"
 	"strconv"
+	"strings"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"go.uber.org/zap"
 )
 
-// watchdogFromEnv returns the WATCHDOG_USEC timeout when it is meant for
-// pid, else 0. A malformed value disables the watchdog with a warning:
-// systemd will then kill the agent, which is visible, rather than the agent
-// refusing to start.
-func watchdogFromEnv(log *zap.Logger, usec, wpid string, pid int) time.Duration {
-	if usec == "" {
+// watchdogFromEnv returns the WATCHDOG_USEC timeout when WATCHDOG_PID is
+// absent or names this process, else 0, and removes both variables from
+// the environment (daemon.SdWatchdogEnabled reads them). A malformed
+// value disables the watchdog with a warning: systemd will then kill the
+// agent, which is visible, rather than the agent refusing to start. A
+// value too large for a time.Duration (about 292 years: "infinity" in
+// practice) disables it too.
+func watchdogFromEnv(log *zap.Logger) time.Duration {
+	usec, pid := os.Getenv("WATCHDOG_USEC"), os.Getenv("WATCHDOG_PID")
+	d, err := daemon.SdWatchdogEnabled(true)
+	switch {
+	case err != nil:
+		log.Warn("ignoring malformed WATCHDOG_USEC or WATCHDOG_PID", zap.String("usec", usec), zap.String("pid", pid), zap.Error(err))
+		return 0
+	case d <= 0:
+		return 0 // not enabled, or for another process
+	case strconv.FormatInt(int64(d/time.Microsecond), 10) != strings.TrimLeft(usec, "0") || d%time.Microsecond != 0:
+		// Not the plain number of microseconds systemd writes, or one
+		// the library's multiplication took past int64 (it may wrap to
+		// a tiny positive duration: pings every few nanoseconds).
+		log.Warn("ignoring WATCHDOG_USEC out of range", zap.String("usec", usec))
 		return 0
 	}
-	u, err := strconv.ParseUint(usec, 10, 63)
-	if err != nil || u == 0 {
-		log.Warn("ignoring malformed WATCHDOG_USEC", zap.String("value", usec))
-		return 0
-	}
-	if wpid != "" {
-		p, err := strconv.Atoi(wpid)
-		if err != nil {
-			log.Warn("ignoring malformed WATCHDOG_PID", zap.String("value", wpid))
-			return 0
-		}
-		if p != pid {
-			return 0 // the watchdog is for another process
-		}
-	}
-	if u > uint64(1<<63-1)/uint64(time.Microsecond) {
-		return 0 // "infinity" in practice
-	}
-	return time.Duration(u) * time.Microsecond
+	return d
 }
 
 // WatchdogInterval returns how often to send WATCHDOG=1: half of
