@@ -281,25 +281,28 @@ type TaskRef struct {
 
 // VM is the VM view returned by the API, task results and heartbeats.
 type VM struct {
-	Name         string    `json:"name"`
-	UUID         string    `json:"uuid"`
-	Status       string    `json:"status"`
-	StatusReason string    `json:"status_reason,omitempty"`
-	DesiredPhase string    `json:"desired_phase,omitempty"`
-	Arch         string    `json:"arch"`
-	VCPUs        int       `json:"vcpus"`
-	MemoryMB     int       `json:"memory_mb"`
-	CPULimit     float64   `json:"cpu_limit,omitempty"`
-	Pool         string    `json:"pool"`
-	Node         string    `json:"node"`
-	Network      string    `json:"network,omitempty"`
-	ImageURL     string    `json:"image_url"`
-	ImageSHA256  string    `json:"image_sha256"`
-	DiskGiB      int       `json:"disk_gib"`
-	QEMUPID      int       `json:"qemu_pid,omitempty"`
-	CloudInit    bool      `json:"cloud_init"`
-	IPAddresses  []string  `json:"ip_addresses,omitempty"`
-	NICs         []NICView `json:"nics,omitempty"`
+	Name         string  `json:"name"`
+	UUID         string  `json:"uuid"`
+	Status       string  `json:"status"`
+	StatusReason string  `json:"status_reason,omitempty"`
+	DesiredPhase string  `json:"desired_phase,omitempty"`
+	Arch         string  `json:"arch"`
+	VCPUs        int     `json:"vcpus"`
+	MemoryMB     int     `json:"memory_mb"`
+	CPULimit     float64 `json:"cpu_limit,omitempty"`
+	Pool         string  `json:"pool"`
+	Node         string  `json:"node"`
+	// NodeState is the state of the VM's node (api.NodeReady,
+	// api.NodeLost) in cluster mode; absent in standalone mode.
+	NodeState   string    `json:"node_state,omitempty"`
+	Network     string    `json:"network,omitempty"`
+	ImageURL    string    `json:"image_url"`
+	ImageSHA256 string    `json:"image_sha256"`
+	DiskGiB     int       `json:"disk_gib"`
+	QEMUPID     int       `json:"qemu_pid,omitempty"`
+	CloudInit   bool      `json:"cloud_init"`
+	IPAddresses []string  `json:"ip_addresses,omitempty"`
+	NICs        []NICView `json:"nics,omitempty"`
 	// Seed 000/003 view: the instance status (RUNNING, STOPPED, STARTING,
 	// STOPPING, FROZEN, ERROR, UNKNOWN), root disk bus, autostart, and the
 	// changes that apply at the next start.

@@ -209,7 +209,11 @@ func (a *API) list(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, errcode.New(errcode.ValidationFailed, "cursor %q is not a next_cursor this API gave", cursor))
 		return
 	}
-	all := a.host.VMs(r.Context())
+	all, err := a.vmsView(r.Context())
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
 	sort.Slice(all, func(i, j int) bool { return all[i].Name < all[j].Name })
 	var out []api.VM
 	next := ""
@@ -252,7 +256,7 @@ func (a *API) get(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	v, err := a.host.VM(name)
+	v, err := a.vmView(r.Context(), name)
 	if err != nil {
 		writeErr(w, err)
 		return

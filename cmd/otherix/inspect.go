@@ -72,10 +72,14 @@ func (c *cli) writeTable(vms []api.VM, showIDs bool) {
 		row("NAME", "STATUS", "ARCH", "NODE", "POOL", "NETWORK")
 	}
 	for _, v := range vms {
+		node := v.Node
+		if v.NodeState == api.NodeLost {
+			node += " (lost)" // cluster mode: its status is its last reported
+		}
 		if showIDs {
-			row(v.Name, v.UUID, v.Status, v.Arch, v.Node, v.Pool, v.Network)
+			row(v.Name, v.UUID, v.Status, v.Arch, node, v.Pool, v.Network)
 		} else {
-			row(v.Name, v.Status, v.Arch, v.Node, v.Pool, v.Network)
+			row(v.Name, v.Status, v.Arch, node, v.Pool, v.Network)
 		}
 	}
 	tw.Flush()
@@ -209,6 +213,10 @@ func (c *cli) writeText(vm *api.VM) {
 		{"ip_addresses", strings.Join(vm.IPAddresses, ",")},
 		{"created_at", created},
 		{"last_task", lastTask},
+	}
+	if vm.NodeState != "" { // cluster mode, after node
+		i := slices.IndexFunc(lines, func(l [2]string) bool { return l[0] == "node" })
+		lines = slices.Insert(lines, i+1, [2]string{"node_state", vm.NodeState})
 	}
 	if vm.CPULimit > 0 { // after memory_mb
 		i := slices.IndexFunc(lines, func(l [2]string) bool { return l[0] == "memory_mb" })
