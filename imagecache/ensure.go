@@ -74,7 +74,11 @@ func (c *Cache) Ensure(ctx context.Context, poolName string, req Request, p Prog
 			return e, nil
 		case <-ctx.Done():
 			f.unsubscribe(id)
-			c.leave(f, discardWanted(ctx))
+			if discard := discardWanted(ctx); c.leave(f, discard) && discard {
+				// The last waiter, leaving for good: the partial is gone
+				// before the caller reports that nothing is left.
+				<-f.done
+			}
 			return Entry{}, cancelled(ctx)
 		}
 	}
@@ -162,19 +166,22 @@ func (c *Cache) startFlight(key flightKey, p *pool, r request) *flight {
 }
 
 // leave drops a waiter; the last one cancels the download, keeping its
-// partial for a resume unless discard. c.mu not held.
-func (c *Cache) leave(f *flight, discard bool) {
+// partial for a resume unless discard, and leave reports true. c.mu not
+// held.
+func (c *Cache) leave(f *flight, discard bool) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	f.waiters--
-	if f.waiters == 0 {
-		f.abandoned = true
-		var cause error
-		if discard {
-			cause = errDiscard
-		}
-		f.cancel(cause)
+	if f.waiters != 0 {
+		return false
 	}
+	f.abandoned = true
+	var cause error
+	if discard {
+		cause = errDiscard
+	}
+	f.cancel(cause)
+	return true
 }
 
 func (f *flight) subscribe(p Progress) int {
