@@ -384,6 +384,19 @@ type Progress struct {
 	Total int64  `json:"total"` // -1 when unknown
 }
 
+// Progress phases the runner reports around a task's execution (the
+// executor reports its own: "download", "prepare", "boot").
+const (
+	// ProgressQueued: leased, waiting behind another task of its VM (or
+	// volume, or image); it has not started and can still be cancelled
+	// with nothing to undo.
+	ProgressQueued = "queued"
+	// ProgressStarted: a task reported queued is about to start; the
+	// control plane's answer to this report is the last word on a
+	// cancel.
+	ProgressStarted = "started"
+)
+
 // Error is the {code, message} pair of failed tasks and API errors.
 type Error struct {
 	Code    string `json:"code"`

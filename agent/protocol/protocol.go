@@ -99,6 +99,10 @@ type LeaseRequest struct {
 // LeaseResponse carries the leased tasks, oldest first.
 type LeaseResponse struct {
 	Tasks []Task `json:"tasks"`
+	// Cancel lists tasks leased to this node earlier that the CP has
+	// cancelled since: the agent cancels them at once, as it would on a
+	// progress answer saying "cancelled" (which stays the fallback).
+	Cancel []string `json:"cancel,omitempty"`
 }
 
 // Task is one leased task.

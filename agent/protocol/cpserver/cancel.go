@@ -14,19 +14,29 @@ import (
 var ErrNotCancellable = errors.New("task is past its point of no return")
 
 // Cancellable reports whether a task may still be cancelled and end
-// cancelled with nothing left behind: it is pending (never delivered), or
-// it is a download (vm.create, image.pull) that has reported nothing
-// beyond its download phase, which the agent stops and undoes. Any other
-// running task may have begun its effect.
+// cancelled with nothing left behind: it is pending (never delivered);
+// or leased and reported queued on the agent behind another task (it
+// has not started: the agent asks before it starts one it reported
+// queued, and this answer wins); or it is a download (vm.create,
+// image.pull) that has reported nothing beyond its download phase, which
+// the agent stops and undoes. Any other running task may have begun its
+// effect.
 func Cancellable(t Task) bool {
 	switch t.Status {
 	case api.TaskPending:
 		return true
 	case api.TaskRunning:
+		phase := ""
+		if t.Progress != nil {
+			phase = t.Progress.Phase
+		}
+		if phase == api.ProgressQueued {
+			return true
+		}
 		if t.Type != api.TaskCreate && t.Type != api.TaskImagePull {
 			return false
 		}
-		return t.Progress == nil || t.Progress.Phase == "" || t.Progress.Phase == "download"
+		return phase == "" || phase == api.ProgressStarted || phase == "download"
 	}
 	return false
 }

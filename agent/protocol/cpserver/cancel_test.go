@@ -63,6 +63,52 @@ func TestCancelTask(t *testing.T) {
 	}
 }
 
+// TestCancelQueued: a leased task the agent reported queued is
+// cancellable, whatever its type, until it reports started; a queued
+// report overtaken by a later phase is ignored. The cancel reaches the
+// agent in its next lease answer, once.
+func TestCancelQueued(t *testing.T) {
+	ctx := context.Background()
+	s := &cpserver.Server{}
+	for _, id := range []string{"q", "s"} {
+		if _, err := s.Enqueue(ctx, cpserver.Task{Task: api.Task{ID: id, Type: api.TaskStop, VMName: "v", VMUUID: "u"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	leased, err := s.Lease(ctx, protocol.LeaseRequest{Max: 2})
+	if err != nil || len(leased.Tasks) != 2 {
+		t.Fatalf("lease: %+v %v", leased, err)
+	}
+	report := func(i int, phase string) {
+		t.Helper()
+		l := leased.Tasks[i]
+		if _, err := s.Progress(ctx, l.ID, protocol.ProgressRequest{LeaseID: l.LeaseID, Progress: &api.Progress{Phase: phase}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	report(0, api.ProgressQueued)
+	report(1, api.ProgressQueued)
+	report(1, api.ProgressStarted)
+	report(1, api.ProgressQueued) // overtaken: ignored
+	if _, err := s.CancelTask(ctx, "s"); !errors.Is(err, cpserver.ErrNotCancellable) {
+		t.Errorf("started: %v, want ErrNotCancellable", err)
+	}
+	got, err := s.CancelTask(ctx, "q")
+	if err != nil || got.Status != api.TaskRunning || !got.Cancel {
+		t.Fatalf("queued: %+v %v", got, err)
+	}
+	l, err := s.Lease(ctx, protocol.LeaseRequest{Max: 1, WaitSeconds: 1})
+	if err != nil || len(l.Tasks) != 0 || len(l.Cancel) != 1 || l.Cancel[0] != "q" {
+		t.Fatalf("lease after the cancel: %+v %v", l, err)
+	}
+	if l, _ := s.Lease(ctx, protocol.LeaseRequest{Max: 1}); len(l.Cancel) != 0 {
+		t.Errorf("the cancel was sent twice: %+v", l)
+	}
+	if p, _ := s.Progress(ctx, "q", protocol.ProgressRequest{LeaseID: leased.Tasks[0].LeaseID, Progress: &api.Progress{Phase: api.ProgressStarted}}); !p.Cancelled {
+		t.Error("the start report of a cancelled queued task is not answered cancelled")
+	}
+}
+
 // TestNoRouteEnvelope: a path the protocol does not have is 404 and a
 // wrong method 405 with Allow, both in the error envelope.
 func TestNoRouteEnvelope(t *testing.T) {

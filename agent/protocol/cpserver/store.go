@@ -24,6 +24,9 @@ type Task struct {
 	LeaseExpiry time.Time       `json:"lease_expiry,omitzero"`
 	// Cancel asks the agent, in its next progress answer, to cancel.
 	Cancel bool `json:"cancel,omitempty"`
+	// CancelSent: a lease answer carried the cancel to the agent
+	// (LeaseResponse.Cancel); reset with each new lease.
+	CancelSent bool `json:"cancel_sent,omitempty"`
 	// Deliveries counts the lease answers that carried the task.
 	Deliveries int `json:"deliveries,omitempty"`
 	// Redeliver is how many more lease answers carry the current lease

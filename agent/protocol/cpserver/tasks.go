@@ -146,8 +146,12 @@ func (s *Server) Lease(ctx context.Context, req protocol.LeaseRequest) (protocol
 	for {
 		ch := s.Store.Changed()
 		out, err := s.offer(ctx, req.Node, max)
-		if err != nil || len(out) > 0 || wait <= 0 {
+		if err != nil {
 			return protocol.LeaseResponse{Tasks: out}, err
+		}
+		cancel, err := s.cancels(ctx, req.Node)
+		if err != nil || len(out) > 0 || len(cancel) > 0 || wait <= 0 {
+			return protocol.LeaseResponse{Tasks: out, Cancel: cancel}, err
 		}
 		select {
 		case <-ch:
@@ -189,6 +193,7 @@ func (s *Server) offer(ctx context.Context, node string, max int) ([]protocol.Ta
 				if t.Status == api.TaskRunning {
 					t.Redeliver = 0 // expired: redeliveries were of the old lease
 				}
+				t.CancelSent = false // a cancel goes to the new lease too
 				t.Attempt++
 				t.LeaseID = s.newLeaseID()
 				t.LeaseExpiry = now.Add(ttl)
@@ -206,6 +211,41 @@ func (s *Server) offer(ctx context.Context, node string, max int) ([]protocol.Ta
 		}
 		out = append(out, protocol.Task{ID: got.ID, Type: got.Type, VMName: got.VMName, VMUUID: got.VMUUID, Spec: got.Spec,
 			Attempt: got.Attempt, LeaseID: got.LeaseID, LeaseExpiresAt: got.LeaseExpiry.UTC(), LeaseTTLSeconds: int(ttl / time.Second)})
+	}
+	return out, nil
+}
+
+// cancels returns the tasks leased to node that were cancelled since
+// their lease answer, each once per lease (LeaseResponse.Cancel): the
+// agent learns of the cancel at once rather than at its next progress
+// report.
+func (s *Server) cancels(ctx context.Context, node string) ([]string, error) {
+	all, err := s.Store.Unfinished(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	sendable := func(t *Task) bool {
+		return t.Status == api.TaskRunning && t.Cancel && !t.CancelSent && (t.Node == "" || t.Node == node)
+	}
+	for _, t := range all {
+		if !sendable(&t) {
+			continue
+		}
+		_, err := s.Store.UpdateTask(ctx, t.ID, func(t *Task) error {
+			if !sendable(t) {
+				return errSkip
+			}
+			t.CancelSent = true
+			return nil
+		})
+		if errors.Is(err, errSkip) || errors.Is(err, ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return out, err
+		}
+		out = append(out, t.ID)
 	}
 	return out, nil
 }
@@ -237,7 +277,7 @@ func (s *Server) Progress(ctx context.Context, id string, req protocol.ProgressR
 			return fmt.Errorf("lease %q of task %s: %w", req.LeaseID, id, ErrLeaseLost)
 		}
 		t.LeaseExpiry = now.Add(ttl)
-		if req.Progress != nil {
+		if req.Progress != nil && !staleQueued(t.Progress, req.Progress) {
 			p := *req.Progress
 			t.Progress = &p
 		}
@@ -253,6 +293,13 @@ func (s *Server) Progress(ctx context.Context, id string, req protocol.ProgressR
 		return protocol.ProgressResponse{}, err
 	}
 	return protocol.ProgressResponse{LeaseExpiresAt: t.LeaseExpiry.UTC(), LeaseTTLSeconds: int(ttl / time.Second), Cancelled: t.Cancel}, nil
+}
+
+// staleQueued reports whether a "queued" report arrived after a later
+// phase (a slow request overtaken): the task is not queued any more, and
+// taking it would make a started task look cancellable.
+func staleQueued(cur, next *api.Progress) bool {
+	return next.Phase == api.ProgressQueued && cur != nil && cur.Phase != api.ProgressQueued
 }
 
 // Complete records a task's outcome. A completion of a task already
