@@ -34,7 +34,10 @@ func (r *Runner) leaseLoop(ctx context.Context) {
 			continue
 		}
 		r.setConnected(true)
-		if len(resp.Tasks) == 0 && r.clock.Now().Sub(began) < r.cfg.LeaseWait/2 {
+		for _, id := range resp.Cancel {
+			r.cancelByID(id)
+		}
+		if len(resp.Tasks) == 0 && len(resp.Cancel) == 0 && r.clock.Now().Sub(began) < r.cfg.LeaseWait/2 {
 			// An empty answer long before the wait: a control plane (or
 			// proxy) that does not hold long polls. Do not spin.
 			if sleep(ctx, r.clock, b.next(nil)) != nil {

@@ -34,6 +34,12 @@ type execution struct {
 	attached bool          // delivered again: confirm the lease at once
 	started  bool
 	skipped  bool // finished before it started (cancelled while queued)
+	// queued: accepted behind another task of its queue; queuedSent: the
+	// keeper reported it queued (the control plane may then cancel it
+	// until run confirms the start, confirmStart).
+	queued, queuedSent bool
+
+	sendMu sync.Mutex // one progress request of the task at a time, in order
 
 	pmu      sync.Mutex
 	progress *api.Progress // latest, not yet reported
@@ -230,6 +236,7 @@ func (r *Runner) enqueue(e *execution) {
 		r.workers.Add(1)
 		go r.work(e.key, q)
 	}
+	e.queued = ok // behind the task its queue's worker runs
 	q.items = append(q.items, e)
 	r.mu.Unlock()
 	if !e.internal {
@@ -280,18 +287,18 @@ func (r *Runner) run(e *execution) {
 		return
 	}
 	if r.draining {
-		// Not started: hand it back; the control plane offers it again
-		// after its lease expires.
-		delete(r.tasks, e.task.ID)
-		r.signalFreed()
 		r.mu.Unlock()
-		e.log.Info("agent draining; task handed back unstarted")
+		r.handBack(e)
 		return
 	}
 	e.started = true
 	t := e.task
+	confirm := e.queuedSent
 	r.mu.Unlock()
 
+	if confirm && !r.confirmStart(e) {
+		return
+	}
 	if e.rerun {
 		if vm, done := r.converged(e.ctx, t); done {
 			e.log.Info("task interrupted by restart had already taken effect")
@@ -332,6 +339,57 @@ func (r *Runner) run(e *execution) {
 		return
 	}
 	r.finish(e, startedAt, outcomeOf(res, err, errors.Is(cause, ErrCancelled)))
+}
+
+// confirmStart tells the control plane that a task it was told is queued
+// starts now (phase "started"), and runs it only if the answer does not
+// say cancelled: the control plane cancels a queued task until this
+// report, never after, so a cancel it accepted never meets a task that
+// began. Without an answer the task does not start: the report is tried
+// again with backoff. It reports whether to run the task; when not, the
+// task is finished cancelled, or handed back on shutdown.
+func (r *Runner) confirmStart(e *execution) bool {
+	b := r.newBackoff()
+	for {
+		r.mu.Lock()
+		lease := e.task.LeaseID
+		r.mu.Unlock()
+		e.sendMu.Lock()
+		resp, err := r.client.Progress(e.ctx, e.task.ID, lease, &api.Progress{Phase: api.ProgressStarted})
+		e.sendMu.Unlock()
+		switch {
+		case err == nil && resp.Cancelled, errors.Is(context.Cause(e.ctx), ErrCancelled):
+			e.log.Info("control plane cancelled the task before it started")
+			r.finish(e, time.Time{}, outcomeOf(protocol.Result{}, ErrCancelled, true))
+			return false
+		case e.ctx.Err() != nil:
+			r.handBack(e)
+			return false
+		case err == nil:
+			return true
+		}
+		e.log.Debug("start report failed; the task waits", zap.Error(err))
+		t := r.clock.NewTimer(b.next(err))
+		select {
+		case <-t.C():
+		case <-e.ctx.Done():
+		case <-r.drainCh:
+			t.Stop()
+			r.handBack(e)
+			return false
+		}
+		t.Stop()
+	}
+}
+
+// handBack forgets a task that has not started, for the agent is
+// draining: the control plane offers it again after its lease expires.
+func (r *Runner) handBack(e *execution) {
+	r.mu.Lock()
+	delete(r.tasks, e.task.ID)
+	r.signalFreed()
+	r.mu.Unlock()
+	e.log.Info("agent draining; task handed back unstarted")
 }
 
 // converged reports whether a re-run task's target state already holds.
@@ -489,6 +547,7 @@ func (e *execution) takeProgress() *api.Progress {
 func (r *Runner) keep(ctx context.Context, e *execution) {
 	var last time.Time // last report
 	pending := false
+	r.reportQueued(ctx, e)
 	for {
 		now := r.clock.Now()
 		r.mu.Lock()
@@ -523,7 +582,9 @@ func (r *Runner) keep(ctx context.Context, e *execution) {
 		r.mu.Lock()
 		lease := e.task.LeaseID
 		r.mu.Unlock()
+		e.sendMu.Lock()
 		resp, err := r.client.Progress(ctx, e.task.ID, lease, e.takeProgress())
+		e.sendMu.Unlock()
 		if err != nil {
 			if ctx.Err() == nil {
 				e.log.Debug("progress report failed", zap.Error(err))
@@ -533,6 +594,42 @@ func (r *Runner) keep(ctx context.Context, e *execution) {
 		if resp.Cancelled {
 			r.cancelTask(e)
 		}
+	}
+}
+
+// reportQueued tells the control plane at once that a task accepted
+// behind another waits (phase "queued"), unless it started meanwhile:
+// until it starts, the control plane may cancel it with nothing to undo.
+func (r *Runner) reportQueued(ctx context.Context, e *execution) {
+	e.sendMu.Lock()
+	r.mu.Lock()
+	send := e.queued && !e.started && !e.skipped
+	e.queuedSent = send
+	lease := e.task.LeaseID
+	r.mu.Unlock()
+	var resp *protocol.ProgressResponse
+	var err error
+	if send {
+		resp, err = r.client.Progress(ctx, e.task.ID, lease, &api.Progress{Phase: api.ProgressQueued})
+	}
+	e.sendMu.Unlock()
+	switch {
+	case !send:
+	case err != nil:
+		e.log.Debug("queued report failed", zap.Error(err))
+	case resp.Cancelled:
+		r.cancelTask(e)
+	}
+}
+
+// cancelByID cancels an accepted task the control plane cancelled
+// (LeaseResponse.Cancel); an id not in flight here is ignored.
+func (r *Runner) cancelByID(id string) {
+	r.mu.Lock()
+	e, ok := r.tasks[id]
+	r.mu.Unlock()
+	if ok {
+		r.cancelTask(e)
 	}
 }
 
