@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/otherix/otherix-agent/agent"
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/journal"
 	"github.com/otherix/otherix-agent/agent/protocol"
@@ -124,9 +125,73 @@ func TestCancelDownloadingCreate(t *testing.T) {
 	h := a.Handler()
 	img := httptest.NewServer(slowImage(256<<20, 64<<10, 20*time.Millisecond))
 	t.Cleanup(img.Close)
+	startRunner(t, host, cp, dir)
 
-	// The runner leases from the control plane in process, as in the
-	// agent's standalone mode.
+	create := createDownloading(t, h, img.URL)
+	var got api.Task
+	if rec := call(t, h, "POST", "/v1/tasks/"+create.ID+"/cancel", nil, &got); rec.Code != http.StatusOK || got.Status != api.TaskCancelled {
+		t.Fatalf("cancel of a downloading create: %d %s", rec.Code, rec.Body)
+	}
+	checkNothingLeft(t, host, cp, h, "slow")
+	if rec := call(t, h, "POST", "/v1/tasks/"+create.ID+"/cancel", nil, nil); rec.Code != http.StatusConflict {
+		t.Errorf("cancel of a cancelled task: %d %s", rec.Code, rec.Body)
+	}
+}
+
+// TestCancelQueuedTask: a task leased to the agent's runner but queued
+// behind another task of its VM (a vm.start behind the VM's create,
+// still downloading) shows progress phase "queued"; its cancel answers
+// 200 cancelled at once, while the create still runs, and it never runs.
+// The create, cancelled next, leaves nothing behind.
+func TestCancelQueuedTask(t *testing.T) {
+	t.Parallel()
+	host := newTestHost(t)
+	dir := t.TempDir()
+	a, cp := newTestAPI(t, host, dir)
+	h := a.Handler()
+	img := httptest.NewServer(slowImage(256<<20, 64<<10, 20*time.Millisecond))
+	t.Cleanup(img.Close)
+	startRunner(t, host, cp, dir)
+
+	create := createDownloading(t, h, img.URL)
+	var start api.Task
+	if rec := call(t, h, "POST", "/v1/vms/slow/start", nil, &start); rec.Code != http.StatusAccepted {
+		t.Fatalf("start: %d %s", rec.Code, rec.Body)
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(20 * time.Millisecond) {
+		var cur api.Task
+		call(t, h, "GET", "/v1/tasks/"+start.ID, nil, &cur)
+		if cur.Status == api.TaskRunning && cur.Progress != nil && cur.Progress.Phase == api.ProgressQueued {
+			break
+		}
+		if cur.Status != api.TaskRunning && cur.Status != api.TaskPending || time.Now().After(deadline) {
+			t.Fatalf("the start never showed queued: %+v %+v", cur, cur.Progress)
+		}
+	}
+	var got api.Task
+	if rec := call(t, h, "POST", "/v1/tasks/"+start.ID+"/cancel", nil, &got); rec.Code != http.StatusOK || got.Status != api.TaskCancelled {
+		t.Fatalf("cancel of a queued start: %d %s", rec.Code, rec.Body)
+	}
+	var cur api.Task
+	if call(t, h, "GET", "/v1/tasks/"+create.ID, nil, &cur); cur.Status != api.TaskRunning {
+		t.Fatalf("the create ahead ended before the queued start's cancel: %+v", cur)
+	}
+	if rec := call(t, h, "POST", "/v1/tasks/"+start.ID+"/cancel", nil, nil); rec.Code != http.StatusConflict {
+		t.Errorf("cancel of a cancelled task: %d %s", rec.Code, rec.Body)
+	}
+	if rec := call(t, h, "POST", "/v1/tasks/"+create.ID+"/cancel", nil, &got); rec.Code != http.StatusOK || got.Status != api.TaskCancelled {
+		t.Fatalf("cancel of the downloading create: %d %s", rec.Code, rec.Body)
+	}
+	checkNothingLeft(t, host, cp, h, "slow")
+	if evs, err := host.Events("slow"); err == nil && len(evs) != 0 {
+		t.Errorf("events of the cancelled VM: %+v", evs)
+	}
+}
+
+// startRunner runs the agent's runner against cp in process, as the
+// agent's standalone mode does, until the test ends.
+func startRunner(t *testing.T, host *agent.Host, cp *ControlPlane, dir string) {
+	t.Helper()
 	pl := NewPipeListener()
 	srv := NewServer(cp, DefaultLimits(), zap.NewNop())
 	go srv.Serve(pl)
@@ -148,9 +213,14 @@ func TestCancelDownloadingCreate(t *testing.T) {
 	finished := make(chan struct{})
 	go func() { r.Run(ctx); close(finished) }()
 	t.Cleanup(func() { cancel(); <-finished; j.Close() })
+}
 
+// createDownloading creates VM "slow" from the slow image at url and
+// waits until its create reports its download under way.
+func createDownloading(t *testing.T, h http.Handler, url string) api.Task {
+	t.Helper()
 	var create api.Task
-	body := api.CreateVM{Name: "slow", ImageURL: img.URL + "/big.qcow2", Arch: "amd64", VCPUs: 1, MemoryMB: 256}
+	body := api.CreateVM{Name: "slow", ImageURL: url + "/big.qcow2", Arch: "amd64", VCPUs: 1, MemoryMB: 256}
 	if rec := call(t, h, "POST", "/v1/vms", body, &create); rec.Code != http.StatusAccepted {
 		t.Fatalf("create: %d %s", rec.Code, rec.Body)
 	}
@@ -166,12 +236,15 @@ func TestCancelDownloadingCreate(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	var got api.Task
-	if rec := call(t, h, "POST", "/v1/tasks/"+create.ID+"/cancel", nil, &got); rec.Code != http.StatusOK || got.Status != api.TaskCancelled {
-		t.Fatalf("cancel of a downloading create: %d %s", rec.Code, rec.Body)
-	}
+	return create
+}
 
-	if rec := call(t, h, "GET", "/v1/vms/slow", nil, nil); rec.Code != http.StatusNotFound {
+// checkNothingLeft checks that a cancelled create left nothing: no VM,
+// no VM directory, no cached image, no pin, no partial download, and the
+// VM is not desired any more.
+func checkNothingLeft(t *testing.T, host *agent.Host, cp *ControlPlane, h http.Handler, name string) {
+	t.Helper()
+	if rec := call(t, h, "GET", "/v1/vms/"+name, nil, nil); rec.Code != http.StatusNotFound {
 		t.Errorf("the cancelled create's VM: %d %s", rec.Code, rec.Body)
 	}
 	pool, err := host.Cache().PoolDir("default")
@@ -190,15 +263,12 @@ func TestCancelDownloadingCreate(t *testing.T) {
 	// The control plane forgets the VM as it records the outcome, just
 	// after the task turned terminal.
 	for end := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if _, ok := cp.UUIDOf("slow"); !ok {
+		if _, ok := cp.UUIDOf(name); !ok {
 			break
 		}
 		if time.Now().After(end) {
 			t.Error("the cancelled VM is still desired")
 			break
 		}
-	}
-	if rec := call(t, h, "POST", "/v1/tasks/"+create.ID+"/cancel", nil, nil); rec.Code != http.StatusConflict {
-		t.Errorf("cancel of a cancelled task: %d %s", rec.Code, rec.Body)
 	}
 }

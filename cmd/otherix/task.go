@@ -25,7 +25,7 @@ func (c *cli) taskCommands() []command {
 	return []command{
 		{"task list", "[--vm NAME] [--limit N] [-o table|json]", "list tasks, newest first", c.taskList, false},
 		{"task get", "ID [-o text|json]", "show a task: status, progress, error, result", c.taskGet, false},
-		{"task cancel", "ID [-o text|json]", "cancel a pending task or a create or pull still downloading", c.taskCancel, false},
+		{"task cancel", "ID [-o text|json]", "cancel a task not yet started (pending, or queued behind another) or a create or pull still downloading", c.taskCancel, false},
 	}
 }
 
