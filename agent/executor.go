@@ -89,7 +89,7 @@ func (h *Host) Execute(ctx context.Context, t protocol.Task, progress func(api.P
 		if err != nil {
 			msg = errcode.MessageOf(err)
 		}
-		h.eventByName(name, typ, msg, t.ID)
+		h.eventSoonByName(name, typ, msg, t.ID)
 	}
 	if err != nil {
 		return protocol.Result{}, err

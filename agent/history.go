@@ -8,13 +8,26 @@ import (
 	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
-// event records one fact of a VM's life in its history. An event store
-// that cannot persist keeps the event in memory; the agent goes on.
+// event records one fact of a VM's life in its history, on disk when it
+// returns. An event store that cannot persist keeps the event in memory;
+// the agent goes on.
 func (h *Host) event(v vm.View, typ, msg, taskID string) {
+	h.addEvent(h.events.Add, v, typ, msg, taskID)
+}
+
+// eventSoon is event written in the background, within a few
+// milliseconds: a task's own history entry (a pause, a reset), which
+// nothing reads back as a commit point, does not make its task wait for
+// the disk.
+func (h *Host) eventSoon(v vm.View, typ, msg, taskID string) {
+	h.addEvent(h.events.AddSoon, v, typ, msg, taskID)
+}
+
+func (h *Host) addEvent(add func(api.VMEvent) (api.VMEvent, error), v vm.View, typ, msg, taskID string) {
 	if h.events == nil {
 		return
 	}
-	e, err := h.events.Add(api.VMEvent{VMName: v.Spec.Name, VMUUID: v.Spec.UUID, Type: typ, Message: msg, TaskID: taskID})
+	e, err := add(api.VMEvent{VMName: v.Spec.Name, VMUUID: v.Spec.UUID, Type: typ, Message: msg, TaskID: taskID})
 	if err != nil {
 		h.log.Warn("persist vm event", zap.String("vm", v.Spec.Name), zap.String("type", typ), zap.Error(err))
 	}
@@ -26,6 +39,13 @@ func (h *Host) event(v vm.View, typ, msg, taskID string) {
 func (h *Host) eventByName(name, typ, msg, taskID string) {
 	if v, err := h.engine.Get(name); err == nil {
 		h.event(v, typ, msg, taskID)
+	}
+}
+
+// eventSoonByName is eventSoon of a VM known by name.
+func (h *Host) eventSoonByName(name, typ, msg, taskID string) {
+	if v, err := h.engine.Get(name); err == nil {
+		h.eventSoon(v, typ, msg, taskID)
 	}
 }
 

@@ -128,7 +128,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		return nil, err
 	}
 	h.box = box
-	evs, err := events.Open(filepath.Join(cfg.DataDir, "events"), events.Options{Observe: o.Metrics.ObserveVMEvent})
+	evs, err := events.Open(filepath.Join(cfg.DataDir, "events"), events.Options{Observe: o.Metrics.ObserveVMEvent, Logger: log.Named("events")})
 	if err != nil {
 		cache.Close()
 		return nil, err
@@ -249,6 +249,12 @@ func exitCause(p vm.Placer) func(vm.View) string {
 func (h *Host) Close() {
 	h.engine.Close()
 	h.cache.Close()
+	if h.events == nil {
+		return
+	}
+	if err := h.events.Flush(); err != nil {
+		h.log.Warn("persist vm events", zap.Error(err))
+	}
 }
 
 // Engine exposes the VM engine (for the API's console endpoint and tests).

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
 )
@@ -95,5 +96,72 @@ func TestStoreHistoryPendingAckAndReopen(t *testing.T) {
 	}
 	if _, err := s2.Add(api.VMEvent{VMUUID: "../x", Type: api.EventStopped}); err == nil {
 		t.Error("an event of a uuid that is a path was persisted")
+	}
+}
+
+// AddSoon's events are in the history at once and on disk after the
+// background write (or Flush); the control plane is offered only what is
+// on disk, so a crash never takes back an event it has seen.
+func TestStoreAddSoon(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Add(api.VMEvent{VMUUID: vmA, Type: api.EventCreated}); err != nil {
+		t.Fatal(err)
+	}
+	e, err := s.AddSoon(api.VMEvent{VMUUID: vmA, Type: api.EventPaused})
+	if err != nil || e.Seq != 2 {
+		t.Fatalf("AddSoon = %+v, %v; want seq 2", e, err)
+	}
+	if got := types(s.List(vmA)); !equal(got, []string{api.EventCreated, api.EventPaused}) {
+		t.Errorf("history before the write = %v", got)
+	}
+	if got := s.Pending(10); len(got) != 1 || got[0].Seq != 1 {
+		t.Errorf("pending before the write = %+v, want seq 1 only", got)
+	}
+	// A crash now (a reopen without Flush) loses the paused event and
+	// gives its number again: the control plane never had it.
+	crashed, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := types(crashed.List(vmA)); !equal(got, []string{api.EventCreated}) {
+		t.Errorf("history after a crash = %v, want created", got)
+	}
+	if err := s.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Pending(10); len(got) != 2 {
+		t.Errorf("pending after Flush = %+v, want seq 1 and 2", got)
+	}
+	s2, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := types(s2.List(vmA)); !equal(got, []string{api.EventCreated, api.EventPaused}) {
+		t.Errorf("history after Flush and reopen = %v", got)
+	}
+	if e, _ := s2.Add(api.VMEvent{VMUUID: vmA, Type: api.EventResumed}); e.Seq != 3 {
+		t.Errorf("seq after reopen = %d, want 3", e.Seq)
+	}
+
+	// Without Flush, the background write lands by itself.
+	if _, err := s2.AddSoon(api.VMEvent{VMUUID: vmB, Type: api.EventReset}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(s2.Pending(10)) != 4 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the background write did not land: pending %+v", s2.Pending(10))
+		}
+		time.Sleep(writeDelay)
+	}
+	if _, err := os.Stat(filepath.Join(dir, vmB+".json")); err != nil {
+		t.Errorf("b's history after the background write: %v", err)
+	}
+	if _, err := s2.AddSoon(api.VMEvent{VMUUID: "../x", Type: api.EventReset}); err == nil {
+		t.Error("AddSoon took an event of a uuid that is a path")
 	}
 }

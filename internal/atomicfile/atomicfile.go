@@ -10,6 +10,16 @@ import (
 
 // Write replaces path with data, created with mode.
 func Write(path string, data []byte, mode os.FileMode) error {
+	if err := WriteNoDirSync(path, data, mode); err != nil {
+		return err
+	}
+	return SyncDir(filepath.Dir(path))
+}
+
+// WriteNoDirSync is Write without the directory's fsync: the new content
+// is on disk, the rename not yet. A caller replacing several files of one
+// directory calls SyncDir once after them.
+func WriteNoDirSync(path string, data []byte, mode os.FileMode) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -39,7 +49,7 @@ func Write(path string, data []byte, mode os.FileMode) error {
 		return err
 	}
 	ok = true
-	return SyncDir(dir)
+	return nil
 }
 
 // SyncDir fsyncs a directory, making a rename in it durable.
