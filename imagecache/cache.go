@@ -14,9 +14,9 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"github.com/otherix/otherix-agent/internal/errcode"
+	"github.com/otherix/otherix-agent/internal/flock"
 )
 
 // PoolConfig names a storage pool and its directory.
@@ -341,7 +341,7 @@ func (c *Cache) openPool(pc PoolConfig, dir string) (*pool, error) {
 	if err != nil {
 		return nil, errcode.Wrap(errcode.Internal, err, "pool %q: open lock", pc.Name)
 	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+	if err := flock.Exclusive(lock); err != nil {
 		lock.Close()
 		return nil, errcode.Wrap(errcode.Conflict, err, "pool %q: %s is in use by another process", pc.Name, dir)
 	}

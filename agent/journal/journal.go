@@ -36,6 +36,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/internal/flock"
 )
 
 // State is where a task stands on this host.
@@ -151,7 +152,7 @@ func Open(dir string, opts Options) (*Journal, error) {
 	if err != nil {
 		return nil, fmt.Errorf("journal: %w", err)
 	}
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	if err := flock.Exclusive(lock); err != nil {
 		lock.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			return nil, fmt.Errorf("journal %s: %w", dir, ErrLocked)
