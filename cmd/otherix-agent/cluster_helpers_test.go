@@ -153,3 +153,43 @@ func waitTask(t *testing.T, a *standaloneAgent, id string, d time.Duration) api.
 		time.Sleep(300 * time.Millisecond)
 	}
 }
+
+// waitHealthy waits until every running etcd member serves with a leader.
+func waitHealthy(t *testing.T, tc *testCluster) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := tc.etcd.WaitHealthy(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitView polls GET /v1/vms/{name} through a until ok accepts the view.
+func (a *standaloneAgent) waitView(name, what string, d time.Duration, ok func(api.VM) bool) api.VM {
+	a.t.Helper()
+	var v api.VM
+	var err error
+	deadline := time.Now().Add(d)
+	for {
+		v = api.VM{}
+		if err = a.apiGet("/v1/vms/"+name, &v); err == nil && ok(v) {
+			return v
+		}
+		if time.Now().After(deadline) {
+			a.t.Fatalf("%s: last view %+v (err %v)", what, v, err)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// waitFor polls cond every 100 ms until it holds.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waiting %v for %s", d, what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
