@@ -9,7 +9,9 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -61,6 +63,9 @@ func clusterBench(ns []int, duration, interval time.Duration, vms int) error {
 	fmt.Println("|---|---|---|---|---|---|---|---|")
 	for _, n := range ns {
 		for _, kind := range []string{"standalone (file)", "cluster (etcd, 3 replicas)"} {
+			if !slices.Contains(strings.Split(onlyStores, ","), storeShort(kind)) {
+				continue
+			}
 			row, err := benchOne(kind, n, duration, interval, vms, tmp, tok, etcd)
 			if err != nil {
 				return fmt.Errorf("%s, N=%d: %w", kind, n, err)
@@ -207,11 +212,16 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, tmp
 	}
 	rev0, req0 := rev(), reqs.Load()
 	errs.Store(0)
+	stopProfile, err := startProfile(kind, n)
+	if err != nil {
+		return "", err
+	}
 	measuring.Store(true)
 	begin := time.Now()
 	time.Sleep(duration)
 	elapsed := time.Since(begin)
 	measuring.Store(false)
+	stopProfile()
 	rev1, req1 := rev(), reqs.Load()
 	mu.Lock()
 	slices.Sort(lat)
@@ -224,6 +234,30 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, tmp
 	return fmt.Sprintf("| %s | %d | %.1f | %.1f | %v | %v | %d | %s |", kind, n,
 		float64(req1-req0)/elapsed.Seconds(), float64(beats.Load())/elapsed.Seconds(),
 		p50.Round(100*time.Microsecond), p99.Round(100*time.Microsecond), errs.Load(), writes), nil
+}
+
+func storeShort(kind string) string {
+	if kind == "standalone (file)" {
+		return "file"
+	}
+	return "etcd"
+}
+
+// startProfile starts a CPU profile of one row's window when -cpuprofile
+// asks for it; the returned function ends it.
+func startProfile(kind string, n int) (func(), error) {
+	if cpuProfile == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(fmt.Sprintf("%s-%s-%d.pprof", cpuProfile, storeShort(kind), n))
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }
 
 // closeServer ends a test server with long polls still open: it drops

@@ -37,6 +37,8 @@ import (
 	"github.com/otherix/otherix-agent/agent/runner"
 )
 
+var cpuProfile, onlyStores string
+
 func main() {
 	duration := flag.Duration("duration", time.Minute, "measurement window")
 	nvms := flag.Int("vms", 100, "VMs on the host")
@@ -44,6 +46,8 @@ func main() {
 	interval := flag.Duration("interval", 10*time.Second, "heartbeat interval the control plane asks for")
 	cluster := flag.String("cluster", "", "comma-separated fleet sizes N: measure the control plane with N simulated agents on the file and the etcd store")
 	clusterVMs := flag.Int("cluster-vms", 5, "VMs each simulated agent reports (-cluster)")
+	flag.StringVar(&cpuProfile, "cpuprofile", "", "with -cluster: write a CPU profile of each row's window to `prefix`-<store>-<N>.pprof")
+	flag.StringVar(&onlyStores, "stores", "file,etcd", "with -cluster: the stores to measure")
 	flag.Parse()
 	if *cluster != "" {
 		var ns []int
