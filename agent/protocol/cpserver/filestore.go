@@ -85,9 +85,11 @@ func NewFileStore(path string, log *zap.Logger) (*FileStore, error) {
 	for name, id := range st.Names {
 		byUUID[id] = name
 	}
+	fs.mem.lock()
 	fs.mem.vms = map[string]VM{} // a file store always has an opinion
+	fs.mem.mu.Unlock()
 	for id, phase := range st.Desired {
-		fs.mem.vms[id] = VM{UUID: id, Name: byUUID[id], Phase: phase}
+		fs.mem.PutVM(ctx, VM{UUID: id, Name: byUUID[id], Phase: phase})
 	}
 	return fs, nil
 }
@@ -241,6 +243,16 @@ func (fs *FileStore) Unfinished(ctx context.Context) ([]Task, error) { return fs
 
 // VMs implements Store.
 func (fs *FileStore) VMs(ctx context.Context) ([]VM, bool, error) { return fs.mem.VMs(ctx) }
+
+// NodeVMs implements Store.
+func (fs *FileStore) NodeVMs(ctx context.Context, node string) ([]VM, bool, error) {
+	return fs.mem.NodeVMs(ctx, node)
+}
+
+// VM implements Store.
+func (fs *FileStore) VM(ctx context.Context, uuid string) (VM, bool, error) {
+	return fs.mem.VM(ctx, uuid)
+}
 
 // PutVM implements Store.
 func (fs *FileStore) PutVM(ctx context.Context, vm VM) error {

@@ -308,21 +308,23 @@ func (s *Server) releaseLeases(ctx context.Context, node string) error {
 // Heartbeat records a node's heartbeat and answers its desired map.
 func (s *Server) Heartbeat(ctx context.Context, req protocol.HeartbeatRequest) (protocol.HeartbeatResponse, error) {
 	s.init()
+	// Info nil (no node_info): the store keeps the recorded one.
 	n := Node{Name: req.Node, State: req.State, LastHeartbeat: time.Now().UTC(), VMs: req.VMs, Info: req.NodeInfo}
-	if n.Info == nil {
-		if prev, err := s.node(ctx, req.Node); err == nil && prev != nil {
-			n.Info = prev.Info
-		}
-	}
 	if err := s.Store.PutNode(ctx, n); err != nil {
 		return protocol.HeartbeatResponse{}, err
 	}
-	vms, known, err := s.Store.VMs(ctx)
+	// The node's own VMs, and the VMs it reports that are placed
+	// elsewhere: never the whole map.
+	vms, known, err := s.Store.NodeVMs(ctx, req.Node)
+	if err != nil {
+		return protocol.HeartbeatResponse{}, err
+	}
+	vms, err = s.reported(ctx, req, vms)
 	if err != nil {
 		return protocol.HeartbeatResponse{}, err
 	}
 	if s.AdoptUnknownVMs {
-		if vms, known, err = s.adopt(ctx, req, vms); err != nil {
+		if vms, err = s.adopt(ctx, req, vms); err != nil {
 			return protocol.HeartbeatResponse{}, err
 		}
 	}
@@ -330,7 +332,7 @@ func (s *Server) Heartbeat(ctx context.Context, req protocol.HeartbeatRequest) (
 		return protocol.HeartbeatResponse{}, err
 	}
 	resp := protocol.HeartbeatResponse{IntervalSeconds: s.interval()}
-	if known {
+	if known || s.AdoptUnknownVMs {
 		resp.Desired = map[string]string{}
 		for _, v := range vms {
 			if v.Node == "" || v.Node == req.Node {
@@ -339,6 +341,29 @@ func (s *Server) Heartbeat(ctx context.Context, req protocol.HeartbeatRequest) (
 		}
 	}
 	return resp, nil
+}
+
+// reported adds to vms (the node's VMs) those the heartbeat reports that
+// the desired map places on another node.
+func (s *Server) reported(ctx context.Context, req protocol.HeartbeatRequest, vms []VM) ([]VM, error) {
+	have := make(map[string]bool, len(vms))
+	for _, v := range vms {
+		have[v.UUID] = true
+	}
+	for _, st := range req.VMs {
+		if have[st.UUID] {
+			continue
+		}
+		v, ok, err := s.Store.VM(ctx, st.UUID)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			vms = append(vms, v)
+			have[st.UUID] = true
+		}
+	}
+	return vms, nil
 }
 
 // recordStopped records as desired stopped the VMs the agent reports
@@ -357,7 +382,7 @@ func (s *Server) recordStopped(ctx context.Context, req protocol.HeartbeatReques
 				continue
 			}
 			if busy == nil {
-				tasks, err := s.Store.Tasks(ctx)
+				tasks, err := s.Store.Unfinished(ctx)
 				if err != nil {
 					return nil, err
 				}
@@ -382,7 +407,7 @@ func (s *Server) recordStopped(ctx context.Context, req protocol.HeartbeatReques
 }
 
 // adopt puts the heartbeat's VMs the desired map lacks into it.
-func (s *Server) adopt(ctx context.Context, req protocol.HeartbeatRequest, vms []VM) ([]VM, bool, error) {
+func (s *Server) adopt(ctx context.Context, req protocol.HeartbeatRequest, vms []VM) ([]VM, error) {
 	have := make(map[string]bool, len(vms))
 	for _, v := range vms {
 		have[v.UUID] = true
@@ -400,24 +425,11 @@ func (s *Server) adopt(ctx context.Context, req protocol.HeartbeatRequest, vms [
 			vm.Node = req.Node
 		}
 		if err := s.Store.PutVM(ctx, vm); err != nil {
-			return nil, false, err
+			return nil, err
 		}
 		vms = append(vms, vm)
 	}
-	return vms, true, nil
-}
-
-func (s *Server) node(ctx context.Context, name string) (*Node, error) {
-	nodes, err := s.Store.Nodes(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for _, n := range nodes {
-		if n.Name == name {
-			return &n, nil
-		}
-	}
-	return nil, nil
+	return vms, nil
 }
 
 // Nodes returns the nodes that registered or sent a heartbeat.

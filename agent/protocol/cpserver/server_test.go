@@ -322,3 +322,53 @@ func TestNodeScoped(t *testing.T) {
 		})
 	}
 }
+
+// TestNodeRecordAndMovedVM: a heartbeat without node_info keeps the
+// registered one and records its VMs; a VM placed on another node leaves
+// the first node's answer, and a heartbeat still reporting it does not
+// adopt it back.
+func TestNodeRecordAndMovedVM(t *testing.T) {
+	for name, mk := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			srv := &cpserver.Server{Store: mk(), DesiredFollowsTasks: true, AdoptUnknownVMs: true, NodeScoped: true}
+			if _, err := srv.Register(ctx, protocol.RegisterRequest{Node: protocol.NodeInfo{Name: "n1", CPUs: 8}}); err != nil {
+				t.Fatal(err)
+			}
+			running := []protocol.VMStatus{{Name: "a", UUID: "ua", Status: api.StatusRunning}}
+			hb, err := srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n1", State: protocol.NodeReady, VMs: running})
+			if want := map[string]string{"ua": api.PhaseRunning}; err != nil || !equal(hb.Desired, want) {
+				t.Fatalf("adopting heartbeat: %v %v, want %v", hb.Desired, err, want)
+			}
+			nodes, err := srv.Nodes(ctx)
+			if err != nil || len(nodes) != 1 || nodes[0].Info == nil || nodes[0].Info.CPUs != 8 || len(nodes[0].VMs) != 1 || nodes[0].State != protocol.NodeReady {
+				t.Fatalf("nodes %+v %v", nodes, err)
+			}
+			// node_info again when it changed.
+			srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n1", State: protocol.NodeReady, VMs: running, NodeInfo: &protocol.NodeInfo{Name: "n1", CPUs: 16}})
+			if nodes, _ = srv.Nodes(ctx); nodes[0].Info == nil || nodes[0].Info.CPUs != 16 {
+				t.Errorf("node_info not recorded: %+v", nodes[0].Info)
+			}
+			if err := srv.SetDesired(ctx, cpserver.VM{UUID: "ua", Name: "a", Phase: api.PhaseStopped, Node: "n2"}); err != nil {
+				t.Fatal(err)
+			}
+			hb, _ = srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n1", State: protocol.NodeReady, VMs: running})
+			if len(hb.Desired) != 0 || hb.Desired == nil {
+				t.Errorf("n1 desired %v after the VM moved, want {}", hb.Desired)
+			}
+			hb, _ = srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n2", State: protocol.NodeReady})
+			if want := map[string]string{"ua": api.PhaseStopped}; !equal(hb.Desired, want) {
+				t.Errorf("n2 desired %v, want %v", hb.Desired, want)
+			}
+			if node := srv.NodeOf(ctx, "ua"); node != "n2" {
+				t.Errorf("NodeOf(ua) = %q, want n2", node)
+			}
+			if err := srv.SetDesired(ctx, cpserver.VM{UUID: "ua"}); err != nil {
+				t.Fatal(err)
+			}
+			if hb, _ = srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n2", State: protocol.NodeReady}); len(hb.Desired) != 0 {
+				t.Errorf("n2 desired %v after the VM was forgotten", hb.Desired)
+			}
+		})
+	}
+}

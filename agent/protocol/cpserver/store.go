@@ -99,12 +99,19 @@ type Store interface {
 	// VMs returns the desired map. known is false while the store has
 	// never held one ("no opinion").
 	VMs(ctx context.Context) (vms []VM, known bool, err error)
+	// NodeVMs returns the VMs of the desired map that belong to node or
+	// to no node, without reading the others (a heartbeat's answer).
+	NodeVMs(ctx context.Context, node string) (vms []VM, known bool, err error)
+	// VM returns one VM of the desired map; ok false when absent.
+	VM(ctx context.Context, uuid string) (vm VM, ok bool, err error)
 	// PutVM adds or replaces a VM of the desired map.
 	PutVM(ctx context.Context, vm VM) error
 	// DeleteVM removes a VM from the desired map (no error when absent).
 	DeleteVM(ctx context.Context, uuid string) error
 
-	// PutNode records a node's registration or heartbeat.
+	// PutNode records a node's registration or heartbeat. n.Info nil
+	// keeps the recorded Info (a heartbeat without node_info). It does
+	// not wake Changed's waiters: nobody waits on nodes.
 	PutNode(ctx context.Context, n Node) error
 	// Nodes returns the known nodes.
 	Nodes(ctx context.Context) ([]Node, error)
@@ -123,8 +130,9 @@ type MemStore struct {
 	mu      sync.Mutex
 	tasks   map[string]*Task
 	order   []string
-	open    []string      // ids of the tasks not terminal, oldest first
-	vms     map[string]VM // nil: no opinion yet
+	open    []string            // ids of the tasks not terminal, oldest first
+	vms     map[string]VM       // nil: no opinion yet
+	byNode  map[string][]string // node -> uuids of its VMs in vms
 	nodes   map[string]Node
 	changed chan struct{}
 }
@@ -134,6 +142,7 @@ func (m *MemStore) lock() {
 	if m.tasks == nil {
 		m.tasks = map[string]*Task{}
 		m.nodes = map[string]Node{}
+		m.byNode = map[string][]string{}
 		m.changed = make(chan struct{})
 	}
 }
@@ -266,11 +275,50 @@ func (m *MemStore) VMs(context.Context) ([]VM, bool, error) {
 	return out, m.vms != nil, nil
 }
 
+// NodeVMs implements Store.
+func (m *MemStore) NodeVMs(_ context.Context, node string) ([]VM, bool, error) {
+	m.lock()
+	defer m.mu.Unlock()
+	var out []VM
+	for _, uuid := range m.byNode[node] {
+		out = append(out, m.vms[uuid])
+	}
+	if node != "" {
+		for _, uuid := range m.byNode[""] {
+			out = append(out, m.vms[uuid])
+		}
+	}
+	return out, m.vms != nil, nil
+}
+
+// VM implements Store.
+func (m *MemStore) VM(_ context.Context, uuid string) (VM, bool, error) {
+	m.lock()
+	defer m.mu.Unlock()
+	v, ok := m.vms[uuid]
+	return v, ok, nil
+}
+
+// unindex drops uuid from its node's index; mu held.
+func (m *MemStore) unindex(uuid string) {
+	old, ok := m.vms[uuid]
+	if !ok {
+		return
+	}
+	ids := slices.DeleteFunc(m.byNode[old.Node], func(id string) bool { return id == uuid })
+	if len(ids) == 0 {
+		delete(m.byNode, old.Node)
+	} else {
+		m.byNode[old.Node] = ids
+	}
+}
+
 // ForgetDesired drops the desired map: the store has no opinion again.
 func (m *MemStore) ForgetDesired() {
 	m.lock()
 	defer m.mu.Unlock()
 	m.vms = nil
+	clear(m.byNode)
 	m.notify()
 }
 
@@ -281,7 +329,9 @@ func (m *MemStore) PutVM(_ context.Context, vm VM) error {
 	if m.vms == nil {
 		m.vms = map[string]VM{}
 	}
+	m.unindex(vm.UUID)
 	m.vms[vm.UUID] = vm
+	m.byNode[vm.Node] = append(m.byNode[vm.Node], vm.UUID)
 	m.notify()
 	return nil
 }
@@ -293,6 +343,7 @@ func (m *MemStore) DeleteVM(_ context.Context, uuid string) error {
 	if m.vms == nil {
 		m.vms = map[string]VM{}
 	}
+	m.unindex(uuid)
 	delete(m.vms, uuid)
 	m.notify()
 	return nil
@@ -302,8 +353,10 @@ func (m *MemStore) DeleteVM(_ context.Context, uuid string) error {
 func (m *MemStore) PutNode(_ context.Context, n Node) error {
 	m.lock()
 	defer m.mu.Unlock()
+	if n.Info == nil {
+		n.Info = m.nodes[n.Name].Info
+	}
 	m.nodes[n.Name] = n
-	m.notify()
 	return nil
 }
 

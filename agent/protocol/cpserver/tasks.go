@@ -57,16 +57,11 @@ func (s *Server) Enqueue(ctx context.Context, t Task) (Task, error) {
 // NodeOf returns the node of a VM of the desired map ("" when unknown).
 func (s *Server) NodeOf(ctx context.Context, uuid string) string {
 	s.init()
-	vms, _, err := s.Store.VMs(ctx)
+	v, _, err := s.Store.VM(ctx, uuid)
 	if err != nil {
 		return ""
 	}
-	for _, v := range vms {
-		if v.UUID == uuid {
-			return v.Node
-		}
-	}
-	return ""
+	return v.Node
 }
 
 // admit refuses a task of type typ when the queue limits are reached.

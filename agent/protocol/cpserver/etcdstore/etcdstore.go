@@ -7,8 +7,10 @@
 //	tasks/<id>    a task (JSON), listed in creation order (create revision)
 //	leases/<id>   the task's current lease id, attached to an etcd lease
 //	vms/<uuid>    a VM of the desired map (JSON)
+//	vmnode/<node>/<uuid>  the same VM, indexed by its node ("" for none)
 //	vms-known     present once the desired map exists ("an opinion")
 //	nodes/<name>  a node's registration and last heartbeat (JSON)
+//	alive/<name>  present while the node's heartbeats keep its lease
 //
 // Every read-modify-write is a transaction conditioned on the revisions
 // it read, so replicas never overwrite each other's changes. A task's
@@ -149,6 +151,13 @@ func unavailable(ctx context.Context, err error) bool {
 func (s *Store) taskKey(id string) string  { return s.prefix + "tasks/" + id }
 func (s *Store) leaseKey(id string) string { return s.prefix + "leases/" + id }
 func (s *Store) vmKey(uuid string) string  { return s.prefix + "vms/" + uuid }
+
+// vmNodeKey indexes a VM under its node; vmNodePrefix lists a node's.
+// A node name holding "/" may list another's too: readers check Node.
+func (s *Store) vmNodeKey(v cpserver.VM) string { return s.vmNodePrefix(v.Node) + v.UUID }
+func (s *Store) vmNodePrefix(node string) string {
+	return s.prefix + "vmnode/" + node + "/"
+}
 func (s *Store) nodeKey(name string) string {
 	return s.prefix + "nodes/" + name
 }
@@ -453,7 +462,62 @@ func (s *Store) VMs(ctx context.Context) ([]cpserver.VM, bool, error) {
 	return out, resp.Responses[1].GetResponseRange().Count > 0, nil
 }
 
-// PutVM implements cpserver.Store.
+// NodeVMs implements cpserver.Store: the node's index and the index of
+// VMs of no node, in one snapshot.
+func (s *Store) NodeVMs(ctx context.Context, node string) ([]cpserver.VM, bool, error) {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	ops := []clientv3.Op{clientv3.OpGet(s.prefix+"vms-known", clientv3.WithCountOnly()), clientv3.OpGet(s.vmNodePrefix(node), clientv3.WithPrefix())}
+	if node != "" {
+		ops = append(ops, clientv3.OpGet(s.vmNodePrefix(""), clientv3.WithPrefix()))
+	}
+	resp, err := s.cli.Txn(ctx).Then(ops...).Commit()
+	if err != nil {
+		return nil, false, wrap(ctx, err)
+	}
+	var out []cpserver.VM
+	for i, r := range resp.Responses[1:] {
+		want := node
+		if i == 1 {
+			want = ""
+		}
+		for _, kv := range r.GetResponseRange().Kvs {
+			var v cpserver.VM
+			if err := json.Unmarshal(kv.Value, &v); err != nil {
+				return nil, false, fmt.Errorf("vm %s: %w", kv.Key, err)
+			}
+			if v.Node == want {
+				out = append(out, v)
+			}
+		}
+	}
+	return out, resp.Responses[0].GetResponseRange().Count > 0, nil
+}
+
+// VM implements cpserver.Store.
+func (s *Store) VM(ctx context.Context, uuid string) (cpserver.VM, bool, error) {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	v, _, ok, err := s.readVM(ctx, uuid)
+	return v, ok, wrap(ctx, err)
+}
+
+// readVM reads a VM and its key's mod revision (0: absent).
+func (s *Store) readVM(ctx context.Context, uuid string) (cpserver.VM, int64, bool, error) {
+	resp, err := s.cli.Get(ctx, s.vmKey(uuid))
+	if err != nil || len(resp.Kvs) == 0 {
+		return cpserver.VM{}, 0, false, err
+	}
+	var v cpserver.VM
+	if err := json.Unmarshal(resp.Kvs[0].Value, &v); err != nil {
+		return cpserver.VM{}, 0, false, fmt.Errorf("vm %s: %w", uuid, err)
+	}
+	return v, resp.Kvs[0].ModRevision, true, nil
+}
+
+// PutVM implements cpserver.Store: the VM and its node's index in one
+// transaction, conditioned on the VM as read (a VM that moved leaves
+// its old node's index).
 func (s *Store) PutVM(ctx context.Context, vm cpserver.VM) error {
 	b, err := json.Marshal(vm)
 	if err != nil {
@@ -461,16 +525,48 @@ func (s *Store) PutVM(ctx context.Context, vm cpserver.VM) error {
 	}
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	_, err = s.cli.Txn(ctx).Then(clientv3.OpPut(s.vmKey(vm.UUID), string(b)), clientv3.OpPut(s.prefix+"vms-known", "1")).Commit()
-	return wrap(ctx, err)
+	return wrap(ctx, s.changeVM(ctx, vm.UUID, func(old *cpserver.VM) []clientv3.Op {
+		ops := []clientv3.Op{clientv3.OpPut(s.vmKey(vm.UUID), string(b)), clientv3.OpPut(s.vmNodeKey(vm), string(b))}
+		if old != nil && old.Node != vm.Node {
+			ops = append(ops, clientv3.OpDelete(s.vmNodeKey(*old)))
+		}
+		return ops
+	}))
 }
 
 // DeleteVM implements cpserver.Store.
 func (s *Store) DeleteVM(ctx context.Context, uuid string) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	_, err := s.cli.Txn(ctx).Then(clientv3.OpDelete(s.vmKey(uuid)), clientv3.OpPut(s.prefix+"vms-known", "1")).Commit()
-	return wrap(ctx, err)
+	return wrap(ctx, s.changeVM(ctx, uuid, func(old *cpserver.VM) []clientv3.Op {
+		if old == nil {
+			return nil
+		}
+		return []clientv3.Op{clientv3.OpDelete(s.vmKey(uuid)), clientv3.OpDelete(s.vmNodeKey(*old))}
+	}))
+}
+
+// changeVM reads a VM (old nil: absent) and commits ops(old), with the
+// desired map marked known, if the VM did not change meanwhile; else
+// again.
+func (s *Store) changeVM(ctx context.Context, uuid string, ops func(old *cpserver.VM) []clientv3.Op) error {
+	for {
+		v, rev, ok, err := s.readVM(ctx, uuid)
+		if err != nil {
+			return err
+		}
+		var old *cpserver.VM
+		if ok {
+			old = &v
+		}
+		resp, err := s.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(s.vmKey(uuid)), "=", rev)).
+			Then(append(ops(old), clientv3.OpPut(s.prefix+"vms-known", "1"))...).
+			Commit()
+		if err != nil || resp.Succeeded {
+			return err
+		}
+	}
 }
 
 func (s *Store) aliveKey(name string) string { return s.prefix + "alive/" + name }
@@ -480,15 +576,25 @@ func (s *Store) aliveKey(name string) string { return s.prefix + "alive/" + name
 // stop, etcd deletes the key and the node reads as lost. A node's
 // registration (no heartbeat yet, no state) does not make it alive.
 func (s *Store) PutNode(ctx context.Context, n cpserver.Node) error {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	resp, err := s.cli.Txn(ctx).Then(clientv3.OpGet(s.nodeKey(n.Name)), clientv3.OpGet(s.aliveKey(n.Name))).Commit()
+	if err != nil {
+		return wrap(ctx, err)
+	}
+	var prev cpserver.Node
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 && n.Info == nil && json.Unmarshal(kvs[0].Value, &prev) == nil {
+		n.Info = prev.Info
+	}
 	b, err := json.Marshal(n)
 	if err != nil {
 		return err
 	}
-	ctx, cancel := s.op(ctx)
-	defer cancel()
-	resp, err := s.cli.Txn(ctx).Then(clientv3.OpPut(s.nodeKey(n.Name), string(b)), clientv3.OpGet(s.aliveKey(n.Name))).Commit()
-	if err != nil || n.State == "" {
+	if _, err := s.cli.Put(ctx, s.nodeKey(n.Name), string(b)); err != nil {
 		return wrap(ctx, err)
+	}
+	if n.State == "" {
+		return nil
 	}
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 && kvs[0].Lease != 0 {
 		if _, err := s.cli.KeepAliveOnce(ctx, clientv3.LeaseID(kvs[0].Lease)); err == nil {
