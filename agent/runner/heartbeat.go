@@ -25,11 +25,11 @@ func (r *Runner) heartbeatLoop(ctx context.Context) {
 		wait := r.interval
 		r.mu.Unlock()
 		if err != nil {
-			w := b.next(err)
-			if protocol.RetryAfter(err) == 0 {
-				w = min(w, wait)
-			}
-			wait = w
+			// The backoff never outgrows the interval: a node whose
+			// heartbeats pause longer than its liveness lease (three
+			// intervals in cluster mode) reads lost after an outage of
+			// the store alone. A longer Retry-After is honoured.
+			wait = max(min(b.next(err), wait), min(protocol.RetryAfter(err), maxRetryAfter))
 		} else {
 			b.reset()
 		}
