@@ -8,8 +8,11 @@
 // after a retention period.
 //
 // Durability is spent where exactly-once effect needs it. Start returns
-// only once the started record is on disk (one file created, fsync'd, its
-// directory fsync'd), so a task's effect never happens unrecorded. The
+// only once the started record is on disk, so a task's effect never
+// happens unrecorded. It costs one fsync: the record goes into a spare, an
+// empty file the journal created and made durable (file and directory)
+// in advance, in the background; without a spare, the record's file is
+// created and fsync'd, and then its directory. The
 // outcome (Finish) and the acknowledgement (Ack) are recorded in memory at
 // once and written durably in the background, in order (a temporary file,
 // fsync, rename, directory fsync), so the completion need not wait for the
@@ -108,7 +111,11 @@ type Journal struct {
 
 	mu      sync.Mutex
 	entries map[string]Entry
-	closed  bool
+	// names maps a task to its file when that is not fileName(task): a
+	// spare its started record went into.
+	names  map[string]string
+	spares []string // empty, durable files ready for started records
+	closed bool
 	// Background writes: the latest entry of each task to write, in the
 	// order first queued. wmu is held while a file is written or
 	// removed, so that a removal never races a pending write.
@@ -126,6 +133,11 @@ const (
 	suffix    = ".json"
 	tmpSuffix = ".tmp"
 	lockName  = "LOCK"
+	// spare files are named slot-*.json; while empty they are spares.
+	sparePrefix = "slot-"
+	// spareTarget is how many spares the journal keeps ready: a burst of
+	// that many tasks starts at one fsync each.
+	spareTarget = 4
 )
 
 // Open opens (creating) the journal in dir and loads its entries.
@@ -159,12 +171,19 @@ func Open(dir string, opts Options) (*Journal, error) {
 		}
 		return nil, fmt.Errorf("journal %s: lock: %w", dir, err)
 	}
-	j := &Journal{dir: dir, opts: opts, log: log, lock: lock, entries: map[string]Entry{},
+	j := &Journal{dir: dir, opts: opts, log: log, lock: lock, entries: map[string]Entry{}, names: map[string]string{},
 		pending: map[string]Entry{}, kick: make(chan struct{}, 1), drained: make(chan struct{}),
 		stop: make(chan struct{}), stopped: make(chan struct{})}
 	if err := j.load(); err != nil {
 		lock.Close()
 		return nil, err
+	}
+	if made := j.makeSpares(); len(made) > 0 {
+		if err := syncDir(dir); err != nil {
+			lock.Close()
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+		j.spares = append(j.spares, made...)
 	}
 	go j.writer()
 	return j, nil
@@ -185,25 +204,97 @@ func (j *Journal) load() error {
 				return fmt.Errorf("journal: %w", err)
 			}
 		case strings.HasSuffix(name, suffix):
-			var e Entry
 			data, err := os.ReadFile(p)
+			spare := strings.HasPrefix(name, sparePrefix)
+			if err == nil && spare && len(data) == 0 {
+				j.spares = append(j.spares, name)
+				continue
+			}
+			var e Entry
 			if err == nil {
 				err = json.Unmarshal(data, &e)
 			}
-			if err == nil && (e.TaskID == "" || fileName(e.TaskID) != name) {
+			if err == nil && (e.TaskID == "" || !spare && fileName(e.TaskID) != name) {
 				err = errors.New("entry does not match its file name")
 			}
+			if old, dup := j.entries[e.TaskID]; err == nil && dup {
+				if rank(old) >= rank(e) {
+					err = errors.New("a second entry of a task, not newer")
+				} else if rerr := j.setAside(filepath.Join(j.dir, j.nameOf(e.TaskID)), errors.New("a second entry of a task, older")); rerr != nil {
+					return rerr
+				}
+			}
 			if err != nil {
-				j.log.Warn("journal entry unreadable, set aside", zap.String("file", p), zap.Error(err))
-				if rerr := os.Rename(p, p+".corrupt"); rerr != nil {
-					return fmt.Errorf("journal: set aside %s: %w", p, rerr)
+				if rerr := j.setAside(p, err); rerr != nil {
+					return rerr
 				}
 				continue
 			}
 			j.entries[e.TaskID] = e
+			if name != fileName(e.TaskID) {
+				j.names[e.TaskID] = name
+			} else {
+				delete(j.names, e.TaskID)
+			}
 		}
 	}
 	return nil
+}
+
+// setAside renames an unreadable entry's file with a ".corrupt" suffix.
+func (j *Journal) setAside(p string, why error) error {
+	j.log.Warn("journal entry unreadable, set aside", zap.String("file", p), zap.Error(why))
+	if err := os.Rename(p, p+".corrupt"); err != nil {
+		return fmt.Errorf("journal: set aside %s: %w", p, err)
+	}
+	return nil
+}
+
+// rank orders an entry's states: started, finished, acked.
+func rank(e Entry) int {
+	switch {
+	case e.Acked():
+		return 2
+	case e.State == Finished:
+		return 1
+	}
+	return 0
+}
+
+// nameOf is the file of a task's entry; mu held (or loading).
+func (j *Journal) nameOf(id string) string {
+	if n, ok := j.names[id]; ok {
+		return n
+	}
+	return fileName(id)
+}
+
+// makeSpares creates the spares missing from spareTarget, each empty and
+// fsync'd, and returns their names; the caller fsyncs the directory
+// before using them. A failure is logged: Start then creates files.
+func (j *Journal) makeSpares() []string {
+	j.mu.Lock()
+	need := spareTarget - len(j.spares)
+	j.mu.Unlock()
+	var made []string
+	for range need {
+		f, err := os.CreateTemp(j.dir, sparePrefix+"*"+suffix)
+		if err == nil {
+			err = f.Sync()
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				os.Remove(f.Name())
+			}
+		}
+		if err != nil {
+			j.log.Warn("journal: make a spare file", zap.Error(err))
+			break
+		}
+		made = append(made, filepath.Base(f.Name()))
+	}
+	return made
 }
 
 var safeID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
@@ -274,14 +365,28 @@ func (j *Journal) Start(e Entry) error {
 	if err != nil {
 		return fmt.Errorf("journal: encode %s: %w", e.TaskID, err)
 	}
-	// A new task's file is created in place: one fsync of the file and
-	// one of the directory. A torn file can only come from a crash before
-	// the fsync returned, i.e. before the task ran; it is set aside at
-	// the next Open. A re-run replaces the file atomically.
-	if had {
-		err = writeFile(j.dir, fileName(e.TaskID), data)
-	} else {
-		err = createFile(j.dir, fileName(e.TaskID), data)
+	// A new task's record goes into a spare (one fsync), else into a
+	// file created in place (fsync of the file and of the directory). A
+	// torn record can only come from a crash before the fsync returned,
+	// i.e. before the task ran: an empty spare is a spare again, anything
+	// else is set aside at the next Open. A re-run replaces its record
+	// atomically.
+	j.mu.Lock()
+	name, spare := j.nameOf(e.TaskID), ""
+	if !had && len(j.spares) > 0 {
+		spare = j.spares[len(j.spares)-1]
+		j.spares = j.spares[:len(j.spares)-1]
+		name = spare
+	}
+	j.mu.Unlock()
+	switch {
+	case had:
+		err = writeFile(j.dir, name, data)
+	case spare != "":
+		err = fillSpare(j.dir, spare, data)
+		j.kickWriter() // make another
+	default:
+		err = createFile(j.dir, name, data)
 	}
 	if err != nil {
 		return fmt.Errorf("journal: write %s: %w", e.TaskID, err)
@@ -292,6 +397,9 @@ func (j *Journal) Start(e Entry) error {
 		return ErrClosed
 	}
 	j.entries[e.TaskID] = e
+	if spare != "" {
+		j.names[e.TaskID] = spare
+	}
 	return nil
 }
 
@@ -411,15 +519,19 @@ func (j *Journal) Close() error {
 }
 
 // Flush waits until every outcome and acknowledgement recorded so far is
-// on disk.
+// on disk, and the spares are made again.
 func (j *Journal) Flush() {
 	j.mu.Lock()
-	if len(j.queue) == 0 && !j.writing {
+	refill := len(j.spares) < spareTarget && !j.closed
+	if len(j.queue) == 0 && !j.writing && !refill {
 		j.mu.Unlock()
 		return
 	}
 	ch := j.drained
 	j.mu.Unlock()
+	if refill {
+		j.kickWriter()
+	}
 	<-ch
 }
 
@@ -433,11 +545,16 @@ func (j *Journal) putLater(e Entry) error {
 		j.queue = append(j.queue, e.TaskID)
 	}
 	j.pending[e.TaskID] = e
+	j.kickWriter()
+	return nil
+}
+
+// kickWriter wakes the background writer.
+func (j *Journal) kickWriter() {
 	select {
 	case j.kick <- struct{}{}:
 	default:
 	}
-	return nil
 }
 
 // writeDelay is how long the writer lets records gather before it writes
@@ -466,12 +583,15 @@ func (j *Journal) writer() {
 	}
 }
 
-// writeQueued writes queued entries in batches until the queue is empty.
+// writeQueued writes queued entries in batches until the queue is empty;
+// the first batch also makes the spares Start used up.
 func (j *Journal) writeQueued() {
+	refill := true
 	for {
 		j.wmu.Lock()
 		j.mu.Lock()
-		if len(j.queue) == 0 {
+		refill = refill && len(j.spares) < spareTarget && !j.closed
+		if len(j.queue) == 0 && !refill {
 			j.writing = false
 			close(j.drained)
 			j.drained = make(chan struct{})
@@ -480,34 +600,42 @@ func (j *Journal) writeQueued() {
 			return
 		}
 		batch := make([]Entry, 0, len(j.queue))
+		names := make([]string, 0, len(j.queue))
 		for _, id := range j.queue {
 			batch = append(batch, j.pending[id])
+			names = append(names, j.nameOf(id))
 		}
 		j.queue = nil
 		clear(j.pending)
 		j.writing = true
 		j.mu.Unlock()
-		j.writeBatch(batch)
+		made := j.writeBatch(batch, names, refill)
+		refill = false
+		j.mu.Lock()
+		j.spares = append(j.spares, made...)
+		j.mu.Unlock()
 		j.wmu.Unlock()
 	}
 }
 
-// writeBatch replaces each entry's file durably: every temporary file
-// written and fsync'd, then renamed, then one fsync of the directory.
-func (j *Journal) writeBatch(batch []Entry) {
+// writeBatch replaces each entry's file (names[i] is batch[i]'s) durably
+// and, when spares is set, makes the missing spares: every temporary file written and
+// fsync'd, then renamed, the spares created and fsync'd, then one fsync
+// of the directory. It returns the spares made.
+func (j *Journal) writeBatch(batch []Entry, names []string, spares bool) []string {
 	type done struct{ tmp, name string }
 	var ready []done
-	for _, e := range batch {
+	for i, e := range batch {
 		data, err := json.Marshal(e)
 		var tmp string
 		if err == nil {
-			tmp, err = writeTemp(j.dir, fileName(e.TaskID), data)
+			tmp, err = writeTemp(j.dir, names[i], data)
 		}
 		if err != nil {
 			j.log.Error("journal: write entry", zap.String("task", e.TaskID), zap.String("state", string(e.State)), zap.Error(err))
 			continue
 		}
-		ready = append(ready, done{tmp, fileName(e.TaskID)})
+		ready = append(ready, done{tmp, names[i]})
 	}
 	for _, d := range ready {
 		if err := os.Rename(d.tmp, filepath.Join(j.dir, d.name)); err != nil {
@@ -515,11 +643,17 @@ func (j *Journal) writeBatch(batch []Entry) {
 			os.Remove(d.tmp)
 		}
 	}
-	if len(ready) > 0 {
+	var made []string
+	if spares {
+		made = j.makeSpares()
+	}
+	if len(ready) > 0 || len(made) > 0 {
 		if err := syncDir(j.dir); err != nil {
 			j.log.Error("journal: fsync directory", zap.Error(err))
+			return nil // the spares are not known durable: not used
 		}
 	}
+	return made
 }
 
 // remove deletes an entry's file and forgets any pending write of it
@@ -529,10 +663,11 @@ func (j *Journal) remove(id string) error {
 		delete(j.pending, id)
 		j.queue = slices.DeleteFunc(j.queue, func(q string) bool { return q == id })
 	}
-	if err := os.Remove(filepath.Join(j.dir, fileName(id))); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := os.Remove(filepath.Join(j.dir, j.nameOf(id))); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("journal: remove %s: %w", id, err)
 	}
 	delete(j.entries, id)
+	delete(j.names, id)
 	return nil
 }
 
@@ -573,6 +708,29 @@ func writeTemp(dir, name string, data []byte) (path string, err error) {
 		return "", err
 	}
 	return tmp, f.Close()
+}
+
+// fillSpare writes data into the spare dir/name (empty, durable) and
+// fsyncs it. A failed write removes the spare.
+func fillSpare(dir, name string, data []byte) (err error) {
+	p := filepath.Join(dir, name)
+	f, err := os.OpenFile(p, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(p)
+		}
+	}()
+	if _, err = f.Write(data); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	return f.Close()
 }
 
 // createFile creates dir/name (which must not exist) with data, mode

@@ -141,7 +141,8 @@ func TestLeftoversAndCorruption(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "task-x.json.tmp-123"), []byte("{"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "task-ok.json"), []byte("{garbage"), 0o600); err != nil {
+	okFile := fileOf(t, dir, "ok")
+	if err := os.WriteFile(okFile, []byte("{garbage"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	j = open(t, dir, journal.Options{})
@@ -151,7 +152,7 @@ func TestLeftoversAndCorruption(t *testing.T) {
 	if _, ok := j.Get(weird); !ok {
 		t.Error("entry with an unsafe id lost")
 	}
-	if _, err := os.Stat(filepath.Join(dir, "task-ok.json.corrupt")); err != nil {
+	if _, err := os.Stat(okFile + ".corrupt"); err != nil {
 		t.Errorf("corrupt entry not set aside: %v", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "task-x.json.tmp-123")); !os.IsNotExist(err) {
@@ -220,7 +221,7 @@ func TestDurabilitySplit(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "journal")
 	j := open(t, dir, journal.Options{})
 	readState := func(id string) string {
-		b, err := os.ReadFile(filepath.Join(dir, "task-"+id+".json"))
+		b, err := os.ReadFile(fileOf(t, dir, id))
 		if err != nil {
 			return "absent"
 		}
@@ -278,5 +279,134 @@ func TestDurabilitySplit(t *testing.T) {
 	j.Close()
 	if got := readState("d3"); got != "finished" {
 		t.Fatalf("after Close: %s on disk", got)
+	}
+}
+
+// fileOf returns the file holding task id's entry in dir ("" when none).
+func fileOf(t *testing.T, dir, id string) string {
+	t.Helper()
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, de := range des {
+		if !strings.HasSuffix(de.Name(), ".json") {
+			continue
+		}
+		p := filepath.Join(dir, de.Name())
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var e journal.Entry
+		if json.Unmarshal(b, &e) == nil && e.TaskID == id {
+			return p
+		}
+	}
+	return ""
+}
+
+// copyDir copies the journal's files as a crash would leave them: what
+// is in them now, whatever the background writer has yet to do.
+func copyDir(t *testing.T, dir string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "crashed")
+	if err := os.Mkdir(out, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, de := range des {
+		if de.Name() == "LOCK" {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, de.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(out, de.Name()), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out
+}
+
+// TestSpares: a started record goes into a spare made in advance (one
+// fsync on Start's path); more starts than spares fall back to created
+// files; the spares are made again in the background. A crash right
+// after Start keeps the record; an empty spare is a spare again, a torn
+// one is set aside.
+func TestSpares(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "journal")
+	j := open(t, dir, journal.Options{})
+	spares := func(dir string) []string {
+		des, _ := os.ReadDir(dir)
+		var out []string
+		for _, de := range des {
+			if fi, err := de.Info(); err == nil && strings.HasPrefix(de.Name(), "slot-") && fi.Size() == 0 {
+				out = append(out, de.Name())
+			}
+		}
+		return out
+	}
+	ready := spares(dir)
+	if len(ready) == 0 {
+		t.Fatal("no spare files after Open")
+	}
+	var ids []string
+	for i := range len(ready) + 2 {
+		id := fmt.Sprintf("s%d", i)
+		ids = append(ids, id)
+		if err := j.Start(entry(id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if f := filepath.Base(fileOf(t, dir, ids[0])); !strings.HasPrefix(f, "slot-") {
+		t.Errorf("first started record in %s, want a spare", f)
+	}
+	if f := filepath.Base(fileOf(t, dir, ids[len(ids)-1])); f != "task-"+ids[len(ids)-1]+".json" {
+		t.Errorf("record past the spares in %s, want a file of its own", f)
+	}
+	crashed := copyDir(t, dir)
+	j.Flush()
+	if n := len(spares(dir)); n != len(ready) {
+		t.Errorf("%d spares after the background write, want %d", n, len(ready))
+	}
+	// The crash image: every started record, the spares it had.
+	torn := filepath.Join(crashed, "slot-torn.json")
+	if err := os.WriteFile(torn, []byte(`{"task_id":"x","sta`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := open(t, crashed, journal.Options{})
+	for _, id := range ids {
+		if e, ok := c.Get(id); !ok || e.State != journal.Started {
+			t.Errorf("after a crash right after Start, %s: %+v %v", id, e, ok)
+		}
+	}
+	if c.Len() != len(ids) {
+		t.Errorf("after the crash %d entries, want %d", c.Len(), len(ids))
+	}
+	if _, err := os.Stat(torn + ".corrupt"); err != nil {
+		t.Errorf("torn spare not set aside: %v", err)
+	}
+	// Finished, acked, removed and compacted records in spares behave as
+	// any: the outcome replaces the record in its file.
+	e := entry(ids[0])
+	e.Outcome, e.FinishedAt = success(), t0
+	if err := c.Finish(e); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Remove(ids[1]); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	c = open(t, crashed, journal.Options{})
+	if e, ok := c.Get(ids[0]); !ok || e.State != journal.Finished {
+		t.Errorf("finished record in a spare after reopen: %+v %v", e, ok)
+	}
+	if _, ok := c.Get(ids[1]); ok {
+		t.Errorf("removed record in a spare came back")
 	}
 }
