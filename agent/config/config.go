@@ -86,6 +86,9 @@ type ControlPlane struct {
 // (the /v1 API and the agent protocol) whose state lives in etcd.
 type Cluster struct {
 	Etcd Etcd `yaml:"etcd"`
+	// HeartbeatInterval is how often this host's agent sends a heartbeat;
+	// its node reads lost after three intervals without one.
+	HeartbeatInterval time.Duration `yaml:"heartbeat_interval"`
 }
 
 // Etcd is the connection to the cluster's etcd.
@@ -213,7 +216,7 @@ func Default(dataDir string) *Config {
 		},
 		Usage:   Usage{Interval: 10 * time.Second},
 		Log:     Log{Level: "info", Format: "auto"},
-		Cluster: Cluster{Etcd: Etcd{Prefix: "/otherix/"}},
+		Cluster: Cluster{Etcd: Etcd{Prefix: "/otherix/"}, HeartbeatInterval: 10 * time.Second},
 		Restart: Restart{BackoffBase: 10 * time.Second, BackoffMax: 10 * time.Minute, Stable: 5 * time.Minute,
 			CrashLoopCount: 5, CrashLoopWindow: 10 * time.Minute},
 	}
@@ -424,6 +427,9 @@ func (c *Config) validateCluster(bad func(key, format string, args ...any)) {
 	e := c.Cluster.Etcd
 	if !strings.HasPrefix(e.Prefix, "/") || !strings.HasSuffix(e.Prefix, "/") {
 		bad("cluster.etcd.prefix", "%q must start and end with /", e.Prefix)
+	}
+	if h := c.Cluster.HeartbeatInterval; h < time.Second || h > 10*time.Minute || h%time.Second != 0 {
+		bad("cluster.heartbeat_interval", "%s must be whole seconds, 1s..10m", h)
 	}
 	if !c.ClusterMode() {
 		if e.CAFile != "" || e.CertFile != "" || e.KeyFile != "" {

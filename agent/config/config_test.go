@@ -50,7 +50,8 @@ cluster:
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !c.ClusterMode() || len(c.Cluster.Etcd.Endpoints) != 3 || c.Cluster.Etcd.Prefix != "/otherix/" || c.Cluster.Etcd.KeyFile != "/etc/otherix/etcd-client.key" {
+	if !c.ClusterMode() || len(c.Cluster.Etcd.Endpoints) != 3 || c.Cluster.Etcd.Prefix != "/otherix/" || c.Cluster.Etcd.KeyFile != "/etc/otherix/etcd-client.key" ||
+		c.Cluster.HeartbeatInterval != 10*time.Second {
 		t.Fatalf("parsed: %+v", c.Cluster)
 	}
 	if d, _ := Parse(nil, "empty.yaml"); d.ClusterMode() {
@@ -79,6 +80,8 @@ func TestParseErrorsNameKeyAndLine(t *testing.T) {
 		{"cluster:\n  etcd:\n    endpoints: [https://e1:2379]\n    cert_file: /etc/otherix/etcd.pem\n", "cert_file and key_file go together"},
 		{"cluster:\n  etcd:\n    ca_file: /etc/otherix/ca.pem\n", "cluster.etcd.endpoints: required"},
 		{"cluster:\n  etcd:\n    endpoints: [https://e1:2379]\n    prefix: otherix\n", "cluster.etcd.prefix"},
+		{"cluster:\n  heartbeat_interval: 500ms\n", "cluster.heartbeat_interval: 500ms must be whole seconds, 1s..10m"},
+		{"cluster:\n  heartbeat_interval: 2.5s\n", "cluster.heartbeat_interval"},
 		{"standalone: true\ncluster:\n  etcd:\n    endpoints: [https://e1:2379]\n", "standalone: cluster mode serves the API"},
 	} {
 		_, err := Parse([]byte(tc.in), "agent.yaml")

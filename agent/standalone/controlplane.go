@@ -72,6 +72,11 @@ func NewClusterControlPlane(store cpserver.Store, node, token string, log *zap.L
 	return &ControlPlane{srv: srv, node: node}
 }
 
+// SetHeartbeatInterval sets the heartbeat interval the control plane
+// asks of its agents (cluster mode: of this host's). Call it before
+// serving.
+func (cp *ControlPlane) SetHeartbeatInterval(d time.Duration) { cp.srv.HeartbeatInterval = d }
+
 // SetLimits bounds the unfinished tasks (pending or running) and the
 // unfinished vm.create tasks among them: over either, Enqueue refuses the
 // task and the API answers 429. Zero means no limit. Call it before

@@ -58,6 +58,12 @@ func allReady(nodes map[string]api.Node) bool {
 	return true
 }
 
+// testHeartbeat is the cluster tests' heartbeat interval: a node reads
+// lost 10 to 15 s after its agent dies, and other hosts see a VM's change
+// within 5 s. Not shorter: a heartbeat answered cluster_unavailable (an
+// etcd member's election) waits its Retry-After of 5 s.
+const testHeartbeat = "5s"
+
 // startClusterAgent starts a cluster-mode agent named node on the etcd
 // cluster c, with its own data dir, pool and API port.
 func startClusterAgent(t *testing.T, c *etcdtest.Cluster, node, image string) *standaloneAgent {
@@ -70,8 +76,8 @@ func startClusterAgent(t *testing.T, c *etcdtest.Cluster, node, image string) *s
 	a := &standaloneAgent{t: t, dir: t.TempDir(), cluster: true, image: image}
 	a.cfgPath = filepath.Join(t.TempDir(), "agent.yaml")
 	eps, _ := json.Marshal(c.Endpoints())
-	cfg := fmt.Sprintf("node_name: %s\ndata_dir: %s\nrun_dir: %s\nlisten:\n  api: 127.0.0.1:0\n  socket: \"\"\n  metrics: \"\"\n  forwards: 127.0.0.1\nqemu:\n  stop_timeout: 30s\ncluster:\n  etcd:\n    endpoints: %s\n    prefix: /%s/\n",
-		node, a.dir, run, eps, strings.ReplaceAll(t.Name(), "/", "-"))
+	cfg := fmt.Sprintf("node_name: %s\ndata_dir: %s\nrun_dir: %s\nlisten:\n  api: 127.0.0.1:0\n  socket: \"\"\n  metrics: \"\"\n  forwards: 127.0.0.1\nqemu:\n  stop_timeout: 30s\ncluster:\n  heartbeat_interval: %s\n  etcd:\n    endpoints: %s\n    prefix: /%s/\n",
+		node, a.dir, run, testHeartbeat, eps, strings.ReplaceAll(t.Name(), "/", "-"))
 	if err := os.WriteFile(a.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

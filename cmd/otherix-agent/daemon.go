@@ -324,10 +324,15 @@ func newControlPlane(cfg *config.Config, token string, log *zap.Logger) (cp *sta
 	if err != nil {
 		return nil, nil, err
 	}
-	store := etcdstore.New(cli, etcdstore.Options{Prefix: e.Prefix})
-	log.Info("cluster mode", zap.Strings("etcd", e.Endpoints), zap.String("prefix", e.Prefix))
+	// This host's agent heartbeats through this replica: its node stays
+	// alive three intervals after the last one.
+	hb := cfg.Cluster.HeartbeatInterval
+	store := etcdstore.New(cli, etcdstore.Options{Prefix: e.Prefix, NodeTTL: 3 * hb})
+	log.Info("cluster mode", zap.Strings("etcd", e.Endpoints), zap.String("prefix", e.Prefix), zap.Duration("heartbeat_interval", hb))
 	var once sync.Once
-	return standalone.NewClusterControlPlane(store, cfg.NodeName, token, log), func() {
+	cp = standalone.NewClusterControlPlane(store, cfg.NodeName, token, log)
+	cp.SetHeartbeatInterval(hb)
+	return cp, func() {
 		once.Do(func() {
 			store.Close()
 			cli.Close()
