@@ -35,8 +35,18 @@ type FileStore struct {
 	path string
 	log  *zap.Logger
 
-	mu     sync.Mutex // serializes a change and its save
+	mu     sync.Mutex // serializes changes
 	sealer Sealer
+	// changes counts the changes to keep (mu held).
+	changes uint64
+
+	// saveMu serializes the file's writes; saved is the count of
+	// changes the file holds (saveMu held). A change waits for a write
+	// that began after it: changes made while a write runs share the
+	// next one (group commit), so a burst of changes costs a few writes,
+	// not one each.
+	saveMu sync.Mutex
+	saved  uint64
 	// sealed holds the specs a previous run sealed, by task id, until
 	// SetSealer opens them.
 	sealed map[string]string
@@ -97,6 +107,8 @@ func NewFileStore(path string, log *zap.Logger) (*FileStore, error) {
 // SetSealer seals specs at rest with s from now on, opens the specs a
 // previous run sealed, and rewrites the file.
 func (fs *FileStore) SetSealer(s Sealer) error {
+	fs.saveMu.Lock()
+	defer fs.saveMu.Unlock()
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	fs.sealer = s
@@ -119,17 +131,60 @@ func (fs *FileStore) SetSealer(s Sealer) error {
 	return first
 }
 
-// saveLocked writes the file: write, fsync, rename. fs.mu held. A
-// failure is logged: the change it was for is already made.
+// saveLocked writes the file: write, fsync, rename. fs.saveMu and fs.mu
+// held. A failure is logged: the change it was for is already made.
 func (fs *FileStore) saveLocked() {
-	if err := fs.writeLocked(nil); err != nil {
+	b, err := fs.encodeLocked(nil)
+	if err == nil {
+		err = fs.write(b)
+	}
+	if err != nil {
 		fs.log.Error("persist control plane state", zap.Error(err))
 	}
+	fs.saved = fs.changes
 }
 
-// writeLocked writes the file with the stored tasks and extra, when not
-// nil. fs.mu held. A full file system is disk_full, naming the file.
-func (fs *FileStore) writeLocked(extra *Task) error {
+// changed counts a change to keep; fs.mu held. The caller then calls
+// sync with the count, with fs.mu released.
+func (fs *FileStore) changed() uint64 {
+	fs.changes++
+	return fs.changes
+}
+
+// sync returns once the file holds change n: it writes the file unless
+// a write that began after change n already did. A failure is logged:
+// the change is already made.
+func (fs *FileStore) sync(n uint64) {
+	fs.saveMu.Lock()
+	defer fs.saveMu.Unlock()
+	if fs.saved >= n {
+		return
+	}
+	fs.mu.Lock()
+	upto := fs.changes
+	b, err := fs.encodeLocked(nil)
+	fs.mu.Unlock()
+	if err == nil {
+		err = fs.write(b)
+	}
+	if err != nil {
+		fs.log.Error("persist control plane state", zap.Error(err))
+	}
+	fs.saved = upto
+}
+
+// write replaces the file with b. A full file system is disk_full,
+// naming the file.
+func (fs *FileStore) write(b []byte) error {
+	if err := atomicfile.Write(fs.path, b, 0o600); err != nil {
+		return errcode.Wrap(errcode.Internal, err, "persist control plane state %s", fs.path)
+	}
+	return nil
+}
+
+// encodeLocked encodes the file with the stored tasks and extra, when
+// not nil. fs.mu held.
+func (fs *FileStore) encodeLocked(extra *Task) ([]byte, error) {
 	ctx := context.Background()
 	st := fileState{Desired: map[string]string{}, Names: map[string]string{}}
 	tasks, _ := fs.mem.Tasks(ctx)
@@ -160,7 +215,7 @@ func (fs *FileStore) writeLocked(extra *Task) error {
 		if fs.sealer != nil && len(extra.Spec) > 0 {
 			sealed, err := fs.sealer.Seal(string(extra.Spec), extra.ID)
 			if err != nil {
-				return errcode.Wrap(errcode.Internal, err, "seal task spec")
+				return nil, errcode.Wrap(errcode.Internal, err, "seal task spec")
 			}
 			ft.Spec, ft.SpecSealed = nil, sealed
 		}
@@ -173,31 +228,39 @@ func (fs *FileStore) writeLocked(extra *Task) error {
 			st.Names[v.Name] = v.UUID
 		}
 	}
-	b, err := json.Marshal(st)
-	if err == nil {
-		err = atomicfile.Write(fs.path, b, 0o600)
-	}
-	if err != nil {
-		return errcode.Wrap(errcode.Internal, err, "persist control plane state %s", fs.path)
-	}
-	return nil
+	return json.Marshal(st)
 }
 
 // AddTask implements Store. The file is written first: a task the file
 // cannot hold (a full file system: disk_full) is refused, not queued in
 // memory only.
 func (fs *FileStore) AddTask(ctx context.Context, t Task) error {
+	if t.Volatile {
+		fs.mu.Lock()
+		defer fs.mu.Unlock()
+		if _, err := fs.mem.Task(ctx, t.ID); err == nil {
+			return ErrExists
+		}
+		return fs.mem.AddTask(ctx, t)
+	}
+	// The file with the task, written before the task is queued: the
+	// file's writes stay in order (saveMu), and the file then holds
+	// every change so far.
+	fs.saveMu.Lock()
+	defer fs.saveMu.Unlock()
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	if _, err := fs.mem.Task(ctx, t.ID); err == nil {
 		return ErrExists
 	}
-	if t.Volatile {
-		return fs.mem.AddTask(ctx, t)
+	b, err := fs.encodeLocked(&t)
+	if err == nil {
+		err = fs.write(b)
 	}
-	if err := fs.writeLocked(&t); err != nil {
+	if err != nil {
 		return err
 	}
+	fs.saved = fs.changed()
 	if err := fs.mem.AddTask(ctx, t); err != nil {
 		fs.saveLocked()
 		return err
@@ -208,18 +271,18 @@ func (fs *FileStore) AddTask(ctx context.Context, t Task) error {
 // UpdateTask implements Store.
 func (fs *FileStore) UpdateTask(ctx context.Context, id string, fn func(*Task) error) (Task, error) {
 	fs.mu.Lock()
-	defer fs.mu.Unlock()
 	var before Task
 	t, err := fs.mem.UpdateTask(ctx, id, func(t *Task) error {
 		before = *t
 		return fn(t)
 	})
-	if err != nil {
+	if err != nil || !durableChange(&before, &t) {
+		fs.mu.Unlock()
 		return t, err
 	}
-	if durableChange(&before, &t) {
-		fs.saveLocked()
-	}
+	n := fs.changed()
+	fs.mu.Unlock()
+	fs.sync(n)
 	return t, nil
 }
 
@@ -257,18 +320,20 @@ func (fs *FileStore) VM(ctx context.Context, uuid string) (VM, bool, error) {
 // PutVM implements Store.
 func (fs *FileStore) PutVM(ctx context.Context, vm VM) error {
 	fs.mu.Lock()
-	defer fs.mu.Unlock()
 	fs.mem.PutVM(ctx, vm)
-	fs.saveLocked()
+	n := fs.changed()
+	fs.mu.Unlock()
+	fs.sync(n)
 	return nil
 }
 
 // DeleteVM implements Store.
 func (fs *FileStore) DeleteVM(ctx context.Context, uuid string) error {
 	fs.mu.Lock()
-	defer fs.mu.Unlock()
 	fs.mem.DeleteVM(ctx, uuid)
-	fs.saveLocked()
+	n := fs.changed()
+	fs.mu.Unlock()
+	fs.sync(n)
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -226,6 +227,57 @@ func TestFileStoreRestart(t *testing.T) {
 	}
 	if vms, known, _ := fs2.VMs(ctx); !known || len(vms) != 1 || vms[0].Name != "a" || vms[0].Phase != api.PhaseRunning {
 		t.Fatalf("desired after restart: %+v %v", vms, known)
+	}
+}
+
+// TestFileStoreConcurrentChanges: changes made at once (a fleet's first
+// heartbeats adopting their VMs, tasks queued and ended meanwhile) share
+// the file's writes, and every one of them is in the file when its call
+// returns.
+func TestFileStoreConcurrentChanges(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "state.json")
+	fs, err := cpserver.NewFileStore(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &cpserver.Server{Store: fs}
+	const n = 100
+	errs := make(chan error, 3*n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { errs <- fs.PutVM(ctx, cpserver.VM{UUID: fmt.Sprintf("u%03d", i), Phase: api.PhaseRunning}) })
+		wg.Go(func() {
+			task, err := srv.Enqueue(ctx, cpserver.Task{Task: api.Task{ID: fmt.Sprintf("t%03d", i), Type: api.TaskStop, VMUUID: "x"}})
+			if err == nil && i%2 == 0 {
+				_, err = srv.Cancel(ctx, task.ID)
+			}
+			errs <- err
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	fs2, err := cpserver.NewFileStore(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vms, _, _ := fs2.VMs(ctx); len(vms) != n {
+		t.Errorf("%d VMs in the file, want %d", len(vms), n)
+	}
+	tasks, _ := fs2.Tasks(ctx)
+	cancelled := 0
+	for _, tk := range tasks {
+		if tk.Status == api.TaskCancelled {
+			cancelled++
+		}
+	}
+	if len(tasks) != n || cancelled != n/2 {
+		t.Errorf("%d tasks (%d cancelled) in the file, want %d (%d)", len(tasks), cancelled, n, n/2)
 	}
 }
 
