@@ -69,6 +69,43 @@ type Node struct {
 	VMs           []protocol.VMStatus `json:"vms,omitempty"`
 }
 
+// SameNode reports whether two records of a node say the same but for
+// the heartbeat's time and the VMs' usage samples: a heartbeat that
+// changes nothing else need not be written where writes cost (etcd).
+func SameNode(a, b Node) bool {
+	if a.Name != b.Name || a.State != b.State || len(a.VMs) != len(b.VMs) || (a.Info == nil) != (b.Info == nil) {
+		return false
+	}
+	if a.Info != nil && !sameJSON(a.Info, b.Info) {
+		return false
+	}
+	// In any order: an agent lists its VMs being created after the
+	// others, in no set order.
+	was := make(map[string]string, len(a.VMs))
+	for _, v := range a.VMs {
+		v.Usage = nil
+		was[v.UUID] = jsonOf(v)
+	}
+	for _, v := range b.VMs {
+		v.Usage = nil
+		if s, ok := was[v.UUID]; !ok || s != jsonOf(v) {
+			return false
+		}
+	}
+	return true
+}
+
+func sameJSON(a, b any) bool { return jsonOf(a) == jsonOf(b) }
+
+// jsonOf encodes v; "" for what does not encode.
+func jsonOf(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return ""
+	}
+	return string(b)
+}
+
 // ErrNotFound is a store's answer for an unknown task.
 var ErrNotFound = errors.New("no such task")
 
@@ -111,7 +148,9 @@ type Store interface {
 
 	// PutNode records a node's registration or heartbeat. n.Info nil
 	// keeps the recorded Info (a heartbeat without node_info). It does
-	// not wake Changed's waiters: nobody waits on nodes.
+	// not wake Changed's waiters: nobody waits on nodes. A store may
+	// skip writing a heartbeat that changed nothing but its time and
+	// usage samples (SameNode) and keep only the node's liveness.
 	PutNode(ctx context.Context, n Node) error
 	// Nodes returns the known nodes.
 	Nodes(ctx context.Context) ([]Node, error)

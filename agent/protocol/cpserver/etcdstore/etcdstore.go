@@ -9,7 +9,8 @@
 //	vms/<uuid>    a VM of the desired map (JSON)
 //	vmnode/<node>/<uuid>  the same VM, indexed by its node ("" for none)
 //	vms-known     present once the desired map exists ("an opinion")
-//	nodes/<name>  a node's registration and last heartbeat (JSON)
+//	nodes/<name>  a node's registration and last heartbeat that changed
+//	              it (JSON), rewritten at least every NodeRefresh
 //	alive/<name>  present while the node's heartbeats keep its lease
 //
 // Every read-modify-write is a transaction conditioned on the revisions
@@ -52,6 +53,7 @@ type Store struct {
 	maxTasks  int
 	opTimeout time.Duration
 	nodeTTL   int64 // seconds
+	refresh   time.Duration
 
 	mu      sync.Mutex
 	changed chan struct{}
@@ -72,7 +74,17 @@ type Options struct {
 	// NodeTTL is how long a node stays alive after its last heartbeat
 	// (an etcd lease); default DefaultNodeTTL.
 	NodeTTL time.Duration
+	// NodeRefresh is how old a node's record may grow while its
+	// heartbeats change nothing but their time and usage samples: each
+	// such heartbeat only keeps the node's liveness lease; the record
+	// is rewritten once it is NodeRefresh old. Default
+	// DefaultNodeRefresh.
+	NodeRefresh time.Duration
 }
+
+// DefaultNodeRefresh bounds the age of a node's record (its
+// last_heartbeat and usage samples) while it is alive.
+const DefaultNodeRefresh = 5 * time.Minute
 
 // DefaultNodeTTL is three heartbeats at cpserver's default interval.
 const DefaultNodeTTL = 3 * cpserver.DefaultHeartbeatInterval
@@ -96,8 +108,11 @@ func New(cli *clientv3.Client, o Options) *Store {
 	if o.NodeTTL < time.Second {
 		o.NodeTTL = DefaultNodeTTL
 	}
+	if o.NodeRefresh <= 0 {
+		o.NodeRefresh = DefaultNodeRefresh
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Store{cli: cli, prefix: o.Prefix, maxTasks: o.MaxTasks, opTimeout: o.OpTimeout, nodeTTL: int64(o.NodeTTL / time.Second),
+	s := &Store{cli: cli, prefix: o.Prefix, maxTasks: o.MaxTasks, opTimeout: o.OpTimeout, nodeTTL: int64(o.NodeTTL / time.Second), refresh: o.NodeRefresh,
 		changed: make(chan struct{}), stop: cancel, done: make(chan struct{})}
 	// Changes from now on wake Changed's waiters, even those made before
 	// the watch is established.
@@ -571,10 +586,13 @@ func (s *Store) changeVM(ctx context.Context, uuid string, ops func(old *cpserve
 
 func (s *Store) aliveKey(name string) string { return s.prefix + "alive/" + name }
 
-// PutNode implements cpserver.Store. A node's heartbeat also keeps its
-// liveness key alive/<name> (an etcd lease of NodeTTL): when heartbeats
-// stop, etcd deletes the key and the node reads as lost. A node's
-// registration (no heartbeat yet, no state) does not make it alive.
+// PutNode implements cpserver.Store. A node's heartbeat keeps its
+// liveness key alive/<name> (an etcd lease of NodeTTL, renewed by a
+// keepalive, which is no write): when heartbeats stop, etcd deletes the
+// key and the node reads as lost. Its record is written only when it
+// changed (cpserver.SameNode) or is NodeRefresh old, so an idle fleet's
+// heartbeats cost etcd no writes. A node's registration (no heartbeat
+// yet, no state) does not make it alive.
 func (s *Store) PutNode(ctx context.Context, n cpserver.Node) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
@@ -583,15 +601,21 @@ func (s *Store) PutNode(ctx context.Context, n cpserver.Node) error {
 		return wrap(ctx, err)
 	}
 	var prev cpserver.Node
-	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 && n.Info == nil && json.Unmarshal(kvs[0].Value, &prev) == nil {
-		n.Info = prev.Info
+	write := true
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 && json.Unmarshal(kvs[0].Value, &prev) == nil {
+		if n.Info == nil {
+			n.Info = prev.Info
+		}
+		write = !cpserver.SameNode(prev, n) || n.LastHeartbeat.Sub(prev.LastHeartbeat) >= s.refresh
 	}
-	b, err := json.Marshal(n)
-	if err != nil {
-		return err
-	}
-	if _, err := s.cli.Put(ctx, s.nodeKey(n.Name), string(b)); err != nil {
-		return wrap(ctx, err)
+	if write {
+		b, err := json.Marshal(n)
+		if err != nil {
+			return err
+		}
+		if _, err := s.cli.Put(ctx, s.nodeKey(n.Name), string(b)); err != nil {
+			return wrap(ctx, err)
+		}
 	}
 	if n.State == "" {
 		return nil

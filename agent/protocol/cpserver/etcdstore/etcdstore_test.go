@@ -302,3 +302,59 @@ func TestNodeLost(t *testing.T) {
 		t.Errorf("registration lost: %+v", nodes[0])
 	}
 }
+
+// TestIdleHeartbeatNoWrite: a heartbeat that changes nothing but its
+// time and usage samples writes nothing to etcd (its liveness lease is
+// kept alive); a changed VM status is written, and so is a record older
+// than NodeRefresh.
+func TestIdleHeartbeatNoWrite(t *testing.T) {
+	c := etcdtest.Start(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	const refresh = 3 * time.Second
+	srv := &cpserver.Server{Store: newStore(t, c, etcdstore.Options{NodeRefresh: refresh})}
+	rev := func() int64 {
+		resp, err := cli.Get(ctx, "/otherix/nodes/n1")
+		if err != nil || len(resp.Kvs) != 1 {
+			t.Fatalf("node key: %+v %v", resp, err)
+		}
+		return resp.Kvs[0].ModRevision
+	}
+	beat := func(status string, cpu float64) {
+		t.Helper()
+		vms := []protocol.VMStatus{{Name: "a", UUID: "ua", Status: status, Usage: &api.UsageSummary{CPUSeconds: cpu}}}
+		if _, err := srv.Heartbeat(ctx, protocol.HeartbeatRequest{Node: "n1", State: protocol.NodeReady, VMs: vms}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := srv.Register(ctx, protocol.RegisterRequest{Node: protocol.NodeInfo{Name: "n1", CPUs: 4}}); err != nil {
+		t.Fatal(err)
+	}
+	beat(api.StatusRunning, 1)
+	written := rev()
+	start := time.Now()
+	beat(api.StatusRunning, 2)
+	beat(api.StatusRunning, 3)
+	if time.Since(start) < refresh && rev() != written {
+		t.Errorf("an idle heartbeat rewrote the node record")
+	}
+	if nodes, _ := srv.Nodes(ctx); len(nodes) != 1 || nodes[0].State != protocol.NodeReady || nodes[0].Info == nil || nodes[0].Info.CPUs != 4 {
+		t.Errorf("nodes %+v", nodes)
+	}
+	beat(api.StatusStopped, 3)
+	if r := rev(); r == written {
+		t.Errorf("a changed VM status was not written")
+	} else {
+		written = r
+	}
+	time.Sleep(refresh)
+	beat(api.StatusStopped, 3)
+	if rev() == written {
+		t.Errorf("a record older than NodeRefresh was not rewritten")
+	}
+}
