@@ -420,9 +420,13 @@ func (a *API) console(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *API) task(w http.ResponseWriter, r *http.Request) {
-	t, ok := a.cp.Task(r.PathValue("id"))
-	if !ok {
+	t, err := a.cp.Task(r.Context(), r.PathValue("id"))
+	if errors.Is(err, cpserver.ErrNotFound) {
 		writeErr(w, errcode.New(errcode.NotFound, "task %q not found", r.PathValue("id")))
+		return
+	}
+	if err != nil {
+		writeErr(w, storeErr(err)) // 503 cluster_unavailable without quorum
 		return
 	}
 	writeJSON(w, http.StatusOK, t)

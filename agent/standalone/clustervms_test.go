@@ -21,18 +21,35 @@ type downStore struct {
 	down bool
 }
 
+var errNoLeader = fmt.Errorf("%w: no leader", cpserver.ErrUnavailable)
+
 func (s *downStore) Nodes(ctx context.Context) ([]cpserver.Node, error) {
 	if s.down {
-		return nil, fmt.Errorf("%w: no leader", cpserver.ErrUnavailable)
+		return nil, errNoLeader
 	}
 	return s.MemStore.Nodes(ctx)
+}
+
+func (s *downStore) Task(ctx context.Context, id string) (cpserver.Task, error) {
+	if s.down {
+		return cpserver.Task{}, errNoLeader
+	}
+	return s.MemStore.Task(ctx, id)
+}
+
+func (s *downStore) Tasks(ctx context.Context) ([]cpserver.Task, error) {
+	if s.down {
+		return nil, errNoLeader
+	}
+	return s.MemStore.Tasks(ctx)
 }
 
 // TestClusterVMViews: in cluster mode a host's API lists its own VMs
 // (node_state ready) and the other nodes' as their heartbeats report
 // them; a VM of a lost node shows node_state lost, instance_status
-// UNKNOWN and why. Without the store the list is 503
-// cluster_unavailable, a VM of this host still answers.
+// UNKNOWN and why. Without the store the list, the tasks and a task are
+// 503 cluster_unavailable (not an empty list, not not_found); a VM of
+// this host still answers.
 func TestClusterVMViews(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
@@ -81,9 +98,15 @@ func TestClusterVMViews(t *testing.T) {
 		t.Errorf("an unknown VM: %d %s", rec.Code, rec.Body)
 	}
 
+	if rec := call(t, h, "GET", "/v1/tasks/0f8fad5b-d9cb-469f-a165-70867728950e", nil, nil); rec.Code != http.StatusNotFound {
+		t.Errorf("an unknown task: %d %s", rec.Code, rec.Body)
+	}
+
 	store.down = true
-	if rec := call(t, h, "GET", "/v1/vms", nil, nil); rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), "cluster_unavailable") {
-		t.Errorf("list without the store: %d %s", rec.Code, rec.Body)
+	for _, path := range []string{"/v1/vms", "/v1/tasks", "/v1/tasks/0f8fad5b-d9cb-469f-a165-70867728950e"} {
+		if rec := call(t, h, "GET", path, nil, nil); rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), "cluster_unavailable") {
+			t.Errorf("GET %s without the store: %d %s", path, rec.Code, rec.Body)
+		}
 	}
 	if rec := call(t, h, "GET", "/v1/vms/far-1", nil, nil); rec.Code != http.StatusServiceUnavailable {
 		t.Errorf("another node's VM without the store: %d %s", rec.Code, rec.Body)

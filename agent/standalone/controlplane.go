@@ -129,10 +129,11 @@ func (cp *ControlPlane) Enqueue(typ, vmName, vmUUID string, spec any) (api.Task,
 	return t.Task, err
 }
 
-// Task returns a task by id.
-func (cp *ControlPlane) Task(id string) (api.Task, bool) {
-	t, err := cp.srv.Task(context.Background(), id)
-	return t.Task, err == nil
+// Task returns a task by id: cpserver.ErrNotFound, or the store's error
+// (cpserver.ErrUnavailable without etcd quorum).
+func (cp *ControlPlane) Task(ctx context.Context, id string) (api.Task, error) {
+	t, err := cp.srv.Task(ctx, id)
+	return t.Task, err
 }
 
 // Wait blocks until a task is terminal or ctx ends.
@@ -168,15 +169,18 @@ func (cp *ControlPlane) UUIDOf(name string) (string, bool) {
 	return cp.srv.UUIDOf(context.Background(), name)
 }
 
-// Tasks lists tasks, newest first (for debugging endpoints).
-func (cp *ControlPlane) Tasks() []api.Task {
-	all, _ := cp.srv.Tasks(context.Background())
+// Tasks lists tasks, newest first.
+func (cp *ControlPlane) Tasks(ctx context.Context) ([]api.Task, error) {
+	all, err := cp.srv.Tasks(ctx)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]api.Task, 0, len(all))
 	for _, t := range all {
 		out = append(out, t.Task)
 	}
 	sort.SliceStable(out, func(i, j int) bool { return out[i].CreatedAt.After(out[j].CreatedAt) })
-	return out
+	return out, nil
 }
 
 // PipeListener is an in-memory listener: the agent's own protocol client

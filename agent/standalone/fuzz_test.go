@@ -397,7 +397,7 @@ func FuzzControlPlane(f *testing.F) {
 		if strings.HasSuffix(path, "/complete") && codes[0] == http.StatusOK && codes[1] != http.StatusOK {
 			t.Fatalf("a retried completion got %d after 200", codes[1])
 		}
-		if task, _ := cp.Task(created.ID); task.Status != api.TaskRunning {
+		if task, _ := cp.Task(context.Background(), created.ID); task.Status != api.TaskRunning {
 			if full, _ := cp.Server().Task(context.Background(), created.ID); full.Spec != nil {
 				t.Fatalf("task %s is %s and still holds its spec", task.ID, task.Status)
 			}

@@ -34,8 +34,13 @@ func (a *API) tasks(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, errcode.New(errcode.ValidationFailed, "vm %q is not a VM name", name))
 		return
 	}
+	all, err := a.cp.Tasks(r.Context())
+	if err != nil {
+		writeErr(w, storeErr(err))
+		return
+	}
 	out := []api.Task{}
-	for _, t := range a.cp.Tasks() {
+	for _, t := range all {
 		if len(out) == limit {
 			break
 		}

@@ -132,7 +132,7 @@ func quorumLost(t *testing.T, tc *testCluster) {
 	for _, x := range []struct {
 		ag   *standaloneAgent
 		args []string
-	}{{c, []string{"vm", "stop", "fc-1"}}, {a, []string{"node", "list"}}} {
+	}{{c, []string{"vm", "stop", "fc-1"}}, {a, []string{"node", "list"}}, {a, []string{"task", "list"}}, {a, []string{"task", "get", id}}} {
 		if r := x.ag.cli("", x.args...); r.code == 0 || !strings.Contains(r.stderr, "cluster_unavailable") {
 			t.Errorf("otherix %s without quorum: exit %d, stderr %q", strings.Join(x.args, " "), r.code, r.stderr)
 		}
