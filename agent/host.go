@@ -11,6 +11,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -344,11 +345,13 @@ func (h *Host) Node(ctx context.Context) protocol.NodeInfo {
 		n.Firmwares = append(n.Firmwares, f.Name+"/"+f.Arch)
 	}
 	for _, s := range h.cache.Stats() {
-		n.Pools = append(n.Pools, protocol.PoolInfo{Name: s.Name, TotalBytes: s.TotalBytes, FreeBytes: s.FreeBytes})
+		n.Pools = append(n.Pools, protocol.PoolInfo{Name: s.Name, TotalBytes: s.TotalBytes, FreeBytes: protocol.RoundFreeBytes(s.FreeBytes)})
 	}
 	for name, nw := range h.cfg.Networks {
 		n.Networks = append(n.Networks, protocol.NetworkInfo{Name: name, Bridge: nw.Bridge, Type: nw.Type})
 	}
+	// In a set order: node_info is sent again whenever its JSON changes.
+	slices.SortFunc(n.Networks, func(a, b protocol.NetworkInfo) int { return strings.Compare(a.Name, b.Name) })
 	return n
 }
 

@@ -62,7 +62,25 @@ type NodeInfo struct {
 type PoolInfo struct {
 	Name       string `json:"name"`
 	TotalBytes int64  `json:"total_bytes"`
-	FreeBytes  int64  `json:"free_bytes"`
+	// FreeBytes is rounded down to FreeBytesGranularity (RoundFreeBytes).
+	FreeBytes int64 `json:"free_bytes"`
+}
+
+// FreeBytesGranularity is the unit a pool's free_bytes is reported in:
+// exact to the byte, it changed at nearly every heartbeat (a guest
+// writing to its disk, a log line) and made the agent send node_info
+// with each. Disks are sized in whole GiB (disk_gib) and the cache keeps
+// at least limits.min_free_bytes (1 GiB by default) free, so placement
+// needs no finer figure; rounding down never promises space that is not
+// there.
+const FreeBytesGranularity = 1 << 30
+
+// RoundFreeBytes rounds n down to FreeBytesGranularity (0 for less).
+func RoundFreeBytes(n int64) int64 {
+	if n <= 0 {
+		return 0
+	}
+	return n - n%FreeBytesGranularity
 }
 
 // NetworkInfo is a bridge network a VM NIC can attach to.
