@@ -92,6 +92,7 @@ func (p *process) sigkill() error { return p.sp.Kill() }
 
 // events follows QMP events of this incarnation.
 func (p *process) events(ch <-chan qmp.Event) {
+	var resets rebootFilter
 	for ev := range ch {
 		switch ev.Name {
 		case "SHUTDOWN":
@@ -105,7 +106,12 @@ func (p *process) events(ch <-chan qmp.Event) {
 		case "GUEST_PANICKED":
 			p.guestPanic.Store(true)
 		case "RESET":
-			if g, _ := ev.Data["guest"].(bool); g && p.m.e.cfg.OnRunState != nil {
+			at := ev.Timestamp
+			if at.IsZero() {
+				at = time.Now()
+			}
+			g, _ := ev.Data["guest"].(bool)
+			if resets.reset(at, g) && p.m.e.cfg.OnRunState != nil {
 				p.m.e.cfg.OnRunState(p.m.view(), RunStateGuestReboot, "")
 			}
 		case "BLOCK_IO_ERROR":

@@ -30,7 +30,28 @@ const (
 	// guest); the same QEMU runs on.
 	RunStateGuestReboot = "guest_reboot"
 	ioErrorRateLimit    = 10 * time.Second
+	// resetEchoWindow: a RESET from the guest this soon after another
+	// RESET is an echo of that one, not a new reboot (see rebootFilter).
+	resetEchoWindow = 2 * time.Second
 )
+
+// rebootFilter tells a guest's reboot from the resets that echo it. One
+// reboot resets the machine more than once: Linux may try a second reset
+// method before the first one took effect, and SeaBIOS, started again
+// over the memory it left, finds it has run before and resets the machine
+// once more (its resume path); it does so after a QMP system_reset too.
+// Each is a RESET event with guest true, within milliseconds of the first
+// (under 300 ms under TCG on a loaded host); a guest cannot boot and
+// reboot again within resetEchoWindow.
+type rebootFilter struct{ last time.Time }
+
+// reset records a RESET event at t (guest: the guest caused it) and
+// reports whether it is a new reboot by the guest.
+func (f *rebootFilter) reset(t time.Time, guest bool) bool {
+	echo := !f.last.IsZero() && t.Sub(f.last) < resetEchoWindow
+	f.last = t
+	return guest && !echo
+}
 
 // ioError is a disk request QEMU could not complete (BLOCK_IO_ERROR).
 type ioError struct {

@@ -90,3 +90,31 @@ func TestDiskFullPausesGuest(t *testing.T) {
 		t.Fatalf("after the write: %s (%s)", v.Status, v.Reason)
 	}
 }
+
+// TestRebootFilter: the RESET events of one reboot count once, whether the
+// guest or a QMP system_reset caused the first one; a guest reboot later
+// counts again.
+func TestRebootFilter(t *testing.T) {
+	t0 := time.Date(2026, 12, 7, 20, 0, 0, 0, time.UTC)
+	ms := func(n int) time.Time { return t0.Add(time.Duration(n) * time.Millisecond) }
+	for _, tc := range []struct {
+		name   string
+		at     []time.Time
+		guest  []bool
+		counts []bool
+	}{
+		// Linux's reset, then SeaBIOS's two (as seen under TCG).
+		{"guest reboot", []time.Time{ms(0), ms(70), ms(72)}, []bool{true, true, true}, []bool{true, false, false}},
+		// system_reset, then SeaBIOS's echo 280 ms later.
+		{"qmp reset", []time.Time{ms(0), ms(280)}, []bool{false, true}, []bool{false, false}},
+		{"two reboots", []time.Time{ms(0), ms(150), ms(30000), ms(30100)}, []bool{true, true, true, true}, []bool{true, false, true, false}},
+		{"reboot after a reset", []time.Time{ms(0), ms(300), ms(9000)}, []bool{false, true, true}, []bool{false, false, true}},
+	} {
+		var f rebootFilter
+		for i := range tc.at {
+			if got := f.reset(tc.at[i], tc.guest[i]); got != tc.counts[i] {
+				t.Errorf("%s: reset %d (guest %v) counts %v, want %v", tc.name, i, tc.guest[i], got, tc.counts[i])
+			}
+		}
+	}
+}
