@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/testguest"
 )
 
 // apiGet reads one JSON answer of the agent's API.
@@ -72,8 +74,40 @@ func count(list []string, s string) int {
 	return n
 }
 
+// rebootOnce is a guest command (an #otherix-run: line) that reboots the
+// guest from inside, on its first boot only: reboot -f has the kernel
+// reset the machine, and QEMU goes on. Before it, the guest marks its boot
+// disk (8 bytes at offset 51200, in the unused gap between the MBR and the
+// partition at 1 MiB); a later boot finds the mark, stays up and prints
+// "OTHERIX-GUEST run-exit 1 0".
+const rebootOnce = `[ "$(dd if=/dev/vda bs=1 skip=51200 count=8 2>/dev/null)" = rebooted ] || ` +
+	`{ printf rebooted | dd of=/dev/vda bs=1 seek=51200 conv=notrunc,fsync 2>/dev/null && echo "OTHERIX-GUEST rebooting itself" && reboot -f; }`
+
+// waitEvent polls a VM's history (GET /v1/vms/NAME/events) until it holds
+// an event of type typ, and returns that event.
+func (a *standaloneAgent) waitEvent(name, typ string, timeout time.Duration) api.VMEvent {
+	a.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		var l api.VMEventList
+		err := a.apiGet("/v1/vms/"+name+"/events", &l)
+		for _, e := range l.Events {
+			if e.Type == typ {
+				return e
+			}
+		}
+		if time.Now().After(deadline) {
+			a.t.Fatalf("vm %s: no %s event in %v; events %+v (err %v)", name, typ, timeout, l.Events, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 // A guest that powers itself off stays off: its desired phase turns
 // stopped and neither the restart policy nor reconcile starts it again.
+// A guest that reboots itself stays running in the same QEMU process, its
+// desired phase running; the reboot is a guest_reboot event, in the API,
+// acknowledged by the control plane in a heartbeat, and counted.
 // A VM whose QEMU is killed crashes, is restarted by its policy (on-failure),
 // and after restart.crash_loop_count crashes stays crashed with a crash-loop
 // reason until it is started by request; with restart_policy never it
@@ -85,6 +119,13 @@ func TestGuestShutdownCrashesAndRestartPolicy(t *testing.T) {
 	os.WriteFile(ud, []byte("#cloud-config\n#otherix-run: poweroff -f\n"), 0o600)
 	a.ok("vm", "create", "self-off", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--user-data", ud, "--wait")
 	a.ok("vm", "create", "crashy", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--wait")
+	udReboot := filepath.Join(t.TempDir(), "reboot.yaml")
+	os.WriteFile(udReboot, []byte("#cloud-config\n#otherix-run: "+rebootOnce+"\n"), 0o600)
+	a.ok("vm", "create", "self-reboot", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--user-data", udReboot, "--wait")
+	rb := a.getVM("self-reboot")
+	rebootPID := rb.QEMUPID
+	con := testguest.OpenConsole(filepath.Join(a.dir, "vms", rb.UUID, "console.log"))
+	t.Cleanup(func() { con.Close() })
 
 	// crashy: kill -9 of QEMU is a crash, restarted by on-failure.
 	v := a.getVM("crashy")
@@ -119,6 +160,22 @@ func TestGuestShutdownCrashesAndRestartPolicy(t *testing.T) {
 		t.Errorf("after the guest's poweroff: desired_phase %q, status_reason %q\nevents %v\n%s", off.DesiredPhase, off.StatusReason, a.eventTypes("self-off"), grepLines(a.logText(), "self-off"))
 	}
 
+	// self-reboot rebooted itself once, in the same QEMU process, and is
+	// up again. Then a reset by request: its echo is no guest reboot.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if _, err := con.WaitFor(ctx, "OTHERIX-GUEST rebooting itself"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := con.WaitFor(ctx, "OTHERIX-GUEST run-exit 1 0"); err != nil {
+		t.Fatal(err)
+	}
+	reboot := a.waitEvent("self-reboot", api.EventGuestReboot, 10*time.Second)
+	a.ok("vm", "reset", "self-reboot")
+	if _, err := con.WaitFor(ctx, "OTHERIX-GUEST run-exit 1 0"); err != nil {
+		t.Fatal(err)
+	}
+
 	// Three heartbeats (5 s each) later neither VM was started again.
 	time.Sleep(16 * time.Second)
 	if v := a.getVM("self-off"); v.Status != api.StatusStopped || v.QEMUPID != 0 {
@@ -135,6 +192,22 @@ func TestGuestShutdownCrashesAndRestartPolicy(t *testing.T) {
 	if count(ev, api.EventCrashed) != 3 || count(ev, api.EventRestarted) != 2 || count(ev, api.EventCrashLoop) != 1 {
 		t.Errorf("crashy events %v: want 3 crashed, 2 restarted, 1 crash_loop", ev)
 	}
+	rb = a.getVM("self-reboot")
+	if rb.Status != api.StatusRunning || rb.QEMUPID != rebootPID || rb.DesiredPhase != api.PhaseRunning || rb.RestartCount != 0 {
+		t.Errorf("self-reboot after its reboot and 16 s: status %s pid %d (was %d) desired_phase %s restart_count %d, want running in the same QEMU",
+			rb.Status, rb.QEMUPID, rebootPID, rb.DesiredPhase, rb.RestartCount)
+	}
+	if ev := a.eventTypes("self-reboot"); strings.Join(ev, " ") != "created guest_reboot reset" {
+		t.Errorf("self-reboot events %v: want created, one guest_reboot, reset; nothing started\nagent log:\n%s", ev, grepLines(a.logText(), "self-reboot"))
+	}
+	// The heartbeats carried the event: the control plane acknowledged it.
+	var acked struct {
+		Acked int64 `json:"acked"`
+	}
+	if b, err := os.ReadFile(filepath.Join(a.dir, "events", "state.json")); err != nil || json.Unmarshal(b, &acked) != nil || acked.Acked < reboot.Seq {
+		t.Errorf("events acknowledged up to %d (%v), want at least the guest_reboot's seq %d", acked.Acked, err, reboot.Seq)
+	}
+
 	var l api.VMEventList
 	a.apiGet("/v1/vms/crashy/events", &l)
 	for _, e := range l.Events {
@@ -163,8 +236,10 @@ func TestGuestShutdownCrashesAndRestartPolicy(t *testing.T) {
 
 	// The metrics count the events.
 	m := scrape(t, a.url)
-	if m[`otherix_agent_vm_events_total{type="crashed"}`] != 4 || m[`otherix_agent_vm_events_total{type="guest_shutdown"}`] != 1 {
-		t.Errorf("vm_events_total: crashed %v, guest_shutdown %v", m[`otherix_agent_vm_events_total{type="crashed"}`], m[`otherix_agent_vm_events_total{type="guest_shutdown"}`])
+	for typ, want := range map[string]float64{"crashed": 4, "guest_shutdown": 1, "guest_reboot": 1} {
+		if got := m[`otherix_agent_vm_events_total{type="`+typ+`"}`]; got != want {
+			t.Errorf("vm_events_total{type=%q} = %v, want %v", typ, got, want)
+		}
 	}
 }
 
