@@ -3,7 +3,6 @@ package standalone
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/protocol"
@@ -51,7 +50,9 @@ func remoteView(n cpserver.Node, st protocol.VMStatus) api.VM {
 	if v.NodeState == api.NodeLost {
 		// What its agent last said; the VM itself may run on or not.
 		v.InstanceStatus = "UNKNOWN"
-		v.StatusReason = fmt.Sprintf("node %s lost: no heartbeat since %s", n.Name, n.LastHeartbeat.UTC().Format(time.RFC3339))
+		// Not "since last_heartbeat": an idle node's record is rewritten
+		// only every few minutes (etcdstore's NodeRefresh).
+		v.StatusReason = fmt.Sprintf("node %s lost: no heartbeat within its node timeout", n.Name)
 		v.Usage = nil
 	}
 	return v
