@@ -59,35 +59,11 @@ func (h *Host) ConsoleTail(name string, n int64) (api.ConsoleTail, error) {
 	return api.ConsoleTail{Data: strings.ToValidUTF8(string(b[:k]), "\uFFFD"), Offset: off, Size: fi.Size()}, nil
 }
 
-// setVNCPassword gives a vnc_enabled VM's console a new password: sealed
-// in its record for every later start, and set over QMP at once when QEMU
-// runs with a display. next is the console the update gives the VM (nil:
-// the one it has or will have at its next start).
-func (h *Host) setVNCPassword(ctx context.Context, name, pw string, next *vm.VNC) error {
-	v, err := h.engine.Get(name)
-	if err != nil {
-		return err
-	}
-	if next == nil && v.Next != nil {
-		next = v.Next.VNC
-	} else if next == nil {
-		next = v.Spec.VNC
-	}
-	if next == nil {
-		return errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false): no VNC password to change", name)
-	}
-	sealed, err := h.box.Seal(pw, v.Spec.UUID)
-	if err != nil {
-		return errcode.Wrap(errcode.Internal, err, "seal vnc password")
-	}
-	if err := h.engine.UpdateRecord(name, func(r *vm.Record) { r.VNCPassword = sealed }); err != nil {
-		return err
-	}
-	if v.PID == 0 || v.Spec.VNC == nil {
-		return nil // the next start sets it
-	}
+// setRunningVNCPassword sets a running VM's console password over QMP
+// (set_password); its record keeps it sealed for every later start.
+func (h *Host) setRunningVNCPassword(ctx context.Context, name, pw string) error {
 	exec := func(ctx context.Context, cmd string, args any) error { return h.engine.QMP(ctx, name, cmd, args, nil) }
-	err = vnc.SetPassword(ctx, exec, pw)
+	err := vnc.SetPassword(ctx, exec, pw)
 	if err != nil && errcode.Of(err) != errcode.Conflict { // conflict: it stopped meanwhile
 		return errcode.Wrap(errcode.Internal, err, "vnc password of the running vm")
 	}
@@ -98,7 +74,7 @@ func (h *Host) setVNCPassword(ctx context.Context, name, pw string, next *vm.VNC
 // password (unsealed from the VM's state), so QEMU never has it on its
 // command line and every login fails until then.
 func (h *Host) afterStart(ctx context.Context, v vm.View, exec func(ctx context.Context, cmd string, args any) error) error {
-	h.settleVNC(v.Spec.Name) // a console turned off or moved: its old port is free now
+	h.forgetVNCPassword(v) // a console turned off at this start
 	if v.Spec.VNC == nil {
 		return nil
 	}

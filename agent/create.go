@@ -127,13 +127,17 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 	if c.Node != "" && c.Node != h.cfg.NodeName {
 		return errcode.New(errcode.PoolNotOnNode, "pool %q is not on node %q (this node is %q)", c.Pool, c.Node, h.cfg.NodeName)
 	}
-	// Networks and devices: a dry run of the NIC plan.
-	probe := "validate-" + uuid.NewString()
-	plan, err := h.planNICs(c, probe)
+	// Networks and devices: a dry run of the NIC plan, on a probe
+	// reservation (no name: it holds nothing but its MACs, briefly).
+	probe, err := h.engine.Reserve("", uuid.NewString(), api.VM{})
 	if err != nil {
 		return err
 	}
-	h.macs.Release(probe)
+	plan, err := h.planNICs(c, probe)
+	probe.Release()
+	if err != nil {
+		return err
+	}
 	// Host devices are checked against the host now (device_not_found,
 	// iommu_unavailable, device_busy), and again at every start.
 	if !plan.host.Empty() {
@@ -173,24 +177,18 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 		return api.VM{}, errcode.New(errcode.ValidationFailed, "vm uuid %q is not a UUID", id)
 	}
 	id = strings.ToLower(id)
-	if _, err := h.engine.Get(c.Name); err == nil {
-		return api.VM{}, errcode.New(errcode.Conflict, "vm %q already exists", c.Name)
-	}
-	h.mu.Lock()
-	if h.pending[c.Name] != nil {
-		h.mu.Unlock()
-		return api.VM{}, errcode.New(errcode.Conflict, "vm %q is being created", c.Name)
-	}
-	pv := &api.VM{Name: c.Name, UUID: id, Status: api.StatusCreating, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB, CPULimit: c.CPULimit,
+	// The engine holds the VM's name, uuid, MACs and VNC port for it
+	// until it defines the VM, and lists it meanwhile as creating.
+	pv := api.VM{Name: c.Name, UUID: id, Status: api.StatusCreating, Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB, CPULimit: c.CPULimit,
 		Pool: c.Pool, Node: h.cfg.NodeName, ImageURL: c.ImageURL, ImageSHA256: c.ImageSHA256, DiskGiB: c.DiskGiB,
 		CloudInit: !c.NoCloudInit, DesiredPhase: api.PhaseRunning, LastTask: task}
-	h.pending[c.Name] = pv
-	h.mu.Unlock()
-	defer func() {
-		h.mu.Lock()
-		delete(h.pending, c.Name)
-		h.mu.Unlock()
-	}()
+	res, err := h.engine.Reserve(c.Name, id, pv)
+	if err != nil {
+		return api.VM{}, err
+	}
+	var u undo
+	defer u.run()
+	u.add(res.Release)
 
 	select {
 	case h.creates <- struct{}{}:
@@ -199,9 +197,7 @@ func (h *Host) Create(ctx context.Context, id string, c api.CreateVM, task *api.
 	}
 	defer func() { <-h.creates }()
 
-	var u undo
-	defer u.run()
-	b := h.newBuild(id, &c, task, progress, &u)
+	b := h.newBuild(res, &c, task, progress, &u)
 	if err := b.run(ctx, createSteps); err != nil {
 		return api.VM{}, err
 	}

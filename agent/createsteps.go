@@ -26,7 +26,8 @@ import (
 // filled in) and what each step made for the next ones.
 type build struct {
 	h        *Host
-	id       string // the VM's uuid
+	res      *vm.Reservation // the VM's name, uuid, MACs and VNC port until define
+	id       string          // the VM's uuid
 	c        *api.CreateVM
 	task     *api.TaskRef
 	progress func(api.Progress)
@@ -66,11 +67,12 @@ var createSteps = []createStep{
 	{"start", (*build).start},
 }
 
-func (h *Host) newBuild(id string, c *api.CreateVM, task *api.TaskRef, progress func(api.Progress), u *undo) *build {
+func (h *Host) newBuild(res *vm.Reservation, c *api.CreateVM, task *api.TaskRef, progress func(api.Progress), u *undo) *build {
 	if progress == nil {
 		progress = func(api.Progress) {}
 	}
-	return &build{h: h, id: id, c: c, task: task, progress: progress, undo: u,
+	id := res.UUID()
+	return &build{h: h, res: res, id: id, c: c, task: task, progress: progress, undo: u,
 		log: h.log.With(zap.String("vm", c.Name), zap.String("vm_uuid", id), zap.String("pool", c.Pool))}
 }
 
@@ -169,17 +171,16 @@ func (b *build) firmware(ctx context.Context) error {
 	return nil
 }
 
-// devices plans the NICs (reserving their MACs), forwards, DISK and host
+// devices plans the NICs (their MACs in the build's reservation), forwards, DISK and host
 // devices, resolves the CDROM devices (an image URL is ensured in the
 // cache and pinned for the VM's CD-ROM owner) and makes the emulated
 // TPM's state folder.
 func (b *build) devices(ctx context.Context) error {
 	h, c, id := b.h, b.c, b.id
-	plan, err := h.planNICs(c, id)
+	plan, err := h.planNICs(c, b.res)
 	if err != nil {
 		return err
 	}
-	b.undo.add(func() { h.macs.Release(id) })
 	b.plan = plan
 	if err := portfwd.CheckFree(ctx, plan.forwards); err != nil {
 		return err
@@ -216,8 +217,8 @@ func (b *build) devices(ctx context.Context) error {
 	return nil
 }
 
-// console holds the VNC port (the asked one, or a free one picked) and
-// seals the VNC password for the VM's record.
+// console holds the VNC port in the build's reservation (the asked one,
+// or a free one picked) and seals the VNC password for the VM's record.
 func (b *build) console(ctx context.Context) error {
 	h, c, id := b.h, b.c, b.id
 	if !c.VNCEnabled {
@@ -229,17 +230,16 @@ func (b *build) console(ctx context.Context) error {
 		if err := vnc.CheckPort(h.cfg.Listen.VNC, port); err != nil {
 			return err
 		}
-		if err := h.vncPorts.Hold(id, port); err != nil {
+		if err := b.res.HoldVNC(port); err != nil {
 			return err
 		}
 	} else {
-		p, err := h.vncPorts.Pick(h.cfg.Listen.VNC, vnc.BasePort, id)
+		p, err := b.res.PickVNC(h.cfg.Listen.VNC, vnc.BasePort)
 		if err != nil {
 			return err
 		}
 		port = p
 	}
-	b.undo.add(func() { h.vncPorts.Release(id) })
 	sealed, err := h.box.Seal(c.VNCPassword, id)
 	if err != nil {
 		return errcode.Wrap(errcode.Internal, err, "seal vnc password")

@@ -42,7 +42,12 @@ func stepBuild(t *testing.T, hh *hostHarness, c api.CreateVM) (*build, *undo, *[
 	}
 	u := &undo{}
 	var prog []api.Progress
-	b := hh.h.newBuild(uuid.NewString(), &c, &api.TaskRef{ID: "t-1", Type: api.TaskCreate}, func(p api.Progress) { prog = append(prog, p) }, u)
+	res, err := hh.h.engine.Reserve(c.Name, uuid.NewString(), api.VM{Name: c.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.add(res.Release) // as Create does: the first undo, run last
+	b := hh.h.newBuild(res, &c, &api.TaskRef{ID: "t-1", Type: api.TaskCreate}, func(p api.Progress) { prog = append(prog, p) }, u)
 	return b, u, &prog
 }
 
@@ -111,8 +116,8 @@ func TestCreateStepImage(t *testing.T) {
 	if len(*prog) < 2 || (*prog)[0].Phase != "download" || (*prog)[len(*prog)-1].Phase != "prepare" {
 		t.Errorf("progress %+v", *prog)
 	}
-	if len(u.fns) != 0 {
-		t.Errorf("image step pushed %d undos", len(u.fns))
+	if len(u.fns) != 1 { // the reservation's release
+		t.Errorf("image step pushed %d undos", len(u.fns)-1)
 	}
 	bad, _, _ := stepBuild(t, hh, api.CreateVM{Name: "bad", ImageURL: hh.image + ".missing"})
 	if err := bad.image(context.Background()); errcode.Of(err) != errcode.ImageDownloadFailed {
@@ -195,7 +200,7 @@ func TestCreateStepDevices(t *testing.T) {
 		t.Fatalf("nics %+v, agent forwards %+v", b.plan.nics, b.plan.forwards)
 	}
 	mac := b.plan.nics[0].MAC
-	if owner, _, ok := hh.h.macs.Owner(mac); !ok || owner != b.id {
+	if owner, _, ok := hh.h.engine.MACOwner(mac); !ok || owner != b.id {
 		t.Errorf("MAC %s owned by %q (%v)", mac, owner, ok)
 	}
 	if len(b.cdroms) != 1 || len(b.pins) != 1 || b.pins[0].Index != 1 || b.cdroms[0].Path == "" {
@@ -209,7 +214,7 @@ func TestCreateStepDevices(t *testing.T) {
 	}
 	os.MkdirAll(b.tpm.State, 0o700) // as swtpm's first start makes it
 	u.run()
-	if _, _, ok := hh.h.macs.Owner(mac); ok {
+	if _, _, ok := hh.h.engine.MACOwner(mac); ok {
 		t.Error("undo kept the MAC")
 	}
 	if p := pinnedBy(t, hh.h, b.pins[0].Digest); len(p) != 0 {
@@ -252,12 +257,19 @@ func TestCreateStepConsole(t *testing.T) {
 	if pw, err := hh.h.box.Open(b.sealed, b.id); err != nil || pw != "s3cretpw" {
 		t.Errorf("sealed password opens to %q, %v", pw, err)
 	}
-	other := uuid.NewString()
-	if err := hh.h.vncPorts.Hold(other, b.vnc.Port); err == nil {
-		t.Error("the VM's port could be held by another")
+	if got := hh.h.engine.HeldVNCPorts(b.id); !slices.Equal(got, []int{b.vnc.Port}) {
+		t.Errorf("ports held for the create: %v, want [%d]", got, b.vnc.Port)
+	}
+	other, err := hh.h.engine.Reserve("other", uuid.NewString(), api.VM{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Release()
+	if err := other.HoldVNC(b.vnc.Port); errcode.Of(err) != errcode.PortInUse {
+		t.Errorf("the VM's port held by another: %v", err)
 	}
 	u.run()
-	if err := hh.h.vncPorts.Hold(other, b.vnc.Port); err != nil {
+	if err := other.HoldVNC(b.vnc.Port); err != nil {
 		t.Errorf("undo kept the port: %v", err)
 	}
 }
@@ -365,7 +377,7 @@ func TestCreateStepStart(t *testing.T) {
 	if p := pinnedBy(t, hh.h, f.entry.Digest); len(p) != 0 {
 		t.Errorf("undo kept pins %v", p)
 	}
-	if _, _, ok := hh.h.macs.Owner(mac); ok {
+	if _, _, ok := hh.h.engine.MACOwner(mac); ok {
 		t.Error("undo kept the MAC")
 	}
 }

@@ -53,10 +53,7 @@ func (h *Host) eventSoonByName(name, typ, msg, taskID string) {
 func (h *Host) Events(name string) ([]api.VMEvent, error) {
 	v, err := h.engine.Get(name)
 	if err != nil {
-		h.mu.Lock()
-		_, creating := h.pending[name]
-		h.mu.Unlock()
-		if creating {
+		if _, creating := h.engine.ReservedView(name); creating {
 			return []api.VMEvent{}, nil
 		}
 		return nil, err

@@ -26,12 +26,10 @@ import (
 	"github.com/otherix/otherix-agent/agent/firmware"
 	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/metrics"
-	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/secrets"
 	"github.com/otherix/otherix-agent/agent/usage"
 	"github.com/otherix/otherix-agent/agent/vm"
-	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/imagecache"
 	"github.com/otherix/otherix-agent/internal/errcode"
 	"github.com/otherix/otherix-agent/qmp"
@@ -50,16 +48,11 @@ type Host struct {
 
 	creates chan struct{} // create concurrency limit
 
-	mu      sync.Mutex
-	pending map[string]*api.VM // VMs being created (before the engine knows them), by name
-
 	qemuVersion string
 	onChange    func(api.VM)
 
-	macs      netdev.Registry // MACs of every NIC on this host
 	firmwares *firmware.Catalog
-	box       *secrets.Box // seals VNC passwords at rest
-	vncPorts  vnc.Ports
+	box       *secrets.Box     // seals VNC passwords at rest
 	hostdevs  *hostdev.Host    // passthrough: the host's sysfs and the devices VMs hold
 	usage     *usage.Collector // nil when usage.interval is 0
 	events    *events.Store    // every VM's history
@@ -95,7 +88,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	if log == nil {
 		log = zap.NewNop()
 	}
-	h := &Host{cfg: cfg, log: log, pending: map[string]*api.VM{}, onChange: o.OnChange}
+	h := &Host{cfg: cfg, log: log, onChange: o.OnChange}
 	h.creates = make(chan struct{}, cfg.Limits.ConcurrentCreates)
 
 	var pools []imagecache.PoolConfig
@@ -191,23 +184,6 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	if err := eng.Recover(ctx); err != nil {
 		cache.Close()
 		return nil, err
-	}
-	for _, v := range eng.List() {
-		if v.Spec.VNC != nil {
-			if err := h.vncPorts.Hold(v.Spec.UUID, v.Spec.VNC.Port); err != nil {
-				log.Warn("vnc port held twice", zap.String("vm", v.Spec.Name), zap.Error(err))
-			}
-		}
-		if v.Next != nil && v.Next.VNC != nil { // pending: held for the next start
-			if err := h.vncPorts.Add(v.Spec.UUID, v.Next.VNC.Port); err != nil {
-				log.Warn("vnc port held twice", zap.String("vm", v.Spec.Name), zap.Error(err))
-			}
-		}
-		for i, n := range v.Spec.NICs {
-			if _, err := h.macs.Assign(v.Spec.UUID, i, n.MAC); err != nil {
-				log.Warn("duplicate MAC among existing VMs", zap.String("vm", v.Spec.Name), zap.String("mac", n.MAC), zap.Error(err))
-			}
-		}
 	}
 	h.qemuVersion = qemuVersion(cfg.QEMU.X86_64)
 	h.memMB = memTotalMB()

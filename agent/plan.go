@@ -25,15 +25,15 @@ type nicPlan struct {
 	host *hostdev.Spec
 }
 
+// macAssigner gives a create's NICs their MACs: its vm.Reservation.
+type macAssigner interface {
+	AssignMAC(index int, mac string) (string, error)
+}
+
 // planNICs validates the network part of a create (seed 004's --network,
-// seed 000's NIC and PROXY devices) and reserves MACs for id. On error no
-// MAC stays reserved.
-func (h *Host) planNICs(c *api.CreateVM, id string) (plan nicPlan, err error) {
-	defer func() {
-		if err != nil {
-			h.macs.Release(id)
-		}
-	}()
+// seed 000's NIC and PROXY devices) and gets its NICs' MACs from macs
+// (the create's reservation, which releasing frees them).
+func (h *Host) planNICs(c *api.CreateVM, macs macAssigner) (plan nicPlan, err error) {
 	addNIC := func(ref, nicType, parent, mac string) error {
 		n := vm.NIC{}
 		if ref != "" {
@@ -63,7 +63,7 @@ func (h *Host) planNICs(c *api.CreateVM, id string) (plan nicPlan, err error) {
 				return errcode.New(errcode.NetworkNotFound, "no configured network for nic_type %q parent %q", nicType, parent)
 			}
 		}
-		m, err := h.macs.Assign(id, len(plan.nics), strings.ToLower(mac))
+		m, err := macs.AssignMAC(len(plan.nics), strings.ToLower(mac))
 		if err != nil {
 			return err
 		}
@@ -145,7 +145,7 @@ func (h *Host) planNICs(c *api.CreateVM, id string) (plan nicPlan, err error) {
 	}
 	plan.forwards = rules
 	if len(plan.nics) == 0 {
-		m, err := h.macs.Assign(id, 0, "")
+		m, err := macs.AssignMAC(0, "")
 		if err != nil {
 			return plan, err
 		}

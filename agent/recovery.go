@@ -72,11 +72,9 @@ func (h *Host) sweep() {
 	for _, v := range h.engine.List() {
 		known[v.Spec.UUID] = true
 	}
-	h.mu.Lock()
-	for _, p := range h.pending {
+	for _, p := range h.engine.Reserved() {
 		known[p.UUID] = true
 	}
-	h.mu.Unlock()
 	for _, s := range h.cache.Stats() {
 		dir, err := h.cache.PoolDir(s.Name)
 		if err != nil {

@@ -89,13 +89,11 @@ func (h *Host) VMs(ctx context.Context) []api.VM {
 		out = append(out, h.toAPI(v))
 		seen[v.Spec.Name] = true
 	}
-	h.mu.Lock()
-	for name, p := range h.pending {
-		if !seen[name] {
-			out = append(out, *p)
+	for _, p := range h.engine.Reserved() {
+		if !seen[p.Name] {
+			out = append(out, p)
 		}
 	}
-	h.mu.Unlock()
 	return out
 }
 
@@ -105,10 +103,8 @@ func (h *Host) VM(name string) (api.VM, error) {
 	if err == nil {
 		return h.toAPI(v), nil
 	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if p := h.pending[name]; p != nil {
-		return *p, nil
+	if p, ok := h.engine.ReservedView(name); ok {
+		return p, nil
 	}
 	return api.VM{}, err
 }

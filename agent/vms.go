@@ -25,8 +25,6 @@ func (h *Host) Delete(ctx context.Context, name string) error {
 	crashpoint.Hit("delete.unpinning")
 	// The VM is gone: no op can change its record any more.
 	m := v.Record
-	h.macs.Release(v.Spec.UUID)
-	h.vncPorts.Release(v.Spec.UUID)
 	if m.ImageSHA256 != "" {
 		if err := h.cache.Unpin(m.Pool, m.ImageSHA256, v.Spec.UUID); err != nil {
 			h.log.Warn("unpin image", zap.String("vm", name), zap.Error(err))
@@ -94,42 +92,80 @@ func (h *Host) ValidateUpdate(u api.UpdateVM) error {
 }
 
 // Update changes a VM's CPU, memory, autostart, restart policy or VNC
-// console (seed 003's InstanceUpdateRequest). CPU, memory and the console
-// turned on, off or moved apply to a running VM at its next start (the
-// view shows them as pending_changes), a VNC password at once.
+// console (seed 003's InstanceUpdateRequest), as one op on the VM (its
+// Txn): a refused change (validation_failed, port_in_use) changes
+// nothing; the record follows the spec, and the running QEMU's VNC
+// password is set last. CPU, memory and
+// the console turned on, off or moved apply to a running VM at its next
+// start (the view shows them as pending_changes), a VNC password at
+// once.
 func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM, error) {
 	if err := h.ValidateUpdate(u); err != nil {
 		return api.VM{}, err
 	}
-	if u.VNCEnabled != nil || u.VNCPort != nil {
-		if err := h.updateVNC(ctx, name, u); err != nil {
-			return api.VM{}, err
-		}
-	} else if u.VNCPassword != nil {
-		if err := h.setVNCPassword(ctx, name, *u.VNCPassword, nil); err != nil {
-			return api.VM{}, err
-		}
-	}
-	if u.VCPUs != nil || u.MemoryMB != nil || u.CPULimit != nil {
-		if _, err := h.engine.Update(ctx, name, func(s *vm.Spec) {
-			if u.VCPUs != nil {
-				s.VCPUs = *u.VCPUs
+	_, err := h.engine.Do(ctx, name, "update", func(t *vm.Txn) error {
+		v := t.View()
+		var sealed string
+		if u.VNCPassword != nil {
+			s, err := h.box.Seal(*u.VNCPassword, v.Spec.UUID)
+			if err != nil {
+				return errcode.Wrap(errcode.Internal, err, "seal vnc password")
 			}
-			if u.CPULimit != nil {
-				s.CPULimit = *u.CPULimit
-			}
-			if u.MemoryMB != nil {
-				s.MemoryMB = *u.MemoryMB
-			}
-		}); err != nil {
-			return api.VM{}, err
+			sealed = s
 		}
-	}
-	if u.Autostart != nil {
-		h.updateRecord(name, func(m *vm.Record) { m.Autostart = *u.Autostart })
-	}
-	if u.RestartPolicy != nil {
-		h.updateRecord(name, func(m *vm.Record) { m.RestartPolicy = *u.RestartPolicy })
+		vncChange := u.VNCEnabled != nil || u.VNCPort != nil
+		if u.VNCPassword != nil && !vncChange && (v.Next == nil && v.Spec.VNC == nil || v.Next != nil && v.Next.VNC == nil) {
+			return errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false): no VNC password to change", name)
+		}
+		if vncChange || u.VCPUs != nil || u.MemoryMB != nil || u.CPULimit != nil {
+			err := t.UpdateAlloc(func(s *vm.Spec, a *vm.Alloc) error {
+				if vncChange {
+					if err := h.applyVNC(name, v.Spec, s, v.Record.VNCPassword != "", u, a); err != nil {
+						return err
+					}
+				}
+				if u.VNCPassword != nil && s.VNC == nil {
+					return errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false): no VNC password to change", name)
+				}
+				if u.VCPUs != nil {
+					s.VCPUs = *u.VCPUs
+				}
+				if u.CPULimit != nil {
+					s.CPULimit = *u.CPULimit
+				}
+				if u.MemoryMB != nil {
+					s.MemoryMB = *u.MemoryMB
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+		}
+		after := t.View()
+		if u.VNCPassword != nil || u.Autostart != nil || u.RestartPolicy != nil || !hasConsole(after) && v.Record.VNCPassword != "" {
+			h.recordIn(t, func(r *vm.Record) {
+				if u.VNCPassword != nil {
+					r.VNCPassword = sealed
+				}
+				if !hasConsole(after) {
+					r.VNCPassword = "" // no console, now or pending: forgotten
+				}
+				if u.Autostart != nil {
+					r.Autostart = *u.Autostart
+				}
+				if u.RestartPolicy != nil {
+					r.RestartPolicy = *u.RestartPolicy
+				}
+			})
+		}
+		if u.VNCPassword != nil && after.PID != 0 && after.Spec.VNC != nil {
+			return h.setRunningVNCPassword(ctx, name, *u.VNCPassword)
+		}
+		return nil
+	})
+	if err != nil {
+		return api.VM{}, err
 	}
 	return h.VM(name)
 }

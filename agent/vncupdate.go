@@ -1,29 +1,22 @@
 package agent
 
 import (
-	"context"
-
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/vm"
 	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
-// updateVNC turns a VM's console on or off or moves it (vm.update's
-// vnc_enabled, vnc_port), with its new password if given. QEMU cannot add
-// or remove a display adapter and VNC server at run time, so a running
-// VM gets the change at its next start (pending_changes); until then it
-// keeps its current port, and the new one is held for it too.
-func (h *Host) updateVNC(ctx context.Context, name string, u api.UpdateVM) error {
-	v, err := h.engine.Get(name)
-	if err != nil {
-		return err
-	}
-	base := v.Spec
-	if v.Next != nil {
-		base = *v.Next
-	}
-	on := base.VNC != nil
+// applyVNC makes next (the spec the VM is to have) carry the console
+// vm.update's vnc_enabled and vnc_port ask for. cur is the spec its
+// QEMU runs with; hasPassword says whether the VM has a sealed password.
+// QEMU cannot add or remove a display adapter and VNC server at run
+// time, so a running VM gets the change at its next start
+// (pending_changes); until then it keeps its current port, and the new
+// one is held for it too. The port is picked and checked through a, the
+// engine's allocator: free of every other VM and create.
+func (h *Host) applyVNC(name string, cur vm.Spec, next *vm.Spec, hasPassword bool, u api.UpdateVM, a *vm.Alloc) error {
+	on := next.VNC != nil
 	if u.VNCEnabled != nil {
 		on = *u.VNCEnabled
 	}
@@ -31,93 +24,52 @@ func (h *Host) updateVNC(ctx context.Context, name string, u api.UpdateVM) error
 		if u.VNCPort != nil || u.VNCPassword != nil {
 			return errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false): no VNC port or password to set", name)
 		}
-		if base.VNC == nil {
-			return nil
-		}
-		return h.setVNC(ctx, name, nil)
-	}
-	if u.VNCPassword == nil && (base.VNC == nil || v.Record.VNCPassword == "") {
-		return errcode.New(errcode.ValidationFailed, "vnc_password is required to turn vnc_enabled on: without one anyone reaching the port gets the VM's console")
-	}
-	next, err := h.vncPortFor(v, base, u.VNCPort)
-	if err != nil {
-		return err
-	}
-	if u.VNCPassword != nil {
-		if err := h.setVNCPassword(ctx, name, *u.VNCPassword, next); err != nil {
-			h.settleVNC(name)
-			return err
-		}
-	}
-	if base.VNC != nil && *base.VNC == *next {
+		next.VNC = nil
 		return nil
 	}
-	return h.setVNC(ctx, name, next)
-}
-
-// vncPortFor returns the console a VM is to have: on port (held for it
-// here; port_in_use when taken), else on the port it has or, turned on,
-// the next free one from 5900.
-func (h *Host) vncPortFor(v vm.View, base vm.Spec, port *int) (*vm.VNC, error) {
-	id, listen := v.Spec.UUID, h.cfg.Listen.VNC
-	var own []*vm.VNC // consoles the VM has: their ports are its own
-	for _, c := range []*vm.VNC{base.VNC, v.Spec.VNC} {
-		if c != nil {
-			own = append(own, c)
-		}
+	if u.VNCPassword == nil && (next.VNC == nil || !hasPassword) {
+		return errcode.New(errcode.ValidationFailed, "vnc_password is required to turn vnc_enabled on: without one anyone reaching the port gets the VM's console")
 	}
-	if port == nil {
-		if len(own) > 0 {
-			c := *own[0]
-			return &c, nil
+	listen := h.cfg.Listen.VNC
+	switch {
+	case u.VNCPort != nil:
+		port := *u.VNCPort
+		for _, c := range []*vm.VNC{next.VNC, cur.VNC} {
+			if c != nil && c.Port == port && c.Listen == listen {
+				next.VNC = &vm.VNC{Listen: listen, Port: port} // its own
+				return nil
+			}
 		}
-		p, err := h.vncPorts.PickAdd(listen, vnc.BasePort, id)
+		if err := a.TakenVNC(port); err != nil {
+			return err
+		}
+		if err := vnc.CheckPort(listen, port); err != nil {
+			return err
+		}
+		next.VNC = &vm.VNC{Listen: listen, Port: port}
+	case next.VNC == nil && cur.VNC == nil:
+		// Turned on: the next free port from 5900.
+		p, err := a.PickVNC(listen, vnc.BasePort)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		return &vm.VNC{Listen: listen, Port: p}, nil
+		next.VNC = &vm.VNC{Listen: listen, Port: p}
+	case next.VNC == nil:
+		c := *cur.VNC // turned back on before its start turned it off
+		next.VNC = &c
 	}
-	for _, c := range own {
-		if c.Port == *port && c.Listen == listen {
-			return &vm.VNC{Listen: listen, Port: *port}, nil
-		}
-	}
-	if err := h.vncPorts.Add(id, *port); err != nil {
-		return nil, err
-	}
-	if err := vnc.CheckPort(listen, *port); err != nil {
-		h.settleVNC(v.Spec.Name)
-		return nil, err
-	}
-	return &vm.VNC{Listen: listen, Port: *port}, nil
+	return nil
 }
 
-// setVNC makes c the VM's console (nil: none): at once when it is
-// stopped, else at its next start. The ports it no longer needs are
-// released, and a password it no longer needs forgotten.
-func (h *Host) setVNC(ctx context.Context, name string, c *vm.VNC) error {
-	_, err := h.engine.Update(ctx, name, func(s *vm.Spec) { s.VNC = c })
-	h.settleVNC(name)
-	return err
+// hasConsole reports whether a VM has a console now or at its next start.
+func hasConsole(v vm.View) bool {
+	return v.Spec.VNC != nil || v.Next != nil && v.Next.VNC != nil
 }
 
-// settleVNC makes the VM hold exactly the VNC ports of its consoles (the
-// one QEMU has and a pending one), and drops its sealed password once it
-// has no console at all.
-func (h *Host) settleVNC(name string) {
-	v, err := h.engine.Get(name)
-	if err != nil {
-		return
-	}
-	var keep []int
-	if v.Spec.VNC != nil {
-		keep = append(keep, v.Spec.VNC.Port)
-	}
-	if v.Next != nil && v.Next.VNC != nil {
-		keep = append(keep, v.Next.VNC.Port)
-	}
-	h.vncPorts.Keep(v.Spec.UUID, keep...)
-	if len(keep) == 0 && v.Record.VNCPassword != "" {
-		h.updateRecord(name, func(r *vm.Record) { r.VNCPassword = "" })
+// forgetVNCPassword drops a VM's sealed VNC password once it has no
+// console, now or pending.
+func (h *Host) forgetVNCPassword(v vm.View) {
+	if !hasConsole(v) && v.Record.VNCPassword != "" {
+		h.updateRecord(v.Spec.Name, func(r *vm.Record) { r.VNCPassword = "" })
 	}
 }

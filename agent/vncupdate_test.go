@@ -15,7 +15,7 @@ import (
 )
 
 // heldVNC lists the VNC ports the host holds for a VM.
-func heldVNC(h *Host, id string) []int { return h.vncPorts.Held(id) }
+func heldVNC(h *Host, id string) []int { return h.engine.HeldVNCPorts(id) }
 
 // TestVNCUpdate: vm.update turns a running VM's console on, moves it and
 // turns it off at its next start (pending_changes), holding the pending
@@ -162,6 +162,44 @@ func TestVNCUpdate(t *testing.T) {
 	}
 	if !v.VNCEnabled || v.VNCPort != first || v.PendingChanges != nil {
 		t.Fatalf("stopped vm turned on: %+v", v)
+	}
+
+	v, err = h.VM("vncup")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A start that fails after taking a pending move frees the old port
+	// at once: it is in no spec any more.
+	if _, err := h.Engine().Start(ctx, "vncup"); err != nil {
+		t.Fatal(err)
+	}
+	old := v.VNCPort
+	blocker, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer blocker.Close()
+	blocked := blocker.Addr().(*net.TCPAddr).Port
+	blocker.Close() // free for the update's check, taken again below
+	if v, err = h.Update(ctx, "vncup", api.UpdateVM{VNCPort: &blocked}); err != nil || v.PendingChanges == nil || v.PendingChanges.VNCPort != blocked {
+		t.Fatalf("pending move to %d: %+v %v", blocked, v, err)
+	}
+	if blocker, err = net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", blocked)); err != nil {
+		t.Fatal(err)
+	}
+	defer blocker.Close()
+	if _, err := h.Engine().Stop(ctx, "vncup"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.Engine().Start(ctx, "vncup"); err == nil {
+		t.Fatal("started with its vnc port taken")
+	}
+	if got := heldVNC(h, id); !slices.Equal(got, []int{blocked}) {
+		t.Fatalf("held %v after the failed start, want [%d]", got, blocked)
+	}
+	if v, err := h.Update(ctx, "other", api.UpdateVM{VNCPort: &old}); err != nil || v.PendingChanges == nil || v.PendingChanges.VNCPort != old {
+		t.Fatalf("another VM taking the freed port %d: %+v %v", old, v, err)
 	}
 	for _, n := range []string{"vncup", "other"} {
 		if err := h.Delete(ctx, n); err != nil {

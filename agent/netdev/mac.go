@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"strings"
-	"sync"
 
 	"github.com/otherix/otherix-agent/internal/errcode"
 )
@@ -17,7 +16,7 @@ const MACPrefix = "52:54:00"
 
 // GenerateMAC derives a MAC under [MACPrefix] from the VM's uuid and the
 // NIC's index: the same inputs always give the same MAC, different ones a
-// different MAC unless the 24-bit hashes collide (which [Registry.Assign]
+// different MAC unless the 24-bit hashes collide (which [AssignMAC]
 // resolves).
 func GenerateMAC(uuid string, index int) string {
 	return generateMAC(uuid, index, 0)
@@ -69,90 +68,41 @@ func hostSideMAC(guest net.HardwareAddr) net.HardwareAddr {
 	return hw
 }
 
-// Registry keeps the MACs in use on this host, each with its owner (a VM's
-// uuid) and NIC index, so that no two NICs share one. The engine fills it
-// from its VMs at start-up and asks it for every NIC it defines. The zero
-// value is ready; it is safe for concurrent use.
-type Registry struct {
-	mu   sync.Mutex
-	macs map[string]nicRef // normalized mac -> user
-}
-
-type nicRef struct {
-	owner string
-	index int
-}
+// Holder says which NIC holds a MAC (normalized): the owner (a VM's
+// uuid) and the NIC's index, ok false when none does. The engine answers
+// it from its VMs' specs and the creates in progress.
+type Holder func(mac string) (owner string, index int, ok bool)
 
 // maxRounds bounds the search for a free generated MAC.
 const maxRounds = 64
 
-// Assign reserves a MAC for NIC index of owner and returns it normalized.
-// With mac empty, the MAC is generated ([GenerateMAC]; if another NIC holds
-// that one, further hash rounds, so the result is still stable for a given
-// set of VMs). A given mac must be valid ([NormalizeMAC]); one held by
-// another NIC gives errcode.Conflict. Assigning what the same NIC already
-// holds is a no-op, so the engine can replay its VMs at start-up.
-func (r *Registry) Assign(owner string, index int, mac string) (string, error) {
-	ref := nicRef{owner, index}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.macs == nil {
-		r.macs = map[string]nicRef{}
+// AssignMAC picks the MAC of NIC index of owner, given held (which NIC
+// holds a MAC now), and returns it normalized; it records nothing. With
+// mac empty, the MAC is generated ([GenerateMAC]; if another NIC holds
+// that one, further hash rounds, so the result is still stable for a
+// given set of VMs). A given mac must be valid ([NormalizeMAC]); one held
+// by another NIC gives errcode.Conflict. A MAC the same NIC already
+// holds is its own.
+func AssignMAC(owner string, index int, mac string, held Holder) (string, error) {
+	free := func(m string) bool {
+		o, i, ok := held(m)
+		return !ok || (o == owner && i == index)
 	}
 	if mac != "" {
 		m, err := NormalizeMAC(mac)
 		if err != nil {
 			return "", err
 		}
-		if cur, ok := r.macs[m]; ok && cur != ref {
-			return "", errcode.New(errcode.Conflict, "mac %s is already used by nic %d of vm %s", m, cur.index, cur.owner)
+		if !free(m) {
+			o, i, _ := held(m)
+			return "", errcode.New(errcode.Conflict, "mac %s is already used by nic %d of vm %s", m, i, o)
 		}
-		r.macs[m] = ref
 		return m, nil
 	}
 	for round := 0; round < maxRounds; round++ {
-		m := generateMAC(owner, index, round)
-		if cur, ok := r.macs[m]; !ok || cur == ref {
-			r.macs[m] = ref
+		if m := generateMAC(owner, index, round); free(m) {
 			return m, nil
 		}
 	}
 	return "", errcode.New(errcode.Conflict, "no free mac for nic %d of vm %s after %d tries", index, owner, maxRounds)
-}
-
-// Release frees every MAC held by owner's NICs.
-func (r *Registry) Release(owner string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for m, ref := range r.macs {
-		if ref.owner == owner {
-			delete(r.macs, m)
-		}
-	}
-}
-
-// ReleaseMAC frees one MAC (any spelling NormalizeMAC accepts) if owner
-// holds it.
-func (r *Registry) ReleaseMAC(owner, mac string) {
-	m, err := NormalizeMAC(mac)
-	if err != nil {
-		return
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if ref, ok := r.macs[m]; ok && ref.owner == owner {
-		delete(r.macs, m)
-	}
-}
-
-// Owner returns the VM and NIC index holding mac.
-func (r *Registry) Owner(mac string) (owner string, index int, ok bool) {
-	m, err := NormalizeMAC(mac)
-	if err != nil {
-		return "", 0, false
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	ref, ok := r.macs[m]
-	return ref.owner, ref.index, ok
 }

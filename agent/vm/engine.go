@@ -141,9 +141,15 @@ type Engine struct {
 	cfg Config
 	log *zap.Logger
 
-	mu   sync.Mutex
-	vms  map[string]*machine // by name
-	uuid map[string]*machine
+	mu       sync.Mutex
+	vms      map[string]*machine     // by name
+	uuid     map[string]*machine     // by uuid
+	reserved map[string]*Reservation // creates in progress, by uuid
+
+	// allocMu makes each derivation of the host-wide allocations and the
+	// change it allows one step (alloc.go). Lock order: allocMu, a
+	// machine's mu, e.mu.
+	allocMu sync.Mutex
 }
 
 // maxSocketPath is sun_path's size on Linux, including the NUL.
@@ -203,7 +209,7 @@ func New(cfg Config) (*Engine, error) {
 			return nil, fmt.Errorf("vm: %w", err)
 		}
 	}
-	return &Engine{cfg: cfg, log: cfg.Logger, vms: map[string]*machine{}, uuid: map[string]*machine{}}, nil
+	return &Engine{cfg: cfg, log: cfg.Logger, vms: map[string]*machine{}, uuid: map[string]*machine{}, reserved: map[string]*Reservation{}}, nil
 }
 
 // DetectAccel returns "kvm" when KVM can really run guests here, else
@@ -265,9 +271,16 @@ func (e *Engine) lookup(name string) (*machine, error) {
 }
 
 // Define registers a new VM in status stopped and persists it with rec
-// (nil: an empty record).
+// (nil: an empty record). Its MACs and VNC port must be free of every
+// other VM and create (conflict, port_in_use); a create's Reservation of
+// the same uuid is taken over: its name, MACs and port are the VM's now.
 func (e *Engine) Define(ctx context.Context, spec Spec, rec *Record) (View, error) {
 	if err := spec.Validate(); err != nil {
+		return View{}, err
+	}
+	e.allocMu.Lock()
+	defer e.allocMu.Unlock()
+	if err := e.usedLocked().check(&spec); err != nil {
 		return View{}, err
 	}
 	e.mu.Lock()
@@ -278,6 +291,12 @@ func (e *Engine) Define(ctx context.Context, spec Spec, rec *Record) (View, erro
 	if _, ok := e.uuid[spec.UUID]; ok {
 		e.mu.Unlock()
 		return View{}, errcode.New(errcode.Conflict, "a vm with uuid %s already exists", spec.UUID)
+	}
+	for _, r := range e.reserved {
+		if r.name == spec.Name && r.uuid != spec.UUID {
+			e.mu.Unlock()
+			return View{}, errcode.New(errcode.Conflict, "vm %q is being created", spec.Name)
+		}
 	}
 	m := e.newMachine(spec)
 	now := time.Now().UTC()
@@ -306,6 +325,9 @@ func (e *Engine) Define(ctx context.Context, spec Spec, rec *Record) (View, erro
 		e.forget(m)
 		return View{}, errcode.Wrap(errcode.Internal, err, "persist vm")
 	}
+	e.mu.Lock()
+	delete(e.reserved, spec.UUID) // taken over
+	e.mu.Unlock()
 	m.log.Info("vm defined")
 	return v, nil
 }
@@ -379,30 +401,49 @@ func (e *Engine) List() []View {
 // change at once; a running one at its next start (View.Pending says so).
 // The changed spec is validated; the name, uuid and arch cannot change.
 func (e *Engine) Update(ctx context.Context, name string, fn func(*Spec)) (View, error) {
-	return e.op(ctx, name, "update", func(m *machine) error {
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		base := m.st.Spec
-		if m.st.Next != nil {
-			base = *m.st.Next
-		}
-		next := base
-		next.Disks = append([]Disk(nil), base.Disks...)
-		next.NICs = append([]NIC(nil), base.NICs...)
-		fn(&next)
-		if next.Name != base.Name || next.UUID != base.UUID || next.Arch != base.Arch {
-			return errcode.New(errcode.ValidationFailed, "name, uuid and arch cannot change")
-		}
-		if err := next.Validate(); err != nil {
-			return err
-		}
-		if m.proc != nil {
-			m.st.Next = &next
-		} else {
-			m.st.Spec, m.st.Next = next, nil
-		}
-		return m.persistLocked()
-	})
+	return e.UpdateAlloc(ctx, name, func(s *Spec, _ *Alloc) error { fn(s); return nil })
+}
+
+// UpdateAlloc is Update with a way to pick host-wide resources (a VNC
+// port) for the change: fn may refuse it with an error, which changes
+// nothing. The changed spec's MACs and VNC port must be free of every
+// other VM and create (conflict, port_in_use).
+func (e *Engine) UpdateAlloc(ctx context.Context, name string, fn func(*Spec, *Alloc) error) (View, error) {
+	return e.op(ctx, name, "update", func(m *machine) error { return m.update(fn) })
+}
+
+// update is UpdateAlloc's change, the VM's op held.
+func (m *machine) update(fn func(*Spec, *Alloc) error) error {
+	m.e.allocMu.Lock()
+	defer m.e.allocMu.Unlock()
+	u := m.e.usedLocked()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	base := m.st.Spec
+	if m.st.Next != nil {
+		base = *m.st.Next
+	}
+	next := base
+	next.Disks = append([]Disk(nil), base.Disks...)
+	next.NICs = append([]NIC(nil), base.NICs...)
+	if err := fn(&next, &Alloc{id: base.UUID, u: u, self: m}); err != nil {
+		return err
+	}
+	if next.Name != base.Name || next.UUID != base.UUID || next.Arch != base.Arch {
+		return errcode.New(errcode.ValidationFailed, "name, uuid and arch cannot change")
+	}
+	if err := next.Validate(); err != nil {
+		return err
+	}
+	if err := u.check(&next); err != nil {
+		return err
+	}
+	if m.proc != nil {
+		m.st.Next = &next
+	} else {
+		m.st.Spec, m.st.Next = next, nil
+	}
+	return m.persistLocked()
 }
 
 // UpdateRecord changes a VM's record with fn and persists it, under the

@@ -34,6 +34,9 @@ func (t *Txn) Record() Record {
 // UpdateRecord changes the VM's record with fn and persists it.
 func (t *Txn) UpdateRecord(fn func(*Record)) error { return t.m.updateRecord(fn) }
 
+// UpdateAlloc is Engine.UpdateAlloc within the Txn.
+func (t *Txn) UpdateAlloc(fn func(*Spec, *Alloc) error) error { return t.m.update(fn) }
+
 // AttachDisk is Engine.AttachDisk within the Txn.
 func (t *Txn) AttachDisk(ctx context.Context, d Disk) error { return t.m.attachDisk(ctx, d) }
 

@@ -24,7 +24,32 @@ import (
 )
 
 // testPorts keeps this package's parallel QEMUs off each other's ports.
-var testPorts Ports
+var testPorts struct {
+	mu   sync.Mutex
+	held map[int]bool
+}
+
+// pickTestPort is a free port from 5900 no other test of this package
+// holds, until the test ends.
+func pickTestPort(t *testing.T) int {
+	t.Helper()
+	testPorts.mu.Lock()
+	defer testPorts.mu.Unlock()
+	port, err := PickFree("127.0.0.1", BasePort, func(p int) bool { return testPorts.held[p] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if testPorts.held == nil {
+		testPorts.held = map[int]bool{}
+	}
+	testPorts.held[port] = true
+	t.Cleanup(func() {
+		testPorts.mu.Lock()
+		delete(testPorts.held, port)
+		testPorts.mu.Unlock()
+	})
+	return port
+}
 
 type lockedBuf struct {
 	mu sync.Mutex
@@ -70,11 +95,7 @@ func startConsole(t *testing.T) *console {
 		}
 		t.Skipf("qemu-system-x86_64 not installed: %v", err)
 	}
-	port, err := testPorts.Pick("127.0.0.1", BasePort, t.Name())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { testPorts.Release(t.Name()) })
+	port := pickTestPort(t)
 	vncArgs, err := Args("127.0.0.1", port)
 	if err != nil {
 		t.Fatal(err)

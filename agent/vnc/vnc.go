@@ -22,8 +22,8 @@
 // QEMU's -vnc takes a display number N and listens on 5900+N, so a port
 // below 5900 cannot be had (validation_failed). A null vnc_port means the
 // next free port from 5900: [PickPort] binds each candidate to be sure,
-// and [Ports] keeps two VMs of this agent from picking the same one before
-// their QEMUs bind it. A process outside the agent can still take the port
+// and the engine keeps two VMs of this agent from picking the same one
+// before their QEMUs bind it ([PickFree]). A process outside the agent can still take the port
 // between the pick and QEMU's bind; QEMU then exits with "Failed to find an
 // available port: Address already in use", which the engine reports as
 // port_in_use.
@@ -40,10 +40,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 
 	"github.com/otherix/otherix-agent/internal/errcode"
@@ -196,6 +194,12 @@ func PickPort(listenAddr string, from int) (int, error) {
 	return pick(listenAddr, from, nil)
 }
 
+// PickFree is PickPort skipping the ports taken says are another VM's:
+// ports the agent gave a VM whose QEMU may not have bound them yet.
+func PickFree(listenAddr string, from int, taken func(port int) bool) (int, error) {
+	return pick(listenAddr, from, taken)
+}
+
 func pick(listen string, from int, skip func(int) bool) (int, error) {
 	if _, err := listenHost(listen); err != nil {
 		return 0, err
@@ -214,122 +218,4 @@ func pick(listen string, from int, skip func(int) bool) (int, error) {
 		}
 	}
 	return 0, errcode.New(errcode.PortInUse, "no free vnc port from %d on %s", from, listen)
-}
-
-// Ports hands out VNC ports to the VMs of this agent: a port picked for
-// one VM is not picked for another until released, even before its QEMU
-// binds it. The zero value is ready.
-type Ports struct {
-	mu   sync.Mutex
-	held map[int]string // port → VM
-}
-
-// Pick returns vm's port: the one it holds, if any, else the first from
-// from that no other VM holds and that can be bound now.
-func (p *Ports) Pick(listen string, from int, vm string) (int, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for port, o := range p.held {
-		if o == vm {
-			return port, nil
-		}
-	}
-	port, err := pick(listen, from, func(port int) bool { return p.held[port] != "" })
-	if err != nil {
-		return 0, err
-	}
-	if p.held == nil {
-		p.held = map[int]string{}
-	}
-	p.held[port] = vm
-	return port, nil
-}
-
-// Hold records that vm uses port (given explicitly, or re-adopted after an
-// agent restart) instead of any port it held. port_in_use if another VM
-// holds it.
-func (p *Ports) Hold(vm string, port int) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if o := p.held[port]; o != "" && o != vm {
-		return errcode.New(errcode.PortInUse, "vnc port %d is VM %s's", port, o)
-	}
-	for q, o := range p.held {
-		if o == vm {
-			delete(p.held, q)
-		}
-	}
-	if p.held == nil {
-		p.held = map[int]string{}
-	}
-	p.held[port] = vm
-	return nil
-}
-
-// Add holds port for vm besides the ports it holds: a pending display's
-// port while vm's QEMU still listens on its current one. port_in_use if
-// another VM holds it.
-func (p *Ports) Add(vm string, port int) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if o := p.held[port]; o != "" && o != vm {
-		return errcode.New(errcode.PortInUse, "vnc port %d is VM %s's", port, o)
-	}
-	if p.held == nil {
-		p.held = map[int]string{}
-	}
-	p.held[port] = vm
-	return nil
-}
-
-// PickAdd is Add of the first port from from that no VM holds and that
-// can be bound now.
-func (p *Ports) PickAdd(listen string, from int, vm string) (int, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	port, err := pick(listen, from, func(port int) bool { return p.held[port] != "" })
-	if err != nil {
-		return 0, err
-	}
-	if p.held == nil {
-		p.held = map[int]string{}
-	}
-	p.held[port] = vm
-	return port, nil
-}
-
-// Keep releases every port vm holds but those in keep.
-func (p *Ports) Keep(vm string, keep ...int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for port, o := range p.held {
-		if o == vm && !slices.Contains(keep, port) {
-			delete(p.held, port)
-		}
-	}
-}
-
-// Held returns the ports vm holds, in order.
-func (p *Ports) Held(vm string) []int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var out []int
-	for port, o := range p.held {
-		if o == vm {
-			out = append(out, port)
-		}
-	}
-	slices.Sort(out)
-	return out
-}
-
-// Release frees vm's port.
-func (p *Ports) Release(vm string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for port, o := range p.held {
-		if o == vm {
-			delete(p.held, port)
-		}
-	}
 }

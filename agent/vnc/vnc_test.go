@@ -131,28 +131,18 @@ func TestPickPort(t *testing.T) {
 	}
 }
 
-func TestPorts(t *testing.T) {
-	var p Ports
-	a, err := p.Pick("127.0.0.1", 47100, "vm-a")
+func TestPickFree(t *testing.T) {
+	a, err := PickFree("127.0.0.1", 47100, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := p.Pick("127.0.0.1", 47100, "vm-b")
-	if err != nil {
-		t.Fatal(err)
+	b, err := PickFree("127.0.0.1", 47100, func(p int) bool { return p == a })
+	if err != nil || b == a || b < 47100 {
+		t.Fatalf("PickFree skipping %d = %d, %v", a, b, err)
 	}
-	if a == b {
-		t.Fatalf("two VMs got port %d", a)
-	}
-	if again, _ := p.Pick("127.0.0.1", 47100, "vm-a"); again != a {
-		t.Errorf("vm-a picked again: %d, want its %d", again, a)
-	}
-	if err := p.Hold("vm-c", a); errcode.Of(err) != errcode.PortInUse {
-		t.Errorf("Hold of vm-a's port = %v, want port_in_use", err)
-	}
-	p.Release("vm-a")
-	if err := p.Hold("vm-c", a); err != nil {
-		t.Errorf("Hold after release: %v", err)
+	hold(t, b)
+	if c, err := PickFree("127.0.0.1", b, nil); err != nil || c == b {
+		t.Errorf("PickFree from a bound %d = %d, %v", b, c, err)
 	}
 }
 
