@@ -82,7 +82,7 @@ func (h *Host) ValidateUpdate(u api.UpdateVM) error {
 	if err := vnc.Validate(false, u.VNCPort, ""); err != nil {
 		return err
 	}
-	if u.VNCEnabled != nil && !*u.VNCEnabled && (u.VNCPort != nil || u.VNCPassword != nil) {
+	if u.VNCEnabled != nil && !*u.VNCEnabled && (u.VNCPort != nil || u.VNCPortAuto || u.VNCPassword != nil) {
 		return errcode.New(errcode.ValidationFailed, "vnc_port and vnc_password need vnc_enabled true, not false")
 	}
 	if u.CPULimit != nil {
@@ -113,7 +113,7 @@ func (h *Host) Update(ctx context.Context, name string, u api.UpdateVM) (api.VM,
 			}
 			sealed = s
 		}
-		vncChange := u.VNCEnabled != nil || u.VNCPort != nil
+		vncChange := u.VNCEnabled != nil || u.VNCPort != nil || u.VNCPortAuto
 		if u.VNCPassword != nil && !vncChange && (v.Next == nil && v.Spec.VNC == nil || v.Next != nil && v.Next.VNC == nil) {
 			return errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false): no VNC password to change", name)
 		}

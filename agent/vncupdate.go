@@ -21,7 +21,7 @@ func (h *Host) applyVNC(name string, cur vm.Spec, next *vm.Spec, hasPassword boo
 		on = *u.VNCEnabled
 	}
 	if !on {
-		if u.VNCPort != nil || u.VNCPassword != nil {
+		if u.VNCPort != nil || u.VNCPortAuto || u.VNCPassword != nil {
 			return errcode.New(errcode.ValidationFailed, "vm %q has no display (vnc_enabled is false): no VNC port or password to set", name)
 		}
 		next.VNC = nil
@@ -47,8 +47,9 @@ func (h *Host) applyVNC(name string, cur vm.Spec, next *vm.Spec, hasPassword boo
 			return err
 		}
 		next.VNC = &vm.VNC{Listen: listen, Port: port}
-	case next.VNC == nil && cur.VNC == nil:
-		// Turned on: the next free port from 5900.
+	case u.VNCPortAuto || next.VNC == nil && cur.VNC == nil:
+		// Automatic: the next free port from 5900, the VM's own
+		// counting as free for it.
 		p, err := a.PickVNC(listen, vnc.BasePort)
 		if err != nil {
 			return err

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"slices"
@@ -164,9 +165,20 @@ func TestVNCUpdate(t *testing.T) {
 		t.Fatalf("stopped vm turned on: %+v", v)
 	}
 
-	v, err = h.VM("vncup")
+	// "vnc_port": null: back to automatic, the next free port from 5900.
+	var auto api.UpdateVM
+	if err := json.Unmarshal([]byte(`{"vnc_port": null}`), &auto); err != nil || !auto.VNCPortAuto {
+		t.Fatalf("null vnc_port decoded as %+v, %v", auto, err)
+	}
+	v, err = h.Update(ctx, "vncup", auto)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if v.VNCPort < 5900 || v.VNCPort >= first || v.PendingChanges != nil {
+		t.Fatalf("automatic port after an explicit %d: %+v", first, v)
+	}
+	if got := heldVNC(h, id); !slices.Equal(got, []int{v.VNCPort}) {
+		t.Fatalf("held %v after going automatic, want [%d]", got, v.VNCPort)
 	}
 
 	// A start that fails after taking a pending move frees the old port

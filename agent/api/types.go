@@ -4,6 +4,7 @@
 package api
 
 import (
+	"bytes"
 	"encoding/json"
 	"time"
 )
@@ -476,12 +477,52 @@ type UpdateVM struct {
 	// VNCPassword.
 	VNCEnabled *bool `json:"vnc_enabled,omitempty"`
 	// VNCPort moves the console to this port (5900..65535; port_in_use
-	// when taken). Absent or null: the VM keeps its port, and one turned
-	// on gets the next free one from 5900 (seed 000).
+	// when taken). Absent: the VM keeps its port, and one turned on gets
+	// the next free one from 5900 (seed 000).
 	VNCPort *int `json:"vnc_port,omitempty"`
+	// VNCPortAuto is "vnc_port": null on the wire: the port goes back to
+	// automatic, the next free one from 5900 (seed 000's null), the VM's
+	// own port counting as free for it.
+	VNCPortAuto bool `json:"-"`
 	// VNCPassword is a new password of a vnc_enabled VM's console (at
 	// most 8 characters, a secret), set at once when the VM runs.
 	VNCPassword *string `json:"vnc_password,omitempty"`
+}
+
+// updateVM is UpdateVM's wire form without its methods.
+type updateVM UpdateVM
+
+// UnmarshalJSON reads "vnc_port": null as VNCPortAuto. A field it does
+// not know is an error, from the API and in a vm.update task alike: a
+// change the agent cannot make is refused, never dropped.
+func (u *UpdateVM) UnmarshalJSON(b []byte) error {
+	var w updateVM
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&w); err != nil {
+		return err
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return err
+	}
+	if p, ok := fields["vnc_port"]; ok && string(bytes.TrimSpace(p)) == "null" {
+		w.VNCPortAuto = true
+	}
+	*u = UpdateVM(w)
+	return nil
+}
+
+// MarshalJSON writes VNCPortAuto as "vnc_port": null.
+func (u UpdateVM) MarshalJSON() ([]byte, error) {
+	b, err := json.Marshal(updateVM(u))
+	if err != nil || !u.VNCPortAuto || u.VNCPort != nil {
+		return b, err
+	}
+	if len(b) == 2 { // {}
+		return []byte(`{"vnc_port":null}`), nil
+	}
+	return append([]byte(`{"vnc_port":null,`), b[1:]...), nil
 }
 
 // ValidRestartPolicy reports whether p is a restart policy ("" is not).

@@ -35,6 +35,8 @@ func TestBadRequests(t *testing.T) {
 		{"cpu_limit negative", "PATCH", "/v1/vms/" + targetVM, `{"cpu_limit":-1}`, 400, "validation_failed", ""},
 		{"vnc password too long", "PATCH", "/v1/vms/" + targetVM, `{"vnc_password":"123456789"}`, 400, "validation_failed", ""},
 		{"vnc password empty", "PATCH", "/v1/vms/" + targetVM, `{"vnc_password":""}`, 400, "validation_failed", ""},
+		{"patch unknown field", "PATCH", "/v1/vms/" + targetVM, `{"vnc_prot":5901}`, 400, "validation_failed", ""},
+		{"null port with vnc off", "PATCH", "/v1/vms/" + targetVM, `{"vnc_enabled":false,"vnc_port":null}`, 400, "validation_failed", ""},
 		{"stats", "GET", "/v1/vms/" + targetVM + "/stats", "", 200, "", ""},
 		{"stats of no vm", "GET", "/v1/vms/nope/stats", "", 404, "not_found", ""},
 		{"cursor traversal", "GET", "/v1/vms?cursor=..%2Fetc", "", 400, "validation_failed", ""},
