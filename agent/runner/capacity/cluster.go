@@ -17,10 +17,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/google/uuid"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
 	"github.com/otherix/otherix-agent/agent/protocol/cpserver/etcdstore"
@@ -33,7 +31,7 @@ import (
 // etcd (three replicas on a three-member etcd, the agents spread over
 // them), and prints requests per second, heartbeat latency and etcd
 // writes per agent per minute.
-func clusterBench(ns []int, duration, interval time.Duration, vms int) error {
+func clusterBench(ns []int, duration, interval time.Duration, vms int, writeRate int64) error {
 	tmp, err := os.MkdirTemp("", "capacity-cluster-")
 	if err != nil {
 		return err
@@ -58,20 +56,25 @@ func clusterBench(ns []int, duration, interval time.Duration, vms int) error {
 	if err := os.WriteFile(tok, []byte("capacity"), 0o600); err != nil {
 		return err
 	}
-	fmt.Printf("\n## Control plane with N simulated agents, measured over %v each (heartbeat every %v with %d VMs, lease long poll 30 s)\n\n", duration, interval, vms)
-	fmt.Println("| store | N | req/s | heartbeat/s | heartbeat p50 | heartbeat p99 | errors | etcd writes/agent/min |")
-	fmt.Println("|---|---|---|---|---|---|---|---|")
+	fmt.Printf("\n## Control plane with N simulated agents, measured over %v each (heartbeat every %v with %d VMs and their usage, node_info when it changed with guests writing %.1f MiB/s per host, lease long poll 30 s)\n\n",
+		duration, interval, vms, float64(writeRate)/(1<<20))
+	fmt.Println("| store | N | req/s | heartbeat/s | node_info/agent/min (free_bytes exact to the byte) | heartbeat p50 | heartbeat p99 | errors | etcd writes/agent/min |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|")
 	for _, n := range ns {
 		for _, kind := range []string{"standalone (file)", "cluster (etcd, 3 replicas)"} {
 			if !slices.Contains(strings.Split(onlyStores, ","), storeShort(kind)) {
 				continue
 			}
-			row, err := benchOne(kind, n, duration, interval, vms, tmp, tok, etcd)
+			row, err := benchOne(kind, n, duration, interval, vms, writeRate, tmp, tok, etcd)
 			if err != nil {
 				return fmt.Errorf("%s, N=%d: %w", kind, n, err)
 			}
 			fmt.Println(row)
 		}
+	}
+	if duration < etcdstore.DefaultNodeRefresh {
+		fmt.Printf("\nAn idle node's record is rewritten every %v (etcdstore.DefaultNodeRefresh), beyond this window: %.1f more etcd writes/agent/min in steady state.\n",
+			etcdstore.DefaultNodeRefresh, float64(time.Minute)/float64(etcdstore.DefaultNodeRefresh))
 	}
 	return nil
 }
@@ -87,7 +90,7 @@ func (c counting) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c.h.ServeHTTP(w, r)
 }
 
-func benchOne(kind string, n int, duration, interval time.Duration, vms int, tmp, tok string, etcd *etcdtest.Cluster) (string, error) {
+func benchOne(kind string, n int, duration, interval time.Duration, vms int, writeRate int64, tmp, tok string, etcd *etcdtest.Cluster) (string, error) {
 	var reqs atomic.Int64
 	var urls []string
 	var cleanup []func()
@@ -129,7 +132,7 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, tmp
 	cleanup = append(cleanup, func() { cancel(); wg.Wait() })
 	var mu sync.Mutex
 	var lat []time.Duration
-	var errs, beats atomic.Int64
+	var errs, beats, infos, exactInfos atomic.Int64
 	measuring := atomic.Bool{}
 	ready := make(chan struct{}, n)
 	var first sync.WaitGroup // every agent's first heartbeat answered
@@ -140,12 +143,9 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, tmp
 			return "", err
 		}
 		node := fmt.Sprintf("hv-%04d", i)
-		statuses := make([]protocol.VMStatus, vms)
-		for j := range statuses {
-			statuses[j] = protocol.VMStatus{Name: fmt.Sprintf("%s-vm%d", node, j), UUID: uuid.NewString(), Status: api.StatusRunning}
-		}
+		host := newSimHost(node, vms, writeRate)
 		wg.Go(func() {
-			if _, err := c.Register(ctx, protocol.NodeInfo{Name: node, Arch: "amd64", CPUs: 64, MemoryMB: 512 << 10}); err != nil {
+			if _, err := c.Register(ctx, host.info()); err != nil {
 				errs.Add(1)
 			}
 			ready <- struct{}{}
@@ -172,7 +172,11 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, tmp
 				}
 				t.Reset(interval)
 				start := time.Now()
-				_, err := c.Heartbeat(ctx, protocol.HeartbeatRequest{ProtocolVersion: protocol.Version, Node: node, Seq: seq, State: protocol.NodeReady, VMs: statuses})
+				req, nodeJSON, exact := host.heartbeat(seq, interval)
+				_, err := c.Heartbeat(ctx, req)
+				if err == nil {
+					host.acked(nodeJSON)
+				}
 				if seq == 1 {
 					first.Done()
 				}
@@ -186,6 +190,12 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, tmp
 					continue
 				}
 				beats.Add(1)
+				if req.NodeInfo != nil {
+					infos.Add(1)
+				}
+				if exact {
+					exactInfos.Add(1)
+				}
 				mu.Lock()
 				lat = append(lat, time.Since(start))
 				mu.Unlock()
@@ -229,10 +239,11 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, tmp
 	mu.Unlock()
 	writes := "-"
 	if cli != nil {
-		writes = fmt.Sprintf("%.1f", float64(rev1-rev0)/float64(n)/elapsed.Minutes())
+		writes = fmt.Sprintf("%.2f", float64(rev1-rev0)/float64(n)/elapsed.Minutes())
 	}
-	return fmt.Sprintf("| %s | %d | %.1f | %.1f | %v | %v | %d | %s |", kind, n,
-		float64(req1-req0)/elapsed.Seconds(), float64(beats.Load())/elapsed.Seconds(),
+	perAgent := func(x int64) float64 { return float64(x) / float64(n) / elapsed.Minutes() }
+	return fmt.Sprintf("| %s | %d | %.1f | %.1f | %.2f (exact: %.2f) | %v | %v | %d | %s |", kind, n,
+		float64(req1-req0)/elapsed.Seconds(), float64(beats.Load())/elapsed.Seconds(), perAgent(infos.Load()), perAgent(exactInfos.Load()),
 		p50.Round(100*time.Microsecond), p99.Round(100*time.Microsecond), errs.Load(), writes), nil
 }
 

@@ -8,8 +8,11 @@
 // With -cluster N,M,... it measures instead the control plane itself with
 // N simulated agents, on the standalone file store and on etcd (three
 // replicas on a three-member etcd from Debian's etcd-server), side by
-// side: requests and heartbeats per second, heartbeat latency and etcd
-// writes per agent per minute (docs/cluster.md, "Capacity").
+// side: requests and heartbeats per second, node_info sent per agent per
+// minute (as the real agent sends it: when it changed, free_bytes rounded
+// to whole GiB, beside the rate with free_bytes exact to the byte),
+// heartbeat latency and etcd writes per agent per minute
+// (docs/cluster.md, "Capacity").
 //
 //	go run ./agent/runner/capacity -duration 2m
 //	go run ./agent/runner/capacity -cluster 100,1000 -duration 1m
@@ -46,6 +49,7 @@ func main() {
 	interval := flag.Duration("interval", 10*time.Second, "heartbeat interval the control plane asks for")
 	cluster := flag.String("cluster", "", "comma-separated fleet sizes N: measure the control plane with N simulated agents on the file and the etcd store")
 	clusterVMs := flag.Int("cluster-vms", 5, "VMs each simulated agent reports (-cluster)")
+	writeMiB := flag.Float64("cluster-write-mibs", 1, "MiB/s each simulated host's guests write to its pool on average, shrinking free_bytes (-cluster)")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "with -cluster: write a CPU profile of each row's window to `prefix`-<store>-<N>.pprof")
 	flag.StringVar(&onlyStores, "stores", "file,etcd", "with -cluster: the stores to measure")
 	flag.Parse()
@@ -59,7 +63,7 @@ func main() {
 			}
 			ns = append(ns, n)
 		}
-		if err := clusterBench(ns, *duration, *interval, *clusterVMs); err != nil {
+		if err := clusterBench(ns, *duration, *interval, *clusterVMs, int64(*writeMiB*(1<<20))); err != nil {
 			fmt.Fprintln(os.Stderr, "capacity:", err)
 			os.Exit(1)
 		}
