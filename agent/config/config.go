@@ -428,8 +428,11 @@ func (c *Config) validateCluster(bad func(key, format string, args ...any)) {
 	if !strings.HasPrefix(e.Prefix, "/") || !strings.HasSuffix(e.Prefix, "/") {
 		bad("cluster.etcd.prefix", "%q must start and end with /", e.Prefix)
 	}
-	if h := c.Cluster.HeartbeatInterval; h < time.Second || h > 10*time.Minute || h%time.Second != 0 {
-		bad("cluster.heartbeat_interval", "%s must be whole seconds, 1s..10m", h)
+	// Not below 5 s: a heartbeat answered cluster_unavailable (an etcd
+	// election) waits the control plane's Retry-After of 5 s, and two
+	// such waits must fit in the node's three intervals.
+	if h := c.Cluster.HeartbeatInterval; h < 5*time.Second || h > 10*time.Minute || h%time.Second != 0 {
+		bad("cluster.heartbeat_interval", "%s must be whole seconds, 5s..10m", h)
 	}
 	if !c.ClusterMode() {
 		if e.CAFile != "" || e.CertFile != "" || e.KeyFile != "" {

@@ -80,8 +80,9 @@ func TestParseErrorsNameKeyAndLine(t *testing.T) {
 		{"cluster:\n  etcd:\n    endpoints: [https://e1:2379]\n    cert_file: /etc/otherix/etcd.pem\n", "cert_file and key_file go together"},
 		{"cluster:\n  etcd:\n    ca_file: /etc/otherix/ca.pem\n", "cluster.etcd.endpoints: required"},
 		{"cluster:\n  etcd:\n    endpoints: [https://e1:2379]\n    prefix: otherix\n", "cluster.etcd.prefix"},
-		{"cluster:\n  heartbeat_interval: 500ms\n", "cluster.heartbeat_interval: 500ms must be whole seconds, 1s..10m"},
-		{"cluster:\n  heartbeat_interval: 2.5s\n", "cluster.heartbeat_interval"},
+		{"cluster:\n  heartbeat_interval: 500ms\n", "cluster.heartbeat_interval: 500ms must be whole seconds, 5s..10m"},
+		{"cluster:\n  heartbeat_interval: 5.5s\n", "cluster.heartbeat_interval"},
+		{"cluster:\n  heartbeat_interval: 3s\n", "cluster.heartbeat_interval: 3s must be whole seconds, 5s..10m"},
 		{"standalone: true\ncluster:\n  etcd:\n    endpoints: [https://e1:2379]\n", "standalone: cluster mode serves the API"},
 	} {
 		_, err := Parse([]byte(tc.in), "agent.yaml")

@@ -60,8 +60,9 @@ func allReady(nodes map[string]api.Node) bool {
 
 // testHeartbeat is the cluster tests' heartbeat interval: a node reads
 // lost 10 to 15 s after its agent dies, and other hosts see a VM's change
-// within 5 s. Not shorter: a heartbeat answered cluster_unavailable (an
-// etcd member's election) waits its Retry-After of 5 s.
+// within 5 s. It is the shortest the config allows: a heartbeat answered
+// cluster_unavailable (an etcd member's election) waits its Retry-After
+// of 5 s.
 const testHeartbeat = "5s"
 
 // startClusterAgent starts a cluster-mode agent named node on the etcd
