@@ -181,8 +181,16 @@ func (c *Client) Heartbeat(ctx context.Context, req HeartbeatRequest) (*Heartbea
 	return &out, nil
 }
 
-// maxAnswer bounds what the agent reads from one answer.
-const maxAnswer = 16 << 20
+// MaxAnswerBytes is the largest answer body the agent reads, after gzip
+// decoding. A 2xx answer that is larger, or that does not decode into the
+// answer's type, is a failed request (ErrMalformedAnswer, retryable); a
+// larger non-2xx answer keeps its status and loses only its error body.
+const MaxAnswerBytes = 16 << 20
+
+// ErrMalformedAnswer is in the chain of the error for a 2xx answer the
+// agent cannot use: larger than MaxAnswerBytes or not valid JSON of the
+// answer's type. Such a request failed; it is retryable.
+var ErrMalformedAnswer = errors.New("malformed answer")
 
 func (c *Client) post(ctx context.Context, path string, in, out any, timeout time.Duration) (err error) {
 	if c.observe != nil {
@@ -224,12 +232,16 @@ func (c *Client) post(ctx context.Context, path string, in, out any, timeout tim
 		return &RetryableError{Err: fmt.Errorf("control plane %s: %w", path, err)}
 	}
 	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer))
+	data, err := io.ReadAll(io.LimitReader(resp.Body, MaxAnswerBytes+1))
 	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		return &RetryableError{Err: fmt.Errorf("control plane %s: read answer: %w", path, err)}
+	}
+	tooLarge := len(data) > MaxAnswerBytes
+	if tooLarge {
+		data = data[:MaxAnswerBytes]
 	}
 	if resp.StatusCode/100 != 2 {
 		herr := &HTTPError{StatusCode: resp.StatusCode, RetryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())}
@@ -245,13 +257,19 @@ func (c *Client) post(ctx context.Context, path string, in, out any, timeout tim
 		}
 		return herr
 	}
-	if out == nil || len(bytes.TrimSpace(data)) == 0 {
-		return nil
+	if out == nil {
+		return nil // a completion: any 2xx acknowledges it, whatever its body
+	}
+	// A garbled or oversized answer is the control plane's (or a
+	// proxy's) fault and may pass: the request failed, retry.
+	if tooLarge {
+		return &RetryableError{Err: fmt.Errorf("control plane %s: %w: larger than %d bytes", path, ErrMalformedAnswer, MaxAnswerBytes)}
+	}
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil // an empty body reads as {}
 	}
 	if err := json.Unmarshal(data, out); err != nil {
-		// A garbled answer is the control plane's (or a proxy's) fault
-		// and may pass: retry.
-		return &RetryableError{Err: fmt.Errorf("control plane %s: decode answer: %w", path, err)}
+		return &RetryableError{Err: fmt.Errorf("control plane %s: %w: %w", path, ErrMalformedAnswer, err)}
 	}
 	return nil
 }

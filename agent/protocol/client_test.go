@@ -184,6 +184,7 @@ func TestClassification(t *testing.T) {
 		{"500", cptest.Fault{Kind: cptest.FaultStatus, Status: 500, Times: 1}, true, 0, 500},
 		{"429 retry-after seconds", cptest.Fault{Kind: cptest.FaultStatus, Status: 429, RetryAfter: "7", Times: 1}, true, 7 * time.Second, 429},
 		{"400", cptest.Fault{Kind: cptest.FaultStatus, Status: 400, Times: 1}, false, 0, 400},
+		{"401 retry-after", cptest.Fault{Kind: cptest.FaultStatus, Status: 401, RetryAfter: "30", Times: 1}, false, 30 * time.Second, 401},
 		{"409", cptest.Fault{Kind: cptest.FaultStatus, Status: 409, Times: 1}, false, 0, 409},
 		{"dropped connection", cptest.Fault{Kind: cptest.FaultDrop, Times: 1}, true, 0, 0},
 	} {
@@ -236,6 +237,60 @@ func TestClassification(t *testing.T) {
 	cancel()
 	if _, err := c.Heartbeat(cctx, protocol.HeartbeatRequest{}); !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled ctx: got %v", err)
+	}
+}
+
+// The largest answer the agent reads is MaxAnswerBytes (after gzip); a
+// larger 2xx answer, or one that is not JSON of the answer's type, is a
+// failed request: retryable, with ErrMalformedAnswer in its chain. A 2xx
+// to a completion acknowledges it whatever its body; an empty body reads
+// as {}.
+func TestAnswerLimitsAndMalformedAnswers(t *testing.T) {
+	cp := &cptest.Server{Token: "secret"}
+	ts := httptest.NewServer(cp)
+	defer ts.Close()
+	c := newClient(t, ts.URL, writeToken(t, "secret", 0o600))
+	ctx := context.Background()
+	// A valid answer of exactly n bytes: the map padded with spaces.
+	padded := func(n int) []byte {
+		b := []byte(`{"interval_seconds": 7, "desired": {"u1": "running"}}`)
+		return append(b, strings.Repeat(" ", n-len(b))...)
+	}
+
+	cp.AddFault(cptest.Fault{Endpoint: cptest.Heartbeat, Kind: cptest.FaultBody, Body: padded(protocol.MaxAnswerBytes), Times: 1})
+	resp, err := c.Heartbeat(ctx, protocol.HeartbeatRequest{})
+	if err != nil || resp.IntervalSeconds != 7 || resp.Desired["u1"] != api.PhaseRunning {
+		t.Errorf("answer of exactly MaxAnswerBytes: %+v, %v", resp, err)
+	}
+	for _, tc := range []struct {
+		name string
+		body []byte
+		want string
+	}{
+		{"one byte too large", padded(protocol.MaxAnswerBytes + 1), "larger than 16777216 bytes"},
+		{"not JSON", []byte("<html>proxy login</html>"), "invalid character"},
+		{"cut short", []byte(`{"desired": {"u1": "runn`), "unexpected end of JSON input"},
+		{"wrong type", []byte(`{"desired": ["u1"]}`), "cannot unmarshal array"},
+	} {
+		cp.AddFault(cptest.Fault{Endpoint: cptest.Heartbeat, Kind: cptest.FaultBody, Body: tc.body, Times: 1})
+		_, err := c.Heartbeat(ctx, protocol.HeartbeatRequest{})
+		if !errors.Is(err, protocol.ErrMalformedAnswer) || !protocol.IsRetryable(err) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: got %v, want a retryable ErrMalformedAnswer saying %q", tc.name, err, tc.want)
+		}
+	}
+	// The same for a lease answer.
+	cp.AddFault(cptest.Fault{Endpoint: cptest.Lease, Kind: cptest.FaultBody, Body: []byte(`{"tasks": {}}`), Times: 1})
+	if _, err := c.Lease(ctx, 0, 1); !errors.Is(err, protocol.ErrMalformedAnswer) || !protocol.IsRetryable(err) {
+		t.Errorf("malformed lease answer: got %v", err)
+	}
+
+	cp.AddFault(cptest.Fault{Endpoint: cptest.Heartbeat, Kind: cptest.FaultBody, Body: nil, Times: 1})
+	if resp, err := c.Heartbeat(ctx, protocol.HeartbeatRequest{}); err != nil || resp.Desired != nil {
+		t.Errorf("empty 2xx body: %+v, %v; want {} (no desired map)", resp, err)
+	}
+	cp.AddFault(cptest.Fault{Endpoint: cptest.Complete, Kind: cptest.FaultBody, Body: []byte("garbage"), Times: 1})
+	if err := c.Complete(ctx, "t1", protocol.CompleteRequest{Status: api.TaskSuccess}); err != nil {
+		t.Errorf("a 2xx to a completion with a garbled body: %v, want acknowledged", err)
 	}
 }
 

@@ -54,11 +54,17 @@ func IsRetryable(err error) bool {
 	return errors.As(err, &r) && r.Retryable()
 }
 
-// RetryAfter returns the wait the control plane asked for, or 0.
+// RetryAfter returns the wait the control plane asked for with a
+// Retry-After header on any non-2xx answer (a 503 or 429, a 401 or 400
+// too), or 0.
 func RetryAfter(err error) time.Duration {
 	var r *RetryableError
-	if errors.As(err, &r) {
+	if errors.As(err, &r) && r.After > 0 {
 		return r.After
+	}
+	var h *HTTPError
+	if errors.As(err, &h) {
+		return h.RetryAfter
 	}
 	return 0
 }

@@ -185,8 +185,8 @@ func checkDecoded(t *testing.T, err error, got, want any, body []byte) {
 		return
 	}
 	if jerr := json.Unmarshal(body, want); jerr != nil {
-		if err == nil || !IsRetryable(err) || RetryAfter(err) != 0 {
-			t.Fatalf("undecodable 2xx answer (%v): error %v, want retryable without Retry-After", jerr, err)
+		if !errors.Is(err, ErrMalformedAnswer) || !IsRetryable(err) || RetryAfter(err) != 0 {
+			t.Fatalf("undecodable 2xx answer (%v): error %v, want a retryable ErrMalformedAnswer without Retry-After", jerr, err)
 		}
 		return
 	}
@@ -226,12 +226,9 @@ func checkHTTPError(t *testing.T, err error, status int, retry string, body []by
 	if herr.RetryAfter < 0 {
 		t.Fatalf("Retry-After %q: %v", retry, herr.RetryAfter)
 	}
-	want := time.Duration(0)
-	if retryable {
-		want = herr.RetryAfter
-	}
-	if RetryAfter(err) != want {
-		t.Fatalf("status %d, Retry-After %q: RetryAfter %v, want %v", status, retry, RetryAfter(err), want)
+	// Retry-After is honoured whatever the status (docs/protocol.md).
+	if RetryAfter(err) != herr.RetryAfter {
+		t.Fatalf("status %d, Retry-After %q: RetryAfter %v, want %v", status, retry, RetryAfter(err), herr.RetryAfter)
 	}
 	checkRetryAfter(t, retry, herr.RetryAfter)
 }

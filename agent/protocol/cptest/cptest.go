@@ -11,13 +11,14 @@
 //
 // It queues tasks and hands out leases, records every request, sets
 // desired phases and injects faults: an outage, dropped connections,
-// error statuses with Retry-After, slow answers, dropped
+// error statuses with Retry-After, slow answers, garbled answers, dropped
 // acknowledgements, duplicate delivery, lease expiry and cancellation.
 // Wait helpers block on state changes, never on sleeps.
 package cptest
 
 import (
 	"bytes"
+	"cmp"
 	"compress/gzip"
 	"context"
 	"encoding/json"
@@ -59,6 +60,10 @@ const (
 	// instead of answering: a completion is recorded and its
 	// acknowledgement lost, a lease is taken and its answer lost.
 	FaultDropAnswer
+	// FaultBody answers Status (200 when 0) with Body as it is, without
+	// serving the request: a garbled or oversized answer from a broken
+	// control plane or a proxy.
+	FaultBody
 )
 
 // Fault is an injected failure.
@@ -67,6 +72,7 @@ type Fault struct {
 	Kind       FaultKind
 	Status     int    // FaultStatus: e.g. 503 or 429
 	RetryAfter string // FaultStatus: Retry-After header value
+	Body       []byte // FaultBody: the answer's body
 	Delay      time.Duration
 	// Times is how many requests the fault hits; 0 means every request
 	// until ClearFaults.
@@ -222,6 +228,11 @@ func (s *Server) handle(name string) http.HandlerFunc {
 				return
 			case FaultDrop:
 				drop(w)
+				return
+			case FaultBody:
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(cmp.Or(f.Status, http.StatusOK))
+				w.Write(f.Body)
 				return
 			case FaultDelay:
 				t := time.NewTimer(f.Delay)
