@@ -109,6 +109,19 @@ func (c *fakeClock) waitTimers(t *testing.T, ctx context.Context, n int) []time.
 	}
 }
 
+// next returns the deadline of the earliest pending timer (zero if none).
+func (c *fakeClock) next() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var next time.Time
+	for _, t := range c.timers {
+		if next.IsZero() || t.at.Before(next) {
+			next = t.at
+		}
+	}
+	return next
+}
+
 // advanceToNext jumps to the earliest pending timer, fires every timer due
 // then, and returns the jump.
 func (c *fakeClock) advanceToNext() time.Duration {

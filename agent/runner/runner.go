@@ -354,13 +354,21 @@ func (r *Runner) newBackoff() *backoff {
 
 // requestFailed notes and logs a failed request.
 func (r *Runner) requestFailed(what string, err error) {
+	if errors.Is(err, protocol.ErrMalformedAnswer) {
+		// A 2xx the agent cannot use (garbled, cut, oversized) is a
+		// failed request: retried with the backoff of a failure.
+		r.setConnected(false)
+		r.log.Warn("control plane sent a malformed answer, will retry", zap.String("op", what), zap.Error(err))
+		return
+	}
 	if protocol.IsRetryable(err) {
 		r.setConnected(false)
 		r.log.Warn("control plane request failed, will retry", zap.String("op", what), zap.Error(err))
 		return
 	}
-	// Refused (4xx): the agent keeps trying, slowly, for an operator may
-	// fix the cause (e.g. rotate the token file).
+	// Refused (4xx): the agent keeps trying on the same schedule, for an
+	// operator may fix the cause (e.g. rotate the token file).
+	r.setConnected(false)
 	r.log.Error("control plane refused request", zap.String("op", what), zap.Error(err))
 }
 

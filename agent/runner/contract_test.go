@@ -1,0 +1,200 @@
+package runner_test
+
+// The points of docs/protocol.md a control plane author must be able to
+// count on, each held here: the retry schedule, the load of an outage,
+// orphans, the progress cadence and the smallest lease, what `attempt`
+// names, and malformed answers.
+
+import (
+	"bytes"
+	"fmt"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/protocol"
+	"github.com/otherix/otherix-agent/agent/protocol/cptest"
+	"github.com/otherix/otherix-agent/agent/runner"
+)
+
+// "Retry with backoff" and "retry slowly" are one schedule: the n-th
+// consecutive failed or refused request (n = 0 first) waits a random time
+// in [d/2, d), d = min(60 s, 1 s·2ⁿ); a Retry-After, on any status, is
+// waited at least, up to 10 min.
+func TestRetrySchedule(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault cptest.Fault
+	}{
+		{"dropped connection", cptest.Fault{Kind: cptest.FaultDrop}},
+		{"503", cptest.Fault{Kind: cptest.FaultStatus, Status: 503}},
+		{"401", cptest.Fault{Kind: cptest.FaultStatus, Status: 401}},
+		{"403", cptest.Fault{Kind: cptest.FaultStatus, Status: 403}},
+		{"400", cptest.Fault{Kind: cptest.FaultStatus, Status: 400}},
+		{"malformed 2xx", cptest.Fault{Kind: cptest.FaultBody, Body: []byte("<html>")}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := newFakeClock()
+			h := newHarness(t, runner.Config{Clock: clk})
+			f := tc.fault
+			f.Endpoint = cptest.Register
+			h.cp.AddFault(f)
+			h.start()
+			var waits []time.Duration
+			for n := range 9 {
+				w := clk.waitTimers(t, h.ctx, 1)[0]
+				waits = append(waits, w)
+				if d := min(time.Second<<n, time.Minute); w < d/2 || w >= d {
+					t.Errorf("wait after failure %d: %v, want in [%v, %v)", n, w, d/2, d)
+				}
+				clk.advanceToNext()
+			}
+			t.Logf("waits: %v", waits)
+			if tc.fault.Kind != cptest.FaultStatus {
+				return
+			}
+			clk.waitTimers(t, h.ctx, 1) // the last request made, its wait begun
+			h.cp.ClearFaults()
+			for _, ra := range []struct {
+				header string
+				want   time.Duration
+			}{{"120", 2 * time.Minute}, {"3600", 10 * time.Minute}} {
+				f.RetryAfter, f.Times = ra.header, 1
+				h.cp.AddFault(f)
+				clk.advanceToNext()
+				if w := clk.waitTimers(t, h.ctx, 1)[0]; w != ra.want {
+					t.Errorf("wait after a %d with Retry-After: %s = %v, want %v", f.Status, ra.header, w, ra.want)
+				}
+			}
+			clk.advanceToNext()
+			h.waitCP("the registration", func() bool { return len(h.cp.Registrations()) == 1 })
+		})
+	}
+}
+
+// During an outage, or while the control plane fails or refuses every
+// request, an idle agent's load is its heartbeat rate, not an ever
+// shrinking one: one heartbeat per interval (its backoff is clamped to
+// the interval), a lease every 30-60 s and, while an outcome waits, a
+// completion every 30-60 s. Two ten-minute windows count the same.
+func TestOutageLoadIsHeartbeatRate(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault *cptest.Fault // nil: an outage (connections closed)
+		// completes: the outcome waits and is retried; a completion
+		// refused with another 4xx is dropped instead.
+		completes bool
+	}{
+		{"outage", nil, true},
+		{"503", &cptest.Fault{Kind: cptest.FaultStatus, Status: 503}, true},
+		{"401", &cptest.Fault{Kind: cptest.FaultStatus, Status: 401}, true},
+		{"400", &cptest.Fault{Kind: cptest.FaultStatus, Status: 400}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := newFakeClock()
+			// A short long poll: the one in flight when the faults begin
+			// ends soon.
+			h := newHarness(t, runner.Config{Clock: clk, LeaseWait: time.Second}, vm("a", "ua", api.StatusStopped))
+			f := cptest.Fault{Kind: cptest.FaultDrop}
+			if tc.fault != nil {
+				f = *tc.fault
+			}
+			f.Endpoint = cptest.Complete
+			h.cp.AddFault(f) // the outcome of t1 cannot be delivered
+			h.enqueue("t1", api.TaskStart, "a", "ua")
+			h.start()
+			h.waitCP("a completion attempt", func() bool { return h.cp.Count(cptest.Complete) >= 1 })
+			if tc.fault == nil {
+				h.cp.SetOutage(true)
+			} else {
+				f.Endpoint = ""
+				h.cp.AddFault(f)
+			}
+			loops := 2 // heartbeat, lease
+			if tc.completes {
+				loops++ // and the completion sender
+			}
+			// run advances the clock by d, one timer at a time, letting
+			// every loop make its request, and counts the requests.
+			run := func(d time.Duration) (beats, leases, completes int) {
+				b0, l0, c0 := h.cp.Count(cptest.Heartbeat), h.cp.Count(cptest.Lease), h.cp.Count(cptest.Complete)
+				end := clk.Now().Add(d)
+				for {
+					clk.waitTimers(t, h.ctx, loops)
+					if clk.next().After(end) {
+						break
+					}
+					clk.advanceToNext()
+				}
+				return h.cp.Count(cptest.Heartbeat) - b0, h.cp.Count(cptest.Lease) - l0, h.cp.Count(cptest.Complete) - c0
+			}
+			run(3 * time.Minute) // every backoff reaches its cap
+			for w := range 2 {
+				beats, leases, completes := run(10 * time.Minute)
+				t.Logf("window %d: %d heartbeats, %d leases, %d completions in 10 min: %.1f requests/min",
+					w, beats, leases, completes, float64(beats+leases+completes)/10)
+				if beats != 60 {
+					t.Errorf("window %d: %d heartbeats in 10 min, want 60 (one per 10 s interval)", w, beats)
+				}
+				if leases < 10 || leases > 20 {
+					t.Errorf("window %d: %d leases in 10 min, want one every 30-60 s: 10..20", w, leases)
+				}
+				if want := tc.completes; (completes >= 10 && completes <= 20) != want || (!want && completes != 0) {
+					t.Errorf("window %d: %d completions in 10 min (outcome waiting: %v)", w, completes, want)
+				}
+			}
+			if h.r.Connected() {
+				t.Error("Connected() while every request fails")
+			}
+			// Back: a heartbeat within one interval is answered, the
+			// waiting outcome delivered within the backoff's cap.
+			if tc.fault == nil {
+				h.cp.SetOutage(false)
+			}
+			h.cp.ClearFaults()
+			clk.advance(10 * time.Second)
+			h.waitCP("a heartbeat answered within the interval", func() bool { return len(h.cp.Heartbeats()) > 0 })
+			if tc.completes {
+				clk.waitTimers(t, h.ctx, loops)
+				clk.advance(time.Minute)
+				h.waitCP("the outcome delivered", func() bool { return len(h.cp.CompletionsOf("t1")) == 1 })
+			}
+		})
+	}
+}
+
+// A 2xx answer the agent cannot use (cut JSON, larger than 16 MiB) is a
+// failed request: logged as a warning naming the request, retried on the
+// failure schedule, and nothing in it is acted on.
+func TestMalformedAnswerIsAFailedRequest(t *testing.T) {
+	clk := newFakeClock()
+	core, logs := observer.New(zap.WarnLevel)
+	h := newHarness(t, runner.Config{Clock: clk, Logger: zap.New(core)}, vm("a", "ua", api.StatusStopped))
+	h.cp.SetDesired("ua", api.PhaseRunning)
+	h.cp.AddFault(cptest.Fault{Endpoint: cptest.Heartbeat, Kind: cptest.FaultBody, Body: []byte(`{"desired": {"ua": "runn`), Times: 1})
+	h.cp.AddFault(cptest.Fault{Endpoint: cptest.Lease, Kind: cptest.FaultBody, Body: bytes.Repeat([]byte(" "), protocol.MaxAnswerBytes+1), Times: 1})
+	h.start()
+	for _, w := range clk.waitTimers(t, h.ctx, 2) {
+		if w < 500*time.Millisecond || w >= time.Second {
+			t.Errorf("wait after a malformed answer %v, want the first failure's [0.5s, 1s)", w)
+		}
+	}
+	for op, want := range map[string]string{"heartbeat": "unexpected end of JSON input", "lease": "larger than 16777216 bytes"} {
+		got := logs.FilterMessage("control plane sent a malformed answer, will retry").FilterField(zap.String("op", op)).All()
+		if len(got) != 1 || !bytes.Contains([]byte(fmt.Sprint(got[0].ContextMap()["error"])), []byte(want)) {
+			t.Errorf("%s: logged %+v, want one warning saying %q", op, got, want)
+		}
+	}
+	if h.r.Connected() {
+		t.Error("Connected() after malformed answers")
+	}
+	if n := len(h.ex.allCalls()); n != 0 {
+		t.Errorf("%d executions on a malformed answer", n)
+	}
+	clk.advance(time.Second)
+	h.waitCP("a heartbeat answered", func() bool { return len(h.cp.Heartbeats()) == 1 })
+	h.ex.waitFor(t, h.ctx, "the reconcile start of a", func() bool { return len(h.ex.allCalls()) == 1 })
+}
