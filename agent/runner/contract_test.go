@@ -8,6 +8,7 @@ package runner_test
 import (
 	"bytes"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -163,6 +164,45 @@ func TestOutageLoadIsHeartbeatRate(t *testing.T) {
 				h.waitCP("the outcome delivered", func() bool { return len(h.cp.CompletionsOf("t1")) == 1 })
 			}
 		})
+	}
+}
+
+// A VM whose task the control plane gave after answering the heartbeat
+// whose map the agent holds (a vm.create leased just after that answer) is
+// not an orphan: that map predates it. The map answering a heartbeat sent
+// after the task is the truth again: a VM the control plane then forgets
+// is reported.
+func TestNoOrphanFromAMapOlderThanItsTask(t *testing.T) {
+	clk := newFakeClock()
+	h := newHarness(t, runner.Config{Clock: clk}, vm("a", "ua", api.StatusRunning))
+	h.cp.SetDesired("ua", api.PhaseRunning)
+	h.start()
+	h.waitCP("the first heartbeat answered", func() bool { return len(h.cp.Heartbeats()) == 1 })
+	// The control plane records VM b and its create after answering.
+	h.enqueue("t-create", api.TaskCreate, "b", "ub")
+	h.cp.SetDesired("ub", api.PhaseRunning)
+	if c := h.waitCompletion("t-create"); c.Status != api.TaskSuccess {
+		t.Fatalf("create: %+v", c)
+	}
+	beat := func() protocol.HeartbeatRequest {
+		t.Helper()
+		n := len(h.cp.Heartbeats())
+		clk.waitTimers(t, h.ctx, 1)
+		clk.advanceToNext()
+		h.waitCP("a heartbeat", func() bool { return len(h.cp.Heartbeats()) > n })
+		hbs := h.cp.Heartbeats()
+		return hbs[len(hbs)-1]
+	}
+	for i := range 2 { // sent with the map older than the create, then with a newer one
+		hb := beat()
+		if len(hb.VMs) != 2 || len(hb.Orphans) != 0 {
+			t.Errorf("heartbeat %d after the create: %d VMs, orphans %v; want 2 VMs, no orphan", i, len(hb.VMs), hb.Orphans)
+		}
+	}
+	h.cp.SetDesired("ub", "") // the control plane forgets b
+	beat()                    // sent before that answer
+	if hb := beat(); !slices.Equal(hb.Orphans, []string{"ub"}) {
+		t.Errorf("orphans once the control plane forgot b: %v, want [ub]", hb.Orphans)
 	}
 }
 

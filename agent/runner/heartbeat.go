@@ -72,14 +72,13 @@ func (r *Runner) heartbeatOnce(ctx context.Context) ([]api.VM, []byte, error) {
 	for id := range r.tasks {
 		req.InFlight = append(req.InFlight, id)
 	}
-	desired := r.desired
+	req.Orphans = orphanUUIDs(r.desired, vms, r.knownVM)
 	r.mu.Unlock()
 	sort.Strings(req.InFlight)
 	req.VMs = make([]protocol.VMStatus, len(vms))
 	for i, vm := range vms {
 		req.VMs[i] = protocol.StatusOf(vm)
 	}
-	req.Orphans = orphanUUIDs(desired, vms)
 	evs, _ := r.inv.(EventSource)
 	if evs != nil {
 		req.Events = evs.PendingEvents(protocol.MaxHeartbeatEvents)
@@ -99,6 +98,12 @@ func (r *Runner) heartbeatOnce(ctx context.Context) ([]api.VM, []byte, error) {
 	// An absent map is "no opinion": no reconcile, no orphans, until a
 	// map comes again.
 	r.desired = resp.Desired
+	r.desiredSeq = req.Seq
+	for uuid, seen := range r.taskSeen {
+		if seen < req.Seq {
+			delete(r.taskSeen, uuid) // this answer knows of that task
+		}
+	}
 	r.mu.Unlock()
 	r.setInterval(resp.IntervalSeconds)
 	if n := len(req.Events); n > 0 {
@@ -129,6 +134,12 @@ func (r *Runner) reconcile(desired map[string]string, vms []api.VM) {
 	})
 	start, held := r.recon.plan(r.clock.Now(), desired, d)
 	for _, vm := range d.orphans {
+		r.mu.Lock()
+		known := r.knownVM(vm.UUID)
+		r.mu.Unlock()
+		if known {
+			continue // the map predates its task: not an orphan
+		}
 		r.log.Debug("orphan VM: unknown to the control plane; reported, left alone", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
 	}
 	for _, vm := range d.drift {
@@ -147,6 +158,16 @@ func (r *Runner) reconcile(desired map[string]string, vms []api.VM) {
 		r.log.Info("VM desired running is "+vm.Status+"; starting it", zap.String("vm", vm.Name), zap.String("vm_uuid", vm.UUID))
 		r.enqueue(r.reconcileTask(vm))
 	}
+}
+
+// knownVM reports whether the control plane knows a VM its last desired
+// map may not list: a task of its for that VM was accepted after the
+// heartbeat that map answered was sent (a vm.create leased just after the
+// control plane answered). The next map, answering a heartbeat sent
+// after that task, is the truth again. mu held.
+func (r *Runner) knownVM(uuid string) bool {
+	seen, ok := r.taskSeen[uuid]
+	return ok && seen >= r.desiredSeq
 }
 
 // Kick asks for a reconcile now, with the last desired map: a VM that

@@ -78,15 +78,16 @@ func policyHolds(vm api.VM) string {
 // guestPoweredOff is the status reason of a VM whose guest powered off.
 const guestPoweredOff = "guest powered off"
 
-// orphanUUIDs lists the uuids of VMs the desired map does not know; nil
-// when the control plane gave no map.
-func orphanUUIDs(desired map[string]string, vms []api.VM) []string {
+// orphanUUIDs lists the uuids of VMs the desired map does not know and
+// known does not vouch for (a VM whose task the map predates); nil when
+// the control plane gave no map.
+func orphanUUIDs(desired map[string]string, vms []api.VM, known func(uuid string) bool) []string {
 	if desired == nil {
 		return nil
 	}
 	var out []string
 	for _, vm := range vms {
-		if _, ok := desired[vm.UUID]; !ok {
+		if _, ok := desired[vm.UUID]; !ok && !known(vm.UUID) {
 			out = append(out, vm.UUID)
 		}
 	}

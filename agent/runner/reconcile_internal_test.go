@@ -48,10 +48,14 @@ func TestDiffVMs(t *testing.T) {
 			t.Errorf("%s: got %v, want %v", tc.name, tc.got, tc.want)
 		}
 	}
-	if got := orphanUUIDs(desired, vms); !slices.Equal(got, []string{"orphan"}) {
+	none := func(string) bool { return false }
+	if got := orphanUUIDs(desired, vms, none); !slices.Equal(got, []string{"orphan"}) {
 		t.Errorf("orphans %v", got)
 	}
-	if got := orphanUUIDs(nil, vms); got != nil {
+	if got := orphanUUIDs(desired, vms, func(uuid string) bool { return uuid == "orphan" }); got != nil {
+		t.Errorf("a VM known by its task reported as an orphan: %v", got)
+	}
+	if got := orphanUUIDs(nil, vms, none); got != nil {
 		t.Errorf("no desired map, yet orphans %v", got)
 	}
 }

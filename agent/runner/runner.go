@@ -176,24 +176,31 @@ type Runner struct {
 	reconMu   sync.Mutex    // one reconcile at a time (heartbeat, Kick)
 	kick      chan struct{} // Kick: reconcile now
 
-	mu        sync.Mutex
-	tasks     map[string]*execution // accepted, not finished
-	queues    map[string]*vmQueue   // per-VM ordered queues, by VM key
-	freed     chan struct{}         // closed and replaced when a task finishes
-	drainCh   chan struct{}         // closed when the drain begins
-	draining  bool
-	desired   map[string]string // last known desired phases; nil: unknown
-	interval  time.Duration
-	running   bool
-	ended     bool // Run has returned
-	connected bool
-	lastHB    time.Time
-	lastTry   time.Time // last register or heartbeat attempt
-	hbSeq     uint64
-	lastNode  []byte // NodeInfo JSON last acknowledged
-	reconSeq  int
-	compacted time.Time
-	workers   sync.WaitGroup
+	mu       sync.Mutex
+	tasks    map[string]*execution // accepted, not finished
+	queues   map[string]*vmQueue   // per-VM ordered queues, by VM key
+	freed    chan struct{}         // closed and replaced when a task finishes
+	drainCh  chan struct{}         // closed when the drain begins
+	draining bool
+	desired  map[string]string // last known desired phases; nil: unknown
+	// desiredSeq is the seq of the heartbeat whose answer gave desired;
+	// taskSeen, by VM uuid, the hbSeq when a task of the control plane's
+	// for that VM was last accepted. A VM whose task was accepted after
+	// the heartbeat that desired answers was sent is not an orphan: that
+	// map may predate the control plane's record of it (knownVM).
+	desiredSeq uint64
+	taskSeen   map[string]uint64
+	interval   time.Duration
+	running    bool
+	ended      bool // Run has returned
+	connected  bool
+	lastHB     time.Time
+	lastTry    time.Time // last register or heartbeat attempt
+	hbSeq      uint64
+	lastNode   []byte // NodeInfo JSON last acknowledged
+	reconSeq   int
+	compacted  time.Time
+	workers    sync.WaitGroup
 }
 
 // New returns a Runner; Run starts it.
@@ -210,6 +217,7 @@ func New(client *protocol.Client, j *journal.Journal, ex Executor, inv Inventory
 		rnd:       &lockedRand{r: cfg.Rand},
 		createSem: make(chan struct{}, cfg.CreateConcurrency),
 		tasks:     map[string]*execution{},
+		taskSeen:  map[string]uint64{},
 		queues:    map[string]*vmQueue{},
 		freed:     make(chan struct{}),
 		drainCh:   make(chan struct{}),

@@ -178,6 +178,9 @@ func (r *Runner) accept(t protocol.Task) {
 		return
 	}
 	r.mu.Lock()
+	if t.VMUUID != "" {
+		r.taskSeen[t.VMUUID] = r.hbSeq // the control plane knows this VM now
+	}
 	if e, ok := r.tasks[t.ID]; ok {
 		// Delivered again while queued or running here (a duplicate or an
 		// expired lease): attach to the execution, follow the new lease.
