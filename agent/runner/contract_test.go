@@ -7,6 +7,7 @@ package runner_test
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"slices"
 	"testing"
@@ -203,6 +204,98 @@ func TestNoOrphanFromAMapOlderThanItsTask(t *testing.T) {
 	beat()                    // sent before that answer
 	if hb := beat(); !slices.Equal(hb.Orphans, []string{"ub"}) {
 		t.Errorf("orphans once the control plane forgot b: %v, want [ub]", hb.Orphans)
+	}
+}
+
+// No progress is sent on acceptance: the first report comes a third of the
+// lease TTL later (lease_ttl_seconds, else lease_expires_at by the agent's
+// clock), or ProgressInterval (5 s) after acceptance when the executor
+// reported progress; then every third of the TTL, which each progress
+// answer may change. A TTL below 3 s is still renewed at most once a
+// second.
+func TestProgressCadenceAndSmallestLease(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		ttl     string // lease_ttl_seconds ("" absent)
+		expires string // lease_expires_at; the fake clock starts at 12:00:00
+		reports bool   // the executor reports progress at once
+		answer  string // the first progress answer; "": 404, ignored
+		first   time.Duration
+		then    time.Duration
+	}{
+		{"ttl 60s", "60", "12:01:00", false, "", 20 * time.Second, 20 * time.Second},
+		{"ttl 60s, progress at once", "60", "12:01:00", true, "", 5 * time.Second, 20 * time.Second},
+		{"ttl 60s, shortened to 30s by the progress answer", "60", "12:01:00", false,
+			`{"lease_expires_at": "2026-11-01T12:00:50Z", "lease_ttl_seconds": 30}`, 20 * time.Second, 10 * time.Second},
+		{"no ttl: expiry by the agent's clock, then the progress answer's", "", "12:01:30", false,
+			`{"lease_expires_at": "2026-11-01T12:02:00Z"}`, 30 * time.Second, 30 * time.Second},
+		{"ttl 3s, the smallest", "3", "12:00:03", false, "", time.Second, time.Second},
+		{"ttl 1s, below the smallest", "1", "12:00:01", false, "", time.Second, time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := newFakeClock()
+			h := newHarness(t, runner.Config{Clock: clk}, vm("a", "ua", api.StatusStopped))
+			h.cp.HeartbeatInterval = 7 * time.Second // apart from every renewal
+			ttl := ""
+			if tc.ttl != "" {
+				ttl = `, "lease_ttl_seconds": ` + tc.ttl
+			}
+			// The lease answer as a control plane writes it; the fake
+			// keeps no lease of its own that could expire meanwhile.
+			lease := fmt.Sprintf(`{"tasks": [{"id": "t1", "type": "vm.start", "vm_name": "a", "vm_uuid": "ua", "attempt": 1, "lease_id": "lease-x", "lease_expires_at": "2026-11-01T%sZ"%s}]}`, tc.expires, ttl)
+			h.cp.AddFault(cptest.Fault{Endpoint: cptest.Lease, Kind: cptest.FaultBody, Body: []byte(lease), Times: 1})
+			if tc.answer != "" {
+				h.cp.AddFault(cptest.Fault{Endpoint: cptest.Progress, Kind: cptest.FaultBody, Body: []byte(tc.answer), Times: 1})
+			}
+			release := make(chan struct{})
+			h.ex.hook = func(ctx context.Context, tk protocol.Task, progress func(api.Progress)) (*api.VM, error, bool) {
+				if tc.reports {
+					progress(api.Progress{Phase: "boot", Done: 1, Total: -1})
+				}
+				select {
+				case <-release:
+				case <-ctx.Done():
+				}
+				return nil, nil, false
+			}
+			h.start()
+			h.ex.waitStarted(t, h.ctx, "t1")
+			waitTimer(t, h.ctx, clk, tc.first)
+			if n := h.cp.Count(cptest.Progress); n != 0 {
+				t.Fatalf("%d progress requests on acceptance, want none", n)
+			}
+			clk.advance(tc.first)
+			h.waitCP("the first progress", func() bool { return h.cp.Count(cptest.Progress) == 1 })
+			waitTimer(t, h.ctx, clk, tc.then)
+			clk.advance(tc.then)
+			h.waitCP("the second progress", func() bool { return h.cp.Count(cptest.Progress) == 2 })
+			close(release)
+		})
+	}
+}
+
+// waitTimer waits until a timer of duration d is pending.
+func waitTimer(t *testing.T, ctx context.Context, c *fakeClock, d time.Duration) {
+	t.Helper()
+	for {
+		c.mu.Lock()
+		ch := c.changed
+		found := slices.ContainsFunc(c.timers, func(x *fakeTimer) bool { return x.d == d })
+		c.mu.Unlock()
+		if found {
+			return
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			c.mu.Lock()
+			var ds []time.Duration
+			for _, x := range c.timers {
+				ds = append(ds, x.d)
+			}
+			c.mu.Unlock()
+			t.Fatalf("waiting for a %v timer (pending: %v): %v", d, ds, ctx.Err())
+		}
 	}
 }
 

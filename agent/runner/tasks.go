@@ -543,9 +543,11 @@ func (e *execution) takeProgress() *api.Progress {
 	return p
 }
 
-// keep extends a task's lease every third of its TTL and reports new
-// progress at most every ProgressInterval, from acceptance until the task
-// finishes; a redelivery is confirmed on its new lease at once. An answer
+// keep extends a task's lease every third of its TTL (at most once a
+// second) and reports new progress at most every ProgressInterval, from
+// acceptance until the task finishes; nothing is sent on acceptance
+// itself, and a redelivery is confirmed on its new lease at once. The
+// TTL is the lease answer's, then each progress answer's. An answer
 // saying "cancelled" cancels the task.
 func (r *Runner) keep(ctx context.Context, e *execution) {
 	var last time.Time // last report
@@ -594,6 +596,18 @@ func (r *Runner) keep(ctx context.Context, e *execution) {
 			}
 			continue
 		}
+		r.mu.Lock()
+		if e.task.LeaseID == lease { // not delivered again meanwhile
+			// The control plane may lengthen or shorten the lease:
+			// later renewals follow its answer.
+			if resp.LeaseTTLSeconds > 0 {
+				e.task.LeaseTTLSeconds = resp.LeaseTTLSeconds
+			}
+			if !resp.LeaseExpiresAt.IsZero() {
+				e.task.LeaseExpiresAt = resp.LeaseExpiresAt
+			}
+		}
+		r.mu.Unlock()
 		if resp.Cancelled {
 			r.cancelTask(e)
 		}
