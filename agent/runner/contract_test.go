@@ -299,6 +299,50 @@ func waitTimer(t *testing.T, ctx context.Context, c *fakeClock, d time.Duration)
 	}
 }
 
+// A completion's attempt and lease_id name the delivery it answers: every
+// resend of one outcome repeats them, and an outcome delivered again after
+// it finished (the control plane re-offered the task) names the new
+// delivery. They count neither executions (one) nor sends.
+func TestCompletionAttemptNamesTheDelivery(t *testing.T) {
+	h := newHarness(t, runner.Config{RetryBase: 2 * time.Millisecond, RetryMax: 10 * time.Millisecond},
+		vm("a", "ua", api.StatusStopped), vm("b", "ub", api.StatusStopped))
+	// Two acknowledgements lost: the outcome is sent three times.
+	h.cp.AddFault(cptest.Fault{Endpoint: cptest.Complete, Kind: cptest.FaultDropAnswer, Times: 2})
+	h.enqueue("t1", api.TaskStart, "a", "ua")
+	h.start()
+	h.waitCP("three sends of t1's outcome", func() bool { return len(h.cp.CompletionsOf("t1")) == 3 })
+	t1, _ := h.cp.Task("t1")
+	for i, c := range h.cp.CompletionsOf("t1") {
+		if c.Attempt != 1 || c.LeaseID != t1.LeaseID || c.Duplicate != (i > 0) {
+			t.Errorf("send %d of t1: attempt %d lease %s duplicate %v; want attempt 1 lease %s", i, c.Attempt, c.LeaseID, c.Duplicate, t1.LeaseID)
+		}
+	}
+
+	// t2 finishes, its outcome is refused, the control plane re-offers it.
+	h.cp.AddFault(cptest.Fault{Endpoint: cptest.Complete, Kind: cptest.FaultStatus, Status: 503})
+	h.enqueue("t2", api.TaskStart, "b", "ub")
+	h.waitCP("a refused completion of t2", func() bool { return h.cp.Count(cptest.Complete) > 3 })
+	h.cp.Expire("t2")
+	h.waitCP("t2 delivered again", func() bool { return h.cp.Deliveries("t2") == 2 })
+	// The agent asks for its next lease once it took that answer's tasks;
+	// the second completion sent after that is addressed to the new lease.
+	leases := h.cp.Count(cptest.Lease)
+	h.waitCP("the next lease request", func() bool { return h.cp.Count(cptest.Lease) > leases })
+	sends := h.cp.Count(cptest.Complete)
+	h.waitCP("two more sends", func() bool { return h.cp.Count(cptest.Complete) >= sends+2 })
+	h.cp.ClearFaults()
+	c := h.waitCompletion("t2")
+	t2, _ := h.cp.Task("t2")
+	if c.Attempt != 2 || c.LeaseID != t2.LeaseID || c.Status != api.TaskSuccess {
+		t.Errorf("t2's outcome after its redelivery: attempt %d lease %s status %s; want attempt 2 lease %s", c.Attempt, c.LeaseID, c.Status, t2.LeaseID)
+	}
+	for _, id := range []string{"t1", "t2"} {
+		if n := len(h.ex.callsOf(id)); n != 1 {
+			t.Errorf("%s executed %d times, want 1", id, n)
+		}
+	}
+}
+
 // A 2xx answer the agent cannot use (cut JSON, larger than 16 MiB) is a
 // failed request: logged as a warning naming the request, retried on the
 // failure schedule, and nothing in it is acted on.
