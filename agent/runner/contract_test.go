@@ -188,7 +188,9 @@ func TestNoOrphanFromAMapOlderThanItsTask(t *testing.T) {
 	beat := func() protocol.HeartbeatRequest {
 		t.Helper()
 		n := len(h.cp.Heartbeats())
-		clk.waitTimers(t, h.ctx, 1)
+		// The heartbeat loop's wait (the create's lease keeper may
+		// still have one of 20 s pending), then its deadline.
+		waitTimer(t, h.ctx, clk, 10*time.Second)
 		clk.advanceToNext()
 		h.waitCP("a heartbeat", func() bool { return len(h.cp.Heartbeats()) > n })
 		hbs := h.cp.Heartbeats()
