@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -298,20 +299,7 @@ func (m *MemStore) Unfinished(context.Context) ([]Task, error) {
 func (m *MemStore) VMs(context.Context) ([]VM, bool, error) {
 	m.lock()
 	defer m.mu.Unlock()
-	out := make([]VM, 0, len(m.vms))
-	for _, v := range m.vms {
-		out = append(out, v)
-	}
-	slices.SortFunc(out, func(a, b VM) int {
-		switch {
-		case a.UUID < b.UUID:
-			return -1
-		case a.UUID > b.UUID:
-			return 1
-		}
-		return 0
-	})
-	return out, m.vms != nil, nil
+	return byKey(m.vms), m.vms != nil, nil
 }
 
 // NodeVMs implements Store.
@@ -403,20 +391,7 @@ func (m *MemStore) PutNode(_ context.Context, n Node) error {
 func (m *MemStore) Nodes(context.Context) ([]Node, error) {
 	m.lock()
 	defer m.mu.Unlock()
-	out := make([]Node, 0, len(m.nodes))
-	for _, n := range m.nodes {
-		out = append(out, n)
-	}
-	slices.SortFunc(out, func(a, b Node) int {
-		switch {
-		case a.Name < b.Name:
-			return -1
-		case a.Name > b.Name:
-			return 1
-		}
-		return 0
-	})
-	return out, nil
+	return byKey(m.nodes), nil
 }
 
 // Changed implements Store.
@@ -424,6 +399,16 @@ func (m *MemStore) Changed() <-chan struct{} {
 	m.lock()
 	defer m.mu.Unlock()
 	return m.changed
+}
+
+// byKey returns m's values in the order of their keys (VMs by uuid, nodes
+// by name), as an empty slice, not nil, when m has none.
+func byKey[T any](m map[string]T) []T {
+	out := make([]T, 0, len(m))
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		out = append(out, m[k])
+	}
+	return out
 }
 
 // cloneTask copies a task deeply enough that the copy and the original
