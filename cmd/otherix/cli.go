@@ -169,7 +169,7 @@ func (c *cli) commands() []command {
 		{"vm attach-disk", "NAME SOURCE [--readonly] [--storage-pool P]", "attach a volume or allowed path (at once when the VM runs)", c.vmDisk(true), false},
 		{"vm detach-disk", "NAME SOURCE [--storage-pool P]", "detach a disk (at once when it was attached while running)", c.vmDisk(false), false},
 		{"vm cdrom", "NAME INDEX [SOURCE]", "change (or without SOURCE eject) the medium of CD-ROM INDEX", c.vmCDROM, false},
-		{"vm set", "NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P] [--vnc-enabled=BOOL] [--vnc-port P] [--vnc-password-file FILE|-] [-o text|json]", "change CPU, memory, CPU cap, VNC console (at the next start if running), VNC password, autostart or the restart policy", c.vmSet, false},
+		{"vm set", "NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P] [--vnc-enabled=BOOL] [--vnc-port P|auto] [--vnc-password-file FILE|-] [-o text|json]", "change CPU, memory, CPU cap, VNC console (at the next start if running), VNC password, autostart or the restart policy", c.vmSet, false},
 		{"create", "-f FILE [--wait] [--wait-timeout 5m]", "create a VM from a YAML manifest (- for stdin)", c.createManifest, false},
 	}
 	cmds = append(cmds, c.imageCommands()...)

@@ -204,9 +204,9 @@ func taskError(t *api.Task) string {
 	return t.Error.Code + ": " + t.Error.Message
 }
 
-const vmSetSynopsis = "otherix vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy on-failure|always|never] [--vnc-enabled=BOOL] [--vnc-port P] [--vnc-password-file FILE|-]"
+const vmSetSynopsis = "otherix vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy on-failure|always|never] [--vnc-enabled=BOOL] [--vnc-port P|auto] [--vnc-password-file FILE|-]"
 
-// vmSet is "vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P] [--vnc-enabled=BOOL] [--vnc-port P] [--vnc-password-file FILE]":
+// vmSet is "vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P] [--vnc-enabled=BOOL] [--vnc-port P|auto] [--vnc-password-file FILE]":
 // seed 003's update. CPU, memory and the VNC console of a running VM
 // change at its next start; the output says so. The VNC password is read
 // from a file or stdin, never from the command line (a secret would show
@@ -219,7 +219,7 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 	auto := fs.String("autostart", "", "start the VM after a host boot: true or false")
 	policy := fs.String("restart-policy", "", "on-failure, always or never")
 	vncOn := fs.String("vnc-enabled", "", "turn the VNC console on or off: true or false (on needs --vnc-password-file)")
-	vncPort := fs.Int("vnc-port", 0, "move the VNC console to this port (5900..65535)")
+	vncPort := fs.String("vnc-port", "", "move the VNC console to this `port` (5900..65535), or auto: back to the next free port from 5900")
 	vncPwFile := fs.String("vnc-password-file", "", "read the VNC password (at most 8 characters) from this `file`, or - for stdin")
 	// update collects the changes the flags ask for; open runs it
 	// after the -o check and before it dials.
@@ -233,10 +233,19 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 				u.MemoryMB = mem
 			case "cpu-limit":
 				u.CPULimit = cpuLimit
-			case "vnc-port":
-				u.VNCPort = vncPort
 			}
 		})
+		switch *vncPort {
+		case "":
+		case "auto":
+			u.VNCPortAuto = true
+		default:
+			p, err := strconv.Atoi(*vncPort)
+			if err != nil {
+				return &usageError{msg: "--vnc-port takes a port or auto", synopsis: vmSetSynopsis}
+			}
+			u.VNCPort = &p
+		}
 		if *vncOn != "" {
 			b, err := strconv.ParseBool(*vncOn)
 			if err != nil {

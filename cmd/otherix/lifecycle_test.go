@@ -186,6 +186,7 @@ func TestVMSetVNC(t *testing.T) {
 		{"", []string{"--vnc-enabled=true", "--vnc-port", "5905", "--vnc-password-file", file}, `{"vnc_enabled":true,"vnc_port":5905,"vnc_password":"s3cr!t"}`},
 		{pw + "\r\n", []string{"--vnc-password-file", "-"}, `{"vnc_password":"s3cr!t"}`},
 		{"", []string{"--vnc-enabled=false"}, `{"vnc_enabled":false}`},
+		{"", []string{"--vnc-port", "auto"}, `{"vnc_port":null}`},
 	} {
 		h := newHarness(t)
 		h.api.AddVM(api.VM{Name: "web-1", Status: "running", VNCEnabled: true, VNCPort: 5901})
@@ -201,5 +202,8 @@ func TestVMSetVNC(t *testing.T) {
 	h := newHarness(t)
 	if r := h.run("", "vm", "set", "web-1", "--vnc-enabled=maybe"); r.code == 0 || !strings.Contains(r.stderr, "--vnc-enabled takes true or false") {
 		t.Errorf("bad --vnc-enabled: %+v", r)
+	}
+	if r := h.run("", "vm", "set", "web-1", "--vnc-port=59o1"); r.code == 0 || !strings.Contains(r.stderr, "--vnc-port takes a port or auto") {
+		t.Errorf("bad --vnc-port: %+v", r)
 	}
 }

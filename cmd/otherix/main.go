@@ -11,7 +11,7 @@
 //	otherix vm top [--interval 2s] [-o table|json]
 //	otherix vm events NAME [-o table|json]
 //	otherix create -f manifest.yaml [--wait]
-//	otherix vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P] [--vnc-enabled=BOOL] [--vnc-port P] [--vnc-password-file FILE|-]
+//	otherix vm set NAME [--vcpus N] [--memory-mb M] [--cpu-limit C] [--autostart=BOOL] [--restart-policy P] [--vnc-enabled=BOOL] [--vnc-port P|auto] [--vnc-password-file FILE|-]
 //	otherix firmware list [--arch A] [-o table|json]
 //	otherix image list [--pool P] [-o table|json]
 //	otherix image pull URL --pool P [--sha256 H] [--no-wait] [--wait-timeout 30m]
