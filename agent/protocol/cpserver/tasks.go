@@ -140,11 +140,11 @@ func (s *Server) Lease(ctx context.Context, req protocol.LeaseRequest) (protocol
 	defer deadline.Stop()
 	for {
 		ch := s.Store.Changed()
-		out, err := s.offer(ctx, req.Node, max)
+		out, all, err := s.offer(ctx, req.Node, max)
 		if err != nil {
 			return protocol.LeaseResponse{Tasks: out}, err
 		}
-		cancel, err := s.cancels(ctx, req.Node)
+		cancel, err := s.cancels(ctx, req.Node, all)
 		if err != nil || len(out) > 0 || len(cancel) > 0 || wait <= 0 {
 			return protocol.LeaseResponse{Tasks: out, Cancel: cancel}, err
 		}
@@ -161,12 +161,13 @@ func (s *Server) Lease(ctx context.Context, req protocol.LeaseRequest) (protocol
 // offer leases to node up to max deliverable tasks in queue order:
 // pending ones, ones whose lease expired (a new lease, attempt+1), and
 // redeliveries of a current lease. A task of another node is not offered.
-func (s *Server) offer(ctx context.Context, node string, max int) ([]protocol.Task, error) {
+// It also returns the unfinished tasks it looked at.
+func (s *Server) offer(ctx context.Context, node string, max int) ([]protocol.Task, []Task, error) {
 	s.leaseMu.Lock()
 	defer s.leaseMu.Unlock()
 	all, err := s.Store.Unfinished(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	out := []protocol.Task{}
 	ttl := s.leaseTTL()
@@ -202,23 +203,20 @@ func (s *Server) offer(ctx context.Context, node string, max int) ([]protocol.Ta
 			continue
 		}
 		if err != nil {
-			return out, err
+			return out, all, err
 		}
 		out = append(out, protocol.Task{ID: got.ID, Type: got.Type, VMName: got.VMName, VMUUID: got.VMUUID, Spec: got.Spec,
 			Attempt: got.Attempt, LeaseID: got.LeaseID, LeaseExpiresAt: got.LeaseExpiry.UTC(), LeaseTTLSeconds: int(ttl / time.Second)})
 	}
-	return out, nil
+	return out, all, nil
 }
 
 // cancels returns the tasks leased to node that were cancelled since
 // their lease answer, each once per lease (LeaseResponse.Cancel): the
 // agent learns of the cancel at once rather than at its next progress
 // report.
-func (s *Server) cancels(ctx context.Context, node string) ([]string, error) {
-	all, err := s.Store.Unfinished(ctx)
-	if err != nil {
-		return nil, err
-	}
+// all is the store's unfinished tasks, as offer read them.
+func (s *Server) cancels(ctx context.Context, node string, all []Task) ([]string, error) {
 	var out []string
 	sendable := func(t *Task) bool {
 		return t.Status == api.TaskRunning && t.Cancel && !t.CancelSent && (t.Node == "" || t.Node == node)
