@@ -43,7 +43,7 @@ func postRaw(t *testing.T, url, body string) (int, api.ErrorEnvelope) {
 	return resp.StatusCode, env
 }
 
-func getRaw(t *testing.T, url string) (int, []byte) {
+func getRaw(t testing.TB, url string) (int, []byte) {
 	t.Helper()
 	resp, err := testClient.Get(url)
 	if err != nil {
@@ -55,7 +55,7 @@ func getRaw(t *testing.T, url string) (int, []byte) {
 }
 
 // scrape reads /metrics into series -> value (label order as exposed).
-func scrape(t *testing.T, base string) map[string]float64 {
+func scrape(t testing.TB, base string) map[string]float64 {
 	t.Helper()
 	code, b := getRaw(t, base+"/metrics")
 	if code != 200 {
