@@ -244,18 +244,15 @@ func (c *Client) post(ctx context.Context, path string, in, out any, timeout tim
 		data = data[:MaxAnswerBytes]
 	}
 	if resp.StatusCode/100 != 2 {
-		herr := &HTTPError{StatusCode: resp.StatusCode, RetryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())}
 		var env api.ErrorEnvelope
-		if json.Unmarshal(data, &env) == nil && env.Error.Code != "" {
-			herr.Code, herr.Message = env.Error.Code, env.Error.Message
+		if json.Unmarshal(data, &env) != nil || env.Error.Code == "" {
+			env.Error = api.Error{}
 		}
-		if herr.Auth() {
+		err := StatusError(resp.StatusCode, env.Error.Code, env.Error.Message, parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()))
+		if IsAuth(err) {
 			c.token.invalidate()
 		}
-		if retryableStatus(resp.StatusCode) {
-			return &RetryableError{Err: herr, After: herr.RetryAfter}
-		}
-		return herr
+		return err
 	}
 	if out == nil {
 		return nil // a completion: any 2xx acknowledges it, whatever its body

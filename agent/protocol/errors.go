@@ -75,6 +75,18 @@ func IsAuth(err error) bool {
 	return errors.As(err, &h) && h.Auth()
 }
 
+// StatusError is the error the Client returns for an answer with a status
+// outside 2xx: an *HTTPError, wrapped in a *RetryableError when the status
+// is worth retrying (408, 429, 5xx). An in-process control plane returns
+// it for the refusals it would answer over HTTP.
+func StatusError(status int, code, message string, retryAfter time.Duration) error {
+	herr := &HTTPError{StatusCode: status, Code: code, Message: message, RetryAfter: retryAfter}
+	if retryableStatus(status) {
+		return &RetryableError{Err: herr, After: retryAfter}
+	}
+	return herr
+}
+
 // retryableStatus classifies an HTTP status: 408, 429 and 5xx are worth
 // retrying, other 4xx are not.
 func retryableStatus(code int) bool {

@@ -43,6 +43,20 @@ type Executor interface {
 	Execute(ctx context.Context, t protocol.Task, progress func(api.Progress)) (protocol.Result, error)
 }
 
+// Client is the runner's side of the protocol (docs/protocol.md): a
+// *protocol.Client to a control plane over HTTP, or the in-process control
+// plane of the standalone and cluster modes (standalone.LocalClient).
+// Refusals are the errors protocol.Client returns (protocol.StatusError),
+// so that retries and backoff do not depend on the road.
+type Client interface {
+	Node() string
+	Register(ctx context.Context, n protocol.NodeInfo) (*protocol.RegisterResponse, error)
+	Lease(ctx context.Context, wait time.Duration, max int) (*protocol.LeaseResponse, error)
+	Progress(ctx context.Context, taskID, leaseID string, p *api.Progress) (*protocol.ProgressResponse, error)
+	Complete(ctx context.Context, taskID string, req protocol.CompleteRequest) error
+	Heartbeat(ctx context.Context, req protocol.HeartbeatRequest) (*protocol.HeartbeatResponse, error)
+}
+
 // Inventory reports this host. Both calls are made on every heartbeat and
 // must be cheap (cache what is slow to learn, e.g. the QEMU version).
 type Inventory interface {
@@ -118,7 +132,7 @@ type Config struct {
 	Logger *zap.Logger
 }
 
-func (c *Config) defaults(client *protocol.Client) {
+func (c *Config) defaults(client Client) {
 	def := func(d *time.Duration, v time.Duration) {
 		if *d == 0 {
 			*d = v
@@ -160,7 +174,7 @@ func (c *Config) defaults(client *protocol.Client) {
 
 // Runner is the control-plane loop of one host.
 type Runner struct {
-	client *protocol.Client
+	client Client
 	j      *journal.Journal
 	ex     Executor
 	inv    Inventory
@@ -204,7 +218,7 @@ type Runner struct {
 }
 
 // New returns a Runner; Run starts it.
-func New(client *protocol.Client, j *journal.Journal, ex Executor, inv Inventory, cfg Config) *Runner {
+func New(client Client, j *journal.Journal, ex Executor, inv Inventory, cfg Config) *Runner {
 	cfg.defaults(client)
 	r := &Runner{
 		client:    client,

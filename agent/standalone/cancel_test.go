@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"path/filepath"
 	"strconv"
 	"testing"
@@ -188,21 +187,11 @@ func TestCancelQueuedTask(t *testing.T) {
 	}
 }
 
-// startRunner runs the agent's runner against cp in process, as the
-// agent's standalone mode does, until the test ends.
+// startRunner runs the agent's runner against cp in process (its
+// LocalClient), as the agent's standalone mode does, until the test ends.
 func startRunner(t *testing.T, host *agent.Host, cp *ControlPlane, dir string) {
 	t.Helper()
-	pl := NewPipeListener()
-	srv := NewServer(cp, DefaultLimits(), zap.NewNop())
-	go srv.Serve(pl)
-	t.Cleanup(func() { srv.Close() })
-	tokenFile := filepath.Join(dir, "token")
-	os.WriteFile(tokenFile, []byte(testToken+"\n"), 0o600)
-	client, err := protocol.NewClient(protocol.ClientConfig{BaseURL: "http://standalone", AllowInsecureHTTP: true, Node: "node-1",
-		TokenFile: tokenFile, Transport: &http.Transport{DialContext: pl.Dial}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	client := cp.LocalClient("node-1", nil)
 	j, err := journal.Open(filepath.Join(dir, "journal"), journal.Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -1,16 +1,15 @@
 // Package standalone is the agent's single-node mode: an in-process
 // control plane that speaks the same /v1/agent protocol as a real one (the
-// agent's runner leases, reports progress and completes tasks over HTTP on
-// loopback), and the seed-004 /v1/vms API on top of it.
+// agent's runner leases, reports progress and completes tasks through its
+// LocalClient, calls of the protocol server's methods), and the seed-004
+// /v1/vms API on top of it.
 package standalone
 
 import (
 	"context"
 	"encoding/json"
-	"net"
 	"net/http"
 	"sort"
-	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -182,59 +181,3 @@ func (cp *ControlPlane) Tasks(ctx context.Context) ([]api.Task, error) {
 	sort.SliceStable(out, func(i, j int) bool { return out[i].CreatedAt.After(out[j].CreatedAt) })
 	return out, nil
 }
-
-// PipeListener is an in-memory listener: the agent's own protocol client
-// reaches the in-process control plane through it (http.Transport's
-// DialContext = Dial), so that traffic never takes a connection slot of
-// the API's listeners and no other process can reach it.
-type PipeListener struct {
-	conns chan net.Conn
-	done  chan struct{}
-	once  sync.Once
-}
-
-// NewPipeListener returns an open PipeListener.
-func NewPipeListener() *PipeListener {
-	return &PipeListener{conns: make(chan net.Conn), done: make(chan struct{})}
-}
-
-// Accept waits for the next Dial.
-func (l *PipeListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.conns:
-		return c, nil
-	case <-l.done:
-		return nil, net.ErrClosed
-	}
-}
-
-// Close makes Accept and Dial fail from now on.
-func (l *PipeListener) Close() error {
-	l.once.Do(func() { close(l.done) })
-	return nil
-}
-
-// Addr is a placeholder address.
-func (l *PipeListener) Addr() net.Addr { return pipeAddr{} }
-
-// Dial connects to the listener; network and addr are ignored.
-func (l *PipeListener) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	server, client := net.Pipe()
-	var err error
-	select {
-	case l.conns <- server:
-		return client, nil
-	case <-l.done:
-		err = net.ErrClosed
-	case <-ctx.Done():
-		err = ctx.Err()
-	}
-	server.Close()
-	client.Close()
-	return nil, &net.OpError{Op: "dial", Net: "pipe", Err: err}
-}
-
-type pipeAddr struct{}
-
-func (pipeAddr) Network() string { return "pipe" }
-func (pipeAddr) String() string  { return "in-process" }

@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -382,42 +383,85 @@ func TestCompleteStatus(t *testing.T) {
 	}
 }
 
-// TestPipeListener: the agent's protocol client reaches the control plane
-// through the in-process listener: register, a lease of a queued task, a
-// completion.
-func TestPipeListener(t *testing.T) {
+// TestLocalClient: the agent's protocol client calls the in-process
+// control plane: register, a lease woken at once by a queued task, a
+// completion that ends the API's wait; refusals are the errors the HTTP
+// client gives for the same answers, and every call is observed.
+func TestLocalClient(t *testing.T) {
 	dir := t.TempDir()
 	cp, err := NewControlPlane(filepath.Join(dir, "standalone.json"), testToken, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	pl := NewPipeListener()
-	srv := NewServer(cp, DefaultLimits(), zaptest.NewLogger(t))
-	go srv.Serve(pl)
-	t.Cleanup(func() { srv.Close() })
-	tokenFile := filepath.Join(dir, "token")
-	os.WriteFile(tokenFile, []byte(testToken+"\n"), 0o600)
-	c, err := protocol.NewClient(protocol.ClientConfig{BaseURL: "http://standalone", AllowInsecureHTTP: true, Node: "node-1",
-		TokenFile: tokenFile, Transport: &http.Transport{DialContext: pl.Dial}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	var mu sync.Mutex
+	var paths []string
+	c := cp.LocalClient("node-1", func(path string, _ time.Duration, _ error) {
+		mu.Lock()
+		paths = append(paths, path)
+		mu.Unlock()
+	})
 	ctx := context.Background()
 	if _, err := c.Register(ctx, protocol.NodeInfo{Name: "node-1"}); err != nil {
 		t.Fatal(err)
 	}
-	task, _ := cp.Enqueue(api.TaskStart, targetVM, targetVMUUID, nil)
-	got, err := c.Lease(ctx, time.Second, 1)
-	if err != nil || len(got.Tasks) != 1 || got.Tasks[0].ID != task.ID {
-		t.Fatalf("lease: %+v %v", got, err)
+	leased := make(chan *protocol.LeaseResponse, 1)
+	go func() {
+		got, err := c.Lease(ctx, time.Minute, 1)
+		if err != nil {
+			t.Error(err)
+		}
+		leased <- got
+	}()
+	task, _ := cp.Enqueue(api.TaskPause, targetVM, targetVMUUID, nil)
+	got := <-leased
+	if got == nil || len(got.Tasks) != 1 || got.Tasks[0].ID != task.ID {
+		t.Fatalf("lease: %+v", got)
 	}
-	if err := c.Complete(ctx, task.ID, protocol.CompleteRequest{LeaseID: got.Tasks[0].LeaseID, Status: api.TaskSuccess}); err != nil {
+	waited := make(chan api.Task, 1)
+	go func() {
+		done, err := cp.Wait(ctx, task.ID)
+		if err != nil {
+			t.Error(err)
+		}
+		waited <- done
+	}()
+	vm := &api.VM{Name: targetVM, UUID: targetVMUUID, Status: api.StatusPaused}
+	if err := c.Complete(ctx, task.ID, protocol.CompleteRequest{LeaseID: got.Tasks[0].LeaseID, Status: api.TaskSuccess, VM: vm}); err != nil {
 		t.Fatal(err)
 	}
-	pl.Close()
-	if _, err := pl.Dial(ctx, "", ""); err == nil {
-		t.Fatal("Dial after Close succeeded")
+	if done := <-waited; done.Status != api.TaskSuccess || done.Result == nil || done.Result.Status != api.StatusPaused {
+		t.Fatalf("the API's wait after completion: %+v", done)
 	}
+
+	// Refusals, as protocol.Client would give them.
+	var herr *protocol.HTTPError
+	_, err = c.Progress(ctx, "no-such-task", "l", nil)
+	if !errors.As(err, &herr) || herr.StatusCode != http.StatusNotFound || herr.Code != "not_found" || protocol.IsRetryable(err) {
+		t.Errorf("progress of an unknown task: %v", err)
+	}
+	err = c.Complete(ctx, task.ID, protocol.CompleteRequest{Status: "bogus"})
+	if !errors.As(err, &herr) || herr.StatusCode != http.StatusBadRequest || protocol.IsRetryable(err) {
+		t.Errorf("completion with a bad status: %v", err)
+	}
+	cp.srv.Store = unavailable{cp.srv.Store}
+	_, err = c.Heartbeat(ctx, protocol.HeartbeatRequest{State: protocol.NodeReady})
+	if !protocol.IsRetryable(err) || protocol.RetryAfter(err) != cpserver.RetryAfterSeconds*time.Second {
+		t.Errorf("heartbeat to a store without quorum: %v (retry after %v)", err, protocol.RetryAfter(err))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{protocol.PathRegister, protocol.PathLease, protocol.CompletePath(task.ID), protocol.ProgressPath("no-such-task"),
+		protocol.CompletePath(task.ID), protocol.PathHeartbeat}
+	if fmt.Sprint(paths) != fmt.Sprint(want) {
+		t.Errorf("observed %v, want %v", paths, want)
+	}
+}
+
+// unavailable is a store that lost its quorum: every node write fails.
+type unavailable struct{ cpserver.Store }
+
+func (unavailable) PutNode(context.Context, cpserver.Node) error {
+	return fmt.Errorf("etcd: %w", cpserver.ErrUnavailable)
 }
 
 // testCert writes a self-signed certificate for 127.0.0.1 and its key.

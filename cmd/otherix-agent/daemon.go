@@ -205,9 +205,9 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 }
 
 // controlPlane returns the protocol client: to the configured control
-// plane, or in standalone mode to an in-process one served over loopback
-// together with the /v1 API.
-func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host *agent.Host, log *zap.Logger, m *metrics.Metrics) (*protocol.Client, *http.Server, error) {
+// plane over HTTP, or in standalone and cluster mode to the in-process
+// one, served together with the /v1 API, called in process.
+func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host *agent.Host, log *zap.Logger, m *metrics.Metrics) (runner.Client, *http.Server, error) {
 	if !o.standalone && !cfg.ClusterMode() {
 		if cfg.ControlPlane.URL == "" {
 			return nil, nil, errors.New("no control plane configured: set control_plane.url in the config, or run with --standalone")
@@ -255,8 +255,8 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	mux.Handle("/", apiH.Handler())
 	limits := standalone.DefaultLimits()
 	// srv serves the TCP address; local serves the unix socket (its file
-	// mode guards it) and the agent's own protocol client, in process, so
-	// that API clients can never take the agent's connection slots.
+	// mode guards it). The agent's own protocol client calls the control
+	// plane in process, so API clients can never take its connections.
 	srv := standalone.NewServer(standalone.RequireToken(mux, sec.Token), limits, log.Named("http"))
 	local := standalone.NewServer(mux, limits, log.Named("http"))
 	srv.RegisterOnShutdown(func() {
@@ -265,7 +265,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 		local.Shutdown(sctx)
 		closeStore()
 	})
-	fail := func(err error) (*protocol.Client, *http.Server, error) {
+	fail := func(err error) (runner.Client, *http.Server, error) {
 		srv.Close()
 		local.Close()
 		closeStore()
@@ -277,8 +277,6 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 		return nil, nil, fmt.Errorf("listen %s: %w", cfg.Listen.API, err)
 	}
 	go srv.Serve(standalone.LimitListener(ln, limits.MaxConns, sec.TLS))
-	pipe := standalone.NewPipeListener()
-	go local.Serve(pipe)
 	if cfg.Listen.Socket != "" {
 		os.Remove(cfg.Listen.Socket)
 		if err := os.MkdirAll(filepath.Dir(cfg.Listen.Socket), 0o755); err == nil {
@@ -300,15 +298,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 		scheme = "https://"
 	}
 	log.Info("standalone API listening", zap.String("addr", scheme+addr), zap.String("socket", cfg.Listen.Socket))
-	c, err := protocol.NewClient(protocol.ClientConfig{
-		BaseURL: "http://in-process", Node: cfg.NodeName, AgentVersion: agent.Version, TokenFile: tokenPath,
-		AllowInsecureHTTP: true, Observe: m.ObserveControlPlane,
-		Transport: &http.Transport{DialContext: pipe.Dial},
-	})
-	if err != nil {
-		return fail(err)
-	}
-	return c, srv, nil
+	return cp.LocalClient(cfg.NodeName, m.ObserveControlPlane), srv, nil
 }
 
 // newControlPlane is the in-process control plane: over the state file

@@ -225,28 +225,31 @@ func (e *TooManyTasksError) Error() string {
 }
 
 func writeErr(w http.ResponseWriter, err error) {
+	code, retry := ErrorCode(err)
+	if retry {
+		w.Header().Set("Retry-After", strconv.Itoa(RetryAfterSeconds))
+	}
+	WriteError(w, errcode.HTTPStatus(code), string(code), err.Error())
+}
+
+// ErrorCode is the code an error of the Go API is answered with over HTTP
+// (its status is errcode.HTTPStatus's), and whether the answer carries
+// Retry-After (RetryAfterSeconds).
+func ErrorCode(err error) (code errcode.Code, retryAfter bool) {
 	var busy *TooManyTasksError
 	switch {
 	case errors.Is(err, ErrNotFound):
-		writeCode(w, errcode.NotFound, err)
+		return errcode.NotFound, false
 	case errors.Is(err, ErrLeaseLost), errors.Is(err, ErrNotCancellable):
-		writeCode(w, errcode.Conflict, err)
+		return errcode.Conflict, false
 	case errors.Is(err, ErrBadStatus):
-		writeCode(w, errcode.ValidationFailed, err)
+		return errcode.ValidationFailed, false
 	case errors.Is(err, ErrUnavailable):
-		w.Header().Set("Retry-After", strconv.Itoa(RetryAfterSeconds))
-		writeCode(w, errcode.ClusterUnavailable, err)
+		return errcode.ClusterUnavailable, true
 	case errors.As(err, &busy):
-		w.Header().Set("Retry-After", strconv.Itoa(RetryAfterSeconds))
-		writeCode(w, errcode.RateLimited, err)
-	default:
-		writeCode(w, errcode.Internal, err)
+		return errcode.RateLimited, true
 	}
-}
-
-// writeCode answers err with code and the status errcode gives it.
-func writeCode(w http.ResponseWriter, code errcode.Code, err error) {
-	WriteError(w, errcode.HTTPStatus(code), string(code), err.Error())
+	return errcode.Internal, false
 }
 
 // WriteError answers the protocol's error envelope.
