@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -15,14 +13,11 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/agent/vm"
-	"github.com/otherix/otherix-agent/internal/leakcheck"
 )
 
 // cpuCapPlacer does with the CPU controller what systemd does with a
@@ -175,37 +170,13 @@ func TestCPUCapMeasured(t *testing.T) {
 	t.Parallel()
 	const limit = 0.1
 	placer := newCPUCapPlacer(t)
-	run, err := os.MkdirTemp("/tmp", "oxc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(run) })
-	cfg := config.Default(t.TempDir())
-	cfg.NodeName, cfg.RunDir, cfg.QEMU.User = "node-1", run, "nobody"
-	cfg.Limits.MinFreeBytes = 1 << 20
-	srv := httptest.NewServer(http.FileServer(http.Dir(testguest.Dir(t))))
-	t.Cleanup(srv.Close)
-	h, err := NewHost(context.Background(), cfg, Options{Logger: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)), Placer: placer})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		var pids []int
-		for _, v := range h.Engine().List() {
-			if v.PID > 0 {
-				pids = append(pids, v.PID)
-			}
-		}
-		if err := leakcheck.Kill(pids...); err != nil {
-			t.Error(err)
-		}
-		h.Close()
-	})
+	hh := newHostWith(t, Options{Placer: placer})
+	h := hh.h
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	ud := "#cloud-config\n#otherix-run: echo OTHERIX-TEST spinning; timeout 120 sh -c 'while :; do :; done'\n"
 	id := uuid.NewString()
-	if _, err := h.Create(ctx, id, api.CreateVM{Name: "capped", ImageURL: srv.URL + "/guest.qcow2", Arch: "amd64", VCPUs: 1, MemoryMB: 256,
+	if _, err := h.Create(ctx, id, api.CreateVM{Name: "capped", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256,
 		CPULimit: limit, UserData: ud}, nil, nil); err != nil {
 		t.Fatal(err)
 	}

@@ -44,6 +44,13 @@ type hostHarness struct {
 
 func newHost(t *testing.T) *hostHarness {
 	t.Helper()
+	return newHostWith(t, Options{})
+}
+
+// newHostWith is newHost with opts for the Host (a Placer, OnChange...);
+// the logger is the test's, and PowerdownInterval 1 s unless opts sets it.
+func newHostWith(t *testing.T, opts Options) *hostHarness {
+	t.Helper()
 	run, err := os.MkdirTemp("/tmp", "oxh")
 	if err != nil {
 		t.Fatal(err)
@@ -65,7 +72,11 @@ func newHost(t *testing.T) *hostHarness {
 	cfg.Limits.MinFreeBytes = 1 << 20
 	srv := httptest.NewServer(http.FileServer(http.Dir(testguest.Dir(t))))
 	t.Cleanup(srv.Close)
-	h, err := NewHost(context.Background(), cfg, Options{Logger: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)), PowerdownInterval: time.Second})
+	opts.Logger = zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))
+	if opts.PowerdownInterval == 0 {
+		opts.PowerdownInterval = time.Second
+	}
+	h, err := NewHost(context.Background(), cfg, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

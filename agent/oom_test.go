@@ -3,8 +3,6 @@ package agent
 import (
 	"context"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -14,14 +12,10 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/agent/vm"
-	"github.com/otherix/otherix-agent/internal/leakcheck"
 	"github.com/otherix/otherix-agent/systemd"
 )
 
@@ -105,47 +99,22 @@ func TestOOMKilledAtCap(t *testing.T) {
 	if err != nil {
 		t.Fatalf("this test needs a memory cgroup: %v", err)
 	}
-	run, err := os.MkdirTemp("/tmp", "oxo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(run) })
-	cfg := config.Default(t.TempDir())
-	cfg.NodeName, cfg.RunDir, cfg.QEMU.User = "node-1", run, "nobody"
-	cfg.Limits.MinFreeBytes = 1 << 20
-	srv := httptest.NewServer(http.FileServer(http.Dir(testguest.Dir(t))))
-	t.Cleanup(srv.Close)
 	placer := &cgroupPlacer{parent: self, capped: map[string]bool{"hog": true}, oom: &OOMTracker{}, dir: map[string]string{}}
 	changed := make(chan struct{}, 1)
-	h, err := NewHost(context.Background(), cfg, Options{Logger: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)), Placer: placer,
-		OnChange: func(api.VM) {
-			select {
-			case changed <- struct{}{}:
-			default:
-			}
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		var pids []int
-		for _, v := range h.Engine().List() {
-			if v.PID > 0 {
-				pids = append(pids, v.PID)
-			}
+	hh := newHostWith(t, Options{Placer: placer, OnChange: func(api.VM) {
+		select {
+		case changed <- struct{}{}:
+		default:
 		}
-		if err := leakcheck.Kill(pids...); err != nil {
-			t.Error(err)
-		}
-		h.Close()
-	})
+	}})
+	h := hh.h
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 
 	// The hog waits 10 s after ready (the test caps it meanwhile), then
 	// fills 300 MiB of its 512 MiB RAM with a file in its RAM root.
 	hogUD := "#cloud-config\n#otherix-run: sleep 10; echo OTHERIX-TEST hog start; dd if=/dev/zero of=/hog bs=1M count=300; echo OTHERIX-TEST hog survived\n"
-	image := srv.URL + "/guest.qcow2"
+	image := hh.image
 	if _, err := h.Create(ctx, uuid.NewString(), api.CreateVM{Name: "hog", ImageURL: image, Arch: "amd64", VCPUs: 1, MemoryMB: 512, UserData: hogUD}, nil, nil); err != nil {
 		t.Fatal(err)
 	}
