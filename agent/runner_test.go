@@ -32,37 +32,8 @@ import (
 func TestControlPlaneRealEngine(t *testing.T) {
 	t.Parallel()
 	hh := newHost(t)
-	cp := &cptest.Server{Token: "s3cret", HeartbeatInterval: time.Second}
-	srv := httptest.NewServer(cp)
-	t.Cleanup(srv.Close)
-	tok := filepath.Join(t.TempDir(), "token")
-	os.WriteFile(tok, []byte("s3cret\n"), 0o600)
-	client, err := protocol.NewClient(protocol.ClientConfig{BaseURL: srv.URL, Node: "node-1", TokenFile: tok})
-	if err != nil {
-		t.Fatal(err)
-	}
-	j, err := journal.Open(filepath.Join(hh.cfg.DataDir, "journal"), journal.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
-	r := runner.New(client, j, hh.h, hh.h, runner.Config{
-		InitialStagger: -1, LeaseWait: 2 * time.Second, RestartBase: time.Second, RetryBase: 100 * time.Millisecond,
-		Logger: zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)),
-	})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	finished := make(chan struct{})
-	go func() { done <- r.Run(ctx); close(finished) }()
-	// Stop the runner before the host's cleanup kills the VMs, even when
-	// the test fails half-way: a live runner would reconcile them back.
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-finished:
-		case <-time.After(time.Minute):
-		}
-	})
+	rr := startRunner(t, hh, runner.Config{LeaseWait: 2 * time.Second, RestartBase: time.Second, RetryBase: 100 * time.Millisecond})
+	cp := rr.cp
 	wctx, wcancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer wcancel()
 
@@ -139,15 +110,66 @@ func TestControlPlaneRealEngine(t *testing.T) {
 
 	// Shutdown: the runner returns, VMs keep running.
 	v, _ := hh.h.VM("cp-1")
-	cancel()
-	select {
-	case <-done:
-	case <-time.After(time.Minute):
+	if !rr.stop() {
 		t.Fatal("runner did not shut down")
 	}
 	if err := syscall.Kill(v.QEMUPID, 0); err != nil {
 		t.Fatalf("qemu died with the runner: %v", err)
 	}
+}
+
+// cpRunner is the agent's runner heartbeating a test Host to a cptest
+// control plane over real HTTP, as the daemon wires them.
+type cpRunner struct {
+	cp *cptest.Server
+	// stop cancels the runner and reports whether it returned within a
+	// minute; the test's cleanup calls it too.
+	stop func() bool
+}
+
+// startRunner starts a runner for hh's Host with rc (InitialStagger off,
+// the test's logger at warn level unless rc sets one), against a new
+// cptest.Server whose heartbeat interval is 1 s.
+func startRunner(t *testing.T, hh *hostHarness, rc runner.Config) *cpRunner {
+	t.Helper()
+	cp := &cptest.Server{Token: "s3cret", HeartbeatInterval: time.Second}
+	srv := httptest.NewServer(cp)
+	t.Cleanup(srv.Close)
+	tok := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tok, []byte("s3cret\n"), 0o600)
+	client, err := protocol.NewClient(protocol.ClientConfig{BaseURL: srv.URL, Node: "node-1", TokenFile: tok})
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := journal.Open(filepath.Join(hh.cfg.DataDir, "journal"), journal.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.InitialStagger = -1
+	if rc.Logger == nil {
+		rc.Logger = zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
+	}
+	r := runner.New(client, j, hh.h, hh.h, rc)
+	ctx, cancel := context.WithCancel(context.Background())
+	finished := make(chan struct{})
+	go func() { r.Run(ctx); close(finished) }()
+	stop := func() bool {
+		cancel()
+		select {
+		case <-finished:
+			return true
+		case <-time.After(time.Minute):
+			return false
+		}
+	}
+	// Stop the runner before the host's cleanup kills the VMs, even when
+	// the test fails half-way: a live runner would reconcile them back.
+	t.Cleanup(func() {
+		if stop() {
+			j.Close()
+		}
+	})
+	return &cpRunner{cp: cp, stop: stop}
 }
 
 func progressPhases(ps []cptest.ProgressReport) []string {

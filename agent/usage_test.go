@@ -6,22 +6,16 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
-	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/otherix/otherix-agent/agent/api"
-	"github.com/otherix/otherix-agent/agent/journal"
 	"github.com/otherix/otherix-agent/agent/metrics"
 	"github.com/otherix/otherix-agent/agent/protocol"
-	"github.com/otherix/otherix-agent/agent/protocol/cptest"
 	"github.com/otherix/otherix-agent/agent/runner"
 	"github.com/otherix/otherix-agent/agent/usage"
 )
@@ -46,25 +40,7 @@ func TestUsageKnownWork(t *testing.T) {
 	t.Cleanup(msrv.Close)
 
 	// The runner heartbeats the real Host's inventory every second.
-	cp := &cptest.Server{Token: "s3cret", HeartbeatInterval: time.Second}
-	srv := httptest.NewServer(cp)
-	t.Cleanup(srv.Close)
-	tok := filepath.Join(t.TempDir(), "token")
-	os.WriteFile(tok, []byte("s3cret\n"), 0o600)
-	client, err := protocol.NewClient(protocol.ClientConfig{BaseURL: srv.URL, Node: "node-1", TokenFile: tok})
-	if err != nil {
-		t.Fatal(err)
-	}
-	j, err := journal.Open(filepath.Join(hh.cfg.DataDir, "journal"), journal.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
-	r := runner.New(client, j, hh.h, hh.h, runner.Config{InitialStagger: -1, Logger: zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))})
-	rctx, rcancel := context.WithCancel(context.Background())
-	finished := make(chan struct{})
-	go func() { r.Run(rctx); close(finished) }()
-	t.Cleanup(func() { rcancel(); <-finished })
+	cp := startRunner(t, hh, runner.Config{}).cp
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
