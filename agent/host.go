@@ -48,6 +48,10 @@ type Host struct {
 
 	creates chan struct{} // create concurrency limit
 
+	// apiURL and apiCertSHA256: SetAPI (cluster mode), under apiMu.
+	apiMu                 sync.Mutex
+	apiURL, apiCertSHA256 string
+
 	qemuVersion string
 	onChange    func(api.VM)
 
@@ -328,7 +332,20 @@ func (h *Host) Node(ctx context.Context) protocol.NodeInfo {
 	}
 	// In a set order: node_info is sent again whenever its JSON changes.
 	slices.SortFunc(n.Networks, func(a, b protocol.NetworkInfo) int { return strings.Compare(a.Name, b.Name) })
+	n.DefaultPool, _ = h.cache.DefaultPool()
+	h.apiMu.Lock()
+	n.APIURL, n.APICertSHA256 = h.apiURL, h.apiCertSHA256
+	h.apiMu.Unlock()
 	return n
+}
+
+// SetAPI records where this host serves the /v1 API to the other hosts of
+// its cluster, and its TLS certificate's sha256 (hex; "" without TLS):
+// registration carries them (NodeInfo.APIURL).
+func (h *Host) SetAPI(url, certSHA256 string) {
+	h.apiMu.Lock()
+	h.apiURL, h.apiCertSHA256 = url, certSHA256
+	h.apiMu.Unlock()
 }
 
 // Arches lists the guest arches whose QEMU binary is installed.

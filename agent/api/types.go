@@ -295,15 +295,17 @@ type VM struct {
 	Node         string  `json:"node"`
 	// NodeState is the state of the VM's node (api.NodeReady,
 	// api.NodeLost) in cluster mode; absent in standalone mode.
-	NodeState   string    `json:"node_state,omitempty"`
-	Network     string    `json:"network,omitempty"`
-	ImageURL    string    `json:"image_url"`
-	ImageSHA256 string    `json:"image_sha256"`
-	DiskGiB     int       `json:"disk_gib"`
-	QEMUPID     int       `json:"qemu_pid,omitempty"`
-	CloudInit   bool      `json:"cloud_init"`
-	IPAddresses []string  `json:"ip_addresses,omitempty"`
-	NICs        []NICView `json:"nics,omitempty"`
+	NodeState string `json:"node_state,omitempty"`
+	// Placement is why the VM is on its node (cluster mode).
+	Placement   *Placement `json:"placement,omitempty"`
+	Network     string     `json:"network,omitempty"`
+	ImageURL    string     `json:"image_url"`
+	ImageSHA256 string     `json:"image_sha256"`
+	DiskGiB     int        `json:"disk_gib"`
+	QEMUPID     int        `json:"qemu_pid,omitempty"`
+	CloudInit   bool       `json:"cloud_init"`
+	IPAddresses []string   `json:"ip_addresses,omitempty"`
+	NICs        []NICView  `json:"nics,omitempty"`
 	// Seed 000/003 view: the instance status (RUNNING, STOPPED, STARTING,
 	// STOPPING, FROZEN, ERROR, UNKNOWN), root disk bus, autostart, and the
 	// changes that apply at the next start.
@@ -335,6 +337,15 @@ type VM struct {
 	// Usage is the last usage sample while QEMU runs (the details:
 	// GET /v1/vms/{name}/stats).
 	Usage *UsageSummary `json:"usage,omitempty"`
+}
+
+// Placement is a VM's placement (cluster mode): the node and pool chosen
+// at create and why ("pinned: node given (--node)", or the scheduler's
+// reason).
+type Placement struct {
+	Node   string `json:"node"`
+	Pool   string `json:"pool,omitempty"`
+	Reason string `json:"reason"`
 }
 
 // VM event types: the facts of a VM's life, newest last in its history.

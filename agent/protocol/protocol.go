@@ -56,6 +56,14 @@ type NodeInfo struct {
 	Networks     []NetworkInfo `json:"networks"`
 	Arches       []string      `json:"arches"`    // guest arches this host can run
 	Firmwares    []string      `json:"firmwares"` // firmware names, e.g. "bios", "uefi"
+	// DefaultPool is the pool a create without one takes on this node
+	// (config default_pool; "" for none).
+	DefaultPool string `json:"default_pool,omitempty"`
+	// APIURL is where this node serves the /v1 API to the other hosts of
+	// its cluster (cluster mode); APICertSHA256 the sha256 of its TLS
+	// certificate (hex), which they pin.
+	APIURL        string `json:"api_url,omitempty"`
+	APICertSHA256 string `json:"api_cert_sha256,omitempty"`
 }
 
 // PoolInfo is a storage pool on this host.
@@ -209,15 +217,20 @@ const MaxHeartbeatEvents = 100
 
 // VMStatus is one VM in a heartbeat: the part of api.VM that changes.
 type VMStatus struct {
-	Name         string       `json:"name"`
-	UUID         string       `json:"uuid"`
-	Status       string       `json:"status"`
-	StatusReason string       `json:"status_reason,omitempty"`
-	QEMUPID      int          `json:"qemu_pid,omitempty"`
-	Pool         string       `json:"pool"`
-	Node         string       `json:"node"`
-	IPAddresses  []string     `json:"ip_addresses,omitempty"`
-	LastTask     *api.TaskRef `json:"last_task,omitempty"`
+	Name         string `json:"name"`
+	UUID         string `json:"uuid"`
+	Status       string `json:"status"`
+	StatusReason string `json:"status_reason,omitempty"`
+	QEMUPID      int    `json:"qemu_pid,omitempty"`
+	Pool         string `json:"pool"`
+	Node         string `json:"node"`
+	// Arch, VCPUs and MemoryMB are what the VM holds of its node, for
+	// placement.
+	Arch        string       `json:"arch,omitempty"`
+	VCPUs       int          `json:"vcpus,omitempty"`
+	MemoryMB    int          `json:"memory_mb,omitempty"`
+	IPAddresses []string     `json:"ip_addresses,omitempty"`
+	LastTask    *api.TaskRef `json:"last_task,omitempty"`
 	// Usage is the VM's last usage sample while QEMU runs, for placement.
 	Usage *api.UsageSummary `json:"usage,omitempty"`
 	// DesiredPhase is the agent's record of the VM's desired phase: it
@@ -241,6 +254,9 @@ func StatusOf(vm api.VM) VMStatus {
 		QEMUPID:      vm.QEMUPID,
 		Pool:         vm.Pool,
 		Node:         vm.Node,
+		Arch:         vm.Arch,
+		VCPUs:        vm.VCPUs,
+		MemoryMB:     vm.MemoryMB,
 		IPAddresses:  vm.IPAddresses,
 		LastTask:     vm.LastTask,
 		Usage:        vm.Usage,

@@ -40,6 +40,9 @@ type Task struct {
 	// Node is the node that runs the task (its VM's node): only that
 	// node's lease requests get it. "" is any node (single-node).
 	Node string `json:"node,omitempty"`
+	// Placement is a vm.create's placement (cluster mode), kept on its
+	// VM of the desired map.
+	Placement *api.Placement `json:"placement,omitempty"`
 }
 
 // Terminal reports whether the task ended (success, failed, cancelled).
@@ -58,6 +61,8 @@ type VM struct {
 	Phase string `json:"phase"` // api.PhaseRunning or api.PhaseStopped
 	// Node is the node the VM belongs to; "" is any node (single-node).
 	Node string `json:"node,omitempty"`
+	// Placement is why the VM is on Node (cluster mode).
+	Placement *api.Placement `json:"placement,omitempty"`
 }
 
 // Node is what the control plane knows of an agent: its registration and

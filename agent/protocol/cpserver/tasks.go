@@ -42,9 +42,13 @@ func (s *Server) Enqueue(ctx context.Context, t Task) (Task, error) {
 			phase = api.PhaseStopped
 		}
 		if phase != "" {
-			vm := VM{UUID: t.VMUUID, Name: t.VMName, Phase: phase, Node: t.Node}
-			if vm.Node == "" {
-				vm.Node = s.NodeOf(ctx, t.VMUUID) // a task without a node keeps the VM's
+			vm, _ := s.VM(ctx, t.VMUUID) // the VM keeps its node and placement
+			vm.UUID, vm.Name, vm.Phase = t.VMUUID, t.VMName, phase
+			if t.Node != "" {
+				vm.Node = t.Node
+			}
+			if t.Placement != nil {
+				vm.Placement = t.Placement
 			}
 			if err := s.Store.PutVM(ctx, vm); err != nil {
 				return Task{}, err
@@ -56,12 +60,18 @@ func (s *Server) Enqueue(ctx context.Context, t Task) (Task, error) {
 
 // NodeOf returns the node of a VM of the desired map ("" when unknown).
 func (s *Server) NodeOf(ctx context.Context, uuid string) string {
-	s.init()
-	v, _, err := s.Store.VM(ctx, uuid)
-	if err != nil {
-		return ""
-	}
+	v, _ := s.VM(ctx, uuid)
 	return v.Node
+}
+
+// VM returns a VM of the desired map by uuid.
+func (s *Server) VM(ctx context.Context, uuid string) (VM, bool) {
+	s.init()
+	v, ok, err := s.Store.VM(ctx, uuid)
+	if err != nil || !ok {
+		return VM{}, false
+	}
+	return v, true
 }
 
 // admit refuses a task of type typ when the queue limits are reached.

@@ -12,6 +12,7 @@
 //	nodes/<name>  a node's registration and last heartbeat that changed
 //	              it (JSON), rewritten at least every NodeRefresh
 //	alive/<name>  present while the node's heartbeats keep its lease
+//	secrets/<n>   a secret the replicas share (the peer token)
 //
 // Every read-modify-write is a transaction conditioned on the revisions
 // it read, so replicas never overwrite each other's changes. A task's
@@ -22,6 +23,8 @@ package etcdstore
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -668,3 +671,30 @@ func (s *Store) Nodes(ctx context.Context) ([]cpserver.Node, error) {
 }
 
 var _ cpserver.Store = (*Store)(nil)
+
+// Secret returns the cluster's shared secret name (secrets/<name>),
+// creating a random one (32 bytes, hex) on first use: the first replica
+// to ask writes it in a transaction, every other reads that one.
+func (s *Store) Secret(ctx context.Context, name string) (string, error) {
+	var buf [32]byte
+	if _, err := rand.Read(buf[:]); err != nil {
+		return "", err
+	}
+	key := s.prefix + "secrets/" + name
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, hex.EncodeToString(buf[:]))).
+		Else(clientv3.OpGet(key)).Commit()
+	if err != nil {
+		return "", wrap(ctx, err)
+	}
+	if resp.Succeeded {
+		return hex.EncodeToString(buf[:]), nil
+	}
+	kvs := resp.Responses[0].GetResponseRange().Kvs
+	if len(kvs) == 0 {
+		return "", fmt.Errorf("secret %s: gone", name)
+	}
+	return string(kvs[0].Value), nil
+}

@@ -358,3 +358,33 @@ func TestIdleHeartbeatNoWrite(t *testing.T) {
 		t.Errorf("a record older than NodeRefresh was not rewritten")
 	}
 }
+
+// TestSecretShared: replicas asking for a shared secret at once all get
+// the one the first of them wrote.
+func TestSecretShared(t *testing.T) {
+	c := etcdtest.Start(t, 1)
+	ctx := context.Background()
+	stores := []*etcdstore.Store{newStore(t, c, etcdstore.Options{}), newStore(t, c, etcdstore.Options{})}
+	got := make([]string, 6)
+	errs := make([]error, 6)
+	var wg sync.WaitGroup
+	for i := range got {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got[i], errs[i] = stores[i%2].Secret(ctx, "peer-token")
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range got {
+		if s != got[0] || len(s) != 64 {
+			t.Fatalf("secrets %q", got)
+		}
+	}
+	if other, err := stores[0].Secret(ctx, "other"); err != nil || other == got[0] {
+		t.Errorf("another secret: %q, %v", other, err)
+	}
+}
