@@ -43,6 +43,14 @@ const (
 	// ClusterUnavailable: cluster mode's store (etcd) has no quorum or
 	// cannot be reached; the request may be retried (503, Retry-After).
 	ClusterUnavailable Code = "cluster_unavailable"
+	// NoNodeFits: cluster mode's scheduler found no node that can take a
+	// new VM (lost, full, or without its arch); the message says why per
+	// node (409).
+	NoNodeFits Code = "no_node_fits"
+	// NodeUnavailable: cluster mode: the request is about a VM whose node
+	// is lost or cannot be reached; its views still answer from the
+	// node's last heartbeat (503, Retry-After).
+	NodeUnavailable Code = "node_unavailable"
 )
 
 // Error is an error with a stable code. Message is safe to show to users

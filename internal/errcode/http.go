@@ -11,13 +11,13 @@ func HTTPStatus(code Code) int {
 		return http.StatusBadRequest
 	case NotFound, NetworkNotFound, PoolNotFound, DeviceNotFound:
 		return http.StatusNotFound
-	case Conflict, PoolNotOnNode, PortInUse, DeviceBusy, IOMMUUnavailable:
+	case Conflict, PoolNotOnNode, PortInUse, DeviceBusy, IOMMUUnavailable, NoNodeFits:
 		return http.StatusConflict
 	case Unauthorized:
 		return http.StatusUnauthorized
 	case RateLimited:
 		return http.StatusTooManyRequests
-	case NetworkUnavailable, ClusterUnavailable:
+	case NetworkUnavailable, ClusterUnavailable, NodeUnavailable:
 		return http.StatusServiceUnavailable
 	case DiskFull:
 		return http.StatusInsufficientStorage
