@@ -64,6 +64,8 @@ type API struct {
 	// SyncTimeout bounds sync ops (reset, pause, resume, and the changes
 	// answered with their result).
 	SyncTimeout time.Duration
+	// cluster is set in cluster mode (SetCluster).
+	cluster *Cluster
 }
 
 // NewAPI returns the API handler.
@@ -113,6 +115,9 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/node", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.host.Node(r.Context()))
 	})
+	if a.cluster != nil {
+		return a.clusterRoute(routed(mux))
+	}
 	return routed(mux)
 }
 
@@ -140,6 +145,13 @@ func (a *API) create(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, err)
 		return
 	}
+	var placement *api.Placement
+	if a.cluster != nil {
+		var done bool
+		if placement, done = a.place(w, r, &c, b); done {
+			return
+		}
+	}
 	if err := a.host.ValidateCreate(&c); err != nil {
 		writeErr(w, err)
 		return
@@ -152,7 +164,10 @@ func (a *API) create(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, errcode.New(errcode.Conflict, "vm %q has task %s (%s) in progress", c.Name, t.ID, t.Type))
 		return
 	}
-	a.enqueue(w, api.TaskCreate, c.Name, uuid.NewString(), c)
+	t, err := a.cp.EnqueuePlaced(api.TaskCreate, c.Name, uuid.NewString(), c, placement)
+	if a.queued(w, err) {
+		writeJSON(w, http.StatusAccepted, t)
+	}
 }
 
 // queue queues a task. When it cannot, it answers the request (429 with
@@ -160,6 +175,12 @@ func (a *API) create(w http.ResponseWriter, r *http.Request) {
 // returns false.
 func (a *API) queue(w http.ResponseWriter, typ, vmName, vmUUID string, spec any) (api.Task, bool) {
 	t, err := a.cp.Enqueue(typ, vmName, vmUUID, spec)
+	return t, a.queued(w, err)
+}
+
+// queued answers the request when a task could not be queued (err) and
+// returns false; it returns true when the task was.
+func (a *API) queued(w http.ResponseWriter, err error) bool {
 	var busy *cpserver.TooManyTasksError
 	switch {
 	case errors.As(err, &busy):
@@ -167,16 +188,16 @@ func (a *API) queue(w http.ResponseWriter, typ, vmName, vmUUID string, spec any)
 		// The code is conflict until errcode has one for this
 		// (rate_limited); the status tells clients to come back.
 		writeJSON(w, http.StatusTooManyRequests, api.ErrorEnvelope{Error: api.Error{Code: string(errcode.RateLimited), Message: err.Error()}})
-		return t, false
+		return false
 	case isUnavailable(err):
 		w.Header().Set("Retry-After", strconv.Itoa(cpserver.RetryAfterSeconds))
 		writeErr(w, storeErr(err))
-		return t, false
+		return false
 	case err != nil:
 		writeErr(w, errcode.Wrap(errcode.Internal, err, "queue task"))
-		return t, false
+		return false
 	}
-	return t, true
+	return true
 }
 
 // enqueue queues a task and answers 202 with it.
@@ -213,6 +234,13 @@ func (a *API) list(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		writeErr(w, err)
 		return
+	}
+	if a.cluster != nil {
+		ptrs := make([]*api.VM, len(all))
+		for i := range all {
+			ptrs[i] = &all[i]
+		}
+		a.placed(r.Context(), ptrs...)
 	}
 	sort.Slice(all, func(i, j int) bool { return all[i].Name < all[j].Name })
 	var out []api.VM
@@ -261,6 +289,7 @@ func (a *API) get(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, err)
 		return
 	}
+	a.placed(r.Context(), &v)
 	writeJSON(w, http.StatusOK, v)
 }
 

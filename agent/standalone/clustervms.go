@@ -40,6 +40,7 @@ func (cp *ControlPlane) RemoteVMs(ctx context.Context) ([]api.VM, error) {
 func remoteView(n cpserver.Node, st protocol.VMStatus) api.VM {
 	v := api.VM{
 		Name: st.Name, UUID: st.UUID, Status: st.Status, StatusReason: st.StatusReason, DesiredPhase: st.DesiredPhase,
+		Arch: st.Arch, VCPUs: st.VCPUs, MemoryMB: st.MemoryMB,
 		Pool: st.Pool, Node: n.Name, NodeState: nodeView(n).State, QEMUPID: st.QEMUPID, IPAddresses: st.IPAddresses,
 		InstanceStatus: api.InstanceStatus(st.Status), RestartCount: st.RestartCount, CrashLoop: st.CrashLoop,
 		LastTask: st.LastTask, Usage: st.Usage,

@@ -108,6 +108,12 @@ var volatileTypes = map[string]bool{api.TaskReset: true, api.TaskPause: true, ap
 // Enqueue adds a task for a VM and wakes a waiting lease. A full queue
 // is a *cpserver.TooManyTasksError.
 func (cp *ControlPlane) Enqueue(typ, vmName, vmUUID string, spec any) (api.Task, error) {
+	return cp.EnqueuePlaced(typ, vmName, vmUUID, spec, nil)
+}
+
+// EnqueuePlaced is Enqueue of a vm.create placed by p (cluster mode): the
+// VM keeps p in the desired map, and its views show it.
+func (cp *ControlPlane) EnqueuePlaced(typ, vmName, vmUUID string, spec any, p *api.Placement) (api.Task, error) {
 	var raw json.RawMessage
 	if spec != nil {
 		b, err := json.Marshal(spec)
@@ -124,7 +130,7 @@ func (cp *ControlPlane) Enqueue(typ, vmName, vmUUID string, spec any) (api.Task,
 		}
 	}
 	t, err := cp.srv.Enqueue(ctx, cpserver.Task{
-		Task: api.Task{Type: typ, VMName: vmName, VMUUID: vmUUID}, Spec: raw, Node: node, Volatile: volatileTypes[typ]})
+		Task: api.Task{Type: typ, VMName: vmName, VMUUID: vmUUID}, Spec: raw, Node: node, Volatile: volatileTypes[typ], Placement: p})
 	return t.Task, err
 }
 

@@ -16,7 +16,7 @@ import (
 func TestClusterThreeAgents(t *testing.T) {
 	tc := startTestCluster(t)
 	image := tc.image
-	a, b := tc.agents[0], tc.agents[1]
+	a, b, cc := tc.agents[0], tc.agents[1], tc.agents[2]
 	r := a.ok("pool", "list")
 	for _, n := range clusterNodes {
 		if !regexpLine(r.stdout, `^`+n+`\s+default\s+`) {
@@ -27,15 +27,17 @@ func TestClusterThreeAgents(t *testing.T) {
 		t.Errorf("node get:\n%s", r.stdout)
 	}
 
-	// A VM created on node-b runs there (its task is leased by node-b's
-	// agent only) and shows in every host's node list.
-	b.ok("vm", "create", "cl-1", "--image-url", image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--no-cloud-init", "--wait")
+	// A VM created through node-a's API with --node node-b runs there
+	// (its task is leased by node-b's agent only) and shows in every
+	// host's node list.
+	a.ok("vm", "create", "cl-1", "--node", "node-b", "--image-url", image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--no-cloud-init", "--wait")
 	if v := b.getVM("cl-1"); v.Status != api.StatusRunning || v.Node != "node-b" {
 		t.Fatalf("cl-1 on node-b: %+v", v)
 	}
 	waitNodes(t, a, 60*time.Second, "node-b runs one VM", func(n map[string]api.Node) bool {
 		return n["node-b"].VMCount == 1 && n["node-a"].VMCount == 0 && n["node-c"].VMCount == 0
 	})
+	checkPlacement(t, a, b, cc, image)
 
 	// Every host's API shows it, as node-b's heartbeat reports it.
 	pid := b.getVM("cl-1").QEMUPID

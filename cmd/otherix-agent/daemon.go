@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -241,7 +243,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	if err != nil {
 		return nil, nil, err
 	}
-	cp, closeStore, err := newControlPlane(cfg, token, log.Named("controlplane"))
+	cp, closeStore, peer, err := newControlPlane(cfg, token, log.Named("controlplane"))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -249,6 +251,9 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 		log.Error("open sealed task specs", zap.Error(err))
 	}
 	apiH := standalone.NewAPI(host, cp, log.Named("api"))
+	if peer != nil {
+		apiH.SetCluster(&standalone.Cluster{Node: cfg.NodeName, PeerToken: peer})
+	}
 	mux := http.NewServeMux()
 	mux.Handle("/v1/agent/", cp)
 	mux.Handle("GET /metrics", m.Handler())
@@ -257,7 +262,7 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 	// srv serves the TCP address; local serves the unix socket (its file
 	// mode guards it). The agent's own protocol client calls the control
 	// plane in process, so API clients can never take its connections.
-	srv := standalone.NewServer(standalone.RequireToken(mux, sec.Token), limits, log.Named("http"))
+	srv := standalone.NewServer(standalone.RequireTokens(mux, sec.Token, peer), limits, log.Named("http"))
 	local := standalone.NewServer(mux, limits, log.Named("http"))
 	srv.RegisterOnShutdown(func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -298,21 +303,28 @@ func controlPlane(ctx context.Context, cfg *config.Config, o daemonOptions, host
 		scheme = "https://"
 	}
 	log.Info("standalone API listening", zap.String("addr", scheme+addr), zap.String("socket", cfg.Listen.Socket))
+	if peer != nil {
+		// The other hosts reach this one's API there (registration
+		// carries it), pinning its certificate.
+		host.SetAPI(scheme+advertised(addr), certSHA256(sec.TLS))
+	}
 	return cp.LocalClient(cfg.NodeName, m.ObserveControlPlane), srv, nil
 }
 
 // newControlPlane is the in-process control plane: over the state file
 // (standalone), or a replica over etcd (cluster mode). closeStore ends
 // its store's connection.
-func newControlPlane(cfg *config.Config, token string, log *zap.Logger) (cp *standalone.ControlPlane, closeStore func(), err error) {
+// In cluster mode peer returns the token the hosts present to one
+// another's API (nil in standalone mode).
+func newControlPlane(cfg *config.Config, token string, log *zap.Logger) (cp *standalone.ControlPlane, closeStore func(), peer func(context.Context) (string, error), err error) {
 	if !cfg.ClusterMode() {
 		cp, err := standalone.NewControlPlane(filepath.Join(cfg.DataDir, "standalone.json"), token, log)
-		return cp, func() {}, err
+		return cp, func() {}, nil, err
 	}
 	e := cfg.Cluster.Etcd
 	cli, err := etcdstore.Dial(etcdstore.DialConfig{Endpoints: e.Endpoints, CAFile: e.CAFile, CertFile: e.CertFile, KeyFile: e.KeyFile, Log: log.Named("etcd")})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	// This host's agent heartbeats through this replica: its node stays
 	// alive three intervals after the last one.
@@ -327,7 +339,52 @@ func newControlPlane(cfg *config.Config, token string, log *zap.Logger) (cp *sta
 			store.Close()
 			cli.Close()
 		})
-	}, nil
+	}, peerToken(store), nil
+}
+
+// peerToken reads the cluster's peer token from the store on first use
+// (and again after a failure: etcd may be without quorum at start).
+func peerToken(store *etcdstore.Store) func(context.Context) (string, error) {
+	var mu sync.Mutex
+	var tok string
+	return func(ctx context.Context) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if tok != "" {
+			return tok, nil
+		}
+		t, err := store.Secret(ctx, "peer-token")
+		if err != nil {
+			return "", err
+		}
+		tok = t
+		return t, nil
+	}
+}
+
+// advertised is the address the other hosts reach a listener on: addr,
+// or this host's name with addr's port when it listens on every address.
+func advertised(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		if name, err := os.Hostname(); err == nil {
+			return net.JoinHostPort(name, port)
+		}
+	}
+	return addr
+}
+
+// certSHA256 is the hex sha256 of a TLS config's certificate ("" for
+// none).
+func certSHA256(c *tls.Config) string {
+	if c == nil || len(c.Certificates) == 0 || len(c.Certificates[0].Certificate) == 0 {
+		return ""
+	}
+	sum := sha256.Sum256(c.Certificates[0].Certificate[0])
+	return hex.EncodeToString(sum[:])
 }
 
 // ensureToken returns the standalone control plane's token, creating a

@@ -214,9 +214,16 @@ func (c *cli) writeText(vm *api.VM) {
 		{"created_at", created},
 		{"last_task", lastTask},
 	}
-	if vm.NodeState != "" { // cluster mode, after node
+	if vm.Placement != nil || vm.NodeState != "" { // cluster mode, after node
 		i := slices.IndexFunc(lines, func(l [2]string) bool { return l[0] == "node" })
-		lines = slices.Insert(lines, i+1, [2]string{"node_state", vm.NodeState})
+		var more [][2]string
+		if vm.NodeState != "" {
+			more = append(more, [2]string{"node_state", vm.NodeState})
+		}
+		if p := vm.Placement; p != nil {
+			more = append(more, [2]string{"placement", fmt.Sprintf("node=%s pool=%s reason=%s", p.Node, p.Pool, p.Reason)})
+		}
+		lines = slices.Insert(lines, i+1, more...)
 	}
 	if vm.CPULimit > 0 { // after memory_mb
 		i := slices.IndexFunc(lines, func(l [2]string) bool { return l[0] == "memory_mb" })

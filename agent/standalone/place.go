@@ -1,0 +1,126 @@
+package standalone
+
+import (
+	"encoding/json"
+	"net/http"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
+	"github.com/otherix/otherix-agent/agent/scheduler"
+	"github.com/otherix/otherix-agent/internal/errcode"
+)
+
+// Defaults of a create's size (seed 004), as the node applies them.
+const (
+	defaultVCPUs    = 2
+	defaultMemoryMB = 2048
+)
+
+// place places a create in cluster mode (docs/cluster.md, "Placement"):
+// on the node it names or the scheduler's pick. Placed on this host, it
+// returns the placement and c names this node and the pool; placed on
+// another, the create is forwarded to that node's API (which validates it
+// against its host and queues it) and done is true. A request from a
+// peer was placed by the host that forwarded it.
+func (a *API) place(w http.ResponseWriter, r *http.Request, c *api.CreateVM, body []byte) (p *api.Placement, done bool) {
+	if _, ok := a.desiredByName(r.Context(), c.Name); ok {
+		writeErr(w, errcode.New(errcode.Conflict, "vm %q already exists", c.Name))
+		return nil, true
+	}
+	if isPeer(r) {
+		if h := r.Header.Get(placementHeader); h != "" {
+			var got api.Placement
+			if json.Unmarshal([]byte(h), &got) == nil {
+				return &got, false
+			}
+		}
+		return nil, false
+	}
+	if !api.IsName(c.Name) || api.IsUUID(c.Name) {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "name %q is not a VM name (a hostname label)", c.Name))
+		return nil, true
+	}
+	if c.Arch == "" {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "arch is required (amd64 or arm64)"))
+		return nil, true
+	}
+	nodes, err := a.cp.srv.Nodes(r.Context())
+	if err != nil {
+		writeErr(w, storeErr(err))
+		return nil, true
+	}
+	open, err := a.cp.srv.Unfinished(r.Context())
+	if err != nil {
+		writeErr(w, storeErr(err))
+		return nil, true
+	}
+	req := scheduler.Request{Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB, Pool: c.Pool, Network: c.Network, Node: c.Node}
+	if req.VCPUs == 0 {
+		req.VCPUs = defaultVCPUs
+	}
+	if req.MemoryMB == 0 {
+		req.MemoryMB = defaultMemoryMB
+	}
+	pick, err := scheduler.Pick(req, candidates(nodes, open))
+	if err != nil {
+		writeErr(w, err)
+		return nil, true
+	}
+	p = &api.Placement{Node: pick.Node, Pool: pick.Pool, Reason: pick.Reason}
+	c.Node, c.Pool = pick.Node, pick.Pool
+	if pick.Node == a.cluster.Node {
+		return p, false
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(body, &fields); err != nil {
+		writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", err))
+		return nil, true
+	}
+	fields["node"], _ = json.Marshal(pick.Node)
+	fields["pool"], _ = json.Marshal(pick.Pool)
+	b, _ := json.Marshal(fields)
+	var target cpserver.Node
+	for _, n := range nodes {
+		if n.Name == pick.Node {
+			target = n
+		}
+	}
+	a.proxy(w, r, target, b, p, func(err error) {
+		writeErr(w, errcode.New(errcode.NodeUnavailable, "node %q cannot be reached: %s", pick.Node, err))
+	})
+	return nil, true
+}
+
+// candidates are the store's nodes as the scheduler sees them: each with
+// the memory and vCPUs its VMs hold (those not stopped, as its last
+// heartbeat reports them) and its creates under way (queued or running,
+// not yet in a heartbeat).
+func candidates(nodes []cpserver.Node, open []cpserver.Task) []scheduler.Node {
+	out := make([]scheduler.Node, 0, len(nodes))
+	for _, n := range nodes {
+		sn := scheduler.Node{Name: n.Name, State: nodeView(n).State, Info: n.Info}
+		seen := map[string]bool{}
+		for _, v := range n.VMs {
+			seen[v.UUID] = true
+			switch v.Status {
+			case api.StatusStopped, api.StatusCrashed, api.StatusError, api.StatusDeleted:
+				continue
+			}
+			sn.UsedMemoryMB += int64(v.MemoryMB)
+			sn.UsedVCPUs += v.VCPUs
+		}
+		for _, t := range open {
+			if t.Type != api.TaskCreate || t.Node != n.Name || seen[t.VMUUID] {
+				continue
+			}
+			var c api.CreateVM
+			if json.Unmarshal(t.Spec, &c) != nil {
+				continue
+			}
+			sn.UsedMemoryMB += int64(max(c.MemoryMB, 0))
+			sn.UsedVCPUs += max(c.VCPUs, 0)
+		}
+		out = append(out, sn)
+	}
+	return out
+}
