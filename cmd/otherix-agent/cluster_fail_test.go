@@ -46,8 +46,9 @@ func TestClusterFailures(t *testing.T) {
 		t.Fatal(err)
 	}
 	create := []string{"--image-url", tc.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "192"}
-	cTask := c.queue(append([]string{"vm", "create", "fc-1", "--no-cloud-init"}, create...)...)
-	bTask := b.queue(append([]string{"vm", "create", "fb-1", "--user-data", ud}, create...)...)
+	// Pinned: without --node the scheduler would pick (cluster_place_test).
+	cTask := c.queue(append([]string{"vm", "create", "fc-1", "--node", "node-c", "--no-cloud-init"}, create...)...)
+	bTask := b.queue(append([]string{"vm", "create", "fb-1", "--node", "node-b", "--user-data", ud}, create...)...)
 	for _, x := range []struct {
 		ag *standaloneAgent
 		id string
@@ -74,6 +75,16 @@ func hostDown(t *testing.T, tc *testCluster) {
 	pid := c.getVM("fc-1").QEMUPID
 	a.waitView("fc-1", "fc-1 on node-c through node-a", 60*time.Second, func(v api.VM) bool {
 		return v.Node == "node-c" && v.NodeState != api.NodeLost && v.QEMUPID == pid
+	})
+	// That view came from node-c's API; the view of a lost node is its
+	// last heartbeat's: wait until one reported fc-1 with this pid (vm
+	// list shows other nodes' VMs from their heartbeats).
+	waitFor(t, 60*time.Second, "node-c's heartbeat reports fc-1", func() bool {
+		var page struct{ VMs []api.VM }
+		if a.apiGet("/v1/vms?node=node-c", &page) != nil {
+			return false
+		}
+		return len(page.VMs) == 1 && page.VMs[0].Name == "fc-1" && page.VMs[0].QEMUPID == pid
 	})
 
 	before := c.eventTypes("fc-1")
