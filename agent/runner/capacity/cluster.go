@@ -17,8 +17,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/uuid"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
 	"github.com/otherix/otherix-agent/agent/protocol/cpserver/etcdstore"
@@ -58,8 +60,12 @@ func clusterBench(ns []int, duration, interval time.Duration, vms int, writeRate
 	}
 	fmt.Printf("\n## Control plane with N simulated agents, measured over %v each (heartbeat every %v with %d VMs and their usage, node_info when it changed with guests writing %.1f MiB/s per host, lease long poll 30 s)\n\n",
 		duration, interval, vms, float64(writeRate)/(1<<20))
-	fmt.Println("| store | N | req/s | heartbeat/s | node_info/agent/min (free_bytes exact to the byte) | heartbeat p50 | heartbeat p99 | errors | etcd writes/agent/min |")
-	fmt.Println("|---|---|---|---|---|---|---|---|---|")
+	head, rule := "| store | N | req/s | heartbeat/s | node_info/agent/min (free_bytes exact to the byte) | heartbeat p50 | heartbeat p99 | errors | etcd writes/agent/min |", "|---|---|---|---|---|---|---|---|---|"
+	if taskRate > 0 {
+		head, rule = head+fmt.Sprintf(" tasks/s done (%.1f/s queued) | task p50 | task p99 | enqueue errors |", taskRate), rule+"---|---|---|---|"
+	}
+	fmt.Println(head)
+	fmt.Println(rule)
 	for _, n := range ns {
 		for _, kind := range []string{"standalone (file)", "cluster (etcd, 3 replicas)"} {
 			if !slices.Contains(strings.Split(onlyStores, ","), storeShort(kind)) {
@@ -100,6 +106,11 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, wri
 		}
 	}()
 	var cli *clientv3.Client
+	var servers []*cpserver.Server
+	var hosts []*simHost
+	var queued sync.Map // task id -> time.Time enqueued
+	var taskMu sync.Mutex
+	var taskLat []time.Duration
 	prefix := fmt.Sprintf("/capacity/%d/", n)
 	if kind == "standalone (file)" {
 		fs, err := cpserver.NewFileStore(filepath.Join(tmp, fmt.Sprintf("state-%d.json", n)), nil)
@@ -108,6 +119,7 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, wri
 		}
 		// The same server as on etcd; only the store differs.
 		srv := &cpserver.Server{Store: fs, Token: "capacity", HeartbeatInterval: interval, DesiredFollowsTasks: true, AdoptUnknownVMs: true, NodeScoped: true}
+		servers = append(servers, srv)
 		ts := httptest.NewServer(counting{srv, &reqs})
 		cleanup = append(cleanup, closeServer(ts))
 		urls = append(urls, ts.URL)
@@ -122,6 +134,7 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, wri
 			st := etcdstore.New(cli, etcdstore.Options{Prefix: prefix, NodeTTL: 3 * interval})
 			cleanup = append(cleanup, func() { st.Close() })
 			srv := &cpserver.Server{Store: st, Token: "capacity", HeartbeatInterval: interval, DesiredFollowsTasks: true, AdoptUnknownVMs: true, NodeScoped: true}
+			servers = append(servers, srv)
 			ts := httptest.NewServer(counting{srv, &reqs})
 			cleanup = append(cleanup, closeServer(ts))
 			urls = append(urls, ts.URL)
@@ -144,6 +157,7 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, wri
 		}
 		node := fmt.Sprintf("hv-%04d", i)
 		host := newSimHost(node, vms, writeRate)
+		hosts = append(hosts, host)
 		wg.Go(func() {
 			if _, err := c.Register(ctx, host.info()); err != nil {
 				errs.Add(1)
@@ -151,9 +165,25 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, wri
 			ready <- struct{}{}
 			wg.Go(func() {
 				for ctx.Err() == nil {
-					if _, err := c.Lease(ctx, 30*time.Second, 1); err != nil && ctx.Err() == nil {
+					resp, err := c.Lease(ctx, 30*time.Second, 1)
+					if err != nil && ctx.Err() == nil {
 						errs.Add(1)
 						time.Sleep(time.Second)
+						continue
+					}
+					// A task (-cluster-tasks) is done at once.
+					for _, tk := range leased(resp) {
+						if err := c.Complete(ctx, tk.ID, protocol.CompleteRequest{LeaseID: tk.LeaseID, Attempt: tk.Attempt, Status: api.TaskSuccess, FinishedAt: time.Now().UTC()}); err != nil {
+							if ctx.Err() == nil {
+								errs.Add(1)
+							}
+							continue
+						}
+						if at, ok := queued.LoadAndDelete(tk.ID); ok && measuring.Load() {
+							taskMu.Lock()
+							taskLat = append(taskLat, time.Since(at.(time.Time)))
+							taskMu.Unlock()
+						}
 					}
 				}
 			})
@@ -228,7 +258,7 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, wri
 	}
 	measuring.Store(true)
 	begin := time.Now()
-	time.Sleep(duration)
+	taskErrs := enqueueTasks(ctx, servers, hosts, duration, &queued)
 	elapsed := time.Since(begin)
 	measuring.Store(false)
 	stopProfile()
@@ -242,9 +272,16 @@ func benchOne(kind string, n int, duration, interval time.Duration, vms int, wri
 		writes = fmt.Sprintf("%.2f", float64(rev1-rev0)/float64(n)/elapsed.Minutes())
 	}
 	perAgent := func(x int64) float64 { return float64(x) / float64(n) / elapsed.Minutes() }
-	return fmt.Sprintf("| %s | %d | %.1f | %.1f | %.2f (exact: %.2f) | %v | %v | %d | %s |", kind, n,
+	tasks := ""
+	if taskRate > 0 {
+		taskMu.Lock()
+		slices.Sort(taskLat)
+		tasks = fmt.Sprintf(" %.1f | %v | %v | %d |", float64(len(taskLat))/elapsed.Seconds(), pct(taskLat, 0.5).Round(100*time.Microsecond), pct(taskLat, 0.99).Round(100*time.Microsecond), taskErrs)
+		taskMu.Unlock()
+	}
+	return fmt.Sprintf("| %s | %d | %.1f | %.1f | %.2f (exact: %.2f) | %v | %v | %d | %s |%s", kind, n,
 		float64(req1-req0)/elapsed.Seconds(), float64(beats.Load())/elapsed.Seconds(), perAgent(infos.Load()), perAgent(exactInfos.Load()),
-		p50.Round(100*time.Microsecond), p99.Round(100*time.Microsecond), errs.Load(), writes), nil
+		p50.Round(100*time.Microsecond), p99.Round(100*time.Microsecond), errs.Load(), writes, tasks), nil
 }
 
 func storeShort(kind string) string {
@@ -269,6 +306,44 @@ func startProfile(kind string, n int) (func(), error) {
 		return nil, err
 	}
 	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
+
+// leased returns a lease answer's tasks (none for nil).
+func leased(resp *protocol.LeaseResponse) []protocol.Task {
+	if resp == nil {
+		return nil
+	}
+	return resp.Tasks
+}
+
+// enqueueTasks queues taskRate tasks per second (vm.reset: no desired
+// phase changes) for random VMs of random hosts, each through a random
+// replica, for d, and returns the enqueue errors. Without -cluster-tasks
+// it only waits d.
+func enqueueTasks(ctx context.Context, servers []*cpserver.Server, hosts []*simHost, d time.Duration, queued *sync.Map) int {
+	end := time.After(d)
+	if taskRate <= 0 {
+		<-end
+		return 0
+	}
+	tick := time.NewTicker(time.Duration(float64(time.Second) / taskRate))
+	defer tick.Stop()
+	errs := 0
+	for {
+		select {
+		case <-end:
+			return errs
+		case <-tick.C:
+		}
+		h := hosts[rand.N(len(hosts))]
+		vm := h.vms[rand.N(len(h.vms))]
+		id := uuid.NewString()
+		queued.Store(id, time.Now())
+		if _, err := servers[rand.N(len(servers))].Enqueue(ctx, cpserver.Task{Task: api.Task{ID: id, Type: api.TaskReset, VMName: vm.Name, VMUUID: vm.UUID}, Node: h.node}); err != nil {
+			queued.Delete(id)
+			errs++
+		}
+	}
 }
 
 // closeServer ends a test server with long polls still open: it drops

@@ -40,7 +40,10 @@ import (
 	"github.com/otherix/otherix-agent/agent/runner"
 )
 
-var cpuProfile, onlyStores string
+var (
+	cpuProfile, onlyStores string
+	taskRate               float64
+)
 
 func main() {
 	duration := flag.Duration("duration", time.Minute, "measurement window")
@@ -51,6 +54,7 @@ func main() {
 	clusterVMs := flag.Int("cluster-vms", 5, "VMs each simulated agent reports (-cluster)")
 	writeMiB := flag.Float64("cluster-write-mibs", 1, "MiB/s each simulated host's guests write to its pool on average, shrinking free_bytes (-cluster)")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "with -cluster: write a CPU profile of each row's window to `prefix`-<store>-<N>.pprof")
+	flag.Float64Var(&taskRate, "cluster-tasks", 0, "with -cluster: tasks per second queued for random VMs during each window, done at once by their agents")
 	flag.StringVar(&onlyStores, "stores", "file,etcd", "with -cluster: the stores to measure")
 	flag.Parse()
 	if *cluster != "" {
