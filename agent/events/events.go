@@ -64,12 +64,15 @@ type Store struct {
 	byVM    map[string][]api.VMEvent // by VM uuid, oldest first
 	pending []api.VMEvent            // seq > acked, oldest first
 	dirty   map[string]bool          // VMs whose history changed since written
-	stateOK bool                     // state.json holds seq and acked
+	stateOK bool                     // state.json holds acked (seq: see state)
 	timer   *time.Timer              // armed while AddSoon's write is due
 }
 
-// state is <dir>/state.json: the last number given and the last one the
-// control plane acknowledged.
+// state is <dir>/state.json: the last number the control plane
+// acknowledged, and a floor of the numbering. The histories' files hold
+// the numbers they use, so an event costs no write of the state: it is
+// written when the control plane acknowledges, and before a history's
+// file is removed with its numbers.
 type state struct {
 	Seq   int64 `json:"seq"`
 	Acked int64 `json:"acked"`
@@ -204,7 +207,6 @@ func (s *Store) record(e api.VMEvent) (api.VMEvent, error) {
 	s.pending = append(s.pending, e)
 	s.trimPendingLocked()
 	s.dirty[e.VMUUID] = true
-	s.stateOK = false
 	s.mu.Unlock()
 	if s.o.Observe != nil {
 		s.o.Observe(e.Type)
@@ -307,9 +309,15 @@ func (s *Store) Remove(uuid string) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	delete(s.byVM, uuid)
 	delete(s.dirty, uuid)
+	st, _ := json.Marshal(state{Seq: s.seq, Acked: s.acked})
+	s.mu.Unlock()
+	// The numbers in the file go with it: state.json keeps the floor of
+	// the numbering first.
+	if err := atomicfile.Write(filepath.Join(s.dir, "state.json"), st, 0o600); err != nil {
+		return err
+	}
 	if err := os.Remove(s.path(uuid)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
