@@ -53,3 +53,13 @@ func Fields(value string) map[string]string {
 	}
 	return out
 }
+
+// RebootOnce is an "#otherix-run:" command that reboots the guest from
+// inside, on its first boot only: reboot -f has the kernel reset the
+// machine, and QEMU goes on. Before it the guest prints "OTHERIX-GUEST
+// rebooting itself" and marks its boot disk /dev/vda (8 bytes at offset
+// 51200, in the unused gap between the MBR and the partition at 1 MiB); a
+// later boot finds the mark, stays up and prints "OTHERIX-GUEST run-exit
+// N 0" for it (N: its line among the #otherix-run: lines).
+const RebootOnce = `[ "$(dd if=/dev/vda bs=1 skip=51200 count=8 2>/dev/null)" = rebooted ] || ` +
+	`{ printf rebooted | dd of=/dev/vda bs=1 seek=51200 conv=notrunc,fsync 2>/dev/null && echo "OTHERIX-GUEST rebooting itself" && reboot -f; }`

@@ -74,15 +74,6 @@ func count(list []string, s string) int {
 	return n
 }
 
-// rebootOnce is a guest command (an #otherix-run: line) that reboots the
-// guest from inside, on its first boot only: reboot -f has the kernel
-// reset the machine, and QEMU goes on. Before it, the guest marks its boot
-// disk (8 bytes at offset 51200, in the unused gap between the MBR and the
-// partition at 1 MiB); a later boot finds the mark, stays up and prints
-// "OTHERIX-GUEST run-exit 1 0".
-const rebootOnce = `[ "$(dd if=/dev/vda bs=1 skip=51200 count=8 2>/dev/null)" = rebooted ] || ` +
-	`{ printf rebooted | dd of=/dev/vda bs=1 seek=51200 conv=notrunc,fsync 2>/dev/null && echo "OTHERIX-GUEST rebooting itself" && reboot -f; }`
-
 // waitEvent polls a VM's history (GET /v1/vms/NAME/events) until it holds
 // an event of type typ, and returns that event.
 func (a *standaloneAgent) waitEvent(name, typ string, timeout time.Duration) api.VMEvent {
@@ -120,7 +111,7 @@ func TestGuestShutdownCrashesAndRestartPolicy(t *testing.T) {
 	a.ok("vm", "create", "self-off", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--user-data", ud, "--wait")
 	a.ok("vm", "create", "crashy", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--wait")
 	udReboot := filepath.Join(t.TempDir(), "reboot.yaml")
-	os.WriteFile(udReboot, []byte("#cloud-config\n#otherix-run: "+rebootOnce+"\n"), 0o600)
+	os.WriteFile(udReboot, []byte("#cloud-config\n#otherix-run: "+testguest.RebootOnce+"\n"), 0o600)
 	a.ok("vm", "create", "self-reboot", "--image-url", a.image, "--arch", "amd64", "--vcpus", "1", "--memory-mb", "256", "--user-data", udReboot, "--wait")
 	rb := a.getVM("self-reboot")
 	rebootPID := rb.QEMUPID
