@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -20,6 +21,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/agent/protocol/cptest"
 	"github.com/otherix/otherix-agent/agent/runner"
+	"github.com/otherix/otherix-agent/agent/testguest"
 )
 
 // TestControlPlaneRealEngine runs the agent's runner against the fake
@@ -115,6 +117,75 @@ func TestControlPlaneRealEngine(t *testing.T) {
 	}
 	if err := syscall.Kill(v.QEMUPID, 0); err != nil {
 		t.Fatalf("qemu died with the runner: %v", err)
+	}
+}
+
+// TestGuestRebootReachesControlPlane: a guest that reboots itself keeps
+// its QEMU and its desired phase; the control plane learns the reboot as
+// one guest_reboot event in a heartbeat, sees the VM running in the same
+// process, and reconcile, with the VM desired running, starts nothing.
+func TestGuestRebootReachesControlPlane(t *testing.T) {
+	t.Parallel()
+	hh := newHost(t)
+	rr := startRunner(t, hh, runner.Config{})
+	cp := rr.cp
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+
+	id := uuid.NewString()
+	spec, _ := json.Marshal(api.CreateVM{Name: "rb-1", ImageURL: hh.image, Arch: "amd64", VCPUs: 1, MemoryMB: 256,
+		UserData: "#cloud-config\n#otherix-run: " + testguest.RebootOnce + "\n"})
+	cp.SetDesired(id, api.PhaseRunning)
+	cp.Enqueue(protocol.Task{ID: "t-create", Type: api.TaskCreate, VMName: "rb-1", VMUUID: id, Spec: spec})
+	c, err := cp.WaitCompletion(ctx, "t-create")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Status != api.TaskSuccess || c.VM == nil || c.VM.QEMUPID == 0 {
+		t.Fatalf("create: %+v", c)
+	}
+	pid := c.VM.QEMUPID
+	con := hh.console("rb-1")
+	defer con.Close()
+	wait(t, con, "OTHERIX-GUEST rebooting itself")
+	wait(t, con, "OTHERIX-GUEST run-exit 1 0") // up again
+	guestReboot := func(h protocol.HeartbeatRequest) bool {
+		return slices.ContainsFunc(h.Events, func(e api.VMEvent) bool { return e.VMUUID == id && e.Type == api.EventGuestReboot })
+	}
+	if _, err := cp.WaitHeartbeat(ctx, guestReboot); err != nil {
+		t.Fatalf("no heartbeat carried the guest_reboot: %v", err)
+	}
+	// Three heartbeats (1 s apart) later, with the VM desired running:
+	// still the same QEMU, nothing started, one reboot told.
+	n := cp.Count(cptest.Heartbeat)
+	if err := cp.WaitFor(ctx, func() bool { return cp.Count(cptest.Heartbeat) >= n+3 }); err != nil {
+		t.Fatal(err)
+	}
+	hbs := cp.Heartbeats()
+	var last *protocol.VMStatus
+	for i, v := range hbs[len(hbs)-1].VMs {
+		if v.UUID == id {
+			last = &hbs[len(hbs)-1].VMs[i]
+		}
+	}
+	if last == nil || last.Status != api.StatusRunning || last.QEMUPID != pid || last.DesiredPhase != api.PhaseRunning || last.RestartCount != 0 {
+		t.Errorf("last heartbeat's VM %+v, want running in QEMU %d, desired running, no restart", last, pid)
+	}
+	var types []string
+	seen := map[int64]bool{} // an event unacknowledged by a failed heartbeat comes again
+	for _, h := range hbs {
+		for _, e := range h.Events {
+			if e.VMUUID == id && !seen[e.Seq] {
+				seen[e.Seq] = true
+				types = append(types, e.Type)
+			}
+		}
+	}
+	if strings.Join(types, " ") != "created guest_reboot" {
+		t.Errorf("events the control plane received for the VM: %v, want created, guest_reboot", types)
+	}
+	if got := len(cp.Completions()); got != 1 {
+		t.Errorf("%d task completions, want the create's only: %+v", got, cp.Completions())
 	}
 }
 
