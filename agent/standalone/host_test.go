@@ -29,6 +29,12 @@ const (
 // (ValidateCreate checks the arch), not a running QEMU.
 func newTestHost(tb testing.TB) *agent.Host {
 	tb.Helper()
+	return newNamedTestHost(tb, "node-1")
+}
+
+// newNamedTestHost is newTestHost for node name.
+func newNamedTestHost(tb testing.TB, name string) *agent.Host {
+	tb.Helper()
 	run, err := os.MkdirTemp("/tmp", "oxs")
 	if err != nil {
 		tb.Fatal(err)
@@ -36,7 +42,7 @@ func newTestHost(tb testing.TB) *agent.Host {
 	tb.Cleanup(func() { os.RemoveAll(run) })
 	data := tb.TempDir()
 	cfg := config.Default(data)
-	cfg.NodeName = "node-1"
+	cfg.NodeName = name
 	cfg.RunDir = run
 	cfg.QEMU.User = "nobody"
 	cfg.Limits.MinFreeBytes = 1 << 20
