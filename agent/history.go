@@ -73,15 +73,17 @@ func (h *Host) AckEvents(seq int64) {
 }
 
 // onRunState records a run-state change QEMU made on its own (engine
-// OnRunState): paused (an I/O error, a guest panic), resumed, or a disk
-// error reported to the guest.
+// OnRunState): paused (an I/O error, a guest panic), resumed, a disk
+// error reported to the guest, a guest reboot. These come in bursts (a
+// rebooting firmware, a pause on every retried write) and are written in
+// the background, as a task's own event is.
 func (h *Host) onRunState(v vm.View, event, reason string) {
 	typ := map[string]string{vm.RunStatePaused: api.EventPaused, vm.RunStateResumed: api.EventResumed, vm.RunStateIOError: api.EventIOError,
 		vm.RunStateGuestReboot: api.EventGuestReboot}[event]
 	if typ == "" {
 		return
 	}
-	h.event(v, typ, reason, "")
+	h.eventSoon(v, typ, reason, "")
 }
 
 // taskEvent is the event a finished task leaves in its VM's history.
