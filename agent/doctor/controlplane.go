@@ -26,9 +26,21 @@ const controlPlaneTimeout = 10 * time.Second
 func checkControlPlane(ctx context.Context, cfg *config.Config, env Env) Result {
 	r := Result{Check: "control plane"}
 	cp := cfg.ControlPlane
+	switch {
+	case cfg.Standalone:
+		r.Status, r.Detail = OK, "standalone: true: the agent is its own control plane (in-process)"
+		return r
+	case cfg.ClusterMode():
+		// Config validation refuses control_plane.url here: the agent
+		// serves the protocol itself, over the cluster's etcd.
+		r.Status = OK
+		r.Detail = fmt.Sprintf("cluster mode: the agent is a control-plane replica on etcd %s (not contacted by doctor)",
+			strings.Join(cfg.Cluster.Etcd.Endpoints, ","))
+		return r
+	}
 	if cp.URL == "" {
-		r.Status, r.Detail = Warn, "control_plane.url is not set: the agent runs only with --standalone"
-		r.Fix = "set control_plane.url and control_plane.token_file"
+		r.Status, r.Detail = Warn, "control_plane.url is not set: the agent runs only with --standalone (or standalone: true, or cluster.etcd)"
+		r.Fix = "set control_plane.url and control_plane.token_file, or standalone: true"
 		return r
 	}
 	// The agent's own client checks the URL scheme, the token file's mode

@@ -406,10 +406,17 @@ func TestControlPlane(t *testing.T) {
 		{"no token file", config.ControlPlane{URL: url, TokenFile: "/nonexistent/token", CAFile: ca}, Fail, "token file", ""},
 		{"plain http", config.ControlPlane{URL: "http://cp.example:80", TokenFile: writeToken(t, "s3cret", 0o600)}, Fail, "use https", ""},
 		{"not configured", config.ControlPlane{}, Warn, "--standalone", "control_plane.url"},
+		{"standalone", config.ControlPlane{}, OK, "standalone: true", ""},
+		{"cluster", config.ControlPlane{}, OK, "cluster mode: the agent is a control-plane replica on etcd http://127.0.0.1:2379", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := config.Default(t.TempDir())
 			cfg.ControlPlane = tc.cp
+			// A standalone or cluster agent is its own control plane.
+			cfg.Standalone = tc.name == "standalone"
+			if tc.name == "cluster" {
+				cfg.Cluster.Etcd.Endpoints = []string{"http://127.0.0.1:2379"}
+			}
 			r := checkControlPlane(t.Context(), cfg, Env{}.withDefaults())
 			if r.Status != tc.status || !strings.Contains(r.Detail, tc.detail) || !strings.Contains(r.Fix, tc.fix) {
 				t.Errorf("got %s %q fix %q\nwant %s ~%q fix ~%q", r.Status, r.Detail, r.Fix, tc.status, tc.detail, tc.fix)
