@@ -308,7 +308,7 @@ func printFlags(fs *flag.FlagSet) {
 // globalFlags registers the flags every command accepts.
 func (c *cli) globalFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.server, "server", c.server, "API server `URL`: http(s)://HOST:PORT, or unix:///run/otherix/api.sock (default $"+envURL+" or "+defaultServer+")")
-	fs.StringVar(&c.tokenFile, "token-file", c.tokenFile, "`file` holding the bearer token (default $"+envToken+")")
+	fs.StringVar(&c.tokenFile, "token-file", c.tokenFile, "`file` holding the bearer token (default: the token in $"+envToken+", else "+DefaultTokenFile+" when readable)")
 	fs.StringVar(&c.caFile, "ca-file", c.caFile, "PEM `file` of the CA that signed an https server's certificate (default $"+envCAFile+", else the system's)")
 }
 

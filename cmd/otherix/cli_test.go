@@ -144,6 +144,7 @@ func TestUsage(t *testing.T) {
 		{[]string{"vm", "migrate", "web-1"}, 1, "", "error: unknown command \"vm migrate\"\nusage: otherix COMMAND (see otherix help)\n"},
 		{[]string{"vm"}, 1, "", "error: vm needs a subcommand\nusage: otherix vm create|list|get|start|stop|poweroff|reboot|delete|reset|pause|resume|console ... (see otherix help)\n"},
 		{[]string{"vm", "start", "web-1", "--force"}, 1, "", "error: flag provided but not defined: -force\nusage: otherix vm start ... (see otherix vm start -h)\n"},
+		{[]string{"vm", "detach-disk", "web-1", "vol-1", "--readonly"}, 1, "", "error: flag provided but not defined: -readonly\nusage: otherix vm detach-disk ... (see otherix vm detach-disk -h)\n"},
 		{[]string{"vm", "get"}, 1, "", "error: missing VM name\nusage: otherix vm get ... (see otherix vm get -h)\n"},
 		{[]string{"vm", "list", "extra"}, 1, "", "error: unexpected arguments: extra\nusage: otherix vm list ... (see otherix vm list -h)\n"},
 		{[]string{"vm", "list", "-o", "wide"}, 1, "", "error: unknown output format \"wide\": want table, json, yaml\n"},

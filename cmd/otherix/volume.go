@@ -86,7 +86,10 @@ func (c *cli) volumeDelete(ctx context.Context, fs *flag.FlagSet, args []string)
 // or an allowed path; a running VM gets or loses it at once when it can.
 func (c *cli) vmDisk(attach bool) func(context.Context, *flag.FlagSet, []string) error {
 	return func(ctx context.Context, fs *flag.FlagSet, args []string) error {
-		ro := fs.Bool("readonly", false, "attach read-only")
+		ro := new(bool) // detach has no --readonly: it is not an attach option
+		if attach {
+			fs.BoolVar(ro, "readonly", false, "attach read-only")
+		}
 		pool := fs.String("storage-pool", "", "the volume's pool")
 		pos, err := c.parse(fs, args)
 		if err != nil {
