@@ -199,6 +199,7 @@ func (c *cli) writeText(vm *api.VM) {
 		{"restart_policy", vm.RestartPolicy},
 		{"restart_count", num(vm.RestartCount)},
 		{"crash_loop", strconv.FormatBool(vm.CrashLoop)},
+		{"autostart", strconv.FormatBool(vm.Autostart)},
 		{"arch", vm.Arch},
 		{"vcpus", num(vm.VCPUs)},
 		{"memory_mb", num(vm.MemoryMB)},
@@ -228,6 +229,14 @@ func (c *cli) writeText(vm *api.VM) {
 	if vm.CPULimit > 0 { // after memory_mb
 		i := slices.IndexFunc(lines, func(l [2]string) bool { return l[0] == "memory_mb" })
 		lines = slices.Insert(lines, i+1, [2]string{"cpu_limit", cpuLimit(vm.CPULimit)})
+	}
+	// The VNC console and what `vm set` changed on a running VM.
+	lines = append(lines, [2]string{"vnc_enabled", strconv.FormatBool(vm.VNCEnabled)})
+	if vm.VNCEnabled && vm.VNCPort > 0 {
+		lines = append(lines, [2]string{"vnc_port", strconv.Itoa(vm.VNCPort)})
+	}
+	if p := vm.PendingChanges; p != nil {
+		lines = append(lines, [2]string{"pending_changes", pendingText(p) + " (at the next start)"})
 	}
 	for _, l := range lines {
 		v := l[1]

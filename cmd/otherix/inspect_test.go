@@ -145,6 +145,7 @@ desired_phase: running
 restart_policy: on-failure
 restart_count: 2
 crash_loop: false
+autostart: false
 arch: arm64
 vcpus: 2
 memory_mb: 2048
@@ -159,6 +160,7 @@ qemu_pid: 4242
 ip_addresses: 10.0.2.15,fe80::1
 created_at: 2025-01-02T03:04:05Z
 last_task: vm.start task-9 success
+vnc_enabled: false
 `
 	if r.stdout != want {
 		t.Errorf("stdout:\n%s\nwant:\n%s", r.stdout, want)
@@ -266,5 +268,23 @@ func TestVMConsole(t *testing.T) {
 	}
 	if r := h.run("", "vm", "console", "nope"); r.code != 1 || r.stderr != "error: not_found: vm \"nope\" not found\n" {
 		t.Errorf("console nope: exit %d stderr %q", r.code, r.stderr)
+	}
+}
+
+// TestVMGetPending shows the VNC console and what vm set changed on a
+// running VM, which applies at its next start.
+func TestVMGetPending(t *testing.T) {
+	h := newHarness(t)
+	vm := testVM()
+	vm.Autostart, vm.VNCEnabled, vm.VNCPort = true, true, 5901
+	on := false
+	vm.PendingChanges = &api.PendingChanges{VCPUs: 4, MemoryMB: 4096, VNCEnabled: &on}
+	h.api.AddVM(vm)
+	r := h.must("vm", "get", "web-1")
+	for _, want := range []string{"\nautostart: true\n", "\nvnc_enabled: true\nvnc_port: 5901\n",
+		"\npending_changes: vcpus=4 memory_mb=4096 vnc_enabled=false (at the next start)\n"} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("stdout:\n%s\nwant it to hold %q", r.stdout, want)
+		}
 	}
 }

@@ -295,19 +295,26 @@ func (c *cli) vmSet(ctx context.Context, fs *flag.FlagSet, args []string) error 
 		line += fmt.Sprintf(" vnc_port=%d", vm.VNCPort)
 	}
 	if p := vm.PendingChanges; p != nil {
-		line += fmt.Sprintf(" pending_changes(next start): vcpus=%d memory_mb=%d", p.VCPUs, p.MemoryMB)
-		if p.CPULimit > 0 {
-			line += fmt.Sprintf(" cpu_limit=%g", p.CPULimit)
-		}
-		if p.VNCEnabled != nil {
-			line += fmt.Sprintf(" vnc_enabled=%t", *p.VNCEnabled)
-		}
-		if p.VNCPort > 0 {
-			line += fmt.Sprintf(" vnc_port=%d", p.VNCPort)
-		}
+		line += " pending_changes(next start): " + pendingText(p)
 	}
 	fmt.Fprintln(c.stdout, line)
 	return nil
+}
+
+// pendingText is a running VM's changes that apply at its next start, as
+// "vcpus=N memory_mb=M [cpu_limit=C] [vnc_enabled=B] [vnc_port=P]".
+func pendingText(p *api.PendingChanges) string {
+	s := fmt.Sprintf("vcpus=%d memory_mb=%d", p.VCPUs, p.MemoryMB)
+	if p.CPULimit > 0 {
+		s += fmt.Sprintf(" cpu_limit=%g", p.CPULimit)
+	}
+	if p.VNCEnabled != nil {
+		s += fmt.Sprintf(" vnc_enabled=%t", *p.VNCEnabled)
+	}
+	if p.VNCPort > 0 {
+		s += fmt.Sprintf(" vnc_port=%d", p.VNCPort)
+	}
+	return s
 }
 
 // readSecret reads a secret from path (- for stdin): its first line,
