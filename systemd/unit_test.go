@@ -135,7 +135,10 @@ func TestUnitFileSettings(t *testing.T) {
 	if len(got["Service.TimeoutStopSec"]) != 1 {
 		t.Errorf("TimeoutStopSec: got %q, want one value", got["Service.TimeoutStopSec"])
 	}
-	for _, dev := range []string{"/dev/kvm rw", "/dev/net/tun rw", "/dev/vhost-net rw", "char-macvtap rw"} {
+	// Host devices too: VFIO (QEMU opens it before it leaves this unit's
+	// cgroup), USB and the host's TPM (the agent opens them).
+	for _, dev := range []string{"/dev/kvm rw", "/dev/net/tun rw", "/dev/vhost-net rw", "char-macvtap rw",
+		"/dev/vfio/vfio rw", "char-vfio rw", "char-usb_device rw", "/dev/tpm0 rw", "char-tpm rw"} {
 		if !slices.Contains(got["Service.DeviceAllow"], dev) {
 			t.Errorf("DeviceAllow lacks %q: %q", dev, got["Service.DeviceAllow"])
 		}
