@@ -346,4 +346,7 @@ func (fs *FileStore) Nodes(ctx context.Context) ([]Node, error) { return fs.mem.
 // Changed implements Store.
 func (fs *FileStore) Changed() <-chan struct{} { return fs.mem.Changed() }
 
+// NodeChanged implements Store.
+func (fs *FileStore) NodeChanged(node string) <-chan struct{} { return fs.mem.NodeChanged(node) }
+
 var _ Store = (*FileStore)(nil)

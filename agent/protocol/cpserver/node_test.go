@@ -1,8 +1,11 @@
 package cpserver_test
 
 import (
+	"context"
 	"testing"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/protocol"
@@ -45,5 +48,68 @@ func TestSameNode(t *testing.T) {
 		if got := cpserver.SameNode(base, n); got != tc.same {
 			t.Errorf("%s: SameNode = %v, want %v", tc.name, got, tc.same)
 		}
+	}
+}
+
+// TestNodeChangedScoped: a task change wakes the long polls of its node,
+// not another node's; a task of no node wakes every node's.
+func TestNodeChangedScoped(t *testing.T) {
+	for name, mk := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			st := mk()
+			// Unique ids: -count reuses the etcd prefix.
+			t1, t2 := uuid.NewString(), uuid.NewString()
+			ch1, ch2 := st.NodeChanged("n1"), st.NodeChanged("n2")
+			all := st.Changed()
+			if err := st.AddTask(ctx, cpserver.Task{Task: api.Task{ID: t1, Type: api.TaskReset, Status: api.TaskPending}, Node: "n1"}); err != nil {
+				t.Fatal(err)
+			}
+			for _, ch := range []<-chan struct{}{ch1, all} {
+				select {
+				case <-ch:
+				case <-ctx.Done():
+					t.Fatal("n1's task did not wake n1's waiters")
+				}
+			}
+			select {
+			case <-ch2:
+				t.Fatal("n1's task woke n2's long polls")
+			default:
+			}
+			// Leased, then ended: its lease key goes with the task's
+			// change, which is no expiry.
+			for _, fn := range []func(*cpserver.Task) error{
+				func(x *cpserver.Task) error {
+					x.Status, x.LeaseID, x.LeaseExpiry = api.TaskRunning, "l1", time.Now().Add(time.Minute)
+					return nil
+				},
+				func(x *cpserver.Task) error { x.Status = api.TaskSuccess; return nil },
+			} {
+				ch1 = st.NodeChanged("n1")
+				if _, err := st.UpdateTask(ctx, t1, fn); err != nil {
+					t.Fatal(err)
+				}
+				select {
+				case <-ch1:
+				case <-ctx.Done():
+					t.Fatal("n1's task did not wake n1's long polls")
+				}
+				select {
+				case <-ch2:
+					t.Fatal("n1's task woke n2's long polls")
+				default:
+				}
+			}
+			if err := st.AddTask(ctx, cpserver.Task{Task: api.Task{ID: t2, Type: api.TaskReset, Status: api.TaskPending}}); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-ch2:
+			case <-ctx.Done():
+				t.Fatal("a task of no node did not wake n2's long polls")
+			}
+		})
 	}
 }

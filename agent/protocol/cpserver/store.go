@@ -161,9 +161,13 @@ type Store interface {
 	// Nodes returns the known nodes.
 	Nodes(ctx context.Context) ([]Node, error)
 
-	// Changed returns a channel closed at the store's next change (a long
-	// poll or a waiter waits on it, then looks again).
+	// Changed returns a channel closed at the store's next change (a
+	// waiter waits on it, then looks again).
 	Changed() <-chan struct{}
+	// NodeChanged returns a channel closed at the next change of a task
+	// of node or of no node (a lease's long poll waits on it, then looks
+	// again): a task change wakes its node's long polls, not the fleet's.
+	NodeChanged(node string) <-chan struct{}
 }
 
 // MemStore is a Store in memory. The zero value is ready to use.
@@ -180,6 +184,7 @@ type MemStore struct {
 	byNode  map[string][]string // node -> uuids of its VMs in vms
 	nodes   map[string]Node
 	changed chan struct{}
+	nodeCh  map[string]chan struct{} // NodeChanged's, made on demand
 }
 
 func (m *MemStore) lock() {
@@ -188,6 +193,7 @@ func (m *MemStore) lock() {
 		m.tasks = map[string]*Task{}
 		m.nodes = map[string]Node{}
 		m.byNode = map[string][]string{}
+		m.nodeCh = map[string]chan struct{}{}
 		m.changed = make(chan struct{})
 	}
 }
@@ -196,6 +202,38 @@ func (m *MemStore) lock() {
 func (m *MemStore) notify() {
 	close(m.changed)
 	m.changed = make(chan struct{})
+}
+
+// notifyTask wakes the waiters of Changed and those of NodeChanged of
+// the nodes of a task changed (every node for a task of no node); mu
+// held.
+func (m *MemStore) notifyTask(nodes ...string) {
+	m.notify()
+	for _, node := range nodes {
+		if node == "" {
+			for _, ch := range m.nodeCh {
+				close(ch)
+			}
+			clear(m.nodeCh)
+			return
+		}
+		if ch, ok := m.nodeCh[node]; ok {
+			close(ch)
+			delete(m.nodeCh, node)
+		}
+	}
+}
+
+// NodeChanged implements Store.
+func (m *MemStore) NodeChanged(node string) <-chan struct{} {
+	m.lock()
+	defer m.mu.Unlock()
+	ch, ok := m.nodeCh[node]
+	if !ok {
+		ch = make(chan struct{})
+		m.nodeCh[node] = ch
+	}
+	return ch
 }
 
 // ErrExists is AddTask's answer for a task id already stored.
@@ -214,7 +252,7 @@ func (m *MemStore) AddTask(_ context.Context, t Task) error {
 		m.open = append(m.open, t.ID)
 	}
 	m.pruneLocked()
-	m.notify()
+	m.notifyTask(t.Node)
 	return nil
 }
 
@@ -263,7 +301,7 @@ func (m *MemStore) UpdateTask(_ context.Context, id string, fn func(*Task) error
 	case !t.Terminal() && c.Terminal():
 		m.open = slices.DeleteFunc(m.open, func(oid string) bool { return oid == id })
 	}
-	m.notify()
+	m.notifyTask(t.Node, c.Node)
 	return *cloneTask(c), nil
 }
 

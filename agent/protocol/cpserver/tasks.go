@@ -149,7 +149,7 @@ func (s *Server) Lease(ctx context.Context, req protocol.LeaseRequest) (protocol
 	deadline := time.NewTimer(wait)
 	defer deadline.Stop()
 	for {
-		ch := s.Store.Changed()
+		ch := s.Store.NodeChanged(req.Node)
 		out, all, err := s.offer(ctx, req.Node, max)
 		if err != nil {
 			return protocol.LeaseResponse{Tasks: out}, err
