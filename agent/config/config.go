@@ -252,10 +252,53 @@ func Parse(b []byte, name string) (*Config, error) {
 	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("%s: %w", name, cleanYAMLError(err))
 	}
-	if err := c.Validate(); err != nil {
+	var root yaml.Node
+	_ = yaml.Unmarshal(b, &root) // it decoded above
+	if err := c.validate(func(key string) int { return lineOf(&root, key) }); err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	return c, nil
+}
+
+// lineOf is the line of key ("a.b", "a.list[2]") in the file's tree, or of
+// the deepest part of it the file has (the line of "networks.lan" for a
+// missing "networks.lan.bridge"); 0 when the file has none of it (a
+// default).
+func lineOf(root *yaml.Node, key string) int {
+	n := root
+	if n.Kind == yaml.DocumentNode && len(n.Content) == 1 {
+		n = n.Content[0]
+	}
+	line := 0
+	for part := range strings.SplitSeq(key, ".") {
+		name, idx := part, -1
+		if i := strings.IndexByte(part, '['); i > 0 && strings.HasSuffix(part, "]") {
+			if v, err := strconv.Atoi(part[i+1 : len(part)-1]); err == nil {
+				name, idx = part[:i], v
+			}
+		}
+		if n.Kind != yaml.MappingNode {
+			return line
+		}
+		var next *yaml.Node
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			if n.Content[i].Value == name {
+				line, next = n.Content[i].Line, n.Content[i+1]
+			}
+		}
+		if next == nil {
+			return line
+		}
+		if idx >= 0 {
+			if next.Kind != yaml.SequenceNode || idx >= len(next.Content) {
+				return line
+			}
+			next = next.Content[idx]
+			line = next.Line
+		}
+		n = next
+	}
+	return line
 }
 
 // cleanYAMLError keeps yaml.v3's "line N: field x not found in type ..."
@@ -273,10 +316,20 @@ var (
 )
 
 // Validate checks values; errors name the key.
-func (c *Config) Validate() error {
+func (c *Config) Validate() error { return c.validate(nil) }
+
+// validate is Validate; with lineOf, an error names the key's line in the
+// file too.
+func (c *Config) validate(lineOf func(key string) int) error {
 	var errs []string
 	bad := func(key, format string, args ...any) {
-		errs = append(errs, key+": "+fmt.Sprintf(format, args...))
+		where := key
+		if lineOf != nil {
+			if n := lineOf(key); n > 0 {
+				where = fmt.Sprintf("line %d: %s", n, key)
+			}
+		}
+		errs = append(errs, where+": "+fmt.Sprintf(format, args...))
 	}
 	if c.NodeName == "" {
 		bad("node_name", "must not be empty")

@@ -63,7 +63,9 @@ func TestParseErrorsNameKeyAndLine(t *testing.T) {
 	for _, tc := range []struct{ in, want string }{
 		{"node_name: a\nbogus: 1\n", "line 2: unknown key bogus"},
 		{"qemu:\n  stop_timeout: soon\n", "line 2"},
-		{"qemu:\n  accel: hvf\n", "qemu.accel"},
+		{"qemu:\n  accel: hvf\n", "line 2: qemu.accel: \"hvf\""},
+		{"node_name: a\nnetworks:\n  lan: {type: bridge}\n", "line 3: networks.lan.bridge: required"},
+		{"devices:\n  allowed_paths:\n    - /srv\n    - rel\n", "line 4: devices.allowed_paths[1]"},
 		{"qemu:\n  uid_range: 1000-2000\n", "qemu.uid_range: \"1000-2000\": starts at or under 65535"},
 		{"qemu:\n  uid_range: 3000000000-3000000010\n", "ends at or over 2^31"},
 		{"qemu:\n  uid_range: 2000000010-2000000000\n", "LAST is below FIRST"},
