@@ -63,3 +63,21 @@ func Fields(value string) map[string]string {
 // N 0" for it (N: its line among the #otherix-run: lines).
 const RebootOnce = `[ "$(dd if=/dev/vda bs=1 skip=51200 count=8 2>/dev/null)" = rebooted ] || ` +
 	`{ printf rebooted | dd of=/dev/vda bs=1 seek=51200 conv=notrunc,fsync 2>/dev/null && echo "OTHERIX-GUEST rebooting itself" && reboot -f; }`
+
+// PanicViaDevice is an "#otherix-run:" command that does from userspace
+// what Linux's pvpanic driver does when the kernel panics, for guests whose
+// kernel lacks the driver (no Debian arm64 kernel has CONFIG_PVPANIC). It
+// finds the pvpanic-pci device (vendor 0x1b36, device 0x0011) in sysfs,
+// unbinds its driver if one holds it (amd64), enables the device (memory
+// decoding), reads the events the device supports from its BAR0 (the
+// driver's probe) and writes PVPANIC_PANICKED (1, one byte) there with
+// busybox devmem (the driver's panic notifier). QEMU then reports
+// GUEST_PANICKED. Before the write the guest prints "OTHERIX-GUEST pvpanic
+// bar0=<address> events=<hex>"; without the device it prints
+// "OTHERIX-GUEST pvpanic none" and the command exits 1.
+const PanicViaDevice = `d=; for p in /sys/bus/pci/devices/*; do ` +
+	`[ "$(cat $p/vendor):$(cat $p/device)" = 0x1b36:0x0011 ] && d=$p && break; done; ` +
+	`[ -n "$d" ] || { echo "OTHERIX-GUEST pvpanic none"; exit 1; }; ` +
+	`[ -e $d/driver ] && echo ${d##*/} >$d/driver/unbind; echo 1 >$d/enable && ` +
+	`set -- $(head -n 1 $d/resource) && ev=$(devmem $1 8) && ` +
+	`echo "OTHERIX-GUEST pvpanic bar0=$1 events=$ev" && [ $(($ev & 1)) = 1 ] && devmem $1 8 1`

@@ -6,6 +6,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/otherix/otherix-agent/agent/testguest"
 )
 
 // TestStopRepressesPowerButton: a graceful stop presses the power button
@@ -69,15 +71,30 @@ func TestKilledDuringGracefulStop(t *testing.T) {
 // reason, not stopped as if the guest had powered off.
 func TestGuestPanic(t *testing.T) {
 	t.Parallel()
+	testPanic(t, "panicky", "sleep 1; echo c >/proc/sysrq-trigger")
+}
+
+// TestGuestPanicViaDevice: testguest.PanicViaDevice, the driver's panic
+// write done from the guest's userspace (what the arm64 test relies on, its
+// kernel having no pvpanic driver), ends the same way on amd64, where it
+// first unbinds the driver.
+func TestGuestPanicViaDevice(t *testing.T) {
+	t.Parallel()
+	testPanic(t, "panic-write", testguest.PanicViaDevice)
+}
+
+// testPanic starts a VM whose guest runs cmd once booted, and wants it
+// crashed with the pvpanic reason.
+func testPanic(t *testing.T, name, cmd string) {
 	ctx := context.Background()
 	h := newHarness(t, nil)
-	v := h.define("panicky", "#cloud-config\n#otherix-run: sleep 1; echo c >/proc/sysrq-trigger\n{}\n")
-	if _, err := h.e.Start(ctx, "panicky"); err != nil {
+	v := h.define(name, "#cloud-config\n#otherix-run: "+cmd+"\n{}\n")
+	if _, err := h.e.Start(ctx, name); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(bootWait)
 	for {
-		v, _ = h.e.Get("panicky")
+		v, _ = h.e.Get(name)
 		if v.Status == "crashed" || v.Status == "stopped" {
 			break
 		}
@@ -90,6 +107,6 @@ func TestGuestPanic(t *testing.T) {
 		}
 	}
 	if v.Status != "crashed" || v.Reason != "guest kernel panicked (pvpanic)" {
-		t.Fatalf("after a guest panic: status %s, reason %q", v.Status, v.Reason)
+		t.Fatalf("after a guest panic: status %s, reason %q\n%s", v.Status, v.Reason, h.console(v).Text())
 	}
 }
