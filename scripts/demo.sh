@@ -63,7 +63,7 @@ hostname: demo
 #otherix-run: echo "hello from the demo guest: $(hostname)"
 YAML
 
-say "otherix vm create demo --image-url $url --arch amd64 --user-data user-data.yaml --wait"
+say "otherix vm create demo --image-url $url --arch amd64 --vcpus 1 --memory-mb 256 --user-data user-data.yaml --wait"
 bin/otherix vm create demo --image-url "$url" --arch amd64 --vcpus 1 --memory-mb 256 \
 	--user-data "$work/user-data.yaml" --wait
 bin/otherix vm list
