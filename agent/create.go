@@ -128,22 +128,22 @@ func (h *Host) ValidateCreate(c *api.CreateVM) error {
 		return errcode.New(errcode.PoolNotOnNode, "pool %q is not on node %q (this node is %q)", c.Pool, c.Node, h.cfg.NodeName)
 	}
 	// Networks and devices: a dry run of the NIC plan, on a probe
-	// reservation (no name: it holds nothing but its MACs, briefly).
+	// reservation (no name: it holds nothing but its MACs and host
+	// devices, briefly). Host devices are checked against the host and
+	// what VMs and creates hold now (device_not_found, iommu_unavailable,
+	// device_busy), held by the create from its devices step, and claimed
+	// again at every start.
 	probe, err := h.engine.Reserve("", uuid.NewString(), api.VM{})
 	if err != nil {
 		return err
 	}
 	plan, err := h.planNICs(c, probe)
+	if err == nil {
+		err = probe.HoldDevices(context.Background(), plan.host)
+	}
 	probe.Release()
 	if err != nil {
 		return err
-	}
-	// Host devices are checked against the host now (device_not_found,
-	// iommu_unavailable, device_busy), and again at every start.
-	if !plan.host.Empty() {
-		if _, err := h.hostdevs.Resolve(context.Background(), uuid.NewString(), plan.host); err != nil {
-			return err
-		}
 	}
 	if !c.NoCloudInit {
 		s := seedOf(c, "00000000-0000-4000-8000-000000000000")

@@ -26,7 +26,7 @@ import (
 // filled in) and what each step made for the next ones.
 type build struct {
 	h        *Host
-	res      *vm.Reservation // the VM's name, uuid, MACs and VNC port until define
+	res      *vm.Reservation // the VM's name, uuid, MACs, VNC port and host devices until define
 	id       string          // the VM's uuid
 	c        *api.CreateVM
 	task     *api.TaskRef
@@ -171,14 +171,18 @@ func (b *build) firmware(ctx context.Context) error {
 	return nil
 }
 
-// devices plans the NICs (their MACs in the build's reservation), forwards, DISK and host
-// devices, resolves the CDROM devices (an image URL is ensured in the
+// devices plans the NICs (their MACs in the build's reservation), forwards,
+// DISK and host devices (held in the reservation until define; the start
+// claims them for the VM), resolves the CDROM devices (an image URL is ensured in the
 // cache and pinned for the VM's CD-ROM owner) and makes the emulated
 // TPM's state folder.
 func (b *build) devices(ctx context.Context) error {
 	h, c, id := b.h, b.c, b.id
 	plan, err := h.planNICs(c, b.res)
 	if err != nil {
+		return err
+	}
+	if err := b.res.HoldDevices(ctx, plan.host); err != nil {
 		return err
 	}
 	b.plan = plan

@@ -57,7 +57,6 @@ type Host struct {
 
 	firmwares *firmware.Catalog
 	box       *secrets.Box     // seals VNC passwords at rest
-	hostdevs  *hostdev.Host    // passthrough: the host's sysfs and the devices VMs hold
 	usage     *usage.Collector // nil when usage.interval is 0
 	events    *events.Store    // every VM's history
 	life      lifecycle        // status changes no task ordered
@@ -137,12 +136,9 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 		cache.Close()
 		return nil, err
 	}
-	h.hostdevs = o.HostDevices
-	if h.hostdevs == nil {
-		h.hostdevs = &hostdev.Host{}
-	}
-	if h.hostdevs.Registry == nil {
-		h.hostdevs.Registry = &hostdev.Registry{}
+	hostdevs := o.HostDevices
+	if hostdevs == nil {
+		hostdevs = &hostdev.Host{}
 	}
 	boot, booted, err := bootChanged(cfg.DataDir, o.BootIDPath)
 	if err != nil {
@@ -150,7 +146,7 @@ func NewHost(ctx context.Context, cfg *config.Config, o Options) (*Host, error) 
 	}
 	eng, err := vm.New(vm.Config{
 		HostBooted:        booted,
-		HostDevices:       h.hostdevs,
+		HostDevices:       hostdevs,
 		Credential:        cred,
 		UIDs:              uids,
 		StateDir:          cfg.DataDir,

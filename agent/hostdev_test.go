@@ -23,7 +23,8 @@ import (
 // code naming the device before anything is made; a VM with the host's
 // TPM boots and its guest uses the TPM; the device is held against a
 // second VM until the first is deleted; the view lists the device as
-// asked.
+// asked. A device another create in progress holds is device_busy, and
+// free again once that create is gone.
 func TestHostDevices(t *testing.T) {
 	t.Parallel()
 	tr := sysfstest.New(t)
@@ -49,7 +50,11 @@ func TestHostDevices(t *testing.T) {
 		return api.CreateVM{Name: "pt", ImageURL: image, Arch: "amd64", VCPUs: 1, MemoryMB: 256, Devices: devs}
 	}
 	other := uuid.NewString()
-	if err := hd.Registry.Claim(other, []string{"pci:0000:01:00.0", "iommu_group:12"}); err != nil {
+	res, err := h.engine.Reserve("pt-other", other, api.VM{Name: "pt-other", UUID: other})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := res.HoldDevices(context.Background(), &hostdev.Spec{PCI: []hostdev.PCI{{Address: "0000:01:00.0"}}}); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
@@ -78,7 +83,11 @@ func TestHostDevices(t *testing.T) {
 			t.Errorf("%s: %v, want %s saying %q", tc.name, err, tc.code, tc.says)
 		}
 	}
-	hd.Registry.Release(other)
+	res.Release()
+	gpu := create(api.Device{DevType: api.DevGPU, GPUType: hostdev.GPUPhysical, PCI: "0000:01:00.0"})
+	if err := h.ValidateCreate(&gpu); err != nil {
+		t.Errorf("the gpu is free once the other create is gone: %v", err)
+	}
 
 	ctx := context.Background()
 	v, err := h.Create(ctx, uuid.NewString(), create(api.Device{DevType: api.DevTPM, Path: "/dev/tpm0"}), nil, nil)
@@ -100,8 +109,8 @@ func TestHostDevices(t *testing.T) {
 	if err := h.Delete(ctx, "pt"); err != nil {
 		t.Fatal(err)
 	}
-	if held := hd.Registry.Held(v.UUID); len(held) != 0 {
-		t.Errorf("after delete the registry holds %v", held)
+	if held := h.engine.HeldDevices(v.UUID); len(held) != 0 {
+		t.Errorf("after delete the vm holds %v", held)
 	}
 	c := second
 	if err := h.ValidateCreate(&c); err != nil {

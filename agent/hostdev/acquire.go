@@ -21,22 +21,18 @@ type Owner struct {
 // Acquire makes the plan's devices ready for QEMU, which runs as qemu
 // (nil: as the agent's user, and no node changes owner):
 //
-//  1. claims every device in the registry (device_busy if another VM
-//     holds one);
-//  2. creates the mdevs the plan makes (writes the UUID to the type's
+//  1. creates the mdevs the plan makes (writes the UUID to the type's
 //     create file);
-//  3. binds unbound functions to vfio-pci (driver_override, then
+//  2. binds unbound functions to vfio-pci (driver_override, then
 //     drivers_probe);
-//  4. gives each VFIO group node /dev/vfio/<group> to qemu, mode 0600,
+//  3. gives each VFIO group node /dev/vfio/<group> to qemu, mode 0600,
 //     recording the owner and mode it had in p.Grants.
 //
+// The devices are the VM's already: its caller recorded the plan as the
+// VM's, checked against every other VM's (Holders), before Acquire.
 // Acquire records what it did in p (Made, Bound, Grants): persist p
 // before starting QEMU. On error it undoes what it did.
 func (h *Host) Acquire(ctx context.Context, p *Plan, qemu *Owner) (err error) {
-	reg := h.registry()
-	if err := reg.Claim(p.VM, p.Keys()); err != nil {
-		return err
-	}
 	defer func() {
 		if err != nil {
 			h.Release(p)
@@ -86,10 +82,10 @@ func (h *Host) Acquire(ctx context.Context, p *Plan, qemu *Owner) (err error) {
 
 // Release undoes Acquire from what p records: group nodes get their owner
 // and mode back, functions Acquire bound are unbound from vfio-pci (and
-// their driver_override cleared), mdevs it created are removed, and the
-// registry lets go of the VM's devices. Call it once QEMU has exited. It
-// carries on past errors and returns them joined; running it twice is
-// harmless.
+// their driver_override cleared) and mdevs it created are removed. Call
+// it once QEMU has exited; the devices are free once the caller forgets
+// the plan. It carries on past errors and returns them joined; running it
+// twice is harmless.
 func (h *Host) Release(p *Plan) error {
 	var errs []error
 	for i := len(p.Grants) - 1; i >= 0; i-- {
@@ -110,7 +106,6 @@ func (h *Host) Release(p *Plan) error {
 		}
 	}
 	p.Made = nil
-	h.registry().Release(p.VM)
 	return errors.Join(errs...)
 }
 
@@ -234,12 +229,4 @@ func RestoreNode(g Grant) error {
 // limit, so the engine sets it before QEMU starts.
 func MemlockBytes(memoryMB int) uint64 {
 	return uint64(memoryMB)<<20 + 1<<30
-}
-
-// Adopt claims the devices of a plan Acquire made before an agent restart,
-// for a QEMU that still runs with them: the registry lives in memory, so
-// a re-adopted VM claims again (device_busy if another VM got one
-// meanwhile). It changes nothing on the host.
-func (h *Host) Adopt(p *Plan) error {
-	return h.registry().Claim(p.VM, p.Keys())
 }

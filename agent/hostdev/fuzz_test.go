@@ -227,7 +227,7 @@ var resolvedCodes = map[errcode.Code]bool{
 // returns the plan, nil if s did not resolve.
 func checkPlan(t *testing.T, h *Host, s *Spec) *Plan {
 	t.Helper()
-	p, err := h.Resolve(context.Background(), fuzzVM, s)
+	p, err := h.Resolve(context.Background(), fuzzVM, s, nil)
 	if err != nil {
 		if !resolvedCodes[errcode.Of(err)] {
 			t.Fatalf("Resolve(%+v): %v: undocumented code", s, err)

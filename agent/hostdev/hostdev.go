@@ -11,12 +11,14 @@
 //     exists (device_not_found), the host has an IOMMU and the device an
 //     IOMMU group (iommu_unavailable), every member of that group is bound
 //     to vfio-pci or may share a group with it, and no other VM of this
-//     host holds it ([Registry], device_busy). The answer is a [Plan]: the
-//     concrete host resources (a VF chosen, an mdev UUID, a USB bus and
-//     address), JSON-encodable to persist with the VM.
+//     host holds it (device_busy, from the [Holders] the caller derived
+//     from its VMs). The answer is a [Plan]: the concrete host resources
+//     (a VF chosen, an mdev UUID, a USB bus and address), JSON-encodable
+//     to persist with the VM. The caller claims the devices by recording
+//     the plan as the VM's, under the same lock as it derived Holders.
 //  3. [Host.Acquire] before QEMU starts, [Host.Release] after it exits:
-//     claim in the registry, create mdevs, bind unbound functions to
-//     vfio-pci, and give the QEMU user the VFIO group nodes (below).
+//     create mdevs, bind unbound functions to vfio-pci, and give the QEMU
+//     user the VFIO group nodes (below).
 //
 // [Plan.Args] writes QEMU's options; golden files under testdata/.
 //

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -93,7 +94,31 @@ type Grant struct {
 	Mode uint32 `json:"mode"`
 }
 
-// Keys are the registry keys of the plan's devices: the PCI function and
+// Clone returns a copy of p that shares nothing with it.
+func (p *Plan) Clone() *Plan {
+	if p == nil {
+		return nil
+	}
+	q := *p
+	q.VFIO = slices.Clone(p.VFIO)
+	for i, d := range q.VFIO {
+		if d.Mdev != nil {
+			m := *d.Mdev
+			q.VFIO[i].Mdev = &m
+		}
+	}
+	q.USB = slices.Clone(p.USB)
+	if p.TPM != nil {
+		t := *p.TPM
+		q.TPM = &t
+	}
+	q.Grants = slices.Clone(p.Grants)
+	q.Bound = slices.Clone(p.Bound)
+	q.Made = slices.Clone(p.Made)
+	return &q
+}
+
+// Keys name the plan's devices for Holders: the PCI function and
 // its IOMMU group (VFIO opens a whole group at once), the mdev, the USB
 // port, the TPM.
 func (p *Plan) Keys() []string {
@@ -117,14 +142,17 @@ func (p *Plan) Keys() []string {
 	return k
 }
 
-// Resolve checks s against this host and returns the resources it maps to.
-// It changes nothing on the host: see Acquire.
+// Resolve checks s against this host and returns the resources it maps to
+// for VM vmUUID; held says which devices other VMs hold (a free VF is
+// picked past them). It changes nothing on the host (see Acquire) and
+// claims nothing: the caller records the plan as the VM's under the lock
+// held guards.
 //
 // Errors: validation_failed (the request, or a device that cannot be
 // passed: a bridge, a hub), device_not_found, iommu_unavailable,
 // device_busy (bound to a host driver, held by another VM, no free VF or
 // mdev instance).
-func (h *Host) Resolve(ctx context.Context, vmUUID string, s *Spec) (*Plan, error) {
+func (h *Host) Resolve(ctx context.Context, vmUUID string, s *Spec, held Holders) (*Plan, error) {
 	vm, err := uuid.Parse(vmUUID)
 	if err != nil {
 		return nil, errcode.New(errcode.ValidationFailed, "vm uuid %q is invalid", vmUUID)
@@ -150,7 +178,7 @@ func (h *Host) Resolve(ctx context.Context, vmUUID string, s *Spec) (*Plan, erro
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		d, err := h.resolveGPU(vm, i, g, p, taken)
+		d, err := h.resolveGPU(vm, i, g, p, taken, held)
 		if err != nil {
 			return nil, err
 		}
@@ -189,7 +217,7 @@ func (h *Host) Resolve(ctx context.Context, vmUUID string, s *Spec) (*Plan, erro
 			seen[d.Address] = true
 		}
 	}
-	if err := h.registry().check(vmUUID, p.Keys()); err != nil {
+	if err := held.Check(vmUUID, p.Keys()); err != nil {
 		return nil, err
 	}
 	return p, nil
@@ -207,7 +235,7 @@ func (h *Host) vfioPCI(kind, addr string) (*VFIODev, error) {
 	return &VFIODev{Kind: kind, Address: addr, Group: d.Group, Vendor: d.Vendor, Device: d.Device, Driver: d.Driver}, nil
 }
 
-func (h *Host) resolveGPU(vm uuid.UUID, i int, g GPU, p *Plan, taken map[string]bool) (*VFIODev, error) {
+func (h *Host) resolveGPU(vm uuid.UUID, i int, g GPU, p *Plan, taken map[string]bool, held Holders) (*VFIODev, error) {
 	switch g.Type {
 	case GPUPhysical:
 		addr, err := h.findGPU(i, g)
@@ -224,7 +252,7 @@ func (h *Host) resolveGPU(vm uuid.UUID, i int, g GPU, p *Plan, taken map[string]
 		return h.vfioPCI(KindGPU, addr)
 	case GPUSRIOV:
 		pf, _ := ParsePCIAddress(g.PCI)
-		return h.pickVF(i, pf, p.VM, taken)
+		return h.pickVF(i, pf, p.VM, taken, held)
 	case GPUMdev:
 		return h.resolveMdev(vm, i, g, p.VM, taken)
 	}
@@ -283,7 +311,7 @@ func (h *Host) findGPU(i int, g GPU) (string, error) {
 
 // pickVF picks the first virtual function of pf that no VM holds, that no
 // host driver holds and that passes checkVFIO.
-func (h *Host) pickVF(i int, pf, vm string, taken map[string]bool) (*VFIODev, error) {
+func (h *Host) pickVF(i int, pf, vm string, taken map[string]bool, held Holders) (*VFIODev, error) {
 	if _, err := h.readPCI(pf); err != nil {
 		return nil, err
 	}
@@ -298,7 +326,6 @@ func (h *Host) pickVF(i int, pf, vm string, taken map[string]bool) (*VFIODev, er
 	if n == 0 {
 		return nil, errcode.New(errcode.DeviceNotFound, "gpu %d: %s has no virtual functions enabled (write the count to its sriov_numvfs)", i, pf)
 	}
-	reg := h.registry()
 	var reasons []string
 	for k := 0; k < n; k++ {
 		vf := linkBase(h.sys("bus/pci/devices", pf, "virtfn"+strconv.Itoa(k)))
@@ -308,7 +335,7 @@ func (h *Host) pickVF(i int, pf, vm string, taken map[string]bool) (*VFIODev, er
 		if taken["pci:"+vf] {
 			continue
 		}
-		if owner := reg.Owner("pci:" + vf); owner != "" && owner != vm {
+		if owner := held.heldByOther(vm, "pci:"+vf); owner != "" {
 			reasons = append(reasons, vf+" held by VM "+owner)
 			continue
 		}
@@ -317,7 +344,7 @@ func (h *Host) pickVF(i int, pf, vm string, taken map[string]bool) (*VFIODev, er
 			reasons = append(reasons, errcode.MessageOf(err))
 			continue
 		}
-		if owner := reg.Owner("iommu_group:" + strconv.Itoa(d.Group)); owner != "" && owner != vm {
+		if owner := held.heldByOther(vm, "iommu_group:"+strconv.Itoa(d.Group)); owner != "" {
 			reasons = append(reasons, vf+"'s IOMMU group held by VM "+owner)
 			continue
 		}

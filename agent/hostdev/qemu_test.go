@@ -175,7 +175,7 @@ func TestQEMUTPMPassthrough(t *testing.T) {
 	tr := sysfstest.New(t)
 	tr.AddTPM(0, 2)
 	h := &Host{SysRoot: tr.Sys, DevRoot: tr.Dev}
-	p, err := h.Resolve(context.Background(), vmA, &Spec{TPM: &TPM{Path: "/dev/tpm0"}})
+	p, err := h.Resolve(context.Background(), vmA, &Spec{TPM: &TPM{Path: "/dev/tpm0"}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -253,7 +253,7 @@ func TestQEMUTPMPassthrough(t *testing.T) {
 func TestQEMUUSBHostFD(t *testing.T) {
 	t.Parallel()
 	_, h := workstation(t)
-	p, err := h.Resolve(context.Background(), vmA, &Spec{USB: []USB{{Bus: ip(1), Dev: ip(2)}}})
+	p, err := h.Resolve(context.Background(), vmA, &Spec{USB: []USB{{Bus: ip(1), Dev: ip(2)}}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

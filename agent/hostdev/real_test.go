@@ -122,7 +122,7 @@ func TestRealSysfs(t *testing.T) {
 	h := &Host{}
 	iommu := h.hasIOMMU()
 	for _, a := range addrs {
-		_, err := h.Resolve(ctx, vmA, &Spec{PCI: []PCI{{Address: a}}})
+		_, err := h.Resolve(ctx, vmA, &Spec{PCI: []PCI{{Address: a}}}, nil)
 		d, rerr := h.readPCI(a)
 		if rerr != nil {
 			t.Fatal(rerr)
@@ -152,7 +152,7 @@ func TestRealSysfs(t *testing.T) {
 		{"absent gpu", Spec{GPU: []GPU{{Type: GPUPhysical, VendorID: "fffe"}}}, errcode.DeviceNotFound},
 		{"bad address", Spec{PCI: []PCI{{Address: "00:01.0"}}}, errcode.ValidationFailed},
 	} {
-		if _, err := h.Resolve(ctx, vmA, &tc.spec); errcode.Of(err) != tc.code {
+		if _, err := h.Resolve(ctx, vmA, &tc.spec, nil); errcode.Of(err) != tc.code {
 			t.Errorf("%s: %v, want %s", tc.name, err, tc.code)
 		}
 	}

@@ -2,6 +2,7 @@ package hostdev
 
 import (
 	"context"
+	"encoding/json"
 	"strconv"
 	"strings"
 	"testing"
@@ -69,15 +70,14 @@ func workstation(t *testing.T) (*sysfstest.Tree, *Host) {
 	}
 	tr.AddTPM(0, 2)
 	tr.AddTPM(1, 1)
-	return tr, &Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write, Registry: &Registry{}}
+	return tr, &Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write}
 }
 
 func ip(n int) *int { return &n }
 
 func TestResolve(t *testing.T) {
 	t.Parallel()
-	// Resolve only reads: one tree for every case, a Host (and so an
-	// empty registry) per case.
+	// Resolve only reads: one tree for every case, no device held.
 	tr, host := workstation(t)
 	for _, tc := range []struct {
 		name string
@@ -153,7 +153,7 @@ func TestResolve(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := &Host{SysRoot: host.SysRoot, DevRoot: host.DevRoot}
-			p, err := h.Resolve(context.Background(), vmA, &tc.spec)
+			p, err := h.Resolve(context.Background(), vmA, &tc.spec, nil)
 			if tc.code != "" {
 				if errcode.Of(err) != tc.code || !strings.Contains(errcode.MessageOf(err), tc.msg) {
 					t.Fatalf("err = %v, want %s containing %q", err, tc.code, tc.msg)
@@ -202,17 +202,19 @@ func summary(tr *sysfstest.Tree, p *Plan) string {
 	return strings.Join(parts, "; ")
 }
 
-func TestResolveRegistry(t *testing.T) {
+// TestResolveHeld: what Holders says other VMs hold is device_busy,
+// naming the device and the VM; a VF is picked past the held ones; a
+// VM's own devices are its to resolve again.
+func TestResolveHeld(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	_, h := workstation(t)
-	pa, err := h.Resolve(ctx, vmA, &Spec{PCI: []PCI{{Address: "0000:01:00.0"}}, GPU: []GPU{{Type: GPUSRIOV, PCI: "0000:04:00.0"}}, USB: []USB{{VendorID: "1050"}}, TPM: &TPM{Path: "/dev/tpm0"}})
+	pa, err := h.Resolve(ctx, vmA, &Spec{PCI: []PCI{{Address: "0000:01:00.0"}}, GPU: []GPU{{Type: GPUSRIOV, PCI: "0000:04:00.0"}}, USB: []USB{{VendorID: "1050"}}, TPM: &TPM{Path: "/dev/tpm0"}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := h.Registry.Claim(vmA, pa.Keys()); err != nil {
-		t.Fatal(err)
-	}
+	held := Holders{}
+	held.Add(vmA, pa.Keys())
 	for _, tc := range []struct {
 		name string
 		spec Spec
@@ -223,36 +225,51 @@ func TestResolveRegistry(t *testing.T) {
 		{"same usb device", Spec{USB: []USB{{Bus: ip(1), Dev: ip(4)}}}, "usb 1-2.1 is in use"},
 		{"same tpm", Spec{TPM: &TPM{Path: "/dev/tpm0"}}, "is in use by VM " + vmA},
 	} {
-		_, err := h.Resolve(ctx, vmB, &tc.spec)
+		_, err := h.Resolve(ctx, vmB, &tc.spec, held)
 		if errcode.Of(err) != errcode.DeviceBusy || !strings.Contains(errcode.MessageOf(err), tc.msg) {
 			t.Errorf("%s: err = %v, want device_busy %q", tc.name, err, tc.msg)
 		}
 	}
 	// The next VF goes to B; A resolving again gets the one it holds.
-	pb, err := h.Resolve(ctx, vmB, &Spec{GPU: []GPU{{Type: GPUSRIOV, PCI: "0000:04:00.0"}}})
+	pb, err := h.Resolve(ctx, vmB, &Spec{GPU: []GPU{{Type: GPUSRIOV, PCI: "0000:04:00.0"}}}, held)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := pb.VFIO[0].Address; got != "0000:04:00.2" {
 		t.Errorf("B's VF = %s, want 0000:04:00.2 (04:00.1 is A's)", got)
 	}
-	pa2, err := h.Resolve(ctx, vmA, &Spec{GPU: []GPU{{Type: GPUSRIOV, PCI: "0000:04:00.0"}}})
+	pa2, err := h.Resolve(ctx, vmA, &Spec{GPU: []GPU{{Type: GPUSRIOV, PCI: "0000:04:00.0"}}}, held)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := pa2.VFIO[0].Address; got != "0000:04:00.1" {
 		t.Errorf("A's VF on a second resolve = %s, want 0000:04:00.1", got)
 	}
-	// Claim is all or nothing.
-	if err := h.Registry.Claim(vmB, []string{"usb:1-1", "pci:0000:01:00.0"}); errcode.Of(err) != errcode.DeviceBusy {
-		t.Fatalf("claim = %v, want device_busy", err)
+	if _, err := h.Resolve(ctx, vmB, &Spec{PCI: []PCI{{Address: "0000:01:00.1"}}}, nil); err != nil {
+		t.Errorf("nothing held: %v", err)
 	}
-	if got := h.Registry.Owner("usb:1-1"); got != "" {
-		t.Errorf("usb:1-1 owned by %q after a failed claim", got)
+}
+
+// TestPlanClone: a clone shares no memory with its plan (the engine
+// records a clone as the VM's while Acquire fills in the original).
+func TestPlanClone(t *testing.T) {
+	p := &Plan{VM: vmA,
+		VFIO:   []VFIODev{{Kind: KindPCI, Address: "0000:01:00.0", Group: 1}, {Kind: KindMdev, Mdev: &MdevDev{UUID: "u", Parent: "0000:00:02.0", Type: "t", Create: true}, Group: -1}},
+		USB:    []USBDev{{Name: "1-1", Bus: 1, Dev: 2}},
+		TPM:    &TPMDev{Path: "/dev/tpm0", Cancel: "/dev/null", Version: 2},
+		Grants: []Grant{{Path: "/dev/vfio/1"}}, Bound: []string{"0000:01:00.0"}, Made: []MdevDev{{UUID: "u"}}}
+	want, _ := json.Marshal(p)
+	q := p.Clone()
+	if got, _ := json.Marshal(q); string(got) != string(want) {
+		t.Fatalf("clone %s, want %s", got, want)
 	}
-	h.Registry.Release(vmA)
-	if _, err := h.Resolve(ctx, vmB, &Spec{PCI: []PCI{{Address: "0000:01:00.1"}}}); err != nil {
-		t.Errorf("after A's release: %v", err)
+	q.VFIO[0].Group, q.VFIO[1].Mdev.UUID, q.USB[0].Dev, q.TPM.Version = 9, "x", 9, 1
+	q.Grants[0].UID, q.Bound[0], q.Made[0].UUID = 9, "x", "x"
+	if got, _ := json.Marshal(p); string(got) != string(want) {
+		t.Errorf("changing the clone changed the plan: %s, want %s", got, want)
+	}
+	if (*Plan)(nil).Clone() != nil {
+		t.Error("nil clone")
 	}
 }
 
@@ -264,14 +281,14 @@ func TestResolveNoIOMMU(t *testing.T) {
 	tr.AddPCI(sysfstest.PCI{Addr: "0000:00:01.0", Vendor: 0x1af4, Device: 0x1045, Class: 0xffff00, Driver: "virtio-pci", Group: -1})
 	tr.AddPCI(sysfstest.PCI{Addr: "0000:00:02.0", Vendor: 0x10de, Device: 0x1eb8, Class: 0x030000, Group: -1})
 	h := &Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write}
-	_, err := h.Resolve(ctx, vmA, &Spec{GPU: []GPU{{Type: GPUPhysical, PCI: "0000:00:02.0"}}})
+	_, err := h.Resolve(ctx, vmA, &Spec{GPU: []GPU{{Type: GPUPhysical, PCI: "0000:00:02.0"}}}, nil)
 	if errcode.Of(err) != errcode.IOMMUUnavailable || !strings.Contains(errcode.MessageOf(err), "no IOMMU") {
 		t.Errorf("no groups at all: %v, want iommu_unavailable", err)
 	}
 	// Groups exist, but not for this device.
 	tr2, h2 := workstation(t)
 	tr2.AddPCI(sysfstest.PCI{Addr: "0000:05:00.0", Vendor: 0x10de, Device: 0x1eb8, Class: 0x030000, Group: -1})
-	_, err = h2.Resolve(ctx, vmA, &Spec{PCI: []PCI{{Address: "0000:05:00.0"}}})
+	_, err = h2.Resolve(ctx, vmA, &Spec{PCI: []PCI{{Address: "0000:05:00.0"}}}, nil)
 	if errcode.Of(err) != errcode.IOMMUUnavailable || !strings.Contains(errcode.MessageOf(err), "has no IOMMU group") {
 		t.Errorf("device without a group: %v, want iommu_unavailable", err)
 	}
@@ -279,20 +296,20 @@ func TestResolveNoIOMMU(t *testing.T) {
 	tr3 := sysfstest.New(t)
 	tr3.AddPCI(sysfstest.PCI{Addr: "0000:02:00.0", Vendor: 0x8086, Device: 0x1533, Class: 0x020000, Group: 5})
 	h3 := &Host{SysRoot: tr3.Sys, DevRoot: tr3.Dev, Write: tr3.Write}
-	_, err = h3.Resolve(ctx, vmA, &Spec{PCI: []PCI{{Address: "0000:02:00.0"}}})
+	_, err = h3.Resolve(ctx, vmA, &Spec{PCI: []PCI{{Address: "0000:02:00.0"}}}, nil)
 	if errcode.Of(err) != errcode.IOMMUUnavailable || !strings.Contains(errcode.MessageOf(err), "modprobe vfio-pci") {
 		t.Errorf("vfio-pci not loaded: %v, want iommu_unavailable", err)
 	}
 	// No mdev bus, no USB bus.
-	_, err = h.Resolve(ctx, vmA, &Spec{GPU: []GPU{{Type: GPUMdev, Mdev: "nvidia-63"}}})
+	_, err = h.Resolve(ctx, vmA, &Spec{GPU: []GPU{{Type: GPUMdev, Mdev: "nvidia-63"}}}, nil)
 	if errcode.Of(err) != errcode.DeviceNotFound {
 		t.Errorf("mdev without /sys/bus/mdev: %v, want device_not_found", err)
 	}
-	_, err = h.Resolve(ctx, vmA, &Spec{USB: []USB{{VendorID: "046d"}}})
+	_, err = h.Resolve(ctx, vmA, &Spec{USB: []USB{{VendorID: "046d"}}}, nil)
 	if errcode.Of(err) != errcode.DeviceNotFound {
 		t.Errorf("usb without /sys/bus/usb: %v, want device_not_found", err)
 	}
-	if _, err := h.Resolve(ctx, "not-a-uuid", &Spec{}); errcode.Of(err) != errcode.ValidationFailed {
+	if _, err := h.Resolve(ctx, "not-a-uuid", &Spec{}, nil); errcode.Of(err) != errcode.ValidationFailed {
 		t.Errorf("bad vm uuid: %v", err)
 	}
 }

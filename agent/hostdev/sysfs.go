@@ -12,8 +12,8 @@ import (
 	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
-// Host is one machine's sysfs and /dev, and the VMs' claims on its
-// devices.
+// Host is one machine's sysfs and /dev. Which VM holds which device is
+// not its to keep: see Holders.
 type Host struct {
 	// SysRoot and DevRoot are where sysfs and /dev are ("" = /sys, /dev);
 	// tests point them at a fake tree (package sysfstest).
@@ -23,9 +23,6 @@ type Host struct {
 	// an mdev type's create, an mdev's remove). nil writes the file;
 	// tests pass sysfstest.Tree.Write, which plays the kernel's part.
 	Write func(path string, data []byte) error
-	// Registry holds which VM has which device: one per host, shared by
-	// every Host value. nil keeps no record (no device_busy between VMs).
-	Registry *Registry
 }
 
 func (h *Host) sys(rel ...string) string {
@@ -42,15 +39,6 @@ func (h *Host) dev(rel ...string) string {
 		root = "/dev"
 	}
 	return filepath.Join(append([]string{root}, rel...)...)
-}
-
-// registry is h.Registry, or a throwaway empty one: without a registry
-// nothing is checked or kept across calls.
-func (h *Host) registry() *Registry {
-	if h.Registry == nil {
-		return &Registry{}
-	}
-	return h.Registry
 }
 
 func (h *Host) write(path, data string) error {

@@ -1,34 +1,46 @@
 package vm
 
 import (
+	"context"
 	"slices"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/hostdev"
 	"github.com/otherix/otherix-agent/agent/netdev"
 	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/internal/errcode"
 )
 
-// Host-wide allocations: NIC MACs and VNC ports.
+// Host-wide allocations: NIC MACs, VNC ports and host devices.
 //
 // Invariant: no two VMs of this host, nor a VM and a create in progress,
-// share a MAC or a VNC port. A VM's allocations are part of its spec
-// (NICs[].MAC, VNC.Port) and of its pending spec (Next: a console moved
-// or turned on while it runs keeps its old port until its next start and
-// holds the new one meanwhile), persisted in its vm.json and changed only
-// by its own ops (Define, Update, a start taking Next). A create in
-// progress holds its own in its Reservation until Define takes them over.
+// share a MAC, a VNC port or a host device. A VM's MACs and port are part
+// of its spec (NICs[].MAC, VNC.Port) and of its pending spec (Next: a
+// console moved or turned on while it runs keeps its old port until its
+// next start and holds the new one meanwhile), persisted in its vm.json
+// and changed only by its own ops (Define, Update, a start taking Next).
+// Its host devices (PCI functions and their IOMMU groups, mdevs, USB
+// devices, the host TPM) are held while its QEMU starts and runs: they
+// are its HostPlan, what its spec's devices resolved to, claimed at each
+// start and forgotten when QEMU exits (hostdevices.go), persisted in its
+// vm.json meanwhile. A create in progress holds its own MACs, port and
+// devices in its Reservation until Define takes it over (the VM holds
+// its devices again from its start, the create's next step).
 //
 // There is no table of allocations to keep in step: the used set is
-// derived from those specs and reservations each time (allocMu makes
-// each derivation and the change it allows one step). So a failed create
-// (its reservation released), a deleted VM, a start that took a pending
-// console, or an agent restart (reservations are in memory; the specs
-// are read back from vm.json) leaves no MAC or port held for nothing.
+// derived from those specs, plans and reservations each time (allocMu
+// makes each derivation and the change it allows one step). So a failed
+// create (its reservation released), a refused define, a deleted VM, a
+// start that took a pending console or failed after its claim, or an
+// agent restart (reservations are in memory; specs and plans are read
+// back from vm.json, and the plan of a QEMU that died meanwhile is
+// released by the recovery) leaves no MAC, port or device held for
+// nothing.
 
 // Reservation is a create in progress before the engine knows its VM:
 // its name and uuid (no other VM or create takes them), a placeholder
-// view the host lists meanwhile, and the MACs and VNC port it was given.
+// view the host lists meanwhile, and the MACs, VNC port and host devices
+// it was given.
 // Define takes them over; Release drops them. A Reservation with no name
 // is a probe: it reserves nothing but what it is given, and is not
 // listed (a create's dry run).
@@ -41,6 +53,7 @@ type Reservation struct {
 	// Guarded by e.allocMu.
 	macs map[string]int // mac -> NIC index
 	vnc  []int
+	devs []string // host devices: a hostdev.Plan's keys
 }
 
 // Reserve reserves name and uuid for a create in progress, with view as
@@ -133,6 +146,30 @@ func (r *Reservation) PickVNC(listen string, from int) (int, error) {
 	return port, nil
 }
 
+// HoldDevices resolves the host devices s asks for against this host and
+// against what every VM and other create holds (validation_failed,
+// device_not_found, iommu_unavailable, device_busy) and holds them for
+// the reserved VM, instead of any it held. It changes nothing on the
+// host: the VM's start acquires them.
+func (r *Reservation) HoldDevices(ctx context.Context, s *hostdev.Spec) error {
+	r.e.allocMu.Lock()
+	defer r.e.allocMu.Unlock()
+	if s.Empty() {
+		r.devs = nil
+		return nil
+	}
+	hd := r.e.cfg.HostDevices
+	if hd == nil {
+		return errcode.New(errcode.ValidationFailed, "this agent passes no host devices through")
+	}
+	p, err := hd.Resolve(ctx, r.uuid, s, r.e.usedLocked().devs)
+	if err != nil {
+		return err
+	}
+	r.devs = p.Keys()
+	return nil
+}
+
 // Reserved returns the placeholders of the creates in progress, except
 // probes.
 func (e *Engine) Reserved() []api.VM {
@@ -169,10 +206,12 @@ func (e *Engine) ReservedView(name string) (api.VM, bool) {
 	return api.VM{}, false
 }
 
-// used is the derived set of allocations: who holds each MAC and port.
+// used is the derived set of allocations: who holds each MAC, port and
+// host device.
 type used struct {
 	macs  map[string]nicRef
 	ports map[int]string // port -> VM uuid
+	devs  hostdev.Holders
 }
 
 type nicRef struct {
@@ -205,7 +244,7 @@ func (u used) add(id string, s *Spec) {
 // usedLocked derives what every VM and reservation holds. allocMu held,
 // no machine's lock.
 func (e *Engine) usedLocked() used {
-	u := used{macs: map[string]nicRef{}, ports: map[int]string{}}
+	u := used{macs: map[string]nicRef{}, ports: map[int]string{}, devs: hostdev.Holders{}}
 	e.mu.Lock()
 	ms := make([]*machine, 0, len(e.vms))
 	for _, m := range e.vms {
@@ -218,6 +257,7 @@ func (e *Engine) usedLocked() used {
 		for _, p := range r.vnc {
 			u.ports[p] = id
 		}
+		u.devs.Add(id, r.devs)
 	}
 	e.mu.Unlock()
 	for _, m := range ms {
@@ -225,6 +265,9 @@ func (e *Engine) usedLocked() used {
 		id := m.st.Spec.UUID
 		u.add(id, &m.st.Spec)
 		u.add(id, m.st.Next)
+		if p := m.st.HostPlan; p != nil {
+			u.devs.Add(id, p.Keys())
+		}
 		m.mu.Unlock()
 	}
 	return u
@@ -321,4 +364,27 @@ func (e *Engine) MACOwner(mac string) (uuid string, index int, ok bool) {
 	defer e.allocMu.Unlock()
 	r, ok := e.usedLocked().macs[m]
 	return r.owner, r.index, ok
+}
+
+// HeldDevices returns the host devices (hostdev.Plan keys) VM or create
+// uuid holds, sorted.
+func (e *Engine) HeldDevices(uuid string) []string {
+	e.allocMu.Lock()
+	defer e.allocMu.Unlock()
+	var out []string
+	for k, o := range e.usedLocked().devs {
+		if o == uuid {
+			out = append(out, k)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// DeviceHolder returns the VM or create holding host device key
+// (hostdev.Plan keys: "tpm:/dev/tpm0", "pci:0000:01:00.0", ...), or "".
+func (e *Engine) DeviceHolder(key string) string {
+	e.allocMu.Lock()
+	defer e.allocMu.Unlock()
+	return e.usedLocked().devs[key]
 }

@@ -14,23 +14,27 @@ import (
 )
 
 // HostDevices passes host devices through to VMs: package hostdev's *Host.
+// It keeps no record of which VM holds what: a VM holds the devices of
+// its State.HostPlan (a running or starting QEMU's), a create in progress
+// those its Reservation holds (alloc.go).
 type HostDevices interface {
-	// Resolve checks a spec's devices against the host (device_not_found,
-	// iommu_unavailable, device_busy) and picks the concrete resources.
-	Resolve(ctx context.Context, vmUUID string, s *hostdev.Spec) (*hostdev.Plan, error)
-	// Acquire readies them for QEMU (claims, vfio-pci binding, mdevs,
-	// group nodes given to the QEMU user) and records what it did in p.
+	// Resolve checks a spec's devices against the host and against held,
+	// what the other VMs and creates hold (device_not_found,
+	// iommu_unavailable, device_busy), and picks the concrete resources.
+	Resolve(ctx context.Context, vmUUID string, s *hostdev.Spec, held hostdev.Holders) (*hostdev.Plan, error)
+	// Acquire readies them for QEMU (vfio-pci binding, mdevs, group nodes
+	// given to the QEMU user) and records what it did in p.
 	Acquire(ctx context.Context, p *hostdev.Plan, qemu *hostdev.Owner) error
 	// Release undoes Acquire once QEMU has exited; twice is harmless.
 	Release(p *hostdev.Plan) error
-	// Adopt claims again the devices of a QEMU re-adopted after an agent
-	// restart.
-	Adopt(p *hostdev.Plan) error
 }
 
-// acquireHostDevices resolves and acquires the spec's host devices for a
-// start and persists the plan, so that Release runs when QEMU exits, even
-// after an agent restart. It returns nil when the spec has none.
+// acquireHostDevices resolves, claims and acquires the spec's host devices
+// for a start and persists the plan, so that Release runs when QEMU
+// exits, even after an agent restart. It returns nil when the spec has
+// none. The claim is the plan becoming the VM's HostPlan, in the same
+// allocMu step as the check against every other VM and create; Acquire
+// then works on its own copy, which replaces the claimed one once done.
 func (m *machine) acquireHostDevices(ctx context.Context, spec *Spec, cred *syscall.Credential) (*hostdev.Plan, error) {
 	if spec.HostDevices.Empty() {
 		return nil, nil
@@ -39,7 +43,7 @@ func (m *machine) acquireHostDevices(ctx context.Context, spec *Spec, cred *sysc
 	if hd == nil {
 		return nil, errcode.New(errcode.ValidationFailed, "vm %q has host devices, and this agent passes none through", spec.Name)
 	}
-	p, err := hd.Resolve(ctx, spec.UUID, spec.HostDevices)
+	p, err := m.claimHostDevices(ctx, hd, spec)
 	if err != nil {
 		return nil, err
 	}
@@ -48,37 +52,67 @@ func (m *machine) acquireHostDevices(ctx context.Context, spec *Spec, cred *sysc
 		owner = &hostdev.Owner{UID: int(c.Uid), GID: int(c.Gid)}
 	}
 	if err := hd.Acquire(ctx, p, owner); err != nil {
+		m.forgetHostPlan()
 		return nil, err
 	}
 	m.mu.Lock()
 	m.st.HostPlan = p
 	err = m.persistLocked()
-	if err != nil {
-		m.st.HostPlan = nil
-	}
 	m.mu.Unlock()
 	if err != nil {
 		if rerr := hd.Release(p); rerr != nil {
 			m.log.Error("release host devices", zap.Error(rerr))
 		}
+		m.forgetHostPlan()
 		return nil, errcode.Wrap(errcode.Internal, err, "persist host devices")
 	}
 	m.log.Info("host devices acquired", zap.Strings("devices", p.Keys()))
 	return p, nil
 }
 
+// claimHostDevices resolves the spec's devices against what every other
+// VM and create holds and makes them the VM's (in memory: its HostPlan,
+// a copy of the plan returned), as one step under allocMu.
+func (m *machine) claimHostDevices(ctx context.Context, hd HostDevices, spec *Spec) (*hostdev.Plan, error) {
+	m.e.allocMu.Lock()
+	defer m.e.allocMu.Unlock()
+	p, err := hd.Resolve(ctx, spec.UUID, spec.HostDevices, m.e.usedLocked().devs)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	m.st.HostPlan = p.Clone()
+	m.mu.Unlock()
+	return p, nil
+}
+
+// forgetHostPlan drops the VM's claim on its host devices and persists
+// that.
+func (m *machine) forgetHostPlan() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.st.HostPlan != nil {
+		m.st.HostPlan = nil
+		if err := m.persistLocked(); err != nil {
+			m.log.Error("persist released host devices", zap.Error(err))
+		}
+	}
+}
+
 // releaseHostDevices gives back the host devices of a QEMU that exited (or
-// never started): Release first, then the plan is forgotten, so a crash in
+// never started): Release first (on a copy: the plan stays the VM's, as
+// read by others, until then), then the plan is forgotten, so a crash in
 // between releases again at the next recovery.
 func (m *machine) releaseHostDevices() {
 	m.mu.Lock()
 	p := m.st.HostPlan
+	q := p.Clone()
 	m.mu.Unlock()
 	if p == nil {
 		return
 	}
 	if hd := m.e.cfg.HostDevices; hd != nil {
-		if err := hd.Release(p); err != nil {
+		if err := hd.Release(q); err != nil {
 			m.log.Error("release host devices", zap.Error(err))
 		}
 	} else {
@@ -91,19 +125,6 @@ func (m *machine) releaseHostDevices() {
 	}
 	m.mu.Unlock()
 	m.log.Info("host devices released", zap.Strings("devices", p.Keys()))
-}
-
-// adoptHostDevices claims the devices of a re-adopted QEMU.
-func (m *machine) adoptHostDevices() {
-	m.mu.Lock()
-	p := m.st.HostPlan
-	m.mu.Unlock()
-	if p == nil || m.e.cfg.HostDevices == nil {
-		return
-	}
-	if err := m.e.cfg.HostDevices.Adopt(p); err != nil {
-		m.log.Error("re-adopted qemu's host devices", zap.Error(err))
-	}
 }
 
 // memlockMu serializes starts that raise the agent's RLIMIT_MEMLOCK for

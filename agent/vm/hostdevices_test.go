@@ -30,8 +30,8 @@ import (
 // TestHostTPMPassthrough: a VM asking for the host's TPM (/dev/tpm0 of a
 // fake tree, a pty to swtpm) boots and its guest uses the TPM. The device
 // is held: another VM asking for it gets device_busy, also after an agent
-// restart (the re-adopted VM claims it again), and powering off gives it
-// back.
+// restart (the new engine derives it from the VM's plan in its vm.json,
+// nothing claimed again), and powering off gives it back.
 func TestHostTPMPassthrough(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
@@ -39,9 +39,8 @@ func TestHostTPMPassthrough(t *testing.T) {
 	tr.AddTPM(0, 2)
 	tr.BackTPM(0)
 	node := tr.D("tpm0")
-	reg := &hostdev.Registry{}
 	h := newHarness(t, func(c *Config) {
-		c.HostDevices = &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write, Registry: reg}
+		c.HostDevices = &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write}
 	})
 	want := &hostdev.Spec{TPM: &hostdev.TPM{Path: "/dev/tpm0"}}
 	a := h.defineOn(testguest.QCOW2Arch(t, "amd64"), "tpm-host-a", "", want)
@@ -51,8 +50,8 @@ func TestHostTPMPassthrough(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, h.console(a), "OTHERIX-GUEST tpm present=1 getrandom=ok", bootWait)
-	if got := reg.Owner("tpm:" + node); got != a.Spec.UUID {
-		t.Fatalf("registry: tpm held by %q, want %s", got, a.Spec.UUID)
+	if got := h.e.DeviceHolder("tpm:" + node); got != a.Spec.UUID {
+		t.Fatalf("tpm held by %q, want %s", got, a.Spec.UUID)
 	}
 	// The TPM reached QEMU as a descriptor: no host path on its command line.
 	cmdline, _ := os.ReadFile("/proc/" + itoa(v.PID) + "/cmdline")
@@ -62,13 +61,16 @@ func TestHostTPMPassthrough(t *testing.T) {
 	_, err = h.e.Start(ctx, "tpm-host-b")
 	wantCode(t, err, errcode.DeviceBusy)
 
-	// An agent restart forgets the registry; re-adoption claims again.
+	// An agent restart: the new engine knows a holds the TPM from its
+	// vm.json.
 	h.e.Close()
-	reg = &hostdev.Registry{}
-	h.cfg.HostDevices = &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write, Registry: reg}
+	h.cfg.HostDevices = &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write}
 	h.open()
 	if got, _ := h.e.Get("tpm-host-a"); got.PID != v.PID || got.Status != "running" {
 		t.Fatalf("re-adopted: %+v", got)
+	}
+	if got := h.e.DeviceHolder("tpm:" + node); got != a.Spec.UUID {
+		t.Fatalf("after the restart: tpm held by %q, want %s", got, a.Spec.UUID)
 	}
 	_, err = h.e.Start(ctx, "tpm-host-b")
 	wantCode(t, err, errcode.DeviceBusy)
@@ -79,8 +81,8 @@ func TestHostTPMPassthrough(t *testing.T) {
 	if _, err := h.e.Poweroff(ctx, "tpm-host-a"); err != nil {
 		t.Fatal(err)
 	}
-	if held := reg.Held(a.Spec.UUID); len(held) != 0 {
-		t.Errorf("after poweroff the registry still holds %v", held)
+	if held := h.e.HeldDevices(a.Spec.UUID); len(held) != 0 {
+		t.Errorf("after poweroff a still holds %v", held)
 	}
 	if st := readState(t, h, a); st.HostPlan != nil {
 		t.Errorf("after poweroff vm.json keeps a host plan: %+v", st.HostPlan)
@@ -127,7 +129,7 @@ func (r *recordingHost) Acquire(ctx context.Context, p *hostdev.Plan, qemu *host
 // the host as they found it. A PCI function is bound to vfio-pci and its
 // group node given to the QEMU user, then QEMU fails at vfio-pci's
 // realize (this host has no IOMMU group for it): the function is unbound
-// again, the node gets its owner back and the registry lets go. Then a USB
+// again, the node gets its owner back and the VM holds it no more. Then a USB
 // device whose node is /dev/null's character device reaches QEMU as an fd
 // set and libusb refuses it; a TPM whose node no driver backs fails at
 // the open as device_not_found; a PCI function that does not exist is
@@ -147,8 +149,7 @@ func TestHostDevicesFailedStartGivesBack(t *testing.T) {
 	if err := unix.Mknod(usbNode, unix.S_IFCHR|0o664, int(unix.Mkdev(1, 3))); err != nil {
 		t.Fatal(err)
 	}
-	reg := &hostdev.Registry{}
-	rec := &recordingHost{Host: &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write, Registry: reg}, owners: map[string]int{}}
+	rec := &recordingHost{Host: &hostdev.Host{SysRoot: tr.Sys, DevRoot: tr.Dev, Write: tr.Write}, owners: map[string]int{}}
 	h := newHarness(t, func(c *Config) { c.HostDevices = rec })
 
 	check := func(v View) {
@@ -157,8 +158,8 @@ func TestHostDevicesFailedStartGivesBack(t *testing.T) {
 		if got.Status != "stopped" || got.PID != 0 || !strings.HasPrefix(got.Reason, "start failed") {
 			t.Errorf("%s after the failed start: %+v", v.Spec.Name, got)
 		}
-		if held := reg.Held(v.Spec.UUID); len(held) != 0 {
-			t.Errorf("%s: registry still holds %v", v.Spec.Name, held)
+		if held := h.e.HeldDevices(v.Spec.UUID); len(held) != 0 {
+			t.Errorf("%s: still holds %v", v.Spec.Name, held)
 		}
 		if st := readState(t, h, v); st.HostPlan != nil {
 			t.Errorf("%s: vm.json keeps a host plan %+v", v.Spec.Name, st.HostPlan)

@@ -115,7 +115,6 @@ func (m *machine) adopt(ctx context.Context) {
 		}
 		return
 	}
-	m.adoptHostDevices() // before anything else can fail: QEMU holds them
 	sp, err := proc.Adopt(pid, func(pid int) bool { return isOurQEMU(pid, uuid) })
 	if errors.Is(err, proc.ErrNotOurs) { // the PID died and was reused in between
 		m.releaseHostDevices()
