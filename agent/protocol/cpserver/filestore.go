@@ -134,7 +134,7 @@ func (fs *FileStore) SetSealer(s Sealer) error {
 // saveLocked writes the file: write, fsync, rename. fs.saveMu and fs.mu
 // held. A failure is logged: the change it was for is already made.
 func (fs *FileStore) saveLocked() {
-	b, err := fs.encodeLocked(nil)
+	b, err := fs.encodeLocked(nil, nil)
 	if err == nil {
 		err = fs.write(b)
 	}
@@ -162,7 +162,7 @@ func (fs *FileStore) sync(n uint64) {
 	}
 	fs.mu.Lock()
 	upto := fs.changes
-	b, err := fs.encodeLocked(nil)
+	b, err := fs.encodeLocked(nil, nil)
 	fs.mu.Unlock()
 	if err == nil {
 		err = fs.write(b)
@@ -182,9 +182,9 @@ func (fs *FileStore) write(b []byte) error {
 	return nil
 }
 
-// encodeLocked encodes the file with the stored tasks and extra, when
-// not nil. fs.mu held.
-func (fs *FileStore) encodeLocked(extra *Task) ([]byte, error) {
+// encodeLocked encodes the file with the stored tasks and extra, and the
+// desired map with extraVM, when not nil. fs.mu held.
+func (fs *FileStore) encodeLocked(extra *Task, extraVM *VM) ([]byte, error) {
 	ctx := context.Background()
 	st := fileState{Desired: map[string]string{}, Names: map[string]string{}}
 	tasks, _ := fs.mem.Tasks(ctx)
@@ -222,6 +222,9 @@ func (fs *FileStore) encodeLocked(extra *Task) ([]byte, error) {
 		st.Tasks = append(st.Tasks, ft)
 	}
 	vms, _, _ := fs.mem.VMs(ctx)
+	if extraVM != nil {
+		vms = append(vms, *extraVM)
+	}
 	for _, v := range vms {
 		st.Desired[v.UUID] = v.Phase
 		if v.Name != "" {
@@ -253,7 +256,7 @@ func (fs *FileStore) AddTask(ctx context.Context, t Task) error {
 	if _, err := fs.mem.Task(ctx, t.ID); err == nil {
 		return ErrExists
 	}
-	b, err := fs.encodeLocked(&t)
+	b, err := fs.encodeLocked(&t, nil)
 	if err == nil {
 		err = fs.write(b)
 	}
@@ -262,6 +265,36 @@ func (fs *FileStore) AddTask(ctx context.Context, t Task) error {
 	}
 	fs.saved = fs.changed()
 	if err := fs.mem.AddTask(ctx, t); err != nil {
+		fs.saveLocked()
+		return err
+	}
+	return nil
+}
+
+// AddCreate implements Store: as AddTask, the file with the task and
+// its VM is written before either is stored.
+func (fs *FileStore) AddCreate(ctx context.Context, t Task, vm VM, check CreateCheck) error {
+	fs.saveMu.Lock()
+	defer fs.saveMu.Unlock()
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	m := fs.mem
+	m.lock()
+	err := m.createableLocked(t, vm, check)
+	m.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	b, err := fs.encodeLocked(&t, &vm)
+	if err == nil {
+		err = fs.write(b)
+	}
+	if err != nil {
+		return err
+	}
+	fs.saved = fs.changed()
+	// fs.mu held: no change came between the check and this one.
+	if err := m.AddCreate(ctx, t, vm, nil); err != nil {
 		fs.saveLocked()
 		return err
 	}
@@ -315,6 +348,11 @@ func (fs *FileStore) NodeVMs(ctx context.Context, node string) ([]VM, bool, erro
 // VM implements Store.
 func (fs *FileStore) VM(ctx context.Context, uuid string) (VM, bool, error) {
 	return fs.mem.VM(ctx, uuid)
+}
+
+// VMByName implements Store.
+func (fs *FileStore) VMByName(ctx context.Context, name string) (VM, bool, error) {
+	return fs.mem.VMByName(ctx, name)
 }
 
 // PutVM implements Store.

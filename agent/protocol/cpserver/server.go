@@ -79,6 +79,12 @@ type Server struct {
 	// belong to the node that reported it, so no other node is told
 	// about it.
 	NodeScoped bool
+	// CheckCreate, when set, checks a vm.create that Enqueue stores
+	// (with DesiredFollowsTasks) against its node as the store holds
+	// it then (Store.AddCreate): cluster mode's capacity check, which
+	// two creates for one node cannot both pass on the same free
+	// memory. Its error is Enqueue's.
+	CheckCreate func(t Task, node Node, open []Task) error
 	// Log receives errors the agent cannot be told about; nil: none.
 	Log *zap.Logger
 
@@ -459,16 +465,18 @@ func (s *Server) VMs(ctx context.Context) ([]VM, bool, error) {
 
 // UUIDOf returns the uuid of a VM of the desired map by name.
 func (s *Server) UUIDOf(ctx context.Context, name string) (string, bool) {
-	vms, _, err := s.VMs(ctx)
-	if err != nil {
+	v, ok, err := s.VMByName(ctx, name)
+	if err != nil || !ok {
 		return "", false
 	}
-	for _, v := range vms {
-		if v.Name == name {
-			return v.UUID, true
-		}
-	}
-	return "", false
+	return v.UUID, true
+}
+
+// VMByName returns the VM of the desired map holding name (one read of
+// the store's index).
+func (s *Server) VMByName(ctx context.Context, name string) (VM, bool, error) {
+	s.init()
+	return s.Store.VMByName(ctx, name)
 }
 
 func (s *Server) newLeaseID() string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"sync"
@@ -151,6 +152,21 @@ type Store interface {
 	PutVM(ctx context.Context, vm VM) error
 	// DeleteVM removes a VM from the desired map (no error when absent).
 	DeleteVM(ctx context.Context, uuid string) error
+	// VMByName returns the VM of the desired map that holds name, from
+	// an index (one read, not the map); ok false when none does.
+	// VM names are unique: a VM holds its name from AddCreate (or
+	// the PutVM that first stored it, when no other VM held it) until
+	// it is deleted.
+	VMByName(ctx context.Context, name string) (vm VM, ok bool, err error)
+	// AddCreate stores a vm.create task t and puts its VM vm in the
+	// desired map in one atomic step, reserving vm.Name for vm.UUID:
+	// ErrNameTaken (nothing stored) when another VM holds the name,
+	// ErrExists when t.ID is taken. check, when not nil, is called with
+	// vm's node (its record; Name alone when unknown) and the unfinished
+	// tasks; no other AddCreate for that node is stored between the
+	// read check sees and the commit (a store reads and checks again
+	// when one was). An error from check aborts and is returned as is.
+	AddCreate(ctx context.Context, t Task, vm VM, check CreateCheck) error
 
 	// PutNode records a node's registration or heartbeat. n.Info nil
 	// keeps the recorded Info (a heartbeat without node_info). It does
@@ -170,6 +186,13 @@ type Store interface {
 	NodeChanged(node string) <-chan struct{}
 }
 
+// CreateCheck is AddCreate's check of a create against its node: the
+// node's record and the unfinished tasks as they are when it is stored.
+type CreateCheck func(node Node, open []Task) error
+
+// ErrNameTaken is AddCreate's answer for a VM name another VM holds.
+var ErrNameTaken = errors.New("vm name taken")
+
 // MemStore is a Store in memory. The zero value is ready to use.
 type MemStore struct {
 	// MaxTasks, when positive, bounds the tasks kept: past it the oldest
@@ -182,6 +205,7 @@ type MemStore struct {
 	open    []string            // ids of the tasks not terminal, oldest first
 	vms     map[string]VM       // nil: no opinion yet
 	byNode  map[string][]string // node -> uuids of its VMs in vms
+	names   map[string]string   // name -> uuid of the VM holding it
 	nodes   map[string]Node
 	changed chan struct{}
 	nodeCh  map[string]chan struct{} // NodeChanged's, made on demand
@@ -194,6 +218,7 @@ func (m *MemStore) lock() {
 		m.nodes = map[string]Node{}
 		m.byNode = map[string][]string{}
 		m.nodeCh = map[string]chan struct{}{}
+		m.names = map[string]string{}
 		m.changed = make(chan struct{})
 	}
 }
@@ -243,6 +268,15 @@ var ErrExists = errors.New("task id already exists")
 func (m *MemStore) AddTask(_ context.Context, t Task) error {
 	m.lock()
 	defer m.mu.Unlock()
+	if err := m.addLocked(t); err != nil {
+		return err
+	}
+	m.notifyTask(t.Node)
+	return nil
+}
+
+// addLocked adds a task; mu held.
+func (m *MemStore) addLocked(t Task) error {
 	if _, ok := m.tasks[t.ID]; ok {
 		return ErrExists
 	}
@@ -252,8 +286,54 @@ func (m *MemStore) AddTask(_ context.Context, t Task) error {
 		m.open = append(m.open, t.ID)
 	}
 	m.pruneLocked()
+	return nil
+}
+
+// AddCreate implements Store.
+func (m *MemStore) AddCreate(_ context.Context, t Task, vm VM, check CreateCheck) error {
+	m.lock()
+	defer m.mu.Unlock()
+	if err := m.createableLocked(t, vm, check); err != nil {
+		return err
+	}
+	m.addLocked(t)
+	m.putLocked(vm)
 	m.notifyTask(t.Node)
 	return nil
+}
+
+// createableLocked reports why AddCreate cannot store t and vm; mu held.
+func (m *MemStore) createableLocked(t Task, vm VM, check CreateCheck) error {
+	if _, ok := m.tasks[t.ID]; ok {
+		return ErrExists
+	}
+	if id, ok := m.names[vm.Name]; ok && vm.Name != "" && id != vm.UUID {
+		return fmt.Errorf("%w: %q is vm %s's", ErrNameTaken, vm.Name, id)
+	}
+	if check == nil {
+		return nil
+	}
+	n, ok := m.nodes[vm.Node]
+	if !ok {
+		n = Node{Name: vm.Node}
+	}
+	open := make([]Task, 0, len(m.open))
+	for _, id := range m.open {
+		open = append(open, *cloneTask(m.tasks[id]))
+	}
+	return check(n, open)
+}
+
+// VMByName implements Store.
+func (m *MemStore) VMByName(_ context.Context, name string) (VM, bool, error) {
+	m.lock()
+	defer m.mu.Unlock()
+	id, ok := m.names[name]
+	if !ok {
+		return VM{}, false, nil
+	}
+	v, ok := m.vms[id]
+	return v, ok, nil
 }
 
 // pruneLocked forgets the oldest terminal tasks past MaxTasks.
@@ -381,6 +461,9 @@ func (m *MemStore) unindex(uuid string) {
 	} else {
 		m.byNode[old.Node] = ids
 	}
+	if m.names[old.Name] == uuid {
+		delete(m.names, old.Name)
+	}
 }
 
 // ForgetDesired drops the desired map: the store has no opinion again.
@@ -389,6 +472,7 @@ func (m *MemStore) ForgetDesired() {
 	defer m.mu.Unlock()
 	m.vms = nil
 	clear(m.byNode)
+	clear(m.names)
 	m.notify()
 }
 
@@ -396,14 +480,23 @@ func (m *MemStore) ForgetDesired() {
 func (m *MemStore) PutVM(_ context.Context, vm VM) error {
 	m.lock()
 	defer m.mu.Unlock()
+	m.putLocked(vm)
+	m.notify()
+	return nil
+}
+
+// putLocked puts a VM, which takes its name when no other VM holds it;
+// mu held.
+func (m *MemStore) putLocked(vm VM) {
 	if m.vms == nil {
 		m.vms = map[string]VM{}
 	}
 	m.unindex(vm.UUID)
 	m.vms[vm.UUID] = vm
 	m.byNode[vm.Node] = append(m.byNode[vm.Node], vm.UUID)
-	m.notify()
-	return nil
+	if _, taken := m.names[vm.Name]; vm.Name != "" && !taken {
+		m.names[vm.Name] = vm.UUID
+	}
 }
 
 // DeleteVM implements Store.

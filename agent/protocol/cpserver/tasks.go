@@ -30,6 +30,12 @@ func (s *Server) Enqueue(ctx context.Context, t Task) (Task, error) {
 	if err := s.admit(ctx, t.Type); err != nil {
 		return Task{}, err
 	}
+	if s.DesiredFollowsTasks && t.Type == api.TaskCreate {
+		if err := s.addCreate(ctx, t); err != nil {
+			return Task{}, err
+		}
+		return t, nil
+	}
 	if err := s.Store.AddTask(ctx, t); err != nil {
 		return Task{}, err
 	}
@@ -56,6 +62,25 @@ func (s *Server) Enqueue(ctx context.Context, t Task) (Task, error) {
 		}
 	}
 	return t, nil
+}
+
+// addCreate stores a vm.create and its VM, running, at once: the VM's
+// name is reserved with it (ErrNameTaken), and CheckCreate checks it
+// against its node.
+func (s *Server) addCreate(ctx context.Context, t Task) error {
+	vm, _ := s.VM(ctx, t.VMUUID) // a create again keeps node and placement
+	vm.UUID, vm.Name, vm.Phase = t.VMUUID, t.VMName, api.PhaseRunning
+	if t.Node != "" {
+		vm.Node = t.Node
+	}
+	if t.Placement != nil {
+		vm.Placement = t.Placement
+	}
+	var check CreateCheck
+	if s.CheckCreate != nil {
+		check = func(n Node, open []Task) error { return s.CheckCreate(t, n, open) }
+	}
+	return s.Store.AddCreate(ctx, t, vm, check)
 }
 
 // NodeOf returns the node of a VM of the desired map ("" when unknown).

@@ -8,6 +8,10 @@
 //	leases/<id>   the task's current lease id, attached to an etcd lease
 //	vms/<uuid>    a VM of the desired map (JSON)
 //	vmnode/<node>/<uuid>  the same VM, indexed by its node ("" for none)
+//	vmname/<name> the same VM, indexed by its name: the VM holding it
+//	placed/<node> rewritten by each create placed on the node, so that
+//	              two creates checked against the node's capacity at
+//	              once cannot both be stored
 //	vms-known     present once the desired map exists ("an opinion")
 //	nodes/<name>  a node's registration and last heartbeat that changed
 //	              it (JSON), rewritten at least every NodeRefresh
@@ -511,81 +515,6 @@ func (s *Store) NodeVMs(ctx context.Context, node string) ([]cpserver.VM, bool, 
 		}
 	}
 	return out, resp.Responses[0].GetResponseRange().Count > 0, nil
-}
-
-// VM implements cpserver.Store.
-func (s *Store) VM(ctx context.Context, uuid string) (cpserver.VM, bool, error) {
-	ctx, cancel := s.op(ctx)
-	defer cancel()
-	v, _, ok, err := s.readVM(ctx, uuid)
-	return v, ok, wrap(ctx, err)
-}
-
-// readVM reads a VM and its key's mod revision (0: absent).
-func (s *Store) readVM(ctx context.Context, uuid string) (cpserver.VM, int64, bool, error) {
-	resp, err := s.cli.Get(ctx, s.vmKey(uuid))
-	if err != nil || len(resp.Kvs) == 0 {
-		return cpserver.VM{}, 0, false, err
-	}
-	var v cpserver.VM
-	if err := json.Unmarshal(resp.Kvs[0].Value, &v); err != nil {
-		return cpserver.VM{}, 0, false, fmt.Errorf("vm %s: %w", uuid, err)
-	}
-	return v, resp.Kvs[0].ModRevision, true, nil
-}
-
-// PutVM implements cpserver.Store: the VM and its node's index in one
-// transaction, conditioned on the VM as read (a VM that moved leaves
-// its old node's index).
-func (s *Store) PutVM(ctx context.Context, vm cpserver.VM) error {
-	b, err := json.Marshal(vm)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := s.op(ctx)
-	defer cancel()
-	return wrap(ctx, s.changeVM(ctx, vm.UUID, func(old *cpserver.VM) []clientv3.Op {
-		ops := []clientv3.Op{clientv3.OpPut(s.vmKey(vm.UUID), string(b)), clientv3.OpPut(s.vmNodeKey(vm), string(b))}
-		if old != nil && old.Node != vm.Node {
-			ops = append(ops, clientv3.OpDelete(s.vmNodeKey(*old)))
-		}
-		return ops
-	}))
-}
-
-// DeleteVM implements cpserver.Store.
-func (s *Store) DeleteVM(ctx context.Context, uuid string) error {
-	ctx, cancel := s.op(ctx)
-	defer cancel()
-	return wrap(ctx, s.changeVM(ctx, uuid, func(old *cpserver.VM) []clientv3.Op {
-		if old == nil {
-			return nil
-		}
-		return []clientv3.Op{clientv3.OpDelete(s.vmKey(uuid)), clientv3.OpDelete(s.vmNodeKey(*old))}
-	}))
-}
-
-// changeVM reads a VM (old nil: absent) and commits ops(old), with the
-// desired map marked known, if the VM did not change meanwhile; else
-// again.
-func (s *Store) changeVM(ctx context.Context, uuid string, ops func(old *cpserver.VM) []clientv3.Op) error {
-	for {
-		v, rev, ok, err := s.readVM(ctx, uuid)
-		if err != nil {
-			return err
-		}
-		var old *cpserver.VM
-		if ok {
-			old = &v
-		}
-		resp, err := s.cli.Txn(ctx).
-			If(clientv3.Compare(clientv3.ModRevision(s.vmKey(uuid)), "=", rev)).
-			Then(append(ops(old), clientv3.OpPut(s.prefix+"vms-known", "1"))...).
-			Commit()
-		if err != nil || resp.Succeeded {
-			return err
-		}
-	}
 }
 
 func (s *Store) aliveKey(name string) string { return s.prefix + "alive/" + name }
