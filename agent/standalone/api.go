@@ -193,6 +193,13 @@ func (a *API) queued(w http.ResponseWriter, err error) bool {
 		w.Header().Set("Retry-After", strconv.Itoa(cpserver.RetryAfterSeconds))
 		writeErr(w, storeErr(err))
 		return false
+	case errors.Is(err, cpserver.ErrNameTaken):
+		// Another create of the name was stored first (any host).
+		writeErr(w, errcode.Wrap(errcode.Conflict, err, "vm already exists"))
+		return false
+	case err != nil && errcode.Of(err) != errcode.Internal:
+		writeErr(w, err) // the store's check of a placed create: no_node_fits
+		return false
 	case err != nil:
 		writeErr(w, errcode.Wrap(errcode.Internal, err, "queue task"))
 		return false

@@ -99,18 +99,11 @@ func (a *API) clusterRoute(h http.Handler) http.Handler {
 	})
 }
 
-// desiredByName finds a VM of the desired map by name.
+// desiredByName finds a VM of the desired map by name: one read of the
+// store's name index.
 func (a *API) desiredByName(ctx context.Context, name string) (cpserver.VM, bool) {
-	vms, _, err := a.cp.srv.VMs(ctx)
-	if err != nil {
-		return cpserver.VM{}, false
-	}
-	for _, v := range vms {
-		if v.Name == name {
-			return v, true
-		}
-	}
-	return cpserver.VM{}, false
+	v, ok, err := a.cp.srv.VMByName(ctx, name)
+	return v, ok && err == nil
 }
 
 // nodeNamed returns a node of the store with its state as views show it.

@@ -66,7 +66,7 @@ func NewClusterControlPlane(store cpserver.Store, node, token string, log *zap.L
 		Store: store, Token: token, Log: log,
 		LeaseTTL: cpserver.DefaultLeaseTTL, MaxWait: cpserver.DefaultMaxWait, HeartbeatInterval: cpserver.DefaultHeartbeatInterval,
 		MaxPendingTasks: DefaultMaxPendingTasks, MaxPendingCreates: DefaultMaxPendingCreates,
-		DesiredFollowsTasks: true, AdoptUnknownVMs: true, NodeScoped: true,
+		DesiredFollowsTasks: true, AdoptUnknownVMs: true, NodeScoped: true, CheckCreate: checkCreate,
 	}
 	return &ControlPlane{srv: srv, node: node}
 }

@@ -54,14 +54,7 @@ func (a *API) place(w http.ResponseWriter, r *http.Request, c *api.CreateVM, bod
 		writeErr(w, storeErr(err))
 		return nil, true
 	}
-	req := scheduler.Request{Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB, Pool: c.Pool, Network: c.Network, Node: c.Node}
-	if req.VCPUs == 0 {
-		req.VCPUs = defaultVCPUs
-	}
-	if req.MemoryMB == 0 {
-		req.MemoryMB = defaultMemoryMB
-	}
-	pick, err := scheduler.Pick(req, candidates(nodes, open))
+	pick, err := scheduler.Pick(request(c), candidates(nodes, open))
 	if err != nil {
 		writeErr(w, err)
 		return nil, true
@@ -91,6 +84,38 @@ func (a *API) place(w http.ResponseWriter, r *http.Request, c *api.CreateVM, bod
 	return nil, true
 }
 
+// request is what a create asks of its node, with the node's defaults.
+func request(c *api.CreateVM) scheduler.Request {
+	req := scheduler.Request{Arch: c.Arch, VCPUs: c.VCPUs, MemoryMB: c.MemoryMB, Pool: c.Pool, Network: c.Network, Node: c.Node}
+	if req.VCPUs <= 0 {
+		req.VCPUs = defaultVCPUs
+	}
+	if req.MemoryMB <= 0 {
+		req.MemoryMB = defaultMemoryMB
+	}
+	return req
+}
+
+// checkCreate is cluster mode's check of a placed create as the store
+// stores it (cpserver.Server.CheckCreate, docs/cluster.md "Placement"):
+// the scheduler's check of its node, against the node's record and the
+// creates under way at that moment. Two creates placed at once on the
+// same free memory or vCPUs cannot both pass it: the store stores no
+// other create for the node between its read and its commit.
+func checkCreate(t cpserver.Task, n cpserver.Node, open []cpserver.Task) error {
+	if t.Placement == nil {
+		return nil // standalone, or a VM created again where it is
+	}
+	var c api.CreateVM
+	if err := json.Unmarshal(t.Spec, &c); err != nil {
+		return err
+	}
+	req := request(&c)
+	req.Node = t.Node
+	_, err := scheduler.Pick(req, candidates([]cpserver.Node{n}, open))
+	return err
+}
+
 // candidates are the store's nodes as the scheduler sees them: each with
 // the memory and vCPUs its VMs hold (those not stopped, as its last
 // heartbeat reports them) and its creates under way (queued or running,
@@ -117,8 +142,9 @@ func candidates(nodes []cpserver.Node, open []cpserver.Task) []scheduler.Node {
 			if json.Unmarshal(t.Spec, &c) != nil {
 				continue
 			}
-			sn.UsedMemoryMB += int64(max(c.MemoryMB, 0))
-			sn.UsedVCPUs += max(c.VCPUs, 0)
+			req := request(&c)
+			sn.UsedMemoryMB += int64(req.MemoryMB)
+			sn.UsedVCPUs += req.VCPUs
 		}
 		out = append(out, sn)
 	}
