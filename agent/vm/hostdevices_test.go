@@ -133,7 +133,8 @@ func (r *recordingHost) Acquire(ctx context.Context, p *hostdev.Plan, qemu *host
 // device whose node is /dev/null's character device reaches QEMU as an fd
 // set and libusb refuses it; a TPM whose node no driver backs fails at
 // the open as device_not_found; a PCI function that does not exist is
-// device_not_found before anything is touched.
+// device_not_found before anything is touched. No failed start leaves a
+// socket or pid file in the VM's runtime dir.
 func TestHostDevicesFailedStartGivesBack(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
@@ -163,6 +164,12 @@ func TestHostDevicesFailedStartGivesBack(t *testing.T) {
 		}
 		if st := readState(t, h, v); st.HostPlan != nil {
 			t.Errorf("%s: vm.json keeps a host plan %+v", v.Spec.Name, st.HostPlan)
+		}
+		run := filepath.Join(h.run, ShortID(v.Spec.UUID))
+		for _, f := range []string{"qemu.pid", "qmp.sock", "qga.sock"} {
+			if _, err := os.Lstat(filepath.Join(run, f)); err == nil {
+				t.Errorf("%s: %s is left in %s", v.Spec.Name, f, run)
+			}
 		}
 	}
 

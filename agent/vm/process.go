@@ -157,9 +157,7 @@ func (p *process) watch() {
 	m.mu.Unlock()
 	closeAll(attached)
 
-	os.Remove(filepath.Join(m.run, "qmp.sock"))
-	os.Remove(filepath.Join(m.run, "qga.sock"))
-	os.Remove(filepath.Join(m.run, "qemu.pid"))
+	m.removeRunFiles()
 	links := p.links
 	if links == nil { // adopted: the links are named by the spec
 		for _, l := range linkNames(v.Spec) {
@@ -256,6 +254,13 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	if err := os.MkdirAll(m.run, 0o700); err != nil {
 		return errcode.Wrap(errcode.Internal, err, "runtime dir")
 	}
+	// A failed start leaves no socket or pid file (the console log stays,
+	// for what QEMU said); once QEMU runs, its exit removes them (watch).
+	defer func() {
+		if err != nil {
+			m.removeRunFiles()
+		}
+	}()
 	logf, logPath, err := m.openQEMULog()
 	if err != nil {
 		return err
@@ -299,6 +304,7 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	if code, what, err := m.connect(ctx, p, paths.QMPSocket); err != nil {
 		p.sigkill()
 		<-p.exited()
+		deleteLinks(p.links)
 		if p.tpm != nil {
 			p.tpm.Release()
 		}
@@ -309,6 +315,14 @@ func (m *machine) launch(ctx context.Context) (err error) {
 	}
 	m.running(ctx, p)
 	return nil
+}
+
+// removeRunFiles removes what a QEMU of the VM leaves in its runtime dir
+// once it has exited: its sockets and its pid file.
+func (m *machine) removeRunFiles() {
+	for _, f := range []string{"qmp.sock", "qga.sock", "qemu.pid"} {
+		os.Remove(filepath.Join(m.run, f))
+	}
 }
 
 // takeNextSpec makes the pending changes (Next) the spec QEMU starts
