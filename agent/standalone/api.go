@@ -145,29 +145,50 @@ func (a *API) create(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, err)
 		return
 	}
-	var placement *api.Placement
-	if a.cluster != nil {
-		var done bool
-		if placement, done = a.place(w, r, &c, b); done {
+	orig := c
+	for try := 1; ; try++ {
+		c = orig
+		// A create the scheduler placed (cluster mode) whose node was
+		// filled first by creates sent at the same instant is placed
+		// again, on what is left.
+		again := a.cluster != nil && orig.Node == "" && !isPeer(r) && try < placeTries
+		if !a.createOnce(w, r, &c, b, again) {
 			return
 		}
 	}
-	if err := a.host.ValidateCreate(&c); err != nil {
+}
+
+// createOnce places (cluster mode) and queues a create, and answers the
+// request; with again, it answers nothing and returns true when the
+// node the scheduler picked was full by the time the create was stored.
+func (a *API) createOnce(w http.ResponseWriter, r *http.Request, c *api.CreateVM, b []byte, again bool) bool {
+	var placement *api.Placement
+	if a.cluster != nil {
+		var done, full bool
+		if placement, done, full = a.place(w, r, c, b, again); done {
+			return full
+		}
+	}
+	if err := a.host.ValidateCreate(c); err != nil {
 		writeErr(w, err)
-		return
+		return false
 	}
 	if _, err := a.host.VM(c.Name); err == nil {
 		writeErr(w, errcode.New(errcode.Conflict, "vm %q already exists", c.Name))
-		return
+		return false
 	}
 	if t, busy := a.cp.Busy(c.Name); busy {
 		writeErr(w, errcode.New(errcode.Conflict, "vm %q has task %s (%s) in progress", c.Name, t.ID, t.Type))
-		return
+		return false
 	}
-	t, err := a.cp.EnqueuePlaced(api.TaskCreate, c.Name, uuid.NewString(), c, placement)
+	t, err := a.cp.EnqueuePlaced(api.TaskCreate, c.Name, uuid.NewString(), *c, placement)
+	if again && errcode.Is(err, errcode.NoNodeFits) {
+		return true
+	}
 	if a.queued(w, err) {
 		writeJSON(w, http.StatusAccepted, t)
 	}
+	return false
 }
 
 // queue queues a task. When it cannot, it answers the request (429 with

@@ -174,3 +174,30 @@ func TestClusterCreatesRaceCapacity(t *testing.T) {
 		t.Errorf("node-2 holds creates of %d MiB, has 1024", mem)
 	}
 }
+
+// TestClusterCreatesPlacedAgain: three creates sent at the same instant
+// to the three hosts, where each node has room for one: the scheduler
+// picks the same node for all three (the first name of equals), and a
+// create that node found full is placed again on what is left, so all
+// three land, one per node.
+func TestClusterCreatesPlacedAgain(t *testing.T) {
+	rc := newRaceCluster(t, 1024, 1024)
+	via := []string{"node-1", "node-2", "node-3"}
+	codes, bodies := rc.createAll(t, via, func(i int) map[string]any {
+		return map[string]any{"name": fmt.Sprint("again-", i), "image_url": "http://127.0.0.1:1/guest.qcow2", "arch": "amd64",
+			"vcpus": 1, "memory_mb": 600, "no_cloud_init": true}
+	})
+	for i, code := range codes {
+		if code != http.StatusAccepted {
+			t.Errorf("create through %s: %d %s, want 202", via[i], code, bodies[i])
+		}
+	}
+	open, _ := rc.store.Unfinished(context.Background())
+	on := map[string]int{}
+	for _, tk := range open {
+		on[tk.Node]++
+	}
+	if len(open) != 3 || on["node-1"] != 1 || on["node-2"] != 1 || on["node-3"] != 1 {
+		t.Errorf("creates by node %v, want one on each", on)
+	}
+}

@@ -1,6 +1,7 @@
 package standalone
 
 import (
+	"bytes"
 	"encoding/json"
 	"net/http"
 
@@ -16,58 +17,65 @@ const (
 	defaultMemoryMB = 2048
 )
 
+// placeTries bounds how often a create the scheduler placed is placed
+// again because its node was full by the time the create was stored.
+const placeTries = 3
+
 // place places a create in cluster mode (docs/cluster.md, "Placement"):
 // on the node it names or the scheduler's pick. Placed on this host, it
 // returns the placement and c names this node and the pool; placed on
 // another, the create is forwarded to that node's API (which validates it
-// against its host and queues it) and done is true. A request from a
-// peer was placed by the host that forwarded it.
-func (a *API) place(w http.ResponseWriter, r *http.Request, c *api.CreateVM, body []byte) (p *api.Placement, done bool) {
+// against its host and queues it) and done is true. With again, a
+// forwarded create that node found full (no_node_fits, creates sent at
+// the same instant took its room) is not answered: full is true, to
+// place it again. A request from a peer was placed by the host that
+// forwarded it.
+func (a *API) place(w http.ResponseWriter, r *http.Request, c *api.CreateVM, body []byte, again bool) (p *api.Placement, done, full bool) {
 	if _, ok := a.desiredByName(r.Context(), c.Name); ok {
 		writeErr(w, errcode.New(errcode.Conflict, "vm %q already exists", c.Name))
-		return nil, true
+		return nil, true, false
 	}
 	if isPeer(r) {
 		if h := r.Header.Get(placementHeader); h != "" {
 			var got api.Placement
 			if json.Unmarshal([]byte(h), &got) == nil {
-				return &got, false
+				return &got, false, false
 			}
 		}
-		return nil, false
+		return nil, false, false
 	}
 	if !api.IsName(c.Name) || api.IsUUID(c.Name) {
 		writeErr(w, errcode.New(errcode.ValidationFailed, "name %q is not a VM name (a hostname label)", c.Name))
-		return nil, true
+		return nil, true, false
 	}
 	if c.Arch == "" {
 		writeErr(w, errcode.New(errcode.ValidationFailed, "arch is required (amd64 or arm64)"))
-		return nil, true
+		return nil, true, false
 	}
 	nodes, err := a.cp.srv.Nodes(r.Context())
 	if err != nil {
 		writeErr(w, storeErr(err))
-		return nil, true
+		return nil, true, false
 	}
 	open, err := a.cp.srv.Unfinished(r.Context())
 	if err != nil {
 		writeErr(w, storeErr(err))
-		return nil, true
+		return nil, true, false
 	}
 	pick, err := scheduler.Pick(request(c), candidates(nodes, open))
 	if err != nil {
 		writeErr(w, err)
-		return nil, true
+		return nil, true, false
 	}
 	p = &api.Placement{Node: pick.Node, Pool: pick.Pool, Reason: pick.Reason}
 	c.Node, c.Pool = pick.Node, pick.Pool
 	if pick.Node == a.cluster.Node {
-		return p, false
+		return p, false, false
 	}
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(body, &fields); err != nil {
 		writeErr(w, errcode.New(errcode.ValidationFailed, "bad request body: %s", err))
-		return nil, true
+		return nil, true, false
 	}
 	fields["node"], _ = json.Marshal(pick.Node)
 	fields["pool"], _ = json.Marshal(pick.Pool)
@@ -78,10 +86,62 @@ func (a *API) place(w http.ResponseWriter, r *http.Request, c *api.CreateVM, bod
 			target = n
 		}
 	}
-	a.proxy(w, r, target, b, p, func(err error) {
+	out := http.ResponseWriter(w)
+	var held *heldResponse
+	if again {
+		held = &heldResponse{header: http.Header{}}
+		out = held
+	}
+	a.proxy(out, r, target, b, p, func(err error) {
 		writeErr(w, errcode.New(errcode.NodeUnavailable, "node %q cannot be reached: %s", pick.Node, err))
 	})
-	return nil, true
+	if held != nil && held.nodeFull() {
+		return nil, true, true
+	}
+	if held != nil {
+		held.send(w)
+	}
+	return nil, true, false
+}
+
+// heldResponse keeps a forwarded create's answer (a small JSON body)
+// until it is known whether to send it or to place the create again.
+type heldResponse struct {
+	header http.Header
+	code   int
+	body   bytes.Buffer
+}
+
+func (h *heldResponse) Header() http.Header { return h.header }
+
+func (h *heldResponse) WriteHeader(code int) {
+	if h.code == 0 {
+		h.code = code
+	}
+}
+
+func (h *heldResponse) Write(b []byte) (int, error) {
+	h.WriteHeader(http.StatusOK)
+	return h.body.Write(b)
+}
+
+// nodeFull reports whether the answer is no_node_fits.
+func (h *heldResponse) nodeFull() bool {
+	var env api.ErrorEnvelope
+	return h.code == http.StatusConflict && json.Unmarshal(h.body.Bytes(), &env) == nil && env.Error.Code == string(errcode.NoNodeFits)
+}
+
+// send writes the answer to w (nothing when the proxy answered w itself:
+// the node could not be reached).
+func (h *heldResponse) send(w http.ResponseWriter) {
+	if h.code == 0 {
+		return
+	}
+	for k, v := range h.header {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(h.code)
+	w.Write(h.body.Bytes())
 }
 
 // request is what a create asks of its node, with the node's defaults.
