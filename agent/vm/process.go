@@ -23,6 +23,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/portfwd"
 	"github.com/otherix/otherix-agent/agent/proc"
 	"github.com/otherix/otherix-agent/agent/tpm"
+	"github.com/otherix/otherix-agent/agent/vnc"
 	"github.com/otherix/otherix-agent/internal/errcode"
 	"github.com/otherix/otherix-agent/qmp"
 )
@@ -311,6 +312,9 @@ func (m *machine) launch(ctx context.Context) (err error) {
 		if p.mon != nil {
 			p.mon.Close()
 		}
+		if c, w, ok := vncTaken(&spec, code); ok {
+			code, what = c, w
+		}
 		return fail(code, err, what)
 	}
 	m.running(ctx, p)
@@ -323,6 +327,24 @@ func (m *machine) removeRunFiles() {
 	for _, f := range []string{"qmp.sock", "qga.sock", "qemu.pid"} {
 		os.Remove(filepath.Join(m.run, f))
 	}
+}
+
+// vncTaken tells a start that failed because another process holds the
+// VM's VNC port: QEMU exits at once when it cannot bind it ("Failed to
+// find an available port: Address already in use"). The engine keeps its
+// VMs' and creates' ports apart (alloc.go), but anything else on the host
+// may take one, before a start or between a create's pick and QEMU's
+// bind. Call it once QEMU has exited, so that the port is not its own:
+// then port_in_use, else ok is false.
+func vncTaken(spec *Spec, code errcode.Code) (errcode.Code, string, bool) {
+	v := spec.VNC
+	if code != errcode.QEMUStartFailed || v == nil {
+		return "", "", false
+	}
+	if !errcode.Is(vnc.CheckPort(v.Listen, v.Port), errcode.PortInUse) {
+		return "", "", false
+	}
+	return errcode.PortInUse, fmt.Sprintf("vnc port %d on %s is in use by another process", v.Port, v.Listen), true
 }
 
 // takeNextSpec makes the pending changes (Next) the spec QEMU starts

@@ -23,10 +23,11 @@
 // below 5900 cannot be had (validation_failed). A null vnc_port means the
 // next free port from 5900: [PickPort] binds each candidate to be sure,
 // and the engine keeps two VMs of this agent from picking the same one
-// before their QEMUs bind it ([PickFree]). A process outside the agent can still take the port
-// between the pick and QEMU's bind; QEMU then exits with "Failed to find an
-// available port: Address already in use", which the engine reports as
-// port_in_use.
+// before their QEMUs bind it ([PickFree]). A process outside the agent
+// can still take the port, between the pick and QEMU's bind or before a
+// later start; QEMU then exits with "Failed to find an available port:
+// Address already in use", and the engine, finding the port bound once
+// QEMU is gone ([CheckPort]), reports port_in_use.
 //
 // # Display device
 //
