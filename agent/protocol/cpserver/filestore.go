@@ -337,6 +337,11 @@ func (fs *FileStore) Tasks(ctx context.Context) ([]Task, error) { return fs.mem.
 // Unfinished implements Store.
 func (fs *FileStore) Unfinished(ctx context.Context) ([]Task, error) { return fs.mem.Unfinished(ctx) }
 
+// NodeUnfinished implements Store.
+func (fs *FileStore) NodeUnfinished(ctx context.Context, node string) ([]Task, error) {
+	return fs.mem.NodeUnfinished(ctx, node)
+}
+
 // VMs implements Store.
 func (fs *FileStore) VMs(ctx context.Context) ([]VM, bool, error) { return fs.mem.VMs(ctx) }
 

@@ -139,6 +139,10 @@ type Store interface {
 	Tasks(ctx context.Context) ([]Task, error)
 	// Unfinished returns the tasks not yet terminal, oldest first.
 	Unfinished(ctx context.Context) ([]Task, error)
+	// NodeUnfinished returns the tasks not yet terminal of node or of no
+	// node, oldest first, without reading the others (a lease's look):
+	// its cost grows with the node's open tasks, not the tasks kept.
+	NodeUnfinished(ctx context.Context, node string) ([]Task, error)
 
 	// VMs returns the desired map. known is false while the store has
 	// never held one ("no opinion").
@@ -203,6 +207,9 @@ type MemStore struct {
 	tasks   map[string]*Task
 	order   []string
 	open    []string            // ids of the tasks not terminal, oldest first
+	openBy  map[string][]string // node -> ids of its open tasks, oldest first
+	seq     map[string]uint64   // id -> its place in queue order
+	nextSeq uint64
 	vms     map[string]VM       // nil: no opinion yet
 	byNode  map[string][]string // node -> uuids of its VMs in vms
 	names   map[string]string   // name -> uuid of the VM holding it
@@ -285,6 +292,7 @@ func (m *MemStore) addLocked(t Task) error {
 	if !t.Terminal() {
 		m.open = append(m.open, t.ID)
 	}
+	m.indexOpen(t.ID, nil, &t)
 	m.pruneLocked()
 	return nil
 }
@@ -346,6 +354,7 @@ func (m *MemStore) pruneLocked() {
 	for _, id := range m.order {
 		if over > 0 && m.tasks[id].Terminal() {
 			delete(m.tasks, id)
+			m.forgetSeq(id)
 			over--
 			continue
 		}
@@ -381,6 +390,7 @@ func (m *MemStore) UpdateTask(_ context.Context, id string, fn func(*Task) error
 	case !t.Terminal() && c.Terminal():
 		m.open = slices.DeleteFunc(m.open, func(oid string) bool { return oid == id })
 	}
+	m.indexOpen(id, t, c)
 	m.notifyTask(t.Node, c.Node)
 	return *cloneTask(c), nil
 }

@@ -195,12 +195,13 @@ func (s *Server) Lease(ctx context.Context, req protocol.LeaseRequest) (protocol
 
 // offer leases to node up to max deliverable tasks in queue order:
 // pending ones, ones whose lease expired (a new lease, attempt+1), and
-// redeliveries of a current lease. A task of another node is not offered.
-// It also returns the unfinished tasks it looked at.
+// redeliveries of a current lease. A task of another node is not offered
+// (nor read: the store's index of open tasks by node). It also returns
+// the unfinished tasks it looked at.
 func (s *Server) offer(ctx context.Context, node string, max int) ([]protocol.Task, []Task, error) {
 	s.leaseMu.Lock()
 	defer s.leaseMu.Unlock()
-	all, err := s.Store.Unfinished(ctx)
+	all, err := s.Store.NodeUnfinished(ctx, node)
 	if err != nil {
 		return nil, nil, err
 	}

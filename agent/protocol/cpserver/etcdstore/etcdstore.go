@@ -12,6 +12,9 @@
 //	placed/<node> rewritten by each create placed on the node, so that
 //	              two creates checked against the node's capacity at
 //	              once cannot both be stored
+//	opentask/<node>/<id>  present while the task is not terminal: the
+//	              open tasks of a node ("" for none), which a lease reads
+//	schema/opentask  present once opentask/ was built from the tasks
 //	vms-known     present once the desired map exists ("an opinion")
 //	nodes/<name>  a node's registration and last heartbeat that changed
 //	              it (JSON), rewritten at least every NodeRefresh
@@ -32,6 +35,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -65,6 +69,9 @@ type Store struct {
 	mu      sync.Mutex
 	changed chan struct{}
 	nodeCh  map[string]chan struct{} // NodeChanged's, made on demand
+
+	idxMu   sync.Mutex
+	indexed bool // schema/opentask seen or written (migrate)
 
 	stop     context.CancelFunc
 	done     chan struct{}
@@ -128,6 +135,9 @@ func New(cli *clientv3.Client, o Options) *Store {
 	if resp, err := cli.Get(rctx, s.prefix+"vms-known", clientv3.WithCountOnly()); err == nil {
 		s.startRev = resp.Header.Revision
 	}
+	// Tasks stored before the index get their entries (again at the
+	// first lease when etcd does not answer now).
+	_ = s.migrate(rctx)
 	rcancel()
 	go s.watch(ctx)
 	return s
@@ -196,7 +206,7 @@ func (s *Store) AddTask(ctx context.Context, t cpserver.Task) error {
 	key := s.taskKey(t.ID)
 	resp, err := s.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-		Then(clientv3.OpPut(key, string(b))).
+		Then(append([]clientv3.Op{clientv3.OpPut(key, string(b))}, s.openOps(nil, t)...)...).
 		Commit()
 	if err != nil {
 		return wrap(ctx, err)
@@ -436,7 +446,7 @@ func (s *Store) tryUpdate(ctx context.Context, id string, fn func(*cpserver.Task
 	resp, err := s.cli.Txn(ctx).If(
 		clientv3.Compare(clientv3.ModRevision(tkey), "=", r.rev),
 		clientv3.Compare(clientv3.ModRevision(lkey), "=", r.leaseRev),
-	).Then(ops...).Commit()
+	).Then(append(slices.Clip(ops), s.openOps(&cur, next)...)...).Commit()
 	if err != nil || !resp.Succeeded {
 		if granted != 0 {
 			s.revoke(granted)

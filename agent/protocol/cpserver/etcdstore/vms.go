@@ -250,6 +250,7 @@ func (s *Store) tryCreate(ctx context.Context, t cpserver.Task, vm cpserver.VM, 
 	if vm.Name != "" {
 		ops = append(ops, clientv3.OpPut(nkey, string(vb)))
 	}
+	ops = append(ops, s.openOps(nil, t)...)
 	got, err := s.cli.Txn(ctx).If(
 		clientv3.Compare(clientv3.CreateRevision(tkey), "=", 0),
 		clientv3.Compare(clientv3.ModRevision(s.vmKey(vm.UUID)), "=", rev(0)),

@@ -71,7 +71,8 @@ func (s *Store) wakes(events []*clientv3.Event) (wake bool, nodes map[string]boo
 	for _, ev := range events {
 		k := string(ev.Kv.Key)
 		switch {
-		case strings.HasPrefix(k, s.prefix+"nodes/"), strings.HasPrefix(k, s.prefix+"alive/"):
+		case strings.HasPrefix(k, s.prefix+"nodes/"), strings.HasPrefix(k, s.prefix+"alive/"),
+			strings.HasPrefix(k, s.prefix+"opentask/"), strings.HasPrefix(k, s.prefix+"schema/"):
 			continue
 		case strings.HasPrefix(k, tasks) && ev.Type == clientv3.EventTypePut:
 			var t struct {

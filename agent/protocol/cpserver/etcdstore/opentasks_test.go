@@ -1,0 +1,86 @@
+package etcdstore_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver"
+	"github.com/otherix/otherix-agent/agent/protocol/cpserver/etcdstore"
+	"github.com/otherix/otherix-agent/internal/etcdtest"
+)
+
+// TestOpenIndexMigration: tasks stored before the index of open tasks
+// by node (no schema/opentask) are not invisible to a lease: opening
+// the store builds the index from them, in batches past one
+// transaction's operations, then marks it built; an entry that names
+// an ended task is dropped at read.
+func TestOpenIndexMigration(t *testing.T) {
+	c := etcdtest.Start(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	const prefix = "/old/"
+	put := func(id, node, status string) {
+		t.Helper()
+		b, _ := json.Marshal(cpserver.Task{Task: api.Task{ID: id, Type: api.TaskReset, Status: status}, Node: node})
+		if _, err := cli.Put(ctx, prefix+"tasks/"+id, string(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var want []string
+	for i := range 300 {
+		id := fmt.Sprintf("t%03d", i)
+		switch {
+		case i%3 == 0:
+			put(id, "n1", api.TaskPending)
+			want = append(want, id)
+		case i%3 == 1:
+			put(id, "n2", api.TaskPending)
+		default:
+			put(id, "n1", api.TaskSuccess)
+		}
+	}
+	s := newStore(t, c, etcdstore.Options{Prefix: prefix})
+	if n, err := cli.Get(ctx, prefix+"schema/opentask", clientv3.WithCountOnly()); err != nil || n.Count != 1 {
+		t.Fatalf("schema key after open: %v %v", n, err)
+	}
+	if n, err := cli.Get(ctx, prefix+"opentask/", clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil || n.Count != 200 {
+		t.Fatalf("index entries: %v %v, want 200 (the open tasks)", n, err)
+	}
+	open, err := s.NodeUnfinished(ctx, "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, x := range open {
+		got = append(got, x.ID)
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("n1's open tasks %v, want %v", got, want)
+	}
+	// A stale entry (a task ended by a writer without the index) is
+	// not answered, and is deleted.
+	put(want[0], "n1", api.TaskFailed)
+	if open, err = s.NodeUnfinished(ctx, "n1"); err != nil || len(open) != len(want)-1 || open[0].ID != want[1] {
+		t.Fatalf("with a stale entry: %d tasks %v", len(open), err)
+	}
+	if n, _ := cli.Get(ctx, prefix+"opentask/n1/"+want[0], clientv3.WithCountOnly()); n.Count != 0 {
+		t.Fatal("stale entry kept")
+	}
+	// Built once: a store opened again does not rebuild it.
+	put("late", "n1", api.TaskPending)
+	s2 := newStore(t, c, etcdstore.Options{Prefix: prefix})
+	if open, err = s2.NodeUnfinished(ctx, "n1"); err != nil || len(open) != len(want)-1 {
+		t.Fatalf("reopened: %d tasks %v, want %d", len(open), err, len(want)-1)
+	}
+}
