@@ -84,3 +84,51 @@ func TestOpenIndexMigration(t *testing.T) {
 		t.Fatalf("reopened: %d tasks %v, want %d", len(open), err, len(want)-1)
 	}
 }
+
+// BenchmarkLeaseRead: what a lease of one node reads among 10,000 kept
+// tasks (ended) and one open task on each of 1,000 nodes: its node's
+// index (NodeUnfinished) beside the whole store (Unfinished, what a
+// lease read before the index), in the same run.
+func BenchmarkLeaseRead(b *testing.B) {
+	c := etcdtest.Start(b, 1)
+	ctx := context.Background()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer cli.Close()
+	const prefix = "/bench/"
+	var ops []clientv3.Op
+	for i := range 11000 {
+		st, node := api.TaskSuccess, fmt.Sprintf("n%d", i%1000)
+		if i >= 10000 {
+			st = api.TaskPending
+		}
+		id := fmt.Sprintf("t%05d", i)
+		v, _ := json.Marshal(cpserver.Task{Task: api.Task{ID: id, Type: api.TaskReset, Status: st, VMUUID: id}, Node: node})
+		ops = append(ops, clientv3.OpPut(prefix+"tasks/"+id, string(v)))
+		if len(ops) == 100 {
+			if _, err := cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+				b.Fatal(err)
+			}
+			ops = ops[:0]
+		}
+	}
+	s := etcdstore.New(cli, etcdstore.Options{Prefix: prefix, MaxTasks: 20000}) // builds the index
+	defer s.Close()
+	for _, bc := range []struct {
+		name string
+		read func() ([]cpserver.Task, error)
+	}{
+		{"whole-store", func() ([]cpserver.Task, error) { return s.Unfinished(ctx) }},
+		{"node-index", func() ([]cpserver.Task, error) { return s.NodeUnfinished(ctx, "n7") }},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			for b.Loop() {
+				if _, err := bc.read(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
