@@ -712,12 +712,18 @@ func writeTemp(dir, name string, data []byte) (path string, err error) {
 
 // fillSpare writes data into the spare dir/name (empty, durable) and
 // fsyncs it. A failed write removes the spare.
-func fillSpare(dir, name string, data []byte) (err error) {
+func fillSpare(dir, name string, data []byte) error {
 	p := filepath.Join(dir, name)
 	f, err := os.OpenFile(p, os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
+	return writeSyncClose(f, p, data)
+}
+
+// writeSyncClose writes data to f (the file at p), fsyncs and closes it;
+// a failure closes and removes the file.
+func writeSyncClose(f *os.File, p string, data []byte) (err error) {
 	defer func() {
 		if err != nil {
 			f.Close()
@@ -736,7 +742,7 @@ func fillSpare(dir, name string, data []byte) (err error) {
 // createFile creates dir/name (which must not exist) with data, mode
 // 0600, and makes it durable: fsync of the file, then of the directory.
 // A failed write removes the file.
-func createFile(dir, name string, data []byte) (err error) {
+func createFile(dir, name string, data []byte) error {
 	p := filepath.Join(dir, name)
 	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if errors.Is(err, os.ErrExist) {
@@ -745,19 +751,7 @@ func createFile(dir, name string, data []byte) (err error) {
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(p)
-		}
-	}()
-	if _, err = f.Write(data); err != nil {
-		return err
-	}
-	if err = f.Sync(); err != nil {
-		return err
-	}
-	if err = f.Close(); err != nil {
+	if err := writeSyncClose(f, p, data); err != nil {
 		return err
 	}
 	return syncDir(dir)
