@@ -320,21 +320,6 @@ func overlay(t *cpserver.Task, lease *leaseVal, now time.Time) {
 	}
 }
 
-// Unfinished implements cpserver.Store: Tasks, less the terminal ones.
-func (s *Store) Unfinished(ctx context.Context) ([]cpserver.Task, error) {
-	all, err := s.Tasks(ctx)
-	if err != nil {
-		return nil, err
-	}
-	out := all[:0]
-	for _, t := range all {
-		if !t.Terminal() {
-			out = append(out, t)
-		}
-	}
-	return out, nil
-}
-
 // Tasks implements cpserver.Store.
 func (s *Store) Tasks(ctx context.Context) ([]cpserver.Task, error) {
 	ctx, cancel := s.op(ctx)

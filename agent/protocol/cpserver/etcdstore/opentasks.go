@@ -141,6 +141,33 @@ func (s *Store) NodeUnfinished(ctx context.Context, node string) ([]cpserver.Tas
 	return out, wrap(ctx, err)
 }
 
+// Unfinished implements cpserver.Store: every node's index, then those
+// tasks, rather than every kept task.
+func (s *Store) Unfinished(ctx context.Context) ([]cpserver.Task, error) {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	if err := s.migrate(ctx); err != nil {
+		return nil, wrap(ctx, err)
+	}
+	all := s.prefix + "opentask/"
+	resp, err := s.cli.Get(ctx, all, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, wrap(ctx, err)
+	}
+	entries := make([]openEntry, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		// Task ids hold no "/"; a node name may.
+		rest := strings.TrimPrefix(string(kv.Key), all)
+		i := strings.LastIndex(rest, "/")
+		if i < 0 {
+			continue
+		}
+		entries = append(entries, openEntry{node: rest[:i], id: rest[i+1:], rev: kv.ModRevision})
+	}
+	out, err := s.openTasks(ctx, entries)
+	return out, wrap(ctx, err)
+}
+
 // openTasks reads the tasks of entries, oldest first, and drops the
 // entries whose task is gone, ended or on another node.
 func (s *Store) openTasks(ctx context.Context, entries []openEntry) ([]cpserver.Task, error) {

@@ -68,6 +68,9 @@ func TestOpenIndexMigration(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("n1's open tasks %v, want %v", got, want)
 	}
+	if all, err := s.Unfinished(ctx); err != nil || len(all) != 200 || all[0].ID != "t000" || all[1].ID != "t001" {
+		t.Fatalf("every open task: %d %v", len(all), err)
+	}
 	// A stale entry (a task ended by a writer without the index) is
 	// not answered, and is deleted.
 	put(want[0], "n1", api.TaskFailed)
@@ -87,8 +90,9 @@ func TestOpenIndexMigration(t *testing.T) {
 
 // BenchmarkLeaseRead: what a lease of one node reads among 10,000 kept
 // tasks (ended) and one open task on each of 1,000 nodes: its node's
-// index (NodeUnfinished) beside the whole store (Unfinished, what a
-// lease read before the index), in the same run.
+// index (NodeUnfinished) beside the whole store (Tasks: what a lease
+// and Unfinished read before the index) and every node's index
+// (Unfinished), in the same run.
 func BenchmarkLeaseRead(b *testing.B) {
 	c := etcdtest.Start(b, 1)
 	ctx := context.Background()
@@ -120,7 +124,8 @@ func BenchmarkLeaseRead(b *testing.B) {
 		name string
 		read func() ([]cpserver.Task, error)
 	}{
-		{"whole-store", func() ([]cpserver.Task, error) { return s.Unfinished(ctx) }},
+		{"whole-store", func() ([]cpserver.Task, error) { return s.Tasks(ctx) }},
+		{"all-open", func() ([]cpserver.Task, error) { return s.Unfinished(ctx) }},
 		{"node-index", func() ([]cpserver.Task, error) { return s.NodeUnfinished(ctx, "n7") }},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
