@@ -215,7 +215,7 @@ type MemStore struct {
 	names   map[string]string   // name -> uuid of the VM holding it
 	nodes   map[string]Node
 	changed chan struct{}
-	nodeCh  map[string]chan struct{} // NodeChanged's, made on demand
+	nodeCh  NodeWaiters
 }
 
 func (m *MemStore) lock() {
@@ -224,7 +224,6 @@ func (m *MemStore) lock() {
 		m.tasks = map[string]*Task{}
 		m.nodes = map[string]Node{}
 		m.byNode = map[string][]string{}
-		m.nodeCh = map[string]chan struct{}{}
 		m.names = map[string]string{}
 		m.changed = make(chan struct{})
 	}
@@ -243,16 +242,10 @@ func (m *MemStore) notifyTask(nodes ...string) {
 	m.notify()
 	for _, node := range nodes {
 		if node == "" {
-			for _, ch := range m.nodeCh {
-				close(ch)
-			}
-			clear(m.nodeCh)
+			m.nodeCh.WakeAll()
 			return
 		}
-		if ch, ok := m.nodeCh[node]; ok {
-			close(ch)
-			delete(m.nodeCh, node)
-		}
+		m.nodeCh.Wake(node)
 	}
 }
 
@@ -260,12 +253,7 @@ func (m *MemStore) notifyTask(nodes ...string) {
 func (m *MemStore) NodeChanged(node string) <-chan struct{} {
 	m.lock()
 	defer m.mu.Unlock()
-	ch, ok := m.nodeCh[node]
-	if !ok {
-		ch = make(chan struct{})
-		m.nodeCh[node] = ch
-	}
-	return ch
+	return m.nodeCh.Wait(node)
 }
 
 // ErrExists is AddTask's answer for a task id already stored.

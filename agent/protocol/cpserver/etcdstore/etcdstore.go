@@ -68,7 +68,7 @@ type Store struct {
 
 	mu      sync.Mutex
 	changed chan struct{}
-	nodeCh  map[string]chan struct{} // NodeChanged's, made on demand
+	nodeCh  cpserver.NodeWaiters
 
 	idxMu   sync.Mutex
 	indexed bool // schema/opentask seen or written (migrate)
@@ -128,7 +128,7 @@ func New(cli *clientv3.Client, o Options) *Store {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{cli: cli, prefix: o.Prefix, maxTasks: o.MaxTasks, opTimeout: o.OpTimeout, nodeTTL: int64(o.NodeTTL / time.Second), refresh: o.NodeRefresh,
-		changed: make(chan struct{}), nodeCh: map[string]chan struct{}{}, stop: cancel, done: make(chan struct{})}
+		changed: make(chan struct{}), stop: cancel, done: make(chan struct{})}
 	// Changes from now on wake Changed's waiters, even those made before
 	// the watch is established.
 	rctx, rcancel := s.op(ctx)

@@ -26,12 +26,7 @@ func (s *Store) Changed() <-chan struct{} {
 func (s *Store) NodeChanged(node string) <-chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	ch, ok := s.nodeCh[node]
-	if !ok {
-		ch = make(chan struct{})
-		s.nodeCh[node] = ch
-	}
-	return ch
+	return s.nodeCh.Wait(node)
 }
 
 // notify wakes the waiters of Changed, and those of NodeChanged of nodes
@@ -41,11 +36,12 @@ func (s *Store) notify(nodes map[string]bool, all bool) {
 	defer s.mu.Unlock()
 	close(s.changed)
 	s.changed = make(chan struct{})
-	for node, ch := range s.nodeCh {
-		if all || nodes[node] {
-			close(ch)
-			delete(s.nodeCh, node)
-		}
+	if all {
+		s.nodeCh.WakeAll()
+		return
+	}
+	for node := range nodes {
+		s.nodeCh.Wake(node)
 	}
 }
 
