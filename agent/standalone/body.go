@@ -11,6 +11,7 @@ import (
 
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/internal/errcode"
+	"github.com/otherix/otherix-agent/internal/httpmux"
 )
 
 // decodeBody reads r's JSON body, at most limit bytes, into v and returns
@@ -81,15 +82,12 @@ func explicitZero(b []byte, keys ...string) error {
 // envelope instead of net/http's plain text.
 func routed(mux *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h, pattern := mux.Handler(r)
-		if pattern != "" {
+		status, allow := httpmux.Unrouted(mux, r)
+		if status == 0 {
 			mux.ServeHTTP(w, r)
 			return
 		}
-		rec := &statusRecorder{header: http.Header{}}
-		h.ServeHTTP(rec, r)
-		if rec.status == http.StatusMethodNotAllowed {
-			allow := rec.header.Get("Allow")
+		if status == http.StatusMethodNotAllowed {
 			w.Header().Set("Allow", allow)
 			writeJSON(w, http.StatusMethodNotAllowed, api.ErrorEnvelope{Error: api.Error{Code: string(errcode.ValidationFailed),
 				Message: "method " + r.Method + " is not allowed on " + r.URL.Path + ": use " + allow}})
@@ -97,22 +95,4 @@ func routed(mux *http.ServeMux) http.Handler {
 		}
 		writeErr(w, errcode.New(errcode.NotFound, "no such endpoint: %s %s", r.Method, r.URL.Path))
 	})
-}
-
-// statusRecorder keeps the status and header a handler answers with and
-// drops its body.
-type statusRecorder struct {
-	header http.Header
-	status int
-}
-
-func (s *statusRecorder) Header() http.Header { return s.header }
-func (s *statusRecorder) WriteHeader(code int) {
-	if s.status == 0 {
-		s.status = code
-	}
-}
-func (s *statusRecorder) Write(p []byte) (int, error) {
-	s.WriteHeader(http.StatusOK)
-	return len(p), nil
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/otherix/otherix-agent/agent/api"
 	"github.com/otherix/otherix-agent/agent/protocol"
 	"github.com/otherix/otherix-agent/internal/errcode"
+	"github.com/otherix/otherix-agent/internal/httpmux"
 )
 
 // Defaults of Server's knobs.
@@ -155,35 +156,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		body = io.LimitReader(zr, MaxInflated)
 	}
 	r.Body = io.NopCloser(body)
-	if h, pattern := s.mux.Handler(r); pattern == "" {
-		// No route: net/http would answer in plain text.
-		rec := &noRoute{header: http.Header{}}
-		h.ServeHTTP(rec, r)
-		if rec.status == http.StatusMethodNotAllowed {
-			w.Header().Set("Allow", rec.header.Get("Allow"))
-			WriteError(w, http.StatusMethodNotAllowed, "validation_failed", "method "+r.Method+" is not allowed on "+r.URL.Path)
-			return
-		}
+	// No route: net/http would answer in plain text.
+	switch status, allow := httpmux.Unrouted(s.mux, r); status {
+	case http.StatusMethodNotAllowed:
+		w.Header().Set("Allow", allow)
+		WriteError(w, http.StatusMethodNotAllowed, "validation_failed", "method "+r.Method+" is not allowed on "+r.URL.Path)
+		return
+	case http.StatusNotFound:
 		WriteError(w, http.StatusNotFound, "not_found", "no such endpoint: "+r.Method+" "+r.URL.Path)
 		return
 	}
 	s.mux.ServeHTTP(w, r)
 }
-
-// noRoute keeps the status and header of net/http's answer to a request
-// no route takes, and drops its plain-text body.
-type noRoute struct {
-	header http.Header
-	status int
-}
-
-func (n *noRoute) Header() http.Header { return n.header }
-func (n *noRoute) WriteHeader(code int) {
-	if n.status == 0 {
-		n.status = code
-	}
-}
-func (n *noRoute) Write(p []byte) (int, error) { n.WriteHeader(http.StatusOK); return len(p), nil }
 
 // handle adapts a method taking and returning wire types.
 func handle[Req, Resp any](fn func(context.Context, Req) (Resp, error)) http.HandlerFunc {
