@@ -118,15 +118,7 @@ func slowImage(size, chunk int, tick time.Duration) http.HandlerFunc {
 // no pin, no partial download, and the VM is not desired any more.
 func TestCancelDownloadingCreate(t *testing.T) {
 	t.Parallel()
-	host := newTestHost(t)
-	dir := t.TempDir()
-	a, cp := newTestAPI(t, host, dir)
-	h := a.Handler()
-	img := httptest.NewServer(slowImage(256<<20, 64<<10, 20*time.Millisecond))
-	t.Cleanup(img.Close)
-	startRunner(t, host, cp, dir)
-
-	create := createDownloading(t, h, img.URL)
+	host, cp, h, create := downloadingCreate(t)
 	var got api.Task
 	if rec := call(t, h, "POST", "/v1/tasks/"+create.ID+"/cancel", nil, &got); rec.Code != http.StatusOK || got.Status != api.TaskCancelled {
 		t.Fatalf("cancel of a downloading create: %d %s", rec.Code, rec.Body)
@@ -144,15 +136,7 @@ func TestCancelDownloadingCreate(t *testing.T) {
 // The create, cancelled next, leaves nothing behind.
 func TestCancelQueuedTask(t *testing.T) {
 	t.Parallel()
-	host := newTestHost(t)
-	dir := t.TempDir()
-	a, cp := newTestAPI(t, host, dir)
-	h := a.Handler()
-	img := httptest.NewServer(slowImage(256<<20, 64<<10, 20*time.Millisecond))
-	t.Cleanup(img.Close)
-	startRunner(t, host, cp, dir)
-
-	create := createDownloading(t, h, img.URL)
+	host, cp, h, create := downloadingCreate(t)
 	var start api.Task
 	if rec := call(t, h, "POST", "/v1/vms/slow/start", nil, &start); rec.Code != http.StatusAccepted {
 		t.Fatalf("start: %d %s", rec.Code, rec.Body)
@@ -202,6 +186,20 @@ func startRunner(t *testing.T, host *agent.Host, cp *ControlPlane, dir string) {
 	finished := make(chan struct{})
 	go func() { r.Run(ctx); close(finished) }()
 	t.Cleanup(func() { cancel(); <-finished; j.Close() })
+}
+
+// downloadingCreate starts a host, its API and its runner, and a create
+// of VM "slow" from a slow image server, under way.
+func downloadingCreate(t *testing.T) (*agent.Host, *ControlPlane, http.Handler, api.Task) {
+	t.Helper()
+	host := newTestHost(t)
+	dir := t.TempDir()
+	a, cp := newTestAPI(t, host, dir)
+	h := a.Handler()
+	img := httptest.NewServer(slowImage(256<<20, 64<<10, 20*time.Millisecond))
+	t.Cleanup(img.Close)
+	startRunner(t, host, cp, dir)
+	return host, cp, h, createDownloading(t, h, img.URL)
 }
 
 // createDownloading creates VM "slow" from the slow image at url and
