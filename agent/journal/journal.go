@@ -9,10 +9,14 @@
 //
 // Durability is spent where exactly-once effect needs it. Start returns
 // only once the started record is on disk, so a task's effect never
-// happens unrecorded. It costs one fsync: the record goes into a spare, an
-// empty file the journal created and made durable (file and directory)
-// in advance, in the background; without a spare, the record's file is
-// created and fsync'd, and then its directory. The
+// happens unrecorded. It costs one fdatasync of data alone: the record
+// overwrites the start of a spare, a file of spareSize blanks the journal
+// wrote and made durable (file and directory) in advance, in the
+// background, so the write changes neither the file's size nor its
+// blocks and the file system has no metadata to commit (JSON allows the
+// blanks after the record). Without a spare, or for a record larger than
+// one, the record's file is created and fsync'd, and then its directory.
+// The
 // outcome (Finish) and the acknowledgement (Ack) are recorded in memory at
 // once and written durably in the background, in order (a temporary file,
 // fsync, rename, directory fsync), so the completion need not wait for the
@@ -21,6 +25,7 @@
 package journal
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -138,7 +143,17 @@ const (
 	// spareTarget is how many spares the journal keeps ready: a burst of
 	// that many tasks starts at one fsync each.
 	spareTarget = 4
+	// spareSize is a spare's size: blanks a started record overwrites
+	// (one is a few hundred bytes; a larger one gets a file of its own).
+	spareSize = 4096
 )
+
+// blanks is a spare's content.
+var blanks = bytes.Repeat([]byte{' '}, spareSize)
+
+// isSpare reports whether a slot file's content is a spare's: blanks, or
+// nothing (the spares of earlier versions).
+func isSpare(data []byte) bool { return len(bytes.TrimLeft(data, " ")) == 0 }
 
 // Open opens (creating) the journal in dir and loads its entries.
 // Leftover temporary files are removed; an unreadable entry is renamed
@@ -206,7 +221,7 @@ func (j *Journal) load() error {
 		case strings.HasSuffix(name, suffix):
 			data, err := os.ReadFile(p)
 			spare := strings.HasPrefix(name, sparePrefix)
-			if err == nil && spare && len(data) == 0 {
+			if err == nil && spare && isSpare(data) {
 				j.spares = append(j.spares, name)
 				continue
 			}
@@ -269,9 +284,10 @@ func (j *Journal) nameOf(id string) string {
 	return fileName(id)
 }
 
-// makeSpares creates the spares missing from spareTarget, each empty and
-// fsync'd, and returns their names; the caller fsyncs the directory
-// before using them. A failure is logged: Start then creates files.
+// makeSpares creates the spares missing from spareTarget, each spareSize
+// blanks, fsync'd, and returns their names; the caller fsyncs the
+// directory before using them. A failure is logged: Start then creates
+// files.
 func (j *Journal) makeSpares() []string {
 	j.mu.Lock()
 	need := spareTarget - len(j.spares)
@@ -280,13 +296,7 @@ func (j *Journal) makeSpares() []string {
 	for range need {
 		f, err := os.CreateTemp(j.dir, sparePrefix+"*"+suffix)
 		if err == nil {
-			err = f.Sync()
-			if cerr := f.Close(); err == nil {
-				err = cerr
-			}
-			if err != nil {
-				os.Remove(f.Name())
-			}
+			err = writeSyncClose(f, f.Name(), blanks)
 		}
 		if err != nil {
 			j.log.Warn("journal: make a spare file", zap.Error(err))
@@ -373,7 +383,7 @@ func (j *Journal) Start(e Entry) error {
 	// atomically.
 	j.mu.Lock()
 	name, spare := j.nameOf(e.TaskID), ""
-	if !had && len(j.spares) > 0 {
+	if !had && len(j.spares) > 0 && len(data) <= spareSize {
 		spare = j.spares[len(j.spares)-1]
 		j.spares = j.spares[:len(j.spares)-1]
 		name = spare
@@ -710,15 +720,38 @@ func writeTemp(dir, name string, data []byte) (path string, err error) {
 	return tmp, f.Close()
 }
 
-// fillSpare writes data into the spare dir/name (empty, durable) and
-// fsyncs it. A failed write removes the spare.
-func fillSpare(dir, name string, data []byte) error {
+// fillSpare writes data over the start of the spare dir/name (blanks,
+// durable) and fdatasyncs it. A failed write removes the spare.
+func fillSpare(dir, name string, data []byte) (err error) {
 	p := filepath.Join(dir, name)
 	f, err := os.OpenFile(p, os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
-	return writeSyncClose(f, p, data)
+	defer func() {
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(p)
+		}
+	}()
+	if _, err = f.WriteAt(data, 0); err != nil {
+		return err
+	}
+	// The record's bytes alone: the spare's size and blocks are already
+	// durable, so fdatasync has no metadata to wait for.
+	return ignoringEINTR(func() error { return syscall.Fdatasync(int(f.Fd())) })
+}
+
+// ignoringEINTR calls fn again while it fails with EINTR, as os.File's
+// own methods do.
+func ignoringEINTR(fn func() error) error {
+	for {
+		if err := fn(); err != syscall.EINTR {
+			return err
+		}
+	}
 }
 
 // writeSyncClose writes data to f (the file at p), fsyncs and closes it;

@@ -334,18 +334,24 @@ func copyDir(t *testing.T, dir string) string {
 }
 
 // TestSpares: a started record goes into a spare made in advance (one
-// fsync on Start's path); more starts than spares fall back to created
-// files; the spares are made again in the background. A crash right
-// after Start keeps the record; an empty spare is a spare again, a torn
-// one is set aside.
+// fdatasync on Start's path, the spare's size unchanged: no metadata to
+// commit); more starts than spares, or a record larger than a spare, fall
+// back to created files; the spares are made again in the background. A
+// crash right after Start keeps the record; a blank or empty spare (the
+// latter from earlier versions) is a spare again, a torn one is set
+// aside.
 func TestSpares(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "journal")
 	j := open(t, dir, journal.Options{})
+	blank := func(p string) bool {
+		b, err := os.ReadFile(p)
+		return err == nil && len(b) == 4096 && strings.TrimLeft(string(b), " ") == ""
+	}
 	spares := func(dir string) []string {
 		des, _ := os.ReadDir(dir)
 		var out []string
 		for _, de := range des {
-			if fi, err := de.Info(); err == nil && strings.HasPrefix(de.Name(), "slot-") && fi.Size() == 0 {
+			if strings.HasPrefix(de.Name(), "slot-") && blank(filepath.Join(dir, de.Name())) {
 				out = append(out, de.Name())
 			}
 		}
@@ -365,6 +371,8 @@ func TestSpares(t *testing.T) {
 	}
 	if f := filepath.Base(fileOf(t, dir, ids[0])); !strings.HasPrefix(f, "slot-") {
 		t.Errorf("first started record in %s, want a spare", f)
+	} else if fi, err := os.Stat(filepath.Join(dir, f)); err != nil || fi.Size() != 4096 {
+		t.Errorf("spare holding a record: %v %v, want its 4096 bytes kept", fi, err)
 	}
 	if f := filepath.Base(fileOf(t, dir, ids[len(ids)-1])); f != "task-"+ids[len(ids)-1]+".json" {
 		t.Errorf("record past the spares in %s, want a file of its own", f)
@@ -376,7 +384,11 @@ func TestSpares(t *testing.T) {
 	}
 	// The crash image: every started record, the spares it had.
 	torn := filepath.Join(crashed, "slot-torn.json")
-	if err := os.WriteFile(torn, []byte(`{"task_id":"x","sta`), 0o600); err != nil {
+	if err := os.WriteFile(torn, []byte(`{"task_id":"x","sta`+strings.Repeat(" ", 4000)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	empty := filepath.Join(crashed, "slot-empty.json")
+	if err := os.WriteFile(empty, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	c := open(t, crashed, journal.Options{})
@@ -391,6 +403,19 @@ func TestSpares(t *testing.T) {
 	if _, err := os.Stat(torn + ".corrupt"); err != nil {
 		t.Errorf("torn spare not set aside: %v", err)
 	}
+	if _, err := os.Stat(empty); err != nil {
+		t.Errorf("an empty spare of an earlier version: %v, want it kept as a spare", err)
+	}
+	// A record larger than a spare gets a file of its own.
+	big := entry("big")
+	big.VMName = strings.Repeat("v", 5000)
+	if err := c.Start(big); err != nil {
+		t.Fatal(err)
+	}
+	if f := filepath.Base(fileOf(t, crashed, "big")); f != "task-big.json" {
+		t.Errorf("a record larger than a spare in %s, want a file of its own", f)
+	}
+	ids = append(ids, "big")
 	// Finished, acked, removed and compacted records in spares behave as
 	// any: the outcome replaces the record in its file.
 	e := entry(ids[0])
