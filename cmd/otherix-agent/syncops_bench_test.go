@@ -22,7 +22,7 @@ import (
 )
 
 // BenchmarkSyncOps measures pause, resume and reset through the real
-// agent's API (the standalone binary, a real test guest: enqueue, lease,
+// agent's API (the standalone binary, a booted test guest: enqueue, lease,
 // journal, engine, QMP, completion, answer) beside, in the same run and
 // interleaved with them, the raw QMP round trip of the same command on a
 // bare QEMU and one fsync on the journal's file system. The goal (issue
@@ -37,6 +37,9 @@ func BenchmarkSyncOps(b *testing.B) {
 	if r.code != 0 {
 		b.Fatalf("create: %s %s\n%s", r.stdout, r.stderr, tail(a.logText(), 3000))
 	}
+	// Pause and resume a booted guest, as an operator would: its drivers
+	// have set their devices up, which QEMU's stop and cont then walk.
+	waitConsole(b, a.console("bench-1"), "OTHERIX-GUEST ready")
 	bare := startBareQEMU(b)
 	fsyncDir := filepath.Join(a.dir, "journal")
 	client := &http.Client{}
