@@ -502,12 +502,19 @@ func (e *Engine) op(ctx context.Context, name, op string, fn func(m *machine) er
 	defer m.release()
 	log := m.log.With(zap.String("op", op))
 	log.Debug("op begin")
+	before, _ := m.current()
 	err = fn(m)
 	v := m.view()
-	if err != nil {
+	switch after, _ := m.current(); {
+	case err != nil:
 		log.Info("op failed", zap.String("code", string(errcode.Of(err))), zap.Error(err))
-	} else {
+	case after != before:
+		// A QEMU started or ended: its pid is news.
 		log.Info("op done", zap.String("status", v.Status), zap.Int("qemu_pid", v.PID))
+	default:
+		// Pause, resume, reset, a change: the task's own lines (runner:
+		// task started, task finished) and the VM's event say it.
+		log.Debug("op done", zap.String("status", v.Status), zap.Int("qemu_pid", v.PID))
 	}
 	return v, err
 }
