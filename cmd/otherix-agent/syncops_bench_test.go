@@ -136,9 +136,11 @@ func BenchmarkSyncOps(b *testing.B) {
 	keepPaused(func() { twin.Execute(ctx, "stop", nil, nil) }, twinStatus)
 	api("reset") // warm the connection and the path
 	before := scrape(b, a.url)
+	cpu0 := cpuTime(b, a.cmd.Process.Pid)
 	b.ResetTimer()
 	phases(round)
 	b.StopTimer()
+	agentCPU := (cpuTime(b, a.cmd.Process.Pid) - cpu0) / time.Duration(3*b.N)
 	keepPaused(func() { a.cli("", "vm", "pause", "bench-1") }, func() string { return a.getVM("bench-1").Status })
 	if err := twin.Execute(ctx, "cont", nil, nil); err != nil {
 		b.Fatal(err)
@@ -168,10 +170,11 @@ func BenchmarkSyncOps(b *testing.B) {
 		b.ReportMetric(float64(q50)/1e6, op.qmp+"-qmp-p50-ms")
 		b.ReportMetric(float64(t50)/1e6, op.qmp+"-twin-p50-ms")
 	}
-	fmt.Fprintf(&out, "fsync of the journal's file system: p50 %s, p99 %s\n", ms(fs50), ms(fs99))
+	fmt.Fprintf(&out, "fsync of the journal's file system: p50 %s, p99 %s; the agent's CPU time: %s per op\n", ms(fs50), ms(fs99), ms(agentCPU))
 	fmt.Fprintf(&out, "bare: the raw QMP command on a QEMU with no devices and no guest; twin: on a QEMU with the agent VM's command line and guest, no agent (its own rounds, beside the bare QEMU as the API's are)\n")
 	fmt.Fprintf(&out, "target: bare p50 + fsync p50 + 2 ms (issue 17); twin target: the same over the twin; VM's QMP: the command on the agent's own VM, from its QMP histogram (buckets interpolated)\n")
 	b.ReportMetric(float64(fs50)/1e6, "fsync-p50-ms")
+	b.ReportMetric(float64(agentCPU)/1e6, "agent-cpu-ms/op")
 	fmt.Print(out.String())
 }
 
@@ -207,6 +210,20 @@ func histogramP50(before, after map[string]float64, cmd string) time.Duration {
 		lo, below = bk.le, bk.n
 	}
 	return time.Duration(lo * 1e9)
+}
+
+// cpuTime is the user and system CPU time of process pid so far.
+func cpuTime(tb testing.TB, pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	// Fields after the command's closing parenthesis: utime and stime
+	// are the 12th and 13th, in clock ticks (USER_HZ, 100 on Linux).
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
 // loadavg is the 1, 5 and 15 minute load averages, as uptime prints them.
