@@ -2,10 +2,11 @@
 // and its outcome, so that a task delivered again (the protocol delivers
 // at least once) is never executed again: its stored outcome is re-sent.
 //
-// Each task is one small JSON file; the files and the directory are
-// private (0600/0700) and the directory is locked against a second agent.
-// An entry goes started → finished → acked; Compact drops acked entries
-// after a retention period.
+// A started task is a small JSON file; outcomes and acknowledgements are
+// lines of one outcome log (outcomes.go). The files and the directory
+// are private (0600/0700) and the directory is locked against a second
+// agent. An entry goes started → finished → acked; Compact drops acked
+// entries after a retention period.
 //
 // Durability is spent where exactly-once effect needs it. Start returns
 // only once the started record is on disk, so a task's effect never
@@ -16,12 +17,13 @@
 // blocks and the file system has no metadata to commit (JSON allows the
 // blanks after the record). Without a spare, or for a record larger than
 // one, the record's file is created and fsync'd, and then its directory.
-// The
-// outcome (Finish) and the acknowledgement (Ack) are recorded in memory at
-// once and written durably in the background, in order (a temporary file,
-// fsync, rename, directory fsync), so the completion need not wait for the
-// disk. A crash before that write keeps the task's started record intact,
-// and the restart policy decides (docs/protocol.md).
+// The outcome (Finish) and the acknowledgement (Ack) are recorded in
+// memory at once and written durably in the background, in order (lines
+// appended to the outcome log, one fdatasync a batch), so the completion
+// need not wait for the disk; the spare of the started record is then
+// blanked and used again. A crash before that write keeps the task's
+// started record intact, and the restart policy decides
+// (docs/protocol.md).
 package journal
 
 import (
@@ -119,8 +121,15 @@ type Journal struct {
 	// names maps a task to its file when that is not fileName(task): a
 	// spare its started record went into.
 	names  map[string]string
-	spares []string // empty, durable files ready for started records
+	spares []string // blank, durable files ready for started records
 	closed bool
+	// The outcome log (outcomes.go): inLog holds the tasks whose latest
+	// record is a line of it; logDirty that Remove or Compact dropped
+	// one, so the log must be rewritten without it.
+	logFile  *os.File
+	logLines int
+	inLog    map[string]bool
+	logDirty bool
 	// Background writes: the latest entry of each task to write, in the
 	// order first queued. wmu is held while a file is written or
 	// removed, so that a removal never races a pending write.
@@ -190,14 +199,21 @@ func Open(dir string, opts Options) (*Journal, error) {
 		return nil, fmt.Errorf("journal %s: lock: %w", dir, err)
 	}
 	j := &Journal{dir: dir, opts: opts, log: log, lock: lock, entries: map[string]Entry{}, names: map[string]string{},
-		pending: map[string]Entry{}, kick: make(chan struct{}, 1), drained: make(chan struct{}),
+		inLog: map[string]bool{}, pending: map[string]Entry{}, kick: make(chan struct{}, 1), drained: make(chan struct{}),
 		stop: make(chan struct{}), stopped: make(chan struct{})}
 	if err := j.load(); err != nil {
 		lock.Close()
 		return nil, err
 	}
+	stale, err := j.openLog()
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	j.spares = append(j.spares, j.dropStale(stale)...)
 	if made := j.makeSpares(); len(made) > 0 {
 		if err := syncDir(dir); err != nil {
+			j.logFile.Close()
 			lock.Close()
 			return nil, fmt.Errorf("journal: %w", err)
 		}
@@ -469,6 +485,9 @@ func (j *Journal) Remove(taskID string) error {
 	if err := j.remove(taskID); err != nil {
 		return err
 	}
+	if err := j.rewriteIfDirty(); err != nil {
+		return err
+	}
 	return syncDir(j.dir)
 }
 
@@ -508,6 +527,9 @@ func (j *Journal) Compact(now time.Time) (int, error) {
 			removed++
 		}
 	}
+	if err := j.rewriteIfDirty(); err != nil {
+		return removed, err
+	}
 	if removed > 0 {
 		if err := syncDir(j.dir); err != nil {
 			return removed, err
@@ -528,6 +550,7 @@ func (j *Journal) Close() error {
 	j.mu.Unlock()
 	close(j.stop)
 	<-j.stopped
+	j.logFile.Close()
 	return j.lock.Close()
 }
 
@@ -622,13 +645,58 @@ func (j *Journal) writeQueued() {
 		clear(j.pending)
 		j.writing = true
 		j.mu.Unlock()
-		made := j.writeBatch(batch, names, refill)
+		made := j.writeOutcomes(batch, names, refill)
 		refill = false
 		j.mu.Lock()
 		j.spares = append(j.spares, made...)
+		long := j.logTooLong()
 		j.mu.Unlock()
+		if long {
+			if err := j.rewriteLog(); err != nil {
+				j.log.Error("journal: rewrite the outcome log", zap.Error(err))
+			}
+		}
 		j.wmu.Unlock()
 	}
+}
+
+// writeOutcomes writes a batch of outcomes and acknowledgements to the
+// outcome log, then blanks the spares of their started records (spares
+// again) or removes their files, and makes the spares still missing when
+// spares is set. It returns the spares made. Should the log fail, each entry's file is replaced as
+// before the log existed (writeBatch). wmu held.
+func (j *Journal) writeOutcomes(batch []Entry, names []string, spares bool) []string {
+	if err := j.appendOutcomes(batch); err != nil {
+		j.log.Error("journal: append to the outcome log; writing entry files instead", zap.Error(err))
+		made := j.writeBatch(batch, names, spares)
+		j.mu.Lock()
+		for _, e := range batch {
+			delete(j.inLog, e.TaskID) // its file holds the latest record
+		}
+		j.mu.Unlock()
+		return made
+	}
+	j.mu.Lock()
+	for _, e := range batch {
+		j.inLog[e.TaskID] = true
+		delete(j.names, e.TaskID)
+	}
+	j.mu.Unlock()
+	blanked := j.dropStale(names)
+	j.mu.Lock()
+	j.spares = append(j.spares, blanked...)
+	j.mu.Unlock()
+	if !spares {
+		return nil
+	}
+	made := j.makeSpares() // those still missing
+	if len(made) > 0 {
+		if err := syncDir(j.dir); err != nil {
+			j.log.Error("journal: fsync directory", zap.Error(err))
+			return nil
+		}
+	}
+	return made
 }
 
 // writeBatch replaces each entry's file (names[i] is batch[i]'s) durably
@@ -669,14 +737,18 @@ func (j *Journal) writeBatch(batch []Entry, names []string, spares bool) []strin
 	return made
 }
 
-// remove deletes an entry's file and forgets any pending write of it
+// remove deletes an entry's file, or marks the outcome log for a rewrite
+// without it (rewriteIfDirty), and forgets any pending write of it
 // (directory fsync left to the caller when batching); wmu and mu held.
 func (j *Journal) remove(id string) error {
 	if _, ok := j.pending[id]; ok {
 		delete(j.pending, id)
 		j.queue = slices.DeleteFunc(j.queue, func(q string) bool { return q == id })
 	}
-	if err := os.Remove(filepath.Join(j.dir, j.nameOf(id))); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if j.inLog[id] {
+		delete(j.inLog, id)
+		j.logDirty = true
+	} else if err := os.Remove(filepath.Join(j.dir, j.nameOf(id))); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("journal: remove %s: %w", id, err)
 	}
 	delete(j.entries, id)
