@@ -63,6 +63,12 @@ func newLogger(cfg *config.Config, stderr io.Writer) (*zap.Logger, zap.AtomicLev
 }
 
 func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr io.Writer) error {
+	// SIGHUP reloads the configuration. It is caught from the start: one
+	// that arrives while the agent starts (its API may already answer) is
+	// applied once it is ready, where Go's default would end the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	if o.standalone && cfg.ClusterMode() {
 		return errors.New("--standalone: cluster.etcd is set: a cluster agent serves the API on its own (drop --standalone)")
 	}
@@ -175,9 +181,6 @@ func runDaemon(ctx context.Context, cfg *config.Config, o daemonOptions, stderr 
 		}
 	}()
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	for {
 		select {
 		case err = <-runErr:
