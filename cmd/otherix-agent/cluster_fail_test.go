@@ -132,7 +132,8 @@ func hostDown(t *testing.T, tc *testCluster) {
 func quorumLost(t *testing.T, tc *testCluster) {
 	a, b, c := tc.agents[0], tc.agents[1], tc.agents[2]
 	waitConsole(t, b.console("fb-1"), "ready") // acpid listens
-	fbPID := b.getVM("fb-1").QEMUPID
+	fb := b.getVM("fb-1")
+	fbPID := fb.QEMUPID
 	fcPID := c.getVM("fc-1").QEMUPID
 	id := b.queue("vm", "stop", "fb-1")
 	waitTaskStatus(t, b, id, api.TaskRunning)
@@ -153,7 +154,9 @@ func quorumLost(t *testing.T, tc *testCluster) {
 	}
 	// The stop ends while quorum is lost: its guest powers off and the
 	// agent fails to deliver the result, which its journal keeps.
-	waitFor(t, 2*time.Minute, "fb-1's QEMU exits during the outage", func() bool { return !alive(fbPID) })
+	if !waitUntil(2*time.Minute, func() bool { return !alive(fbPID) }) {
+		t.Fatalf("waiting 2m0s for fb-1's QEMU exits during the outage; node-b's log:\n%s\nconsole:\n%s", tail(b.logText(), 6000), tail(consoleOf(b, fb.UUID), 2000))
+	}
 	waitFor(t, time.Minute, "node-b fails to deliver the stop's result", func() bool {
 		for line := range strings.Lines(b.logText()) {
 			if strings.Contains(line, "will retry") && strings.Contains(line, `"op":"complete"`) {
@@ -252,4 +255,10 @@ func taskInStore(t *testing.T, tc *testCluster, id string) cpserver.Task {
 		t.Fatal(err)
 	}
 	return tk
+}
+
+// consoleOf is a VM's console log as its agent keeps it.
+func consoleOf(a *standaloneAgent, uuid string) string {
+	b, _ := os.ReadFile(filepath.Join(a.dir, "vms", uuid, "console.log"))
+	return string(b)
 }
