@@ -33,6 +33,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -797,26 +798,35 @@ func writeTemp(dir, name string, data []byte) (path string, err error) {
 
 // fillSpare writes data over the start of the spare dir/name (blanks,
 // durable) and fdatasyncs it. A failed write removes the spare.
-func fillSpare(dir, name string, data []byte) (err error) {
+func fillSpare(dir, name string, data []byte) error {
 	p := filepath.Join(dir, name)
+	// The record's bytes alone: the spare's size and blocks are already
+	// durable, so fdatasync has no metadata to wait for.
+	err := overwrite(p, data, 0)
+	if pe := (*fs.PathError)(nil); err != nil && !(errors.As(err, &pe) && pe.Op == "open") {
+		os.Remove(p) // opened, then failed: a torn record is no spare
+	}
+	return err
+}
+
+// overwrite writes data at the start of the existing file p, cuts the
+// file to size when size > 0, and fdatasyncs it.
+func overwrite(p string, data []byte, size int64) error {
 	f, err := os.OpenFile(p, os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			os.Remove(p)
-		}
-	}()
-	if _, err = f.WriteAt(data, 0); err != nil {
-		return err
+	_, err = f.WriteAt(data, 0)
+	if err == nil && size > 0 {
+		err = f.Truncate(size)
 	}
-	// The record's bytes alone: the spare's size and blocks are already
-	// durable, so fdatasync has no metadata to wait for.
-	return ignoringEINTR(func() error { return syscall.Fdatasync(int(f.Fd())) })
+	if err == nil {
+		err = ignoringEINTR(func() error { return syscall.Fdatasync(int(f.Fd())) })
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // ignoringEINTR calls fn again while it fails with EINTR, as os.File's

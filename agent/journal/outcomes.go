@@ -106,23 +106,7 @@ func (j *Journal) dropStale(names []string) (spares []string) {
 
 // blank makes the file at p a spare again: spareSize blanks, made
 // durable, so that no record it held comes back after a crash.
-func blank(p string) error {
-	f, err := os.OpenFile(p, os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	_, err = f.WriteAt(blanks, 0)
-	if err == nil {
-		err = f.Truncate(spareSize)
-	}
-	if err == nil {
-		err = ignoringEINTR(func() error { return syscall.Fdatasync(int(f.Fd())) })
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
+func blank(p string) error { return overwrite(p, blanks, spareSize) }
 
 // appendOutcomes writes batch to the log, a line each, and fdatasyncs it.
 // A failed write is cut off again so that no torn line sits before later

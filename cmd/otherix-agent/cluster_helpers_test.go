@@ -192,12 +192,8 @@ func (a *standaloneAgent) waitView(name, what string, d time.Duration, ok func(a
 // waitFor polls cond every 100 ms until it holds.
 func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("waiting %v for %s", d, what)
-		}
-		time.Sleep(100 * time.Millisecond)
+	if !waitUntil(d, cond) {
+		t.Fatalf("waiting %v for %s", d, what)
 	}
 }
 

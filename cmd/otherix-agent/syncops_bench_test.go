@@ -82,7 +82,7 @@ func BenchmarkSyncOps(b *testing.B) {
 		}
 		return time.Since(t0)
 	}
-	ops := []struct{ api, qmp string }{{"pause", "stop"}, {"resume", "cont"}, {"reset", "system_reset"}}
+	ops := []syncOp{{"pause", "stop"}, {"resume", "cont"}, {"reset", "system_reset"}}
 	apiT := map[string][]time.Duration{}
 	rawT := map[string][]time.Duration{}
 	twinT := map[string][]time.Duration{}
@@ -91,14 +91,14 @@ func BenchmarkSyncOps(b *testing.B) {
 	// round runs it on the twin and on the bare QEMU, under the same
 	// load: one VM-like QEMU and the bare one take each command. The VM
 	// of the other kind of round is kept paused meanwhile.
-	round := func(ops ...struct{ api, qmp string }) {
+	round := func(ops ...syncOp) {
 		for _, op := range ops {
 			apiT[op.api] = append(apiT[op.api], api(op.api))
 			rawT[op.api] = append(rawT[op.api], raw(bare, op.qmp))
 		}
 		fsyncT = append(fsyncT, fsync())
 	}
-	twinRound := func(ops ...struct{ api, qmp string }) {
+	twinRound := func(ops ...syncOp) {
 		for _, op := range ops {
 			twinT[op.api] = append(twinT[op.api], raw(twin, op.qmp))
 			raw(bare, op.qmp)
@@ -108,7 +108,7 @@ func BenchmarkSyncOps(b *testing.B) {
 	// guest's firmware resets the machine itself soon after a reset, and
 	// QEMU resumes a guest paused meanwhile, which would make the next
 	// resume a conflict.
-	phases := func(round func(ops ...struct{ api, qmp string })) {
+	phases := func(round func(ops ...syncOp)) {
 		for range b.N {
 			round(ops[0], ops[1])
 		}
@@ -177,6 +177,9 @@ func BenchmarkSyncOps(b *testing.B) {
 	b.ReportMetric(float64(agentCPU)/1e6, "agent-cpu-ms/op")
 	fmt.Print(out.String())
 }
+
+// syncOp is an API op and the QMP command it runs.
+type syncOp struct{ api, qmp string }
 
 // histogramP50 is the median of a QMP command's durations on the agent's
 // VMs between two scrapes of its metrics: Prometheus' histogram_quantile,
