@@ -77,7 +77,11 @@ func startClusterAgent(t *testing.T, c *etcdtest.Cluster, node, image string) *s
 	a := &standaloneAgent{t: t, dir: t.TempDir(), cluster: true, image: image}
 	a.cfgPath = filepath.Join(t.TempDir(), "agent.yaml")
 	eps, _ := json.Marshal(c.Endpoints())
-	cfg := fmt.Sprintf("node_name: %s\ndata_dir: %s\nrun_dir: %s\nlisten:\n  api: 127.0.0.1:0\n  socket: \"\"\n  metrics: \"\"\n  forwards: 127.0.0.1\nqemu:\n  stop_timeout: 30s\ncluster:\n  heartbeat_interval: %s\n  etcd:\n    endpoints: %s\n    prefix: /%s/\n",
+	// stop_timeout: TestClusterFailures' stop outlasts eight ignored
+	// power-button presses, two seconds apart; it takes 17-21 s on a
+	// quiet host and must end within the outage, so a host slowed by
+	// the other tests' guests must not turn it into stop_timeout.
+	cfg := fmt.Sprintf("node_name: %s\ndata_dir: %s\nrun_dir: %s\nlisten:\n  api: 127.0.0.1:0\n  socket: \"\"\n  metrics: \"\"\n  forwards: 127.0.0.1\nqemu:\n  stop_timeout: 90s\ncluster:\n  heartbeat_interval: %s\n  etcd:\n    endpoints: %s\n    prefix: /%s/\n",
 		node, a.dir, run, testHeartbeat, eps, strings.ReplaceAll(t.Name(), "/", "-"))
 	if err := os.WriteFile(a.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
