@@ -49,7 +49,7 @@ func newHost(t *testing.T) *hostHarness {
 
 // newHostWith is newHost with opts for the Host (a Placer, OnChange...);
 // the logger is the test's, and PowerdownInterval 1 s unless opts sets it.
-func newHostWith(t *testing.T, opts Options) *hostHarness {
+func newHostWith(t *testing.T, opts Options, edits ...func(*config.Config)) *hostHarness {
 	t.Helper()
 	run, err := os.MkdirTemp("/tmp", "oxh")
 	if err != nil {
@@ -70,6 +70,9 @@ func newHostWith(t *testing.T, opts Options) *hostHarness {
 	cfg.QEMU.User = "nobody"
 	cfg.Listen.Forwards = "127.0.0.1"
 	cfg.Limits.MinFreeBytes = 1 << 20
+	for _, edit := range edits {
+		edit(cfg)
+	}
 	srv := httptest.NewServer(http.FileServer(http.Dir(testguest.Dir(t))))
 	t.Cleanup(srv.Close)
 	opts.Logger = zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))

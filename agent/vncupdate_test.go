@@ -11,9 +11,13 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/otherix/otherix-agent/agent/api"
+	"github.com/otherix/otherix-agent/agent/config"
 	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
 	"github.com/otherix/otherix-agent/internal/errcode"
 )
+
+// vncAddr is the address TestVNCUpdate's consoles listen on.
+const vncAddr = "127.0.0.93"
 
 // heldVNC lists the VNC ports the host holds for a VM.
 func heldVNC(h *Host, id string) []int { return h.engine.HeldVNCPorts(id) }
@@ -25,7 +29,12 @@ func heldVNC(h *Host, id string) []int { return h.engine.HeldVNCPorts(id) }
 // the change at once; login works with the password given.
 func TestVNCUpdate(t *testing.T) {
 	t.Parallel()
-	hh := newHost(t)
+	// Its consoles listen on a loopback address of their own: the test
+	// asserts which automatic port a VM gets, and the other tests' agents
+	// and VMs (this package's and the other packages' that run beside
+	// it) pick ports from 5900 on 127.0.0.1; one could bind the port
+	// this test was given before its QEMU does.
+	hh := newHostWith(t, Options{}, func(c *config.Config) { c.Listen.VNC = vncAddr })
 	h := hh.h
 	ctx := context.Background()
 	const pw = "Up8!pass"
@@ -81,14 +90,14 @@ func TestVNCUpdate(t *testing.T) {
 	if !v.VNCEnabled || v.VNCPort != first || v.PendingChanges != nil {
 		t.Fatalf("after restart: %+v %+v", v, v.PendingChanges)
 	}
-	c, err := rfbtest.Dial(ctx, fmt.Sprintf("127.0.0.1:%d", first), pw)
+	c, err := rfbtest.Dial(ctx, net.JoinHostPort(vncAddr, fmt.Sprint(first)), pw)
 	if err != nil {
 		t.Fatalf("vnc login after turning on: %v", err)
 	}
 	c.Close()
 
 	// A taken explicit port: port_in_use, nothing held for it.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", vncAddr+":0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +137,7 @@ func TestVNCUpdate(t *testing.T) {
 	if got := heldVNC(h, id); !slices.Equal(got, []int{moved}) {
 		t.Fatalf("held %v after the move, want [%d]", got, moved)
 	}
-	c, err = rfbtest.Dial(ctx, fmt.Sprintf("127.0.0.1:%d", moved), pw)
+	c, err = rfbtest.Dial(ctx, net.JoinHostPort(vncAddr, fmt.Sprint(moved)), pw)
 	if err != nil {
 		t.Fatalf("vnc login on the moved port: %v", err)
 	}
@@ -187,7 +196,7 @@ func TestVNCUpdate(t *testing.T) {
 		t.Fatal(err)
 	}
 	old := v.VNCPort
-	blocker, err := net.Listen("tcp", "127.0.0.1:0")
+	blocker, err := net.Listen("tcp", vncAddr+":0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -197,7 +206,7 @@ func TestVNCUpdate(t *testing.T) {
 	if v, err = h.Update(ctx, "vncup", api.UpdateVM{VNCPort: &blocked}); err != nil || v.PendingChanges == nil || v.PendingChanges.VNCPort != blocked {
 		t.Fatalf("pending move to %d: %+v %v", blocked, v, err)
 	}
-	if blocker, err = net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", blocked)); err != nil {
+	if blocker, err = net.Listen("tcp", net.JoinHostPort(vncAddr, fmt.Sprint(blocked))); err != nil {
 		t.Fatal(err)
 	}
 	defer blocker.Close()
