@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/otherix/otherix-agent/agent/hostdev/sysfstest"
+	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/qmp"
 )
 
@@ -99,16 +99,7 @@ func qemuUp(t *testing.T, args []string, files []*os.File) *qmp.Client {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	sock := filepath.Join(dir, "qmp.sock")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.SetUnlinkOnClose(false)
-	lf, err := ln.File()
-	ln.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	lf := testguest.ListenUnix(t, sock)
 	defer lf.Close()
 	fd := 3 + len(files)
 	args = append(args, "-chardev", fmt.Sprintf("socket,id=qmp,fd=%d,server=on,wait=off", fd), "-mon", "chardev=qmp,mode=control")

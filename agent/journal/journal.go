@@ -664,8 +664,9 @@ func (j *Journal) writeQueued() {
 // writeOutcomes writes a batch of outcomes and acknowledgements to the
 // outcome log, then blanks the spares of their started records (spares
 // again) or removes their files, and makes the spares still missing when
-// spares is set. It returns the spares made. Should the log fail, each entry's file is replaced as
-// before the log existed (writeBatch). wmu held.
+// spares is set. It returns the spares made. Should the log fail, each
+// entry's file is replaced as before the log existed (writeBatch). wmu
+// held.
 func (j *Journal) writeOutcomes(batch []Entry, names []string, spares bool) []string {
 	if err := j.appendOutcomes(batch); err != nil {
 		j.log.Error("journal: append to the outcome log; writing entry files instead", zap.Error(err))

@@ -260,16 +260,7 @@ func StartMachine(tb testing.TB, o MachineOptions) *Machine {
 	}
 	args = append(args, o.Args...)
 
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: m.QMPPath, Net: "unix"})
-	if err != nil {
-		tb.Fatalf("testguest: qmp socket: %v", err)
-	}
-	ln.SetUnlinkOnClose(false)
-	qmpFile, err := ln.File()
-	ln.Close() // the socket file stays: ln.File's descriptor keeps listening
-	if err != nil {
-		tb.Fatal(err)
-	}
+	qmpFile := ListenUnix(tb, m.QMPPath)
 	defer qmpFile.Close()
 	logf, err := os.Create(filepath.Join(dir, "qemu.log"))
 	if err != nil {
@@ -384,4 +375,22 @@ func (m *Machine) QMP(ctx context.Context, command string) error {
 		}
 	}
 	return nil
+}
+
+// ListenUnix binds and listens on a unix socket at path and returns the
+// listener as a file, for QEMU to inherit (a chardev's server=on,fd=N).
+// The socket file stays: the file's descriptor keeps listening.
+func ListenUnix(tb testing.TB, path string) *os.File {
+	tb.Helper()
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		tb.Fatalf("testguest: listen on %s: %v", path, err)
+	}
+	ln.SetUnlinkOnClose(false)
+	f, err := ln.File()
+	ln.Close()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return f
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"image/png"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/agent/vnc/rfbtest"
 	"github.com/otherix/otherix-agent/internal/errcode"
 	"github.com/otherix/otherix-agent/qmp"
@@ -111,16 +111,7 @@ func startConsole(t *testing.T) *console {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	sock := filepath.Join(dir, "qmp.sock")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.SetUnlinkOnClose(false)
-	lf, err := ln.File()
-	ln.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	lf := testguest.ListenUnix(t, sock)
 	defer lf.Close()
 
 	args := []string{"-name", "guest=vnc-test", "-nodefaults", "-no-user-config", "-machine", "q35,accel=tcg", "-m", "128",

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/otherix/otherix-agent/agent/testguest"
 	"github.com/otherix/otherix-agent/qmp"
 )
 
@@ -277,7 +278,7 @@ func startBareQEMU(tb testing.TB, extra ...string) *qmp.Client {
 	}
 	tb.Cleanup(func() { os.RemoveAll(dir) })
 	path := filepath.Join(dir, "qmp.sock")
-	f := listenFile(tb, path)
+	f := testguest.ListenUnix(tb, path)
 	defer f.Close()
 	args := []string{"-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "256",
 		"-chardev", "socket,id=qmp,fd=3,server=on,wait=off", "-mon", "chardev=qmp,mode=control"}

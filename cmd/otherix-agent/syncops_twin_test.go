@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -78,7 +77,7 @@ func startTwinQEMU(tb testing.TB, dataDir, uuid string) *qmp.Client {
 		var f *os.File
 		switch fs.Kind {
 		case vm.FileListen:
-			f = listenFile(tb, fs.Path)
+			f = testguest.ListenUnix(tb, fs.Path)
 		case vm.FileRead, vm.FileWrite, vm.FileAppend:
 			f, err = os.OpenFile(fs.Path, fs.Kind.OpenFlags(), 0o600)
 			if err != nil {
@@ -92,23 +91,6 @@ func startTwinQEMU(tb testing.TB, dataDir, uuid string) *qmp.Client {
 	c := runQEMU(tb, args, files, st.UID, paths.QMPSocket)
 	waitConsole(tb, testguest.OpenConsole(paths.ConsoleLog), "OTHERIX-GUEST ready")
 	return c
-}
-
-// listenFile binds and listens on a unix socket at path and returns the
-// listener as a file, for QEMU to inherit (server=on,fd=N).
-func listenFile(tb testing.TB, path string) *os.File {
-	tb.Helper()
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	ln.SetUnlinkOnClose(false)
-	f, err := ln.File()
-	ln.Close()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return f
 }
 
 // runQEMU starts qemu-system-x86_64 with args, files as fds 3, 4, ...,
